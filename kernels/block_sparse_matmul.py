@@ -1,0 +1,44 @@
+"""Block-sparse matmuls for block dropout -> matmul (SparseDrop).
+
+Shapes (all launchers take 3-D operands; the ops fold batch dims first):
+    a:    (B, M, K)  the activation, block-dropped by ``keep`` (B, cdiv(M, br), cdiv(K, bc))
+    b:    (Bb, K, N) the dense right operand, Bb in {1, B} (1: shared by every batch entry)
+    grad: (B, M, N)
+
+    dsd    : out = scale * (a ⊙ m) @ b (+ bias)                  dense out, sparse lhs
+    sdd    : out = scale * (grad @ bᵀ) ⊙ m                        sparse out (zeros in dropped blocks)
+    dsd_tn : out = scale * (a ⊙ m)ᵀ @ grad, summed over B if Bb == 1
+
+For ``linear`` (Y = X Wᵀ), b is ``weight.t()`` as a view: forward is dsd, dX is sdd, dW is dsd_tn.
+The ``reference_*`` functions are the plain-PyTorch oracle with the same signatures.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .block_mask import expand_block_keep
+
+
+def _masked(a: Tensor, keep: Tensor, block: tuple[int, int]) -> Tensor:
+    mask = expand_block_keep(keep, a.shape[1], a.shape[2], block[0], block[1])
+    return torch.where(mask, a, a.new_zeros(()))
+
+
+def reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None) -> Tensor:
+    out = torch.matmul(_masked(a, keep, block), b) * scale
+    return out if bias is None else out + bias
+
+
+def reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]) -> Tensor:
+    return _masked(torch.matmul(grad, b.transpose(-1, -2)) * scale, keep, block)
+
+
+def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool) -> Tensor:
+    am = _masked(a, keep, block)
+    if batched_out:
+        return torch.matmul(am.transpose(-1, -2), grad) * scale
+    # One shared b: its gradient sums over the batch, i.e. one matmul over all B*M rows.
+    flat_a = am.reshape(-1, am.shape[-1])
+    flat_g = grad.reshape(-1, grad.shape[-1])
+    return (flat_a.t() @ flat_g).unsqueeze(0) * scale

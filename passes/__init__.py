@@ -1,0 +1,1 @@
+"""FX graph passes of the sparsedrop backend, one file per pattern family."""

@@ -1,0 +1,96 @@
+"""The backend's options: one frozen dataclass, validated with errors that say what to do."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+KERNELS = ("auto", "triton", "reference")
+ATTENTION_MODES = ("post_softmax", "dropkey")
+
+
+@dataclass(frozen=True)
+class SparseDropConfig:
+    """Options of the ``sparsedrop`` backend (``torch.compile(..., options={...})``).
+
+    block_size: mask block (rows, cols) of the matmul's activation operand; an int means square.
+    min_p: dropouts with a smaller p keep element-wise dropout.
+    inner: the compiler the rewritten graph goes to: "inductor", "aot_eager" or "eager".
+    kernel: "auto" (Triton on CUDA where supported, else the PyTorch reference),
+        "triton" (always Triton; on CPU tensors only under TRITON_INTERPRET=1) or "reference".
+    exclude: glob patterns on a site's module path (e.g. "decoder.*", "*.EncDecAttention.*")
+        or on its kind (e.g. "kind:attention"); matching sites are left as they are.
+    filter_fn: called as filter_fn(site) -> bool for each candidate site; False leaves it alone.
+    attention: rewrite ``scaled_dot_product_attention(dropout_p > 0)`` to tile-dropout attention.
+    attention_mode: "post_softmax" (SDPA's semantics, dropout after the softmax) or
+        "dropkey" (tiles dropped before the softmax and renormalised; a different regulariser).
+    attention_block: (query, key) tile of the attention dropout mask.
+    inductor_options: config patches handed to Inductor's compile_fx.
+    """
+
+    block_size: tuple[int, int] = (128, 128)
+    min_p: float = 0.0
+    inner: str = "inductor"
+    kernel: str = "auto"
+    exclude: tuple[str, ...] = ()
+    filter_fn: Callable[[Any], bool] | None = field(default=None, compare=False)
+    attention: bool = True
+    attention_mode: str = "post_softmax"
+    attention_block: tuple[int, int] = (64, 64)
+    inductor_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("block_size", _block_pair("block_size", self.block_size))
+        set_("attention_block", _block_pair("attention_block", self.attention_block))
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"sparsedrop option min_p={self.min_p!r}: expected a number in [0, 1]")
+        for name, allowed in (("inner", INNER_COMPILERS), ("kernel", KERNELS), ("attention_mode", ATTENTION_MODES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"sparsedrop option {name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(e, str) for e in exclude):
+            raise ValueError(
+                f"sparsedrop option exclude={self.exclude!r}: expected a glob pattern or a list of them, "
+                "e.g. ['decoder.*', 'kind:attention']"
+            )
+        set_("exclude", tuple(exclude))
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError(f"sparsedrop option filter_fn={self.filter_fn!r}: expected a callable site -> bool")
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"sparsedrop option attention={self.attention!r}: expected True or False")
+        if not isinstance(self.inductor_options, Mapping):
+            raise ValueError(
+                f"sparsedrop option inductor_options={self.inductor_options!r}: expected a dict of "
+                "torch._inductor.config names to values"
+            )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "SparseDropConfig" | None) -> "SparseDropConfig":
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"sparsedrop options={options!r}: expected a dict, e.g. options={{'block_size': 128}}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown sparsedrop option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "SparseDropConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _block_pair(name: str, value: Any) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
+    ):
+        raise ValueError(f"sparsedrop option {name}={value!r}: expected a positive int or a (rows, cols) pair of them, e.g. 128 or (128, 64)")
+    return (int(pair[0]), int(pair[1]))

@@ -1,0 +1,299 @@
+"""The registered ``sparsedrop::`` ops: block dropout fused into linear and matmul.
+
+Each forward op takes the activation *before* dropout plus the block keep-flags and the scale
+1/(1-p) (times any constant the graph multiplied by), so backward saves only the activation and
+the small flags: never a full-size mask or a dropped copy. The backward formulas are ops of
+their own, so compilers see them as opaque kernels:
+
+    linear:  y  = scale (x ⊙ m) Wᵀ + b     dx = scale (dy W) ⊙ m     dW = scale dyᵀ (x ⊙ m)
+    matmul:  y  = scale (a ⊙ m) b          da = scale (dy bᵀ) ⊙ m    db = scale (a ⊙ m)ᵀ dy
+
+Every op runs on any device through the plain-PyTorch reference; ``kernel="auto"`` sends CUDA
+tensors to the Triton kernels, ``"triton"`` forces them (CPU tensors need TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
+from sparsedrop_compile.kernels.block_mask import block_layout, keep_shape
+
+LIB = "sparsedrop"
+_autocast_lib = torch.library.Library(LIB, "FRAGMENT")
+
+
+# --------------------------------------------------------------------------- kernel choice
+def _triton_matmul_module():
+    """The Triton launchers, imported on first use (TRITON_INTERPRET is read at import)."""
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton
+
+    return block_sparse_matmul_triton
+
+
+def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], family: str = "matmul") -> bool:
+    """Whether this call runs the Triton kernels; raises for kernel="triton" when it cannot."""
+    if kernel == "reference":
+        return False
+    if kernel not in ("auto", "triton"):
+        raise ValueError(f"sparsedrop kernel={kernel!r}: expected 'auto', 'triton' or 'reference'")
+    device = tensors[0].device
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if kernel == "auto" and device.type != "cuda":
+        return False
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not interpreted):
+        raise RuntimeError(
+            f"sparsedrop kernel='triton' got {device.type} tensors; the Triton kernels run on CUDA, or on CPU "
+            "only under Triton's interpreter: set TRITON_INTERPRET=1 before the first sparsedrop kernel call, "
+            "or use kernel='reference'"
+        )
+    module = _triton_attention_module() if family == "attention" else _triton_matmul_module()
+    reason = module.unsupported_reason(tensors, block)
+    if reason is None:
+        return True
+    if kernel == "triton":
+        raise ValueError(f"sparsedrop kernel='triton' cannot run this call: {reason}; use kernel='auto' to fall back to the reference")
+    return False
+
+
+def _triton_attention_module():
+    from sparsedrop_compile.kernels import flash_attention_triton
+
+    return flash_attention_triton
+
+
+def _matmul_impl(name: str, kernel: str, tensors: Sequence[Tensor], block: tuple[int, int]):
+    if use_triton(kernel, tensors, block):
+        return getattr(_triton_matmul_module(), name)
+    return getattr(_ref_matmul, "reference_" + name)
+
+
+def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> None:
+    expected = tuple(keep_shape(shape, block, batched))
+    if keep.dtype != torch.bool or tuple(keep.shape) != expected:
+        raise ValueError(
+            f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (blocks of {block} over an "
+            f"operand of shape {tuple(shape)}), got {keep.dtype} {tuple(keep.shape)}"
+        )
+
+
+def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(
+            f"sparsedrop::{op}: operands must share one dtype, got "
+            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
+            + "; cast them (or run under torch.autocast) as you would for the dense op"
+        )
+
+
+# --------------------------------------------------------------------------- linear
+@torch.library.custom_op(f"{LIB}::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """y = scale * (x ⊙ m) @ weight.T + bias, m laid over x viewed as (rows, K)."""
+    block = (block_rows, block_cols)
+    _check_keep(keep, x.shape, block, False, "linear")
+    _check_same_dtype("linear", x=x, weight=weight, bias=bias)
+    _, rows, k = block_layout(x.shape, False)
+    a = x.reshape(1, rows, k)
+    fn = _matmul_impl("dsd", kernel, (a, weight), block)
+    out = fn(a, weight.t().unsqueeze(0), keep, scale, block, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear.register_fake
+def _(x, weight, bias, keep, scale, block_rows, block_cols, kernel):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{LIB}::linear_grad_input", mutates_args=())
+def linear_grad_input(grad: Tensor, weight: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """dx = scale * (grad @ weight) ⊙ m, zeros in dropped blocks."""
+    block = (block_rows, block_cols)
+    _, rows, n = block_layout(grad.shape, False)
+    g = grad.reshape(1, rows, n)
+    fn = _matmul_impl("sdd", kernel, (g, weight), block)
+    return fn(g, weight.t().unsqueeze(0), keep, scale, block).reshape(*grad.shape[:-1], weight.shape[1])
+
+
+@linear_grad_input.register_fake
+def _(grad, weight, keep, scale, block_rows, block_cols, kernel):
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
+@torch.library.custom_op(f"{LIB}::linear_grad_weight", mutates_args=())
+def linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """dW = scale * grad.T @ (x ⊙ m), an (N, K) tensor."""
+    block = (block_rows, block_cols)
+    _, rows, k = block_layout(x.shape, False)
+    a = x.reshape(1, rows, k)
+    g = grad.reshape(1, rows, grad.shape[-1])
+    fn = _matmul_impl("dsd_tn", kernel, (a, g), block)
+    return fn(a, g, keep, scale, block, False)[0].t().contiguous()
+
+
+@linear_grad_weight.register_fake
+def _(grad, x, keep, scale, block_rows, block_cols, kernel):
+    return x.new_empty((grad.shape[-1], x.shape[-1]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, keep, scale, block_rows, block_cols, kernel = inputs
+    ctx.save_for_backward(x, weight, keep)
+    ctx.args = (scale, block_rows, block_cols, kernel)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, weight, keep = ctx.saved_tensors
+    args = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = torch.ops.sparsedrop.linear_grad_input(grad, weight, keep, *args) if need_x else None
+    dw = torch.ops.sparsedrop.linear_grad_weight(grad, x, keep, *args) if need_w else None
+    db = grad.sum(dim=tuple(range(grad.dim() - 1))) if (ctx.has_bias and need_b) else None
+    return dx, dw, db, None, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# --------------------------------------------------------------------------- matmul
+def _broadcast_batch(a_shape, b_shape):
+    return tuple(torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
+
+
+def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
+    """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul)."""
+    batch = _broadcast_batch(a.shape, b.shape)
+    n_batch = _prod(batch)
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    a_batch = tuple(a.shape[:-2])
+    if a_batch == batch:
+        a3, keep3 = a.reshape(n_batch, m, k), keep
+    else:
+        # a is broadcast: every copy of an entry shares that entry's mask.
+        a3 = a.expand(*batch, m, k).reshape(n_batch, m, k)
+        keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
+        keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
+    if _prod(b.shape[:-2]) == 1:
+        b3 = b.reshape(1, k, n)
+    else:
+        b3 = b.expand(*batch, k, n).reshape(n_batch, k, n)
+    return a3, b3, keep3, batch
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _check_matmul(a: Tensor, b: Tensor, op: str) -> None:
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"sparsedrop::{op}: operands must have at least 2 dims, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"sparsedrop::{op}: a {tuple(a.shape)} and b {tuple(b.shape)} cannot be multiplied (K differs)")
+
+
+@torch.library.custom_op(f"{LIB}::matmul", mutates_args=())
+def matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """y = scale * (a ⊙ m) @ b with torch.matmul broadcasting; m is per matrix of a."""
+    block = (block_rows, block_cols)
+    _check_matmul(a, b, "matmul")
+    _check_keep(keep, a.shape, block, True, "matmul")
+    _check_same_dtype("matmul", a=a, b=b)
+    a3, b3, keep3, batch = _matmul_operands(a, b, keep)
+    fn = _matmul_impl("dsd", kernel, (a3, b3), block)
+    return fn(a3, b3, keep3, scale, block).reshape(*batch, a.shape[-2], b.shape[-1])
+
+
+@matmul.register_fake
+def _(a, b, keep, scale, block_rows, block_cols, kernel):
+    return a.new_empty((*_broadcast_batch(a.shape, b.shape), a.shape[-2], b.shape[-1]))
+
+
+@torch.library.custom_op(f"{LIB}::matmul_grad_a", mutates_args=())
+def matmul_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """da = scale * (grad @ b.T) ⊙ m, summed back to a's shape if a was broadcast."""
+    block = (block_rows, block_cols)
+    a3, b3, keep3, batch = _matmul_operands(a, b, keep)
+    g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
+    fn = _matmul_impl("sdd", kernel, (g3, b3), block)
+    da = fn(g3, b3, keep3, scale, block).reshape(*batch, *a.shape[-2:])
+    return da.sum_to_size(a.shape) if tuple(a.shape[:-2]) != batch else da
+
+
+@matmul_grad_a.register_fake
+def _(grad, a, b, keep, scale, block_rows, block_cols, kernel):
+    return a.new_empty(a.shape)
+
+
+@torch.library.custom_op(f"{LIB}::matmul_grad_b", mutates_args=())
+def matmul_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+    """db = scale * (a ⊙ m).T @ grad, summed back to b's shape if b was broadcast."""
+    block = (block_rows, block_cols)
+    a3, b3, keep3, batch = _matmul_operands(a, b, keep)
+    g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
+    shared_b = b3.shape[0] == 1 and a3.shape[0] != 1
+    fn = _matmul_impl("dsd_tn", kernel, (a3, g3), block)
+    db = fn(a3, g3, keep3, scale, block, not shared_b)
+    if shared_b:
+        return db.reshape(b.shape)
+    db = db.reshape(*batch, *b.shape[-2:])
+    return db.sum_to_size(b.shape) if tuple(b.shape[:-2]) != batch else db
+
+
+@matmul_grad_b.register_fake
+def _(grad, a, b, keep, scale, block_rows, block_cols, kernel):
+    return b.new_empty(b.shape)
+
+
+def _matmul_setup(ctx, inputs, output):
+    a, b, keep, scale, block_rows, block_cols, kernel = inputs
+    ctx.save_for_backward(a, b, keep)
+    ctx.args = (scale, block_rows, block_cols, kernel)
+
+
+def _matmul_backward(ctx, grad):
+    a, b, keep = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[:2]
+    da = torch.ops.sparsedrop.matmul_grad_a(grad, a, b, keep, *ctx.args) if need_a else None
+    db = torch.ops.sparsedrop.matmul_grad_b(grad, a, b, keep, *ctx.args) if need_b else None
+    return da, db, None, None, None, None, None
+
+
+matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# --------------------------------------------------------------------------- autocast
+def register_autocast_like_matmul(op_name: str, n_float_inputs: int) -> None:
+    """Under torch.autocast, cast the first ``n_float_inputs`` tensors to the autocast dtype.
+
+    ``torch.library.register_autocast`` fixes one dtype at registration; linear and matmul
+    follow whatever dtype the active autocast region asks for, so this reads it per call.
+    """
+    op = getattr(torch.ops.sparsedrop, op_name).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _device_type=device_type, _keyset_excl=keyset):
+            dtype = torch.get_autocast_dtype(_device_type)
+            cast = list(args)
+            for i in range(n_float_inputs):
+                t = cast[i]
+                if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == _device_type and t.dtype != torch.float64:
+                    cast[i] = t.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(_keyset_excl):
+                return op(*cast)
+
+        _autocast_lib.impl(op_name, kernel, key, with_keyset=True)
+
+
+register_autocast_like_matmul("linear", 3)
+register_autocast_like_matmul("matmul", 2)
