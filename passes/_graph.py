@@ -1,0 +1,168 @@
+"""What every pass needs from an FX graph: node metadata, provenance, site records, new nodes."""
+from __future__ import annotations
+
+import fnmatch
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+@dataclass
+class Site:
+    """One dropout the backend looked at, and what it did with it."""
+
+    graph: int
+    node: str
+    location: str
+    module_path: str
+    p: float | None
+    kind: str
+    consumers: list[str] = field(default_factory=list)
+    rewritten: bool = False
+    reason: str | None = None
+    block_size: tuple[int, int] | None = None
+
+    def row(self) -> tuple[str, ...]:
+        p = "sym" if self.p is None else f"{self.p:g}"
+        status = "yes" if self.rewritten else "no"
+        return (str(self.graph), self.location, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+
+
+def meta_val(node: Any):
+    """The fake value Dynamo recorded for a node (or the constant itself)."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted module path of the innermost module that made this node, e.g. 'encoder.block.0.layer.1.dropout'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's root name, e.g. L['self']
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def source_line(node: fx.Node) -> str:
+    """'file.py:123' of the user code line that made the node (last frame of its stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def location(node: fx.Node) -> str:
+    path, src = module_path(node), source_line(node)
+    return f"{path or '<top>'} ({src})" if src else (path or node.name)
+
+
+def describe_consumer(kind: str, node: fx.Node) -> str:
+    path = module_path(node)
+    return f"{kind} {path}" if path else f"{kind} {node.name}"
+
+
+def excluded(patterns: Iterable[str], filter_fn: Callable | None, site: Site, paths: Iterable[str]) -> str | None:
+    """The reason a site is excluded by the user's options, or None."""
+    names = [p for p in (site.module_path, *paths) if p]
+    for pattern in patterns:
+        if pattern.startswith("kind:"):
+            if fnmatch.fnmatchcase(site.kind, pattern[5:]):
+                return f"excluded by option exclude={pattern!r}"
+        elif any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return f"excluded by option exclude={pattern!r}"
+    if filter_fn is not None and not filter_fn(site):
+        return "excluded by option filter_fn"
+    return None
+
+
+def known_equal(a, b) -> bool:
+    """a == b for ints or SymInts, without adding guards; unknown counts as not equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def shape_of(node: Any):
+    val = meta_val(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def const_number(value: Any) -> float | None:
+    """A Python number baked into the graph (not a bool, not symbolic)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def scalar_hint(value: Any) -> float | None:
+    """The current value of a constant or symbolic float/int node, for reports and thresholds."""
+    number = const_number(value)
+    if number is not None:
+        return number
+    val = meta_val(value)
+    if isinstance(val, (torch.SymFloat, torch.SymInt)):
+        hint = val.node.hint
+        return None if hint is None else float(hint)
+    return None
+
+
+class GraphEditor:
+    """Inserts nodes and keeps ``example_value`` metadata valid by running them on fake values."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode=None):
+        self.gm = gm
+        self.graph = gm.graph
+        self.fake_mode = _find_fake_mode(gm) or fake_mode
+
+    def call(self, target, args: tuple, kwargs: dict | None = None, *, before: fx.Node, like: fx.Node, op: str = "call_function") -> fx.Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(before):
+            node = self.graph.create_node(op, target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr", "from_node"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        self._propagate(node)
+        return node
+
+    def _propagate(self, node: fx.Node) -> None:
+        if self.fake_mode is None:
+            return
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), meta_val)
+        with self.fake_mode:
+            if node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                value = node.target(*args, **kwargs)
+        node.meta["example_value"] = value
+
+    def erase_if_unused(self, nodes: Iterable[fx.Node]) -> None:
+        """Erase the given nodes (in reverse order) once nothing uses them."""
+        for node in reversed(list(dict.fromkeys(nodes))):
+            if node.graph is self.graph and not node.users:
+                self.graph.erase_node(node)
+
+
+def _find_fake_mode(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            return val.fake_mode
+    return None
+
+
+def is_number_like(value: Any) -> bool:
+    return const_number(value) is not None
+
+
+MUL_TARGETS = (operator.mul, torch.mul, operator.truediv, torch.div)

@@ -1,0 +1,362 @@
+"""Pattern family: ``F.dropout(x, p, training=True)`` whose output is a matmul's activation operand.
+
+Matched consumers (reached through casts, leading-dim views, ``contiguous`` and multiplication or
+division by a Python number):
+
+    linear(d, W, b)            -> sparsedrop::linear(x, W, b)
+    addmm(b, d, W) / mm(d, W)  -> sparsedrop::linear(x, W.t(), b)      (GPT-2's Conv1D)
+    matmul(d, B) / d @ B / bmm -> sparsedrop::matmul(x, B)             (e.g. attention P @ V)
+
+The rewrite is exactly "block dropout, then the original graph": the dropout node becomes a
+materialised block dropout of x (``apply_block_keep``) that every user keeps reading, and each
+matched consumer is then replaced by the fused op on x with the same keep-flags. Where all users
+were fused, the materialised tensor is dead and erased. Anything that cannot be shown safe keeps
+the original ops and is recorded with a reason.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from sparsedrop_compile.config import SparseDropConfig
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scale, sample_block_keep
+
+from ._graph import GraphEditor, Site, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
+
+log = logging.getLogger("sparsedrop_compile")
+
+DROPOUT_TARGETS = (F.dropout, torch.dropout)
+CAST_METHODS = ("to", "type_as", "float", "half", "bfloat16", "double", "type")
+VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous")
+VIEW_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
+MUL_FUNCTIONS = (operator.mul, torch.mul)
+DIV_FUNCTIONS = (operator.truediv, torch.div)
+LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+MATMUL_FUNCTIONS = (torch.matmul, operator.matmul)
+
+
+@dataclass
+class Dropout:
+    node: fx.Node
+    x: fx.Node
+    p: object  # a float, or the fx.Node of a symbolic float
+    p_value: float | None
+    training: object
+    inplace: object
+
+
+@dataclass
+class Step:
+    """One transparent op between the dropout and its consumer."""
+
+    node: fx.Node
+    kind: str  # "cast" | "view" | "scale"
+    factor: float = 1.0
+    trailing: int = 2  # trailing dims the step leaves unchanged (0, 1 or 2)
+
+
+@dataclass
+class Consumer:
+    node: fx.Node
+    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm"
+    path: list[Step] = field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.kind in ("matmul", "bmm")
+
+    @property
+    def factor(self) -> float:
+        out = 1.0
+        for step in self.path:
+            out *= step.factor
+        return out
+
+
+# --------------------------------------------------------------------------- matching
+def parse_dropout(node: fx.Node) -> Dropout | None:
+    if node.op != "call_function" or node.target not in DROPOUT_TARGETS:
+        return None
+    names = ("input", "p", "training", "inplace") if node.target is F.dropout else ("input", "p", "train")
+    defaults = {"p": 0.5, "training": True, "inplace": False}
+    values = dict(defaults)
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    if "train" in values:
+        values["training"] = values.pop("train")
+    x = values["input"]
+    if not isinstance(x, fx.Node):
+        return None
+    p = values["p"]
+    return Dropout(node, x, p, scalar_hint(p), values["training"], values["inplace"])
+
+
+def _step(user: fx.Node, source: fx.Node) -> Step | None:
+    """``user`` as a transparent step applied to ``source``, or None."""
+    args = user.args
+    if not args or args[0] is not source:
+        # mul/div with the number first: c * d
+        if user.op == "call_function" and user.target in MUL_FUNCTIONS and len(args) == 2 and args[1] is source:
+            c = const_number(args[0])
+            return None if c is None else Step(user, "scale", c)
+        return None
+    if any(a is source for a in list(args[1:]) + list(user.kwargs.values())):
+        return None
+    src, out = meta_val(source), meta_val(user)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    if user.op == "call_method" and user.target in CAST_METHODS:
+        if out.device != src.device or not out.is_floating_point() or tuple(out.shape) != tuple(src.shape):
+            return None
+        return Step(user, "cast")
+    if (user.op == "call_method" and user.target in VIEW_METHODS) or (user.op == "call_function" and user.target in VIEW_FUNCTIONS):
+        trailing = 0
+        for t in (1, 2):
+            if src.dim() >= t and out.dim() >= t and all(known_equal(a, b) for a, b in zip(src.shape[-t:], out.shape[-t:])):
+                trailing = t
+        return Step(user, "view", trailing=trailing) if trailing else None
+    is_mul = (user.op == "call_function" and user.target in MUL_FUNCTIONS) or (user.op == "call_method" and user.target == "mul")
+    is_div = (user.op == "call_function" and user.target in DIV_FUNCTIONS) or (user.op == "call_method" and user.target == "div")
+    if (is_mul or is_div) and len(args) == 2 and not user.kwargs:
+        c = const_number(args[1])
+        if c is None or (is_div and c == 0):
+            return None
+        if tuple(out.shape) != tuple(src.shape) or out.dtype != src.dtype:
+            return None
+        return Step(user, "scale", c if is_mul else 1.0 / c)
+    return None
+
+
+def _consumer_kind(user: fx.Node, source: fx.Node) -> tuple[str | None, str | None]:
+    """(kind, None) if ``source`` is ``user``'s activation operand; (None, reason) if it is a
+    matmul that cannot be fused; (None, None) if ``user`` is no matmul at all."""
+    t, args, kwargs = user.target, user.args, user.kwargs
+    if user.op == "call_function" and t in LINEAR_FUNCTIONS:
+        inp = args[0] if args else kwargs.get("input")
+        if inp is not source:
+            return None, "dropout output is linear's weight or bias, not its input"
+        return "linear", None
+    if (user.op == "call_function" and t is torch.addmm) or (user.op == "call_method" and t == "addmm"):
+        if len(args) < 3 or args[1] is not source or args[0] is source or args[2] is source:
+            return None, "dropout output is not addmm's mat1 alone"
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+            return None, "addmm with beta or alpha other than 1"
+        return "addmm", None
+    kinds = {torch.mm: "mm", torch.bmm: "bmm", torch.matmul: "matmul", operator.matmul: "matmul"}
+    methods = {"mm": "mm", "bmm": "bmm", "matmul": "matmul", "__matmul__": "matmul"}
+    kind = kinds.get(t) if user.op == "call_function" else methods.get(t) if user.op == "call_method" else None
+    if kind is None:
+        return None, None
+    if len(args) != 2 or kwargs:
+        return None, f"{kind} with unexpected arguments"
+    if args[0] is not source or args[1] is source:
+        return None, f"dropout output is {kind}'s right operand, not its activation (left) operand"
+    return kind, None
+
+
+def _check_consumer(c: Consumer) -> str | None:
+    """Why the fused op could not reproduce this consumer exactly, or None."""
+    node, args = c.node, c.node.args
+    need = 2 if c.batched else 1
+    for step in c.path:
+        if step.kind == "view" and step.trailing < need:
+            return f"a view on the way to {c.kind} changes the operand's last {need} dim(s)"
+    act = shape_of(node.args[1] if c.kind == "addmm" else (args[0] if args else node.kwargs.get("input")))
+    if act is None:
+        return "no shape metadata on the matmul's operands"
+    if c.kind == "linear":
+        weight = args[1] if len(args) > 1 else node.kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        w, b = shape_of(weight), shape_of(bias) if isinstance(bias, fx.Node) else None
+        if w is None or len(w) != 2:
+            return "linear weight is not a 2-D tensor"
+        if bias is not None and (b is None or len(b) != 1):
+            return "linear bias is not a 1-D tensor"
+    elif c.kind in ("addmm", "mm"):
+        other = shape_of(args[2] if c.kind == "addmm" else args[1])
+        if len(act) != 2 or other is None or len(other) != 2:
+            return f"{c.kind} operands are not 2-D"
+        if c.kind == "addmm":
+            b = shape_of(args[0])
+            if b is None or len(b) != 1:
+                return "addmm bias is not a 1-D vector (a 2-D bias is not fused)"
+    else:
+        other = shape_of(args[1])
+        if len(act) < 2 or other is None or len(other) < 2:
+            return f"{c.kind} with a 1-D operand"
+    return None
+
+
+def _find_consumers(d: Dropout) -> tuple[list[Consumer], list[str]]:
+    """Matmul consumers reachable through transparent steps, and descriptions of other users."""
+    consumers: list[Consumer] = []
+    others: list[str] = []
+
+    def walk(node: fx.Node, path: list[Step]) -> None:
+        for user in node.users:
+            kind, reason = _consumer_kind(user, node)
+            if kind is not None:
+                consumers.append(Consumer(user, kind, list(path)))
+                continue
+            if reason is not None:
+                consumers.append(Consumer(user, "unfused", list(path), reason))
+                continue
+            step = _step(user, node)
+            if step is not None:
+                walk(user, path + [step])
+            else:
+                others.append(user.op == "output" and "graph output" or _user_name(user))
+
+    walk(d.node, [])
+    return consumers, others
+
+
+def _user_name(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return str(name)
+
+
+# --------------------------------------------------------------------------- rewriting
+def _same_layout(x_shape, a: Consumer, b: Consumer) -> bool:
+    """Both consumers lay the mask over x the same way: same kind of view, or one matrix only."""
+    if a.batched == b.batched:
+        return True
+    batch = 1
+    for s in x_shape[:-2]:
+        batch = batch * s
+    return len(x_shape) >= 2 and known_equal(batch, 1)
+
+
+def _replay_path(editor: GraphEditor, x: fx.Node, c: Consumer) -> fx.Node:
+    """Apply the consumer's casts and views to x (views as reshape: x may be non-contiguous)."""
+    cur = x
+    for step in c.path:
+        if step.kind == "scale":
+            continue
+        node = step.node
+        if node.op == "call_method" and node.target == "contiguous":
+            continue
+        target = "reshape" if node.op == "call_method" and node.target == "view" else node.target
+        cur = editor.call(target, (cur, *node.args[1:]), dict(node.kwargs), before=c.node, like=node, op=node.op)
+    return cur
+
+
+def _scale_arg(editor: GraphEditor, d: Dropout, factor: float, before: fx.Node):
+    if isinstance(d.p, fx.Node):
+        return editor.call(dropout_scale, (d.p, factor), before=before, like=d.node)
+    return dropout_scale(float(d.p), factor)
+
+
+def _fused_node(editor: GraphEditor, c: Consumer, x_in: fx.Node, keep: fx.Node, scale, config: SparseDropConfig) -> fx.Node:
+    br, bc = config.block_size
+    node, args, kwargs = c.node, c.node.args, c.node.kwargs
+    tail = (keep, scale, br, bc, config.kernel)
+    if c.kind == "linear":
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        fused_args = (x_in, weight, bias, *tail)
+        target = torch.ops.sparsedrop.linear.default
+    elif c.kind in ("addmm", "mm"):
+        w = args[2] if c.kind == "addmm" else args[1]
+        bias = args[0] if c.kind == "addmm" else None
+        w_t = editor.call(torch.t, (w,), before=node, like=node)
+        fused_args = (x_in, w_t, bias, *tail)
+        target = torch.ops.sparsedrop.linear.default
+    else:
+        fused_args = (x_in, args[1], *tail)
+        target = torch.ops.sparsedrop.matmul.default
+    return editor.call(target, fused_args, before=node, like=node)
+
+
+def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:
+    """Rewrite every provably safe dropout -> matmul site of ``gm`` in place; return all sites."""
+    editor = GraphEditor(gm, fake_mode)
+    sites: list[Site] = []
+    for node in list(gm.graph.nodes):
+        d = parse_dropout(node)
+        if d is None:
+            continue
+        site = Site(graph_index, node.name, location(node), module_path(node), d.p_value, "none")
+        sites.append(site)
+        consumers, others = _find_consumers(d)
+        site.consumers = [describe_consumer(c.kind, c.node) for c in consumers] + others
+        site.kind = next((c.kind for c in consumers if c.reason is None), "none")
+        site.reason = _site_refusal(d, consumers, config, site)
+        site.kind = next((c.kind for c in consumers if c.reason is None), site.kind)
+        if site.reason is not None:
+            _count("refused")
+            continue
+        _rewrite_site(editor, d, [c for c in consumers if c.reason is None], config, site)
+    if any(s.rewritten for s in sites):
+        gm.graph.lint()
+        gm.recompile()
+    return sites
+
+
+def _site_refusal(d: Dropout, consumers: list[Consumer], config: SparseDropConfig, site: Site) -> str | None:
+    if d.training is not True:
+        return "training=False: dropout is the identity" if d.training is False else "training flag is not a constant"
+    if d.inplace is not False:
+        return "inplace dropout: rewriting it would change an aliased tensor"
+    if d.p_value is None:
+        return "p is neither a constant nor a symbolic float with a value"
+    if d.p_value == 0:
+        return "p == 0: nothing is dropped"
+    if not 0 < d.p_value < 1:
+        return f"p={d.p_value:g} is outside (0, 1)"
+    if d.p_value < config.min_p:
+        return f"p={d.p_value:g} < min_p={config.min_p:g}"
+    x_val = meta_val(d.x)
+    if not isinstance(x_val, torch.Tensor) or not x_val.is_floating_point():
+        return "dropout input has no floating-point tensor metadata"
+    for c in consumers:
+        if c.reason is None:
+            c.reason = _check_consumer(c)
+    fusable = [c for c in consumers if c.reason is None]
+    if not fusable:
+        reasons = sorted({c.reason for c in consumers if c.reason})
+        return "; ".join(reasons) if reasons else "no matmul consumer (only elementwise/normalisation users)"
+    return excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+
+
+def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], config: SparseDropConfig, site: Site) -> None:
+    x_shape = tuple(meta_val(d.x).shape)
+    layout = fusable[0]
+    same = [c for c in fusable if _same_layout(x_shape, layout, c)]
+    for c in fusable:
+        if c not in same:
+            c.reason = "views the activation with another block layout than the first consumer; reads the materialised mask"
+    br, bc = config.block_size
+    keep = editor.call(sample_block_keep, (d.x, d.p, br, bc, layout.batched), before=d.node, like=d.node)
+    scale0 = _scale_arg(editor, d, 1.0, d.node)
+    dropped = editor.call(apply_block_keep, (d.x, keep, scale0, br, bc, layout.batched), before=d.node, like=d.node)
+    d.node.replace_all_uses_with(dropped)
+    editor.graph.erase_node(d.node)
+    chain_nodes: list[fx.Node] = []
+    for c in same:
+        x_in = _replay_path(editor, d.x, c)
+        scale = _scale_arg(editor, d, c.factor, c.node)
+        fused = _fused_node(editor, c, x_in, keep, scale, config)
+        c.node.replace_all_uses_with(fused)
+        editor.graph.erase_node(c.node)
+        chain_nodes.extend(step.node for step in c.path)
+        _count(f"{c.kind}_fused")
+    editor.erase_if_unused([dropped, *chain_nodes])
+    site.rewritten = True
+    site.block_size = config.block_size
+    remaining = [c for c in fusable if c not in same]
+    if remaining:
+        site.reason = remaining[0].reason
+    log.debug("sparsedrop: fused %s (p=%s) into %d consumer(s)", site.location, site.p, len(same))
+
+
+def _count(name: str) -> None:
+    counters["sparsedrop"][name] += 1

@@ -1,0 +1,75 @@
+"""The ``sparsedrop`` torch.compile backend: run the rewrite passes, then hand the graph on."""
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from sparsedrop_compile.config import SparseDropConfig
+
+log = logging.getLogger("sparsedrop_compile")
+
+# explain() collects the sites of every graph compiled while it runs (an ExplainReport).
+_site_recorder: contextvars.ContextVar = contextvars.ContextVar("sparsedrop_sites", default=None)
+
+
+class _GraphCounter:
+    graphs = 0
+
+
+_graph_counter = _GraphCounter()
+
+
+def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Sequence[Any] = ()) -> list:
+    """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
+    import sparsedrop_compile.ops  # noqa: F401  (registers the ops the passes emit)
+    from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
+    from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
+
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    recorder = _site_recorder.get()
+    counter = recorder if recorder is not None else _graph_counter
+    index = counter.graphs
+    counter.graphs += 1
+    sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
+    sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
+    if sites and log.isEnabledFor(logging.DEBUG):
+        from sparsedrop_compile.explain import format_sites
+
+        log.debug("sparsedrop: graph %d\n%s", index, format_sites(sites))
+    if recorder is not None:
+        recorder.sites.extend(sites)
+    return sites
+
+
+def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """torch.compile backend. ``torch.compile(m, backend="sparsedrop", options={...})``.
+
+    ``options`` fills :class:`SparseDropConfig`; ``mode`` (e.g. "reduce-overhead") is passed on to
+    Inductor as torch.compile would.
+    """
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise TypeError(f"sparsedrop backend got unexpected arguments {sorted(kwargs)}; pass settings as options={{...}}")
+    config = SparseDropConfig.from_options(options)
+    run_passes(gm, config, example_inputs)
+    return _inner_compile(gm, example_inputs, config, mode)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig, mode: str | None):
+    if config.inner == "eager":
+        return gm.forward
+    if config.inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(config.inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
