@@ -1,0 +1,758 @@
+"""Flash attention with tile dropout (SparseDrop on P) in Triton: forward and backward.
+
+Semantics are those of ``flash_attention.reference_attention`` (read its docstring first). The
+kernels follow the usual flash-attention structure: an online softmax in the forward that saves
+only the row logsumexp, and a backward that recomputes P tile by tile in two passes, one that
+owns a key block and accumulates dK, dV (summed over a GQA group in registers, no atomics), one
+that owns a query block and accumulates dQ (and dMask when a float mask needs a gradient).
+
+What a dropped tile costs (see benchmarks/NOTES_attention.md for the FLOP model):
+    post_softmax, forward   q kᵀ and exp (the normaliser runs over all keys); no P V.
+    post_softmax, backward  q kᵀ, exp and both dS products (dS = -P·Δ there, not zero);
+                            no dO Vᵀ and no dV product.
+    dropkey                 nothing at all, forward or backward.
+
+Kernel tiles are independent of the mask tile (block splitting): every kernel tile lies inside
+one mask tile, so the keep flag of a kernel tile is a single scalar load. That needs the mask
+tile's sides to be multiples of the kernel tile's; ``_pick_config`` chooses the fastest
+candidate that fits, and any mask tile that is a multiple of 16 fits the smallest.
+
+Scaling: scores are kept in base-2 units (q kᵀ · scale · log2 e) so the softmax uses exp2;
+the saved logsumexp is in natural units. In the backward Δ = rowsum(dO ⊙ O) is stored divided
+by the dropout scale s = 1/(1-p), so a kept tile computes P ⊙ (dO Vᵀ - Δ/s) and a dropped one
+-P ⊙ Δ/s, and s is applied once to the dQ, dK, dV accumulators at the end.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .block_mask import dropout_scale
+from .flash_attention import default_scale
+
+LOG2E = 1.4426950408889634
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+# How a kept/dropped decision is applied (a config field, so the sweep can compare them):
+#   0: branch on the flag; V / dO are loaded before the branch, so the pipeliner can prefetch them.
+#   1: branch on the flag; V / dO are loaded inside the branch (dropped tiles read less).
+#   2: no branch: P (or dP) is multiplied by the flag and every product runs (dense cost).
+SKIP_PREFETCH, SKIP_LAZY_LOAD, SKIP_NONE = 0, 1, 2
+# The same values as constexpr globals, the only globals a @triton.jit function may read.
+_LAZY, _DENSE = tl.constexpr(SKIP_LAZY_LOAD), tl.constexpr(SKIP_NONE)
+_NO_MASK, _BOOL_MASK = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL)
+
+
+# --------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    # Triton's interpreter returns garbage from tl.dot on bf16 operands (and numpy has no fast
+    # fp16 matmul), so interpreted runs multiply in fp32; on GPU the tensor cores take bf16/fp16.
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+    Sk, stride_kn, stride_vn, stride_mn, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One key tile of the online softmax. MASKED tiles may hold keys past Sk or the diagonal."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Sk
+    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+    if SKIP != _LAZY:
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    s = _dot(q, kt, INTERPRET) * qk_scale
+    if MASK_KIND != _NO_MASK:
+        # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
+        mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+        if MASK_KIND == _BOOL_MASK:
+            s = tl.where(mv != 0, s, float("-inf"))
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no visible key so far has m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    prob = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    # The normaliser sums every tile, dropped or kept: dropout comes after the softmax.
+    l_i = l_i * alpha + tl.sum(prob, 1)
+    acc = acc * alpha[:, None]
+    if SKIP == _DENSE:
+        acc = _dot_acc((prob * kept.to(tl.float32)).to(v.dtype), v, acc, INTERPRET)
+    else:
+        if kept:
+            if SKIP == _LAZY:
+                if MASKED:
+                    v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+                else:
+                    v = tl.load(v_ptrs)
+            acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Keep, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_eb, stride_eh, stride_em, stride_en,
+    stride_ob, stride_oh, stride_om,
+    H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks see the most keys: start them first for a better tail.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
+    keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Key tiles [0, full_hi) need no bounds or causal mask; [full_hi, hi) do.
+    if CAUSAL:
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Sk
+        full_hi = Sk // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        if DROPKEY:
+            if kept:
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, _LAZY, INTERPRET)
+        else:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, SKIP, INTERPRET)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        if DROPKEY:
+            if kept:
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, _LAZY, INTERPRET)
+        else:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, SKIP, INTERPRET)
+
+    # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
+    # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    out = acc * (out_scale / l_safe)[:, None]
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_delta(
+    Out, dOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
+    H, Sq, delta_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ = rowsum(dO ⊙ O) · delta_scale (= (1-p), see the module docstring), fp32 (B*H, Sq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
+    tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m, offs_n,
+    Sq, stride_qm, stride_gm, stride_mm, qk_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One query chunk against the program's key block, in the transposed (keys x queries) frame."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+    qt_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = do_base + offs_m[:, None] * stride_gm + offs_d[None, :]
+    if MASKED:
+        qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        qt = tl.load(qt_ptrs)
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    if SKIP != _LAZY:
+        if MASKED:
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+    st = _dot(k, qt, INTERPRET) * qk_scale
+    if MASK_KIND != _NO_MASK:
+        mv = tl.load(mask_cols[:, None] + tl.minimum(offs_m, Sq - 1)[None, :] * stride_mm)
+        if MASK_KIND == _BOOL_MASK:
+            st = tl.where(mv != 0, st, float("-inf"))
+        else:
+            st = st + mv.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        ok = row_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[None, :] >= offs_n[:, None])
+        st = tl.where(ok, st, float("-inf"))
+    pt = tl.exp2(st - (lse * 1.4426950408889634)[None, :])
+    if SKIP == _DENSE:
+        keepf = kept.to(tl.float32)
+        dv = _dot_acc((pt * keepf).to(do.dtype), do, dv, INTERPRET)
+        dpt = _dot(v, tl.trans(do), INTERPRET)
+        dst = pt * (dpt * keepf - delta[None, :])
+    else:
+        if kept:
+            if SKIP == _LAZY:
+                if MASKED:
+                    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+                else:
+                    do = tl.load(do_ptrs)
+            dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
+            dpt = _dot(v, tl.trans(do), INTERPRET)
+            dst = pt * (dpt - delta[None, :])
+        else:
+            # Dropped tile: dP = 0 but dS = -P Δ is not, so dK still gets a product.
+            dst = -pt * delta[None, :]
+    dk = _dot_acc(dst.to(qt.dtype), tl.trans(qt), dk, INTERPRET)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col, lo, hi, offs_n,
+    Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale, block_q,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
+        if DROPKEY:
+            if kept:
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m,
+                                    offs_n, Sq, stride_qm, stride_gm, stride_mm, qk_scale,
+                                    BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, _LAZY, INTERPRET)
+        else:
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m,
+                                offs_n, Sq, stride_qm, stride_gm, stride_mm, qk_scale,
+                                BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, SKIP, INTERPRET)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, Keep, dOut, Lse, Delta, dK, dV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_eb, stride_eh, stride_em, stride_en,
+    stride_gb, stride_gh, stride_gm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, block_q, block_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_KV).to(tl.int64)
+    off_hk = (pid_bh % H_KV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Sk
+    # Keys past Sk are zero rows: whatever their scores, they only touch their own rows of
+    # dK and dV, which are never stored.
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    keep_n = (start_n // block_k) * stride_en
+
+    # Query chunks: [lo, diag_hi) straddle the causal diagonal (masked), [diag_hi, full_hi) are
+    # whole and fully visible, [tail_lo, Sq) is the ragged end (masked).
+    full_hi = Sq // BLOCK_M * BLOCK_M
+    if CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        diag_hi = (start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        diag_end = tl.minimum(diag_hi, (Sq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+        tail_lo = tl.maximum(diag_hi, full_hi)
+    else:
+        lo = 0
+        diag_hi = 0
+        diag_end = 0
+        tail_lo = full_hi
+
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b * H + off_h
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = dOut + off_b * stride_gb + off_h * stride_gh
+        lse_base = Lse + bh * Sq
+        delta_base = Delta + bh * Sq
+        mask_cols = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_n, Sk - 1) * stride_mn
+        keep_col = Keep + off_b * stride_eb + off_h * stride_eh + keep_n
+        if CAUSAL:
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
+                                 lo, diag_end, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
+                                 block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY, SKIP, INTERPRET)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
+                             diag_hi, full_hi, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
+                             block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, False, DROPKEY, SKIP, INTERPRET)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
+                             tail_lo, Sq, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
+                             block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY, SKIP, INTERPRET)
+
+    dk = dk * dk_scale
+    dv = dv * dv_scale
+    tl.store(dK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(dK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m, row_ok,
+    Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < Sk
+    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+    vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs)
+    if SKIP != _LAZY:
+        if MASKED:
+            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            vt = tl.load(vt_ptrs)
+    s = _dot(q, kt, INTERPRET) * qk_scale
+    if MASK_KIND != _NO_MASK:
+        mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+        if MASK_KIND == _BOOL_MASK:
+            s = tl.where(mv != 0, s, float("-inf"))
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        # Keys past Sk must be exact zeros here: exp2(0 - lse) of a zero key can overflow.
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(ok, s, float("-inf"))
+    prob = tl.exp2(s - lse2[:, None])
+    if SKIP == _DENSE:
+        dp = _dot(do, vt, INTERPRET)
+        ds = prob * (dp * kept.to(tl.float32) - delta[:, None])
+    else:
+        if kept:
+            if SKIP == _LAZY:
+                if MASKED:
+                    vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    vt = tl.load(vt_ptrs)
+            dp = _dot(do, vt, INTERPRET)
+            ds = prob * (dp - delta[:, None])
+        else:
+            ds = -prob * delta[:, None]
+    dq = _dot_acc(ds.to(q.dtype), tl.trans(kt), dq, INTERPRET)
+    if MASK_GRAD:
+        # dMask = dS (S = q kᵀ scale + mask); written per element, summed over broadcast dims later.
+        tl.store(dmask_rows[:, None] + offs_n[None, :], ds * dmask_scale, mask=row_ok[:, None] & col_ok[None, :])
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, Keep, dOut, Lse, Delta, dQ, dMask,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_eb, stride_eh, stride_em, stride_en,
+    stride_gb, stride_gh, stride_gm,
+    stride_dqb, stride_dqh, stride_dqm,
+    H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, block_q, block_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr,
+    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dQ of one query block (and its rows of dMask), looping over key chunks."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+    bh = pid_bh.to(tl.int64)
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    # Rows past Sq get lse = +inf, so their P is exactly 0.
+    lse2 = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
+    dmask_rows = dMask + bh * Sq * Sk + offs_m.to(tl.int64) * Sk
+    keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Sk
+        full_hi = Sk // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        if DROPKEY:
+            if kept:
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+                              row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                              BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, MASK_GRAD, _LAZY, INTERPRET)
+        else:
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, MASK_GRAD, SKIP, INTERPRET)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        if DROPKEY:
+            if kept:
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+                              row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                              BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, MASK_GRAD, _LAZY, INTERPRET)
+        else:
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, MASK_GRAD, SKIP, INTERPRET)
+
+    dq = dq * dq_scale
+    tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode), fastest first. For "fwd" and "bwd_q" the
+# program owns BLOCK_M queries and loops over BLOCK_N keys; for "bwd_kv" it owns BLOCK_N keys
+# and loops over BLOCK_M queries. The first candidate whose tile fits the mask tile is used.
+# The orders are starting points from the Triton fused-attention tutorial's H100 choices;
+# `benchmarks/bench_attention.py --sweep` times them all and prints the winners.
+CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
+    "fwd": {
+        64: [(128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 32, 4, 3, 0), (64, 64, 4, 3, 0),
+             (64, 128, 4, 3, 0), (64, 64, 4, 4, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 32, 4, 3, 0), (128, 64, 4, 3, 0), (64, 64, 4, 3, 0),
+              (64, 128, 4, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+    },
+    "bwd_kv": {
+        64: [(32, 128, 4, 3, 0), (64, 128, 8, 3, 0), (32, 128, 4, 4, 0), (16, 128, 4, 3, 0), (64, 64, 4, 3, 0),
+             (32, 64, 4, 3, 0), (16, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(32, 128, 8, 2, 0), (64, 128, 8, 2, 0), (16, 128, 4, 2, 0), (32, 128, 4, 3, 0), (64, 64, 4, 3, 0),
+              (32, 64, 4, 3, 0), (16, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+    },
+    "bwd_q": {
+        64: [(128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 16, 4, 3, 0), (128, 32, 4, 4, 0), (64, 64, 4, 3, 0),
+             (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 4, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 3, 0),
+              (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+    },
+}
+
+# The mask tile the user layer uses by default: the smallest one that every first-choice config
+# above fits (fwd 128 queries, bwd_kv 128 keys, bwd_q 128 queries), so no pass is forced onto a
+# slower tile. See benchmarks/NOTES_attention.md.
+DEFAULT_BLOCK = (128, 128)
+
+
+def fits(config: Sequence[int], block: tuple[int, int]) -> bool:
+    """Whether a config's kernel tile lies inside every (block_q, block_k) mask tile."""
+    return block[0] % config[0] == 0 and block[1] % config[1] == 0
+
+
+def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> tuple[int, int, int, int, int]:
+    if override is not None:
+        cfg = tuple(override)
+        if len(cfg) == 4:
+            cfg = (*cfg, SKIP_PREFETCH)
+        if not fits(cfg, block):
+            raise ValueError(
+                f"sparsedrop attention {kind} config {cfg}: its tile ({cfg[0]}, {cfg[1]}) must divide the mask tile "
+                f"{block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
+            )
+        return cfg
+    for cfg in CANDIDATES[kind][head_dim]:
+        if fits(cfg, block):
+            return cfg
+    raise ValueError(f"sparsedrop attention: no {kind} kernel tile fits the mask tile {block}; its sides must be multiples of 16")
+
+
+# --------------------------------------------------------------------------- support check
+def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str | None:
+    """Why the Triton kernels cannot run (q, k, v[, attn_mask]) with this mask tile, or None."""
+    q, k, v = tensors[:3]
+    attn_mask = tensors[3] if len(tensors) > 3 else None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"q has dtype {q.dtype}; the kernels take float16 or bfloat16 (float32 runs on the reference)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"q, k, v must all be 3-D or 4-D (batch, heads, seq, dim), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return (f"head dims q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}: the kernels take equal head dims in "
+                f"{SUPPORTED_HEAD_DIMS}")
+    if k.shape[:-3] != q.shape[:-3] or v.shape[:-1] != k.shape[:-1]:
+        return f"batch or sequence dims disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() == 4 and q.shape[1] % k.shape[1] != 0:
+        return f"q heads ({q.shape[1]}) are not a multiple of k/v heads ({k.shape[1]})"
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        return "an empty sequence"
+    if block[0] % 16 != 0 or block[1] % 16 != 0:
+        return f"mask tile {tuple(block)}: the kernels need both sides to be multiples of 16"
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return f"attn_mask has dtype {attn_mask.dtype}; expected bool or floating point"
+        target = (*q.shape[:-1], k.shape[-2])
+        try:
+            ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == torch.Size(target)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            return f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}"
+    return None
+
+
+# --------------------------------------------------------------------------- launchers
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _Problem:
+    """Inputs viewed as 4-D (B, H, S, D) with unit stride on D, the mask expanded to (B, Hq, Sq, Sk)."""
+
+    def __init__(self, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode):
+        reason = unsupported_reason((q, k, v) if attn_mask is None else (q, k, v, attn_mask), block)
+        if reason is not None:
+            raise ValueError(f"sparsedrop attention Triton kernels: {reason}; call through sparsedrop::attention "
+                             "(kernel='auto') to fall back to the reference")
+        self.squeeze = q.dim() == 3
+        if self.squeeze:
+            q, k, v, keep = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), keep.unsqueeze(0)
+        self.q, self.k, self.v = (_unit_last(t) for t in (q, k, v))
+        self.B, self.H, self.Sq, self.D = q.shape
+        self.H_kv, self.Sk = k.shape[1], k.shape[2]
+        if self.H != self.H_kv and not enable_gqa:
+            raise ValueError(f"sparsedrop attention: q has {self.H} heads and k/v {self.H_kv}; pass enable_gqa=True")
+        self.group = self.H // self.H_kv
+        self.block = tuple(block)
+        self.keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+        self.causal = bool(is_causal)
+        self.dropkey = mode == "dropkey"
+        self.sm_scale = float(default_scale(q, scale))
+        self.out_scale = 1.0 if self.dropkey else float(dropout_scale(p))
+        self.mask_input = attn_mask
+        if attn_mask is None:
+            self.mask_kind, self.mask = MASK_NONE, self.q
+            self.mask_strides = (0, 0, 0, 0)
+        else:
+            m = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+            self.mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+            self.mask = m.expand(self.B, self.H, self.Sq, self.Sk)
+            self.mask_strides = self.mask.stride()
+        self.interpret = _interpreting()
+
+    def common(self):
+        """Arguments shared by every kernel after the tensors: strides of q, k, v, mask, keep."""
+        return (*self.q.stride()[:3], *self.k.stride()[:3], *self.v.stride()[:3], *self.mask_strides,
+                *self.keep.stride())
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_forward(pb: _Problem, cfg) -> tuple[Tensor, Tensor]:
+    block_m, block_n, warps, stages, skip = cfg
+    out = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
+    lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
+    grid = (triton.cdiv(pb.Sq, block_m), pb.B * pb.H)
+    _attn_fwd[grid](
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, out, lse,
+        *pb.common(), *out.stride()[:3],
+        pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
+    delta = torch.empty(pb.B, pb.H, pb.Sq, device=out.device, dtype=torch.float32)
+    block_m = 64
+    # Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway.
+    delta_scale = 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
+    _attn_bwd_delta[(triton.cdiv(pb.Sq, block_m), pb.B * pb.H)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, delta_scale,
+        HEAD_DIM=pb.D, BLOCK_M=block_m,
+    )
+    return delta
+
+
+def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg) -> tuple[Tensor, Tensor]:
+    block_m, block_n, warps, stages, skip = cfg
+    dk = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.k.device, dtype=pb.k.dtype)
+    dv = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.v.device, dtype=pb.v.dtype)
+    grid = (triton.cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
+    _attn_bwd_dkdv[grid](
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dk, dv,
+        *pb.common(), *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
+        pb.block[0], pb.block[1],
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
+    )
+    return dk, dv
+
+
+def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool):
+    block_m, block_n, warps, stages, skip = cfg
+    dq = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
+    # dMask is written per element (dropped and masked tiles included); tiles the causal loop
+    # never visits must read as zeros.
+    dmask = torch.zeros(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=torch.float32) if mask_grad else lse
+    grid = (triton.cdiv(pb.Sq, block_m), pb.B * pb.H)
+    _attn_bwd_dq[grid](
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dq, dmask,
+        *pb.common(), *grad_out.stride()[:3], *dq.stride()[:3],
+        pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
+        pb.block[0], pb.block[1],
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        DROPKEY=pb.dropkey, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, (dmask if mask_grad else None)
+
+
+def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, config=None):
+    """(O, logsumexp) like ``flash_attention.reference_attention_forward``; ``config`` may map
+    "fwd" to a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override the choice."""
+    pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
+    cfg = _pick_config("fwd", pb.D, pb.block, (config or {}).get("fwd"))
+    out, lse = _launch_forward(pb, cfg)
+    if pb.squeeze:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode,
+                       mask_grad, config=None):
+    """(dq, dk, dv, dmask or None) like ``flash_attention.reference_attention_backward``."""
+    pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
+    config = config or {}
+    kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
+    q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
+    if pb.squeeze:
+        grad_out, out, lse = grad_out.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
+    grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
+    mask_grad = bool(mask_grad) and pb.mask_kind == MASK_FLOAT
+    delta = _launch_delta(pb, out, grad_out)
+    dk, dv = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg)
+    dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad)
+    if pb.squeeze:
+        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
+    if dmask is not None:
+        shape = attn_mask.shape
+        extra = dmask.dim() - len(shape)
+        dmask = dmask.sum(dim=tuple(range(extra))) if extra > 0 else dmask
+        dmask = dmask.sum_to_size(shape).to(attn_mask.dtype)
+    return dq, dk, dv, dmask

@@ -1,0 +1,447 @@
+"""Tile dropout inside attention: the reference, the Triton kernels (interpreted on CPU), the ops.
+
+The reference is checked against plain SDPA (every tile kept) and against a hand-built element
+mask; the kernels and the ops are checked against the reference in fp32, with tolerances of a
+few units in the last place of the input dtype, scaled by the largest value compared.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsedrop_compile  # noqa: F401  (registers the ops)
+from sparsedrop_compile.attention_ops import sparse_dropout_attention
+from sparsedrop_compile.kernels import flash_attention as fa
+from sparsedrop_compile.kernels import flash_attention_triton as fat
+
+# Largest error allowed, as a fraction of the largest reference value: about 4 ulp of the dtype.
+REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+
+
+def assert_close_scaled(actual, expected, dtype, what=""):
+    expected = expected.float()
+    scale = max(expected.abs().max().item(), 1e-6)
+    err = (actual.float() - expected).abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} > {REL_TOL[dtype]} x {scale:.3g}"
+
+
+def make_inputs(b=1, hq=2, hkv=None, sq=77, sk=77, d=64, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hkv = hq if hkv is None else hkv
+    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
+    grad = torch.randn(b, hq, sq, d, generator=g).to(dtype)
+    return q, k, v, grad, g
+
+
+def random_keep(q, k, p, block, g):
+    return torch.rand(fa.attention_keep_shape(q.shape, k.shape, block), generator=g) >= p
+
+
+def run_op(inputs, keep, p, causal, scale, gqa, block, mode, kernel, grad):
+    """Forward + backward through sparsedrop::attention; returns out and grads of q, k, v, mask."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = torch.ops.sparsedrop.attention(*leaves, keep, p, causal, scale, gqa, block[0], block[1], mode, kernel)
+    out.backward(grad.to(out.dtype))
+    return [out] + [t.grad if t is not None and t.is_floating_point() else None for t in leaves]
+
+
+def upcast(t):
+    return t.float() if t is not None and t.is_floating_point() else t
+
+
+# --------------------------------------------------------------------------- keep tiles
+def test_keep_shape_counts_ragged_tiles():
+    assert fa.attention_keep_shape((2, 4, 77, 64), (2, 2, 300, 64), (32, 64)) == (2, 4, 3, 5)
+    q, k = torch.zeros(2, 4, 77, 64), torch.zeros(2, 4, 300, 64)
+    keep = fa.sample_attention_keep(q, k, 0.25, 32, 64)
+    assert keep.dtype == torch.bool and keep.shape == (2, 4, 3, 5)
+
+
+def test_keep_fraction_is_one_minus_p():
+    q = k = torch.zeros(8, 16, 1024, 8)
+    torch.manual_seed(0)
+    keep = fa.sample_attention_keep(q, k, 0.3, 16, 16)  # 131072 tiles
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+
+
+def test_keep_sampling_traces_with_dynamic_shapes():
+    """sample_attention_keep must trace on SymInt sizes: no int() on sizes, no recompiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=True)
+    def f(q, k):
+        return fa.sample_attention_keep(q, k, 0.1, 32, 64)
+
+    assert f(torch.zeros(1, 2, 77, 8), torch.zeros(1, 2, 300, 8)).shape == (1, 2, 3, 5)
+    assert f(torch.zeros(1, 2, 129, 8), torch.zeros(1, 2, 65, 8)).shape == (1, 2, 5, 2)
+    assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_reference_equals_sdpa_when_every_tile_is_kept(mask_kind, causal, gqa):
+    q, k, v, grad, g = make_inputs(b=2, hq=4, hkv=2 if gqa else 4, sq=33, sk=45, d=16, dtype=torch.float32)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 33, 45, generator=g) > 0.3
+        mask[..., 0] = True  # no fully masked row (SDPA's fused kernels give NaN there)
+    elif mask_kind == "float":
+        mask = torch.randn(1, 4, 33, 45, generator=g)
+    keep = torch.ones(fa.attention_keep_shape(q.shape, k.shape, (16, 16)), dtype=torch.bool)
+    inputs = [q, k, v, mask]
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = fa.reference_attention(*leaves, keep, 0.0, causal, 0.3, gqa, (16, 16))
+    out.backward(grad)
+    sdpa_leaves = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    sdpa_mask, sdpa_causal = sdpa_leaves[3], causal
+    if causal and mask is not None:  # SDPA refuses both at once: fold the diagonal into the mask
+        tril = torch.ones(33, 45, dtype=torch.bool).tril()
+        sdpa_mask = sdpa_mask & tril if mask.dtype == torch.bool else sdpa_mask.masked_fill(~tril, float("-inf"))
+        sdpa_causal = False
+    expected = F.scaled_dot_product_attention(*sdpa_leaves[:3], sdpa_mask, is_causal=sdpa_causal, scale=0.3,
+                                              enable_gqa=gqa)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, sdpa_leaves):
+        if a is not None and a.is_floating_point():
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def _element_mask_attention(q, k, v, keep, p, block, mode):
+    """The definition, by hand: expand each tile flag to its elements with loops."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    elem = torch.zeros(*q.shape[:-2], sq, sk, dtype=torch.bool)
+    for i in range(sq):
+        for j in range(sk):
+            elem[..., i, j] = keep[..., i // block[0], j // block[1]]
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mode == "dropkey":
+        return torch.softmax(s.masked_fill(~elem, float("-inf")), -1).nan_to_num(0.0) @ v
+    return (torch.softmax(s, -1) * elem / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
+def test_reference_equals_hand_built_element_mask(mode):
+    q, k, v, _, g = make_inputs(b=2, hq=3, hkv=3, sq=21, sk=37, d=8, dtype=torch.float32)
+    block = (8, 16)
+    keep = random_keep(q, k, 0.4, block, g)
+    keep[0, 0, 1, :] = False  # a whole row of tiles dropped: dropkey gives zeros there
+    out = fa.reference_attention(q, k, v, None, keep, 0.4, block=block, mode=mode)
+    torch.testing.assert_close(out, _element_mask_attention(q, k, v, keep, 0.4, block, mode), atol=1e-5, rtol=1e-5)
+    if mode == "dropkey":
+        assert out[0, 0, 8:16].abs().max() == 0
+
+
+def test_reference_dropout_is_unbiased():
+    """Averaged over many keep samples, tile dropout after the softmax gives the dense output."""
+    q, k, v, _, g = make_inputs(b=1, hq=1, sq=16, sk=16, d=8, dtype=torch.float32)
+    n = 4000
+    keep = torch.rand(n, 1, 4, 4, generator=g) >= 0.5
+    qs, ks, vs = (t.expand(n, *t.shape[1:]) for t in (q, k, v))
+    mean = fa.reference_attention(qs, ks, vs, None, keep, 0.5, block=(4, 4)).mean(0)
+    dense = F.scaled_dot_product_attention(q, k, v)[0]
+    # Each output is a sum of 4 independent tiles: its std over samples is below max|v|, so the
+    # mean of n samples is within ~4 / sqrt(n) of the dense value.
+    assert (mean - dense).abs().max() < 4 * v.abs().max() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backward_formulas_equal_autograd(mode, causal):
+    q, k, v, grad, g = make_inputs(b=2, hq=4, hkv=2, sq=19, sk=27, d=8, dtype=torch.float32)
+    block = (8, 8)
+    keep = random_keep(q, k, 0.4, block, g)
+    mask = torch.randn(1, 4, 19, 27, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    out = fa.reference_attention(*leaves, keep, 0.4, causal, 0.25, True, block, mode)
+    out.backward(grad)
+    dq, dk, dv, dmask = fa.reference_attention_backward(grad, q, k, v, mask, keep, 0.4, causal, 0.25, True, block, mode, True)
+    for got, leaf in zip((dq, dk, dv, dmask), leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_fully_masked_rows_give_zeros_and_finite_grads():
+    q, k, v, grad, _ = make_inputs(b=1, hq=2, sq=8, sk=8, d=8, dtype=torch.float32)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[3] = False
+    keep = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fa.reference_attention(*leaves, mask, keep, 0.1, block=(8, 8))
+    out.backward(grad)
+    assert out[:, :, 3].abs().max() == 0
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+# --------------------------------------------------------------------------- Triton kernels vs reference
+# (name, sq, sk, hq, hkv, d, dtype, block, causal, mask, mode)
+KERNEL_CASES = [
+    ("plain", 77, 77, 2, 2, 64, torch.float16, (32, 32), False, None, "post_softmax"),
+    ("causal-bf16", 77, 77, 2, 2, 64, torch.bfloat16, (32, 64), True, None, "post_softmax"),
+    ("sk300-float-mask-grad", 77, 300, 2, 2, 64, torch.float16, (16, 64), False, "float_bh", "post_softmax"),
+    ("sq300-bool-padding", 300, 77, 2, 2, 64, torch.bfloat16, (64, 32), False, "bool_b11", "post_softmax"),
+    ("causal-sq-gt-sk", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, None, "post_softmax"),
+    ("gqa-causal-2d-mask-grad", 77, 77, 4, 2, 64, torch.float16, (32, 32), True, "float_2d", "post_softmax"),
+    ("d128-bool-full", 77, 77, 2, 2, 128, torch.bfloat16, (32, 32), False, "bool_full", "post_softmax"),
+    ("dropkey-causal", 77, 77, 2, 2, 64, torch.float16, (16, 32), True, None, "dropkey"),
+    ("dropkey-float-mask-gqa", 77, 300, 4, 1, 64, torch.bfloat16, (32, 64), False, "float_bh", "dropkey"),
+]
+
+
+def _mask(kind, b, hq, sq, sk, dtype, g):
+    if kind is None:
+        return None
+    if kind == "float_bh":  # T5's position bias: one per head, shared over the batch
+        return (torch.randn(1, hq, sq, sk, generator=g) * 2).to(dtype)
+    if kind == "float_2d":
+        return torch.randn(sq, sk, generator=g).to(dtype)
+    if kind == "bool_b11":  # BERT's padding mask: keys only
+        m = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        m[0, ..., sk - sk // 3:] = False
+        return m
+    if kind == "bool_full":  # with a fully masked row, which must give zeros
+        m = torch.rand(b, hq, sq, sk, generator=g) > 0.5
+        m[0, 0, 5] = False
+        return m
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_triton_matches_reference(case):
+    _, sq, sk, hq, hkv, d, dtype, block, causal, mask_kind, mode = case
+    q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
+    mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
+    keep = random_keep(q, k, 0.3, block, g)
+    got = run_op([q, k, v, mask], keep, 0.3, causal, None, hq != hkv, block, mode, "triton", grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.3, causal, None, hq != hkv, block, mode,
+                 "reference", grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close_scaled(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
+@pytest.mark.parametrize("kept", [True, False])
+def test_triton_keep_all_true_and_all_false(mode, kept):
+    q, k, v, grad, g = make_inputs(sq=50, sk=70)
+    mask = torch.randn(1, 2, 50, 70, generator=g).half()
+    keep = torch.full(fa.attention_keep_shape(q.shape, k.shape, (32, 32)), kept)
+    got = run_op([q, k, v, mask], keep, 0.25, False, None, False, (32, 32), mode, "triton", grad)
+    if not kept:
+        # Nothing kept: zero output; post_softmax still has dS = -P·rowsum(dO⊙O) = 0 since O = 0.
+        for t in got:
+            assert t.abs().max() == 0
+        return
+    leaves = [t.float().requires_grad_() for t in (q, k, v, mask)]
+    expected = F.scaled_dot_product_attention(*leaves) * (1 / 0.75 if mode == "post_softmax" else 1.0)
+    expected.backward(grad.float())
+    for a, b in zip(got, [expected] + [t.grad for t in leaves]):
+        assert_close_scaled(a, b, torch.float16)
+
+
+# Kernel tiles smaller than the mask tile (block splitting), and each way of skipping a tile.
+SPLIT_CONFIGS = [
+    {"fwd": (16, 32, 4, 2, 0), "bwd_kv": (16, 64, 4, 2, 1), "bwd_q": (32, 16, 4, 2, 2)},
+    {"fwd": (64, 16, 4, 2, 1), "bwd_kv": (32, 16, 4, 2, 2), "bwd_q": (16, 64, 4, 2, 0)},
+    {"fwd": (32, 64, 4, 2, 2), "bwd_kv": (64, 32, 4, 2, 0), "bwd_q": (64, 32, 4, 2, 1)},
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cfg", range(len(SPLIT_CONFIGS)))
+def test_triton_block_splitting_and_skip_modes(cfg, causal):
+    q, k, v, grad, g = make_inputs(sq=77, sk=100)
+    block = (64, 64)
+    keep = random_keep(q, k, 0.4, block, g)
+    mask = torch.randn(1, 2, 77, 100, generator=g).half()
+    config = SPLIT_CONFIGS[cfg]
+    out, lse = fat.attention_forward(q, k, v, mask, keep, 0.4, causal, None, False, block, "post_softmax", config)
+    grads = fat.attention_backward(grad, q, k, v, out, lse, mask, keep, 0.4, causal, None, False, block,
+                                   "post_softmax", True, config)
+    ref_out, ref_lse = fa.reference_attention_forward(q.float(), k.float(), v.float(), mask.float(), keep, 0.4, causal,
+                                                      None, False, block, "post_softmax")
+    ref = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), mask.float(), keep, 0.4,
+                                          causal, None, False, block, "post_softmax", True)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), (out, *grads), (ref_out, *ref)):
+        assert_close_scaled(a, b, torch.float16, name)
+
+
+def test_triton_three_dim_inputs():
+    q, k, v, grad, g = make_inputs(b=1, hq=3, hkv=3, sq=40, sk=40)
+    q, k, v, grad = (t[0] for t in (q, k, v, grad))
+    keep = random_keep(q, k, 0.3, (16, 16), g)
+    got = run_op([q, k, v, None], keep, 0.3, True, None, False, (16, 16), "post_softmax", "triton", grad)
+    ref = run_op([q.float(), k.float(), v.float(), None], keep, 0.3, True, None, False, (16, 16), "post_softmax",
+                 "reference", grad)
+    for a, b in zip(got[:4], ref[:4]):
+        assert_close_scaled(a, b, torch.float16)
+
+
+def test_triton_config_that_does_not_fit_the_mask_tile_is_refused():
+    q, k, v, _, g = make_inputs(sq=40, sk=40)
+    keep = random_keep(q, k, 0.3, (32, 32), g)
+    with pytest.raises(ValueError, match="must divide the mask tile"):
+        fat.attention_forward(q, k, v, None, keep, 0.3, False, None, False, (32, 32), "post_softmax",
+                              {"fwd": (64, 32, 4, 2)})
+
+
+# --------------------------------------------------------------------------- dispatch and fallback
+def test_unsupported_reason_names_the_problem():
+    q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
+    assert fat.unsupported_reason((q, q, q), (64, 64)) is None
+    assert "head dim" in fat.unsupported_reason((q[..., :32],) * 3, (64, 64))
+    assert "float32" in fat.unsupported_reason((q.float(),) * 3, (64, 64))
+    assert "multiples of 16" in fat.unsupported_reason((q, q, q), (24, 64))
+    assert "does not broadcast" in fat.unsupported_reason((q, q, q, torch.zeros(3, 40, 40, dtype=torch.bool)), (64, 64))
+    kv = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
+    assert "not a multiple" in fat.unsupported_reason((torch.zeros(1, 3, 40, 64, dtype=torch.float16), kv, kv), (64, 64))
+
+
+def test_unsupported_calls_fall_back_or_raise():
+    q, k, v, grad, g = make_inputs(sq=30, sk=30, d=32)
+    keep = random_keep(q, k, 0.3, (16, 16), g)
+    with pytest.raises(ValueError, match="cannot run this call.*head dims"):
+        torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.3, False, None, False, 16, 16, "post_softmax", "triton")
+    # "auto" on CPU always takes the reference; the result is still right.
+    got = run_op([q, k, v, None], keep, 0.3, False, None, False, (16, 16), "post_softmax", "auto", grad)
+    assert_close_scaled(got[0], fa.reference_attention(q.float(), k.float(), v.float(), None, keep, 0.3, block=(16, 16)),
+                        torch.float16)
+
+
+def test_bad_arguments_are_rejected_with_what_to_do():
+    q, k, v, _, g = make_inputs(sq=30, sk=30)
+    keep = random_keep(q, k, 0.3, (16, 16), g)
+    with pytest.raises(ValueError, match=r"keep must be a bool tensor of shape \(1, 2, 2, 2\)"):
+        torch.ops.sparsedrop.attention(q, k, v, None, keep[..., :1], 0.3, False, None, False, 16, 16, "post_softmax", "reference")
+    with pytest.raises(ValueError, match="mode='dropout'"):
+        torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.3, False, None, False, 16, 16, "dropout", "reference")
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        torch.ops.sparsedrop.attention(q, k[:, :1], v[:, :1], None, keep, 0.3, False, None, False, 16, 16, "post_softmax", "reference")
+
+
+# --------------------------------------------------------------------------- ops: opcheck, autocast, functional
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_opcheck_attention_ops(kernel):
+    q, k, v, grad, g = make_inputs(b=1, hq=2, sq=20, sk=36, dtype=torch.float16)
+    mask = torch.randn(1, 2, 20, 36, generator=g).half()
+    keep = random_keep(q, k, 0.3, (16, 16), g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    args = (*leaves, keep, 0.3, True, 0.2, False, 16, 16, "post_softmax", kernel)
+    torch.library.opcheck(torch.ops.sparsedrop.attention_forward.default, args)
+    torch.library.opcheck(torch.ops.sparsedrop.attention.default, (q, k, v, None, keep, 0.3, False, None, False, 16, 16,
+                                                                    "dropkey", kernel))
+    out, lse = torch.ops.sparsedrop.attention_forward(q, k, v, mask, keep, 0.3, True, 0.2, False, 16, 16,
+                                                      "post_softmax", kernel)
+    torch.library.opcheck(torch.ops.sparsedrop.attention_backward.default,
+                          (grad, q, k, v, out, lse, mask, keep, 0.3, True, 0.2, False, 16, 16, "post_softmax", kernel, True))
+
+
+def test_autocast_casts_q_k_v_and_float_mask():
+    q, k, v, _, g = make_inputs(sq=20, sk=20, dtype=torch.float32)
+    mask = torch.randn(20, 20, generator=g)
+    keep = random_keep(q, k, 0.3, (16, 16), g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.sparsedrop.attention(q, k, v, mask, keep, 0.3, False, None, False, 16, 16, "post_softmax", "reference")
+    assert out.dtype == torch.bfloat16
+    expected = fa.reference_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16(), keep, 0.3, block=(16, 16))
+    torch.testing.assert_close(out, expected)
+
+
+def test_sparse_dropout_attention_is_sdpa_outside_training_and_replays_its_keep():
+    q, k, v, _, _ = make_inputs(sq=30, sk=30, dtype=torch.float32)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(sparse_dropout_attention(q, k, v, p=0.3, is_causal=True, training=False), sdpa)
+    torch.testing.assert_close(sparse_dropout_attention(q, k, v, p=0.0, is_causal=True), sdpa)
+    torch.manual_seed(5)
+    out = sparse_dropout_attention(q, k, v, p=0.3, is_causal=True, block=(16, 16))
+    torch.manual_seed(5)
+    keep = fa.sample_attention_keep(q, k, 0.3, 16, 16)
+    torch.testing.assert_close(out, fa.reference_attention(q, k, v, None, keep, 0.3, True, block=(16, 16)))
+
+
+def test_sparse_dropout_attention_compiles_in_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, grad, _ = make_inputs(sq=24, sk=24, dtype=torch.float32)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def f(q, k, v):
+        return sparse_dropout_attention(q, k, v, p=0.2, block=(16, 16), kernel="reference")
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*leaves).backward(grad)
+    assert counter.frame_count == 1
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+# --------------------------------------------------------------------------- GPU, full size
+GPU_CASES = [
+    # (b, hq, hkv, s, d, causal, mask)
+    (8, 16, 16, 1024, 64, False, None),
+    (4, 12, 12, 512, 64, False, "bool_b11"),
+    (4, 12, 12, 512, 64, False, "float_bh"),
+    (4, 16, 16, 2048, 128, True, None),
+    (2, 16, 4, 1000, 128, True, None),
+    (2, 8, 8, 777, 64, False, "float_2d"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}" for c in GPU_CASES])
+def test_gpu_matches_reference(case, dtype, mode):
+    b, hq, hkv, s, d, causal, mask_kind = case
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(b, h, s, d, generator=g).to(dtype).cuda() for h in (hq, hkv, hkv, hq))
+    mask = _mask(mask_kind, b, hq, s, s, dtype, g)
+    mask = mask.cuda() if mask is not None else None
+    block = fat.DEFAULT_BLOCK
+    keep = (torch.rand(fa.attention_keep_shape(q.shape, k.shape, block), generator=g) >= 0.1).cuda()
+    got = run_op([q, k, v, mask], keep, 0.1, causal, None, hq != hkv, block, mode, "triton", grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.1, causal, None, hq != hkv, block, mode,
+                 "reference", grad)
+    for name, a, r in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        if r is not None:
+            assert_close_scaled(a, r, dtype, name)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_graph_capture():
+    q, k, v = (torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = sparse_dropout_attention(q, k, v, p=0.1, is_causal=True)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels before capturing
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t).all() for t in grads)
