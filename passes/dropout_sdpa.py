@@ -47,6 +47,8 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
         return f"p={p:g} < min_p={config.min_p:g}"
     if not config.attention:
         return "attention rewriting is off (option attention=False)"
+    if not hasattr(torch.ops.sparsedrop, "attention"):
+        return "the sparsedrop::attention op is not registered in this install"
     for name in ("is_causal", "enable_gqa"):
         if not isinstance(a[name], bool):
             return f"{name} is not a constant"
