@@ -1,0 +1,412 @@
+"""Tile-dropout attention vs PyTorch SDPA, forward + backward, side by side in one process.
+
+Question: at attention dropout p, how fast is sparsedrop::attention (tile dropout, dropped tiles
+skipped) against F.scaled_dot_product_attention(dropout_p=p), SDPA without dropout, and the eager
+matmul(dropout(softmax)) chain that HF's "eager" attention runs?
+
+    python benchmarks/bench_attention.py                 # full run: shapes x methods x p in {0.1, 0.3, 0.5}
+    python benchmarks/bench_attention.py --quick         # p = 0.1 only, fewer repetitions
+    python benchmarks/bench_attention.py --sweep         # time the kernel's candidate configs (~2-3 min)
+
+Times are medians of CUDA-graph replays of one fwd+bwd step (so Python and dispatch overhead do
+not count; every method is timed the same way), falling back to triton.testing.do_bench where
+a method cannot be captured (the "timer" column says which). Inputs are random bf16.
+Writes benchmarks/results/attention_<gpu>.csv (+ .png); the sweep writes attention_sweep_<gpu>.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    # Triton reads TRITON_INTERPRET when it is first imported (its own @jit helpers included).
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sparsedrop_compile  # noqa: E402,F401  (registers the ops)
+from sparsedrop_compile.attention_ops import sparse_dropout_attention  # noqa: E402
+from sparsedrop_compile.kernels import flash_attention as fa  # noqa: E402
+
+# (name, batch, heads, seq, head_dim, causal, mask kind)
+SHAPES = [
+    ("8x16x1024x64", 8, 16, 1024, 64, False, None),
+    ("4x12x512x64+boolpad", 4, 12, 512, 64, False, "bool"),
+    ("4x12x512x64+floatpad", 4, 12, 512, 64, False, "float"),
+    ("4x16x2048x128-causal", 4, 16, 2048, 128, True, None),
+]
+SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad", 1, 2, 96, 64, False, "bool"),
+                ("1x2x96x128-causal", 1, 2, 96, 128, True, None)]
+METHODS = ("sparsedrop", "sparsedrop_dense", "sparsedrop_dropkey", "sdpa_p", "sdpa_p0", "eager")
+DTYPE = torch.bfloat16
+# --smoke runs everything on CPU under Triton's interpreter with tiny shapes and a wall-clock
+# timer: it checks this script's plumbing where there is no GPU, its times mean nothing.
+DEVICE = "cuda"
+
+
+# --------------------------------------------------------------------------- timing
+def time_graph(fn, reps: int) -> float:
+    """Median ms of replaying one captured call of fn; raises if fn cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile kernels, settle the allocator before capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_eager(fn, reps: int) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=max(50, reps), return_mode="median")
+
+
+def time_wall(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def timed(fn, reps: int) -> tuple[float, str]:
+    if DEVICE == "cpu":
+        return time_wall(fn, 1), "wall"
+    try:
+        return time_graph(fn, reps), "cudagraph"
+    except Exception as exc:  # noqa: BLE001 - record and fall back, the row says which timer ran
+        print(f"    (CUDA-graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; using do_bench)")
+        torch.cuda.synchronize()
+        return time_eager(fn, reps), "do_bench"
+
+
+# --------------------------------------------------------------------------- methods
+def make_inputs(b, h, s, d, mask_kind, seed=0):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, h, s, d, device=DEVICE, dtype=DTYPE)
+    mask = None
+    if mask_kind is not None:
+        # Padding: the last quarter of the keys of every other sequence is padding.
+        pad = torch.ones(b, 1, 1, s, device=DEVICE, dtype=torch.bool)
+        pad[::2, ..., s - s // 4:] = False
+        mask = pad if mask_kind == "bool" else torch.zeros(b, 1, 1, s, device=DEVICE, dtype=DTYPE).masked_fill(
+            ~pad, torch.finfo(DTYPE).min)
+    return q, k, v, grad, mask
+
+
+def attention_fn(method, q, k, v, mask, p, causal, block):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if method == "sparsedrop":
+        return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block)
+    if method == "sparsedrop_dropkey":
+        return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block, mode="dropkey")
+    if method == "sparsedrop_dense":
+        # Every tile kept, no scaling: the kernels' dense efficiency, comparable to sdpa_p0.
+        keep = torch.ones(fa.attention_keep_shape(q.shape, k.shape, block), device=DEVICE, dtype=torch.bool)
+        return lambda: torch.ops.sparsedrop.attention(q, k, v, mask, keep, 0.0, causal, None, False, block[0], block[1],
+                                                      "post_softmax", "triton")
+    if method == "sdpa_p":
+        return lambda: F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=causal)
+    if method == "sdpa_p0":
+        return lambda: F.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.0, is_causal=causal)
+    if method == "eager":
+        def eager():
+            s = torch.matmul(q, k.transpose(-1, -2)) * scale
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+            if causal:
+                n = q.shape[-2]
+                s = s.masked_fill(torch.ones(n, n, device=DEVICE, dtype=torch.bool).triu(1), float("-inf"))
+            prob = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(F.dropout(prob, p, training=True), v)
+        return eager
+    raise ValueError(method)
+
+
+def fwd_bwd(fwd, q, k, v, grad):
+    def step():
+        out = fwd()
+        return torch.autograd.grad(out, (q, k, v), grad)
+    return step
+
+
+def fwd_only(fwd):
+    def step():
+        with torch.no_grad():
+            return fwd()
+    return step
+
+
+# --------------------------------------------------------------------------- main benchmark
+def env_info():
+    import triton
+
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}, slug
+
+
+def run_benchmark(args) -> list[dict]:
+    from sparsedrop_compile.kernels.flash_attention_triton import DEFAULT_BLOCK
+
+    block = tuple(args.block) if args.block else DEFAULT_BLOCK
+    info, _ = env_info()
+    ps = [0.1] if args.quick else [0.1, 0.3, 0.5]
+    reps = 30 if args.quick else 100
+    rows = []
+    for name, b, h, s, d, causal, mask_kind in (SMOKE_SHAPES if DEVICE == "cpu" else SHAPES):
+        q, k, v, grad, mask = make_inputs(b, h, s, d, mask_kind)
+        for p in ps:
+            for method in METHODS:
+                if p != ps[0] and method in ("sdpa_p0", "sparsedrop_dense"):
+                    continue  # no dropout: the same for every p
+                row = {**info, "shape": name, "batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal,
+                       "mask": mask_kind or "none", "p": p, "method": method, "block": f"{block[0]}x{block[1]}"}
+                try:
+                    fwd = attention_fn(method, q, k, v, mask, p, causal, block)
+                    row["median_ms"], row["timer"] = timed(fwd_bwd(fwd, q, k, v, grad), reps)
+                    row["fwd_ms"], _ = timed(fwd_only(fwd), reps)
+                except Exception as exc:  # noqa: BLE001 - one failing method must not end the run
+                    row["median_ms"], row["fwd_ms"], row["timer"] = float("nan"), float("nan"), "failed"
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    print(f"  {name} p={p} {method}: FAILED {row['error']}")
+                    if args.verbose:
+                        traceback.print_exc()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(f"  {name:24s} p={p:.1f} {method:20s} {row['median_ms']:8.3f} ms (fwd {row['fwd_ms']:.3f})",
+                      flush=True)
+    # Ratios against SDPA at the same p and at p = 0, from the same run.
+    by_key = {(r["shape"], r["p"], r["method"]): r["median_ms"] for r in rows}
+    for r in rows:
+        sdpa_p = by_key.get((r["shape"], r["p"], "sdpa_p"), float("nan"))
+        sdpa_0 = by_key.get((r["shape"], ps[0], "sdpa_p0"), float("nan"))
+        r["speedup_vs_sdpa_p"] = sdpa_p / r["median_ms"] if r["median_ms"] == r["median_ms"] else float("nan")
+        r["speedup_vs_sdpa_p0"] = sdpa_0 / r["median_ms"] if r["median_ms"] == r["median_ms"] else float("nan")
+    return rows
+
+
+def write_csv(rows, path: Path):
+    fields = []
+    for r in rows:
+        fields += [f for f in r if f not in fields]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, path: Path, title: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if r["shape"] == shape]
+        for method, style in (("sparsedrop", "o-"), ("sparsedrop_dropkey", "^-"), ("sdpa_p", "s-"), ("eager", "x-")):
+            pts = sorted((r["p"], r["median_ms"]) for r in sub if r["method"] == method)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=method)
+        for method, ls in (("sdpa_p0", "--"), ("sparsedrop_dense", ":")):
+            base = [r["median_ms"] for r in sub if r["method"] == method]
+            if base and base[0] == base[0]:
+                ax.axhline(base[0], ls=ls, color="gray" if method == "sdpa_p0" else "tab:blue", label=f"{method} (p=0)")
+        ax.set_title(shape, fontsize=9)
+        ax.set_xlabel("dropout p")
+        ax.set_ylabel("fwd+bwd ms (median)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"plot: {path}")
+
+
+def print_table(rows):
+    print("\nfwd+bwd median ms (speedup vs SDPA at the same p / vs SDPA at p=0)")
+    print(f"{'shape':24s} {'p':>4s} {'method':20s} {'ms':>8s} {'fwd ms':>8s} {'x sdpa_p':>9s} {'x sdpa_0':>9s}")
+    for r in rows:
+        print(f"{r['shape']:24s} {r['p']:4.1f} {r['method']:20s} {r['median_ms']:8.3f} {r['fwd_ms']:8.3f} "
+              f"{r['speedup_vs_sdpa_p']:9.2f} {r['speedup_vs_sdpa_p0']:9.2f}")
+
+
+# --------------------------------------------------------------------------- config sweep
+def run_sweep(args) -> list[dict]:
+    """Time every candidate kernel config, pass by pass, and report the best per mask tile."""
+    import triton.testing
+
+    from sparsedrop_compile.kernels import flash_attention_triton as fat
+
+    info, _ = env_info()
+    rows = []
+    mask_tiles = [(64, 64), (128, 64), (64, 128), (128, 128), (256, 128), (128, 256)]
+    for spec in args.sweep_shape:
+        parts = spec.split(",")
+        b, h, s, d = (int(x) for x in parts[:4])
+        causal = "causal" in parts[4:]
+        q, k, v, grad, _ = make_inputs(b, h, s, d, None)
+        q, k, v = (t.detach() for t in (q, k, v))
+        torch.manual_seed(1)
+        # Every candidate tile divides 128 x 128, so one keep (at the sweep's p) times them all;
+        # the fraction of dropped work is p whatever the mask tile.
+        block = (128, 128)
+        keep = fa.sample_attention_keep(q, k, args.sweep_p, *block)
+        pb = fat._Problem(q, k, v, None, keep, args.sweep_p, causal, None, False, block, "post_softmax")
+        ref_out, ref_lse = fa.reference_attention_forward(q, k, v, None, keep, args.sweep_p, causal, None, False, block,
+                                                          "post_softmax")
+        shape = f"{b}x{h}x{s}x{d}" + ("-causal" if causal else "")
+        print(f"\nsweep {shape} p={args.sweep_p} bf16 (each config checked against the reference)")
+
+        def bench(fn):
+            if DEVICE == "cpu":
+                return time_wall(fn, 1)
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+        def record(kind, cfg, fn, check):
+            row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "num_warps": cfg[2],
+                   "num_stages": cfg[3], "skip_mode": cfg[4]}
+            t0 = time.time()
+            try:
+                result = fn()
+                row["max_err"] = check(result)
+                row["median_ms"] = bench(fn)
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile is data too
+                row["median_ms"], row["max_err"] = float("nan"), float("nan")
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            row["wall_s"] = round(time.time() - t0, 1)
+            rows.append(row)
+            flag = "" if row["max_err"] < 0.05 else "  <-- WRONG RESULT"
+            print(f"  {kind:6s} {str(cfg):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
+                  f"({row['wall_s']} s){flag}{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
+            return row
+
+        out, lse = fat._launch_forward(pb, fat._pick_config("fwd", d, block))
+        delta = fat._launch_delta(pb, out, grad)
+        ref_dq, ref_dk, ref_dv, _ = fa.reference_attention_backward(grad, q, k, v, None, keep, args.sweep_p, causal,
+                                                                    None, False, block, "post_softmax", False)
+        err = lambda a, b: (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-6)  # noqa: E731
+        passes = {
+            "fwd": (lambda cfg: (lambda: fat._launch_forward(pb, cfg)), lambda r: err(r[0], ref_out)),
+            "bwd_kv": (lambda cfg: (lambda: fat._launch_dkdv(pb, grad, lse, delta, cfg)),
+                       lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv))),
+            "bwd_q": (lambda cfg: (lambda: fat._launch_dq(pb, grad, lse, delta, cfg, False)), lambda r: err(r[0], ref_dq)),
+        }
+        best = {}
+        for kind, (make, check) in passes.items():
+            timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][d] if cfg[0] >= 32 and cfg[1] >= 32]
+            ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
+                        key=lambda r: r["median_ms"])
+            for r in ok[:3]:  # the other ways of skipping a tile, on the three fastest tiles
+                for skip in (fat.SKIP_LAZY_LOAD, fat.SKIP_NONE):
+                    cfg = (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], skip)
+                    timed_rows.append(record(kind, cfg, make(cfg), check))
+            best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
+        t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
+
+        # Baselines at the same shape, fwd+bwd, for scale.
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        base = {}
+        for name, pp in (("sdpa_p", args.sweep_p), ("sdpa_p0", 0.0)):
+            fn = fwd_bwd(lambda pp=pp: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=pp, is_causal=causal),
+                         qg, kg, vg, grad)
+            base[name], _ = timed(fn, 50)
+
+        print(f"\n  best per mask tile (fwd + delta {t_delta:.4f} + bwd_kv + bwd_q kernel time; "
+              f"SDPA fwd+bwd: p={args.sweep_p} {base['sdpa_p']:.3f} ms, p=0 {base['sdpa_p0']:.3f} ms)")
+        for tile in mask_tiles:
+            picks = {}
+            for kind in passes:
+                fit = [r for r in best[kind] if tile[0] % r["BLOCK_M"] == 0 and tile[1] % r["BLOCK_N"] == 0]
+                picks[kind] = min(fit, key=lambda r: r["median_ms"]) if fit else None
+            if any(v is None for v in picks.values()):
+                continue
+            total = t_delta + sum(r["median_ms"] for r in picks.values())
+            cfgs = {kind: (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], r["skip_mode"]) for kind, r in picks.items()}
+            rows.append({**info, "shape": shape, "pass": "total", "mask_tile": f"{tile[0]}x{tile[1]}", "median_ms": total,
+                         "configs": str(cfgs)})
+            print(f"  mask tile {tile[0]:3d}x{tile[1]:<3d}: {total:.4f} ms "
+                  f"(x{base['sdpa_p'] / total:.2f} vs SDPA p, x{base['sdpa_p0'] / total:.2f} vs SDPA p=0)  {cfgs}")
+        print(f"\n  to adopt: put each pass's winner first in CANDIDATES[...][{d}] in kernels/flash_attention_triton.py")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the CSV and plot")
+    parser.add_argument("--quick", action="store_true", help="p = 0.1 only, fewer repetitions")
+    parser.add_argument("--block", type=int, nargs=2, metavar=("BQ", "BK"), help="mask tile (default: the kernels')")
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's candidate configs instead")
+    parser.add_argument("--sweep-shape", action="append", default=None,
+                        help="B,H,S,D[,causal] for --sweep; repeatable (default 8,16,1024,64)")
+    parser.add_argument("--sweep-p", type=float, default=0.1)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="check the script on CPU (interpreter, tiny shapes)")
+    args = parser.parse_args(argv)
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        args.quick = True
+        args.sweep_shape = args.sweep_shape or ["1,2,256,64"]
+    elif not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (it times kernels); --smoke checks it on CPU")
+    args.sweep_shape = args.sweep_shape or ["8,16,1024,64"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info, slug = env_info()
+    print(f"{info['gpu']}  torch {info['torch']}  triton {info['triton']}")
+    if args.sweep:
+        rows = run_sweep(args)
+        path = out_dir / f"attention_sweep_{slug}.csv"
+        write_csv(rows, path)
+        print(f"\nsweep results: {path}")
+        return
+    rows = run_benchmark(args)
+    path = out_dir / f"attention_{slug}.csv"
+    write_csv(rows, path)
+    plot(rows, out_dir / f"attention_{slug}.png", f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16")
+    print(f"results: {path}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
