@@ -1,0 +1,875 @@
+"""Block-sparse Triton matmuls for SparseDrop: dsd (forward), sdd (grad of the activation), dsd_tn
+(grad of the right operand). Same signatures and semantics as the ``reference_*`` functions in
+``block_sparse_matmul.py``, which the tests use as the oracle.
+
+Every kernel skips dropped mask blocks instead of multiplying by zero:
+
+    dsd    out (M x N) tiles; the reduction over K visits only the kept column blocks of the tile's
+           row block (a per-row-block list built on the device).
+    sdd    out (M x K) tiles, each inside one mask block; a dropped block's tiles run zero
+           iterations and store zeros, kept ones run the full reduction over N.
+    dsd_tn out (K x N) tiles; the reduction over rows visits only the kept row blocks of the tile's
+           column block (and every batch entry when the batch is summed).
+
+Tiles are independent of the mask block ("block splitting", report 3.3): tile_m divides the mask
+block's rows and tile_k its columns, so one mask block is covered by several tiles. Every kernel
+walks ONE flat loop over (kept blocks x tiles per block) so Triton's software pipeliner sees a
+single loop with an index load feeding the tile loads.
+
+Nothing here synchronises with the host: the kept lists come from one small Triton kernel, grids
+are sized from shapes only, so every launcher can be captured in a CUDA graph.
+
+Tuning: each launcher picks a config from a short list (``candidate_configs``) by timing them on
+the first call per problem key (sizes, block, dtype, layout); the choice is cached per process.
+Environment knobs:
+    SPARSEDROP_AUTOTUNE=0   take the first (heuristic) candidate, no timing
+    SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only)
+Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+try:  # host-side TMA descriptors (triton >= 3.4); absent or unusable -> pointer loads only
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the triton build
+    TensorDescriptor = None
+
+__all__ = [
+    "dsd",
+    "sdd",
+    "dsd_tn",
+    "unsupported_reason",
+    "KernelConfig",
+    "candidate_configs",
+    "kept_lists",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Pointer offsets inside one matrix are int32 (cheaper address math in the inner loop); the batch
+# offset is int64. Leave room for the masked lanes of the last tile, which compute (unused)
+# addresses up to one tile past the end.
+_MAX_MATRIX_SPAN = 2**31 - 2**24
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# =========================================================================== Triton kernels
+@triton.jit
+def _grouped_tile(tile, grid_r, grid_c, GROUP: tl.constexpr):
+    """Tile number -> (row, col) tile, GROUP row tiles at a time, so that programs running at
+    the same moment share their row band of the left operand and their column band of the
+    right one in L2."""
+    width = GROUP * grid_c
+    group = tile // width
+    first_r = group * GROUP
+    size_r = tl.minimum(grid_r - first_r, GROUP)
+    in_group = tile % width
+    return first_r + in_group % size_r, in_group // size_r
+
+
+@triton.jit
+def _load_tile(ptrs, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """Load a 2-D tile, masking only the edges that can be out of range (constexpr flags), so
+    interior shapes keep unpredicated, vectorised loads."""
+    if MASK_R and MASK_C:
+        t = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+    elif MASK_R:
+        t = tl.load(ptrs, mask=offs_r[:, None] < R, other=0.0)
+    elif MASK_C:
+        t = tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _store_tile(ptrs, value, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    if MASK_R and MASK_C:
+        tl.store(ptrs, value, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
+    elif MASK_R:
+        tl.store(ptrs, value, mask=offs_r[:, None] < R)
+    elif MASK_C:
+        tl.store(ptrs, value, mask=offs_c[None, :] < C)
+    else:
+        tl.store(ptrs, value)
+
+
+@triton.jit
+def _mma(acc, x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter returns garbage from tl.dot on bf16 operands (and raises on some
+    # bf16 scalar arithmetic), so interpreted bf16 tiles are widened to fp32 first. On the GPU
+    # UPCAST is False and the dot runs natively on bf16 tensor cores.
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _kept_lists_kernel(
+    keep_ptr, count_ptr, index_ptr,
+    line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
+    CHUNK: tl.constexpr,
+):
+    """One program per line of the mask: count its kept entries and write their numbers, in
+    increasing order, to the front of the line's slot in ``index`` (a compaction by prefix sum).
+
+    A line is (l1, l0) = divmod(line, L0); an entry is (e1, e0) = divmod(e, E0); the flag sits at
+    keep + l1*stride_l1 + l0*stride_l0 + e1*stride_e1 + e0*stride_e0. This covers row lists,
+    per-batch column lists and batch-summed column lists (entries (b, r)) without copies.
+    """
+    line = tl.program_id(0)
+    base = keep_ptr + (line // L0).to(tl.int64) * stride_l1 + (line % L0).to(tl.int64) * stride_l0
+    out = index_ptr + line.to(tl.int64) * line_len
+    total = 0
+    for start in range(0, line_len, CHUNK):
+        e = start + tl.arange(0, CHUNK)
+        valid = e < line_len
+        flag = tl.load(base + (e // E0) * stride_e1 + (e % E0) * stride_e0, mask=valid, other=0)
+        kept = (flag != 0) & valid
+        ones = kept.to(tl.int32)
+        pos = total + tl.cumsum(ones, 0) - ones
+        tl.store(out + pos, e.to(index_ptr.dtype.element_ty), mask=kept)
+        total += tl.sum(ones, 0)
+    tl.store(count_ptr + line, total)
+
+
+@triton.jit
+def _dsd_kernel(
+    a, b, bias_ptr, out_ptr, out_desc, row_count_ptr, row_index_ptr,
+    M, N, K, Bb, n_rblk, n_cblk,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_bias,
+    stride_ob, stride_om, stride_on,
+    scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[bat] = scale * (a[bat] ⊙ m) @ b[bat % Bb] (+ bias); one program per (bat, M tile, N tile).
+
+    With USE_TMA, ``a`` and ``b`` are rank-3 tensor descriptors (zero fill out of range, so no
+    masks); otherwise they are pointers with explicit strides (any layout, masked edges).
+    """
+    grid_m = tl.cdiv(M, TILE_M)
+    grid_n = tl.cdiv(N, TILE_N)
+    tiles = grid_m * grid_n
+    pid = tl.program_id(0)
+    bat = pid // tiles
+    pid_m, pid_n = _grouped_tile(pid % tiles, grid_m, grid_n, GROUP)
+    bat_b = bat % Bb
+    m0 = pid_m * TILE_M
+    n0 = pid_n * TILE_N
+    # TILE_M divides BLOCK_ROWS, so the whole tile lies in one row block and shares its list.
+    line = bat * n_rblk + m0 // BLOCK_ROWS
+    count = tl.load(row_count_ptr + line)
+    kept_blocks = row_index_ptr + line.to(tl.int64) * n_cblk
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_COLS // TILE_K
+
+    offs_m = m0 + tl.arange(0, TILE_M)
+    offs_n = n0 + tl.arange(0, TILE_N)
+    offs_k = tl.arange(0, TILE_K)
+    acc = tl.zeros((TILE_M, TILE_N), dtype=tl.float32)
+    if USE_TMA:
+        for it in range(0, count * TILES_PER_BLOCK):
+            k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
+            a_t = a.load([bat, m0, k0]).reshape(TILE_M, TILE_K)
+            if B_K_CONTIG:  # b is stored as (N, K) rows, e.g. linear's weight
+                b_t = b.load([bat_b, n0, k0]).reshape(TILE_N, TILE_K).T
+            else:
+                b_t = b.load([bat_b, k0, n0]).reshape(TILE_K, TILE_N)
+            acc = _mma(acc, a_t, b_t, PRECISION, False)
+    else:
+        a_rows = a + bat.to(tl.int64) * stride_ab + offs_m[:, None] * stride_am
+        b_cols = b + bat_b.to(tl.int64) * stride_bb + offs_n[None, :] * stride_bn
+        for it in range(0, count * TILES_PER_BLOCK):
+            k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
+            ks = k0 + offs_k
+            a_t = _load_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, MASK_M, MASK_K)
+            b_t = _load_tile(b_cols + ks[:, None] * stride_bk, ks, offs_n, K, N, MASK_K, MASK_N)
+            acc = _mma(acc, a_t, b_t, PRECISION, UPCAST)
+
+    acc = acc * scale
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    val = acc.to(out_ptr.dtype.element_ty)
+    if OUT_DESC:
+        out_desc.store([bat, m0, n0], val.reshape(1, TILE_M, TILE_N))
+    else:
+        ptrs = out_ptr + bat.to(tl.int64) * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        _store_tile(ptrs, val, offs_m, offs_n, M, N, MASK_M, MASK_N)
+
+
+@triton.jit
+def _sdd_kernel(
+    g, b, out_ptr, out_desc, keep_ptr,
+    M, N, K, Bb,
+    stride_gb, stride_gm, stride_gn,
+    stride_bb, stride_bk, stride_bn,
+    stride_ob, stride_om, stride_ok,
+    stride_keep_b, stride_keep_r, stride_keep_c,
+    scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[bat] = scale * (g[bat] @ b[bat % Bb]ᵀ) ⊙ m; one program per (bat, M tile, K tile).
+
+    A tile lies inside one mask block. A dropped block gets a zero trip count, so its programs
+    skip every load and store zeros: the output needs no separate zero fill.
+    """
+    grid_m = tl.cdiv(M, TILE_M)
+    grid_k = tl.cdiv(K, TILE_K)
+    tiles = grid_m * grid_k
+    pid = tl.program_id(0)
+    bat = pid // tiles
+    pid_m, pid_k = _grouped_tile(pid % tiles, grid_m, grid_k, GROUP)
+    bat_b = bat % Bb
+    m0 = pid_m * TILE_M
+    k0 = pid_k * TILE_K
+    flag = tl.load(
+        keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r + (k0 // BLOCK_COLS) * stride_keep_c
+    )
+    n_iter = tl.where(flag != 0, tl.cdiv(N, TILE_N), 0)
+
+    offs_m = m0 + tl.arange(0, TILE_M)
+    offs_k = k0 + tl.arange(0, TILE_K)
+    offs_n = tl.arange(0, TILE_N)
+    acc = tl.zeros((TILE_M, TILE_K), dtype=tl.float32)
+    if USE_TMA:
+        for it in range(0, n_iter):
+            n_start = it * TILE_N
+            g_t = g.load([bat, m0, n_start]).reshape(TILE_M, TILE_N)
+            if B_K_CONTIG:  # b stored as (N, K) rows: bᵀ tiles load directly
+                bt_t = b.load([bat_b, n_start, k0]).reshape(TILE_N, TILE_K)
+            else:
+                bt_t = b.load([bat_b, k0, n_start]).reshape(TILE_K, TILE_N).T
+            acc = _mma(acc, g_t, bt_t, PRECISION, False)
+    else:
+        g_rows = g + bat.to(tl.int64) * stride_gb + offs_m[:, None] * stride_gm
+        bt_cols = b + bat_b.to(tl.int64) * stride_bb + offs_k[None, :] * stride_bk
+        for it in range(0, n_iter):
+            ns = it * TILE_N + offs_n
+            g_t = _load_tile(g_rows + ns[None, :] * stride_gn, offs_m, ns, M, N, MASK_M, MASK_N)
+            bt_t = _load_tile(bt_cols + ns[:, None] * stride_bn, ns, offs_k, N, K, MASK_N, MASK_K)
+            acc = _mma(acc, g_t, bt_t, PRECISION, UPCAST)
+
+    val = (acc * scale).to(out_ptr.dtype.element_ty)
+    if OUT_DESC:
+        out_desc.store([bat, m0, k0], val.reshape(1, TILE_M, TILE_K))
+    else:
+        ptrs = out_ptr + bat.to(tl.int64) * stride_ob + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+        _store_tile(ptrs, val, offs_m, offs_k, M, K, MASK_M, MASK_K)
+
+
+@triton.jit
+def _dsd_tn_kernel(
+    a, g, out_ptr, out_desc, col_count_ptr, col_index_ptr,
+    M, N, K, n_rblk, n_cblk, list_len,
+    stride_ab, stride_am, stride_ak,
+    stride_gb, stride_gm, stride_gn,
+    stride_ob, stride_ok, stride_on,
+    scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile).
+
+    The list of the tile's column block holds entries e = (bat - ob) * n_rblk + row_block: for a
+    batched output only this batch entry's row blocks, for a summed one every (bat, row block)
+    pair, so summing over the batch is the same single flat loop.
+    """
+    grid_k = tl.cdiv(K, TILE_K)
+    grid_n = tl.cdiv(N, TILE_N)
+    tiles = grid_k * grid_n
+    pid = tl.program_id(0)
+    ob = pid // tiles
+    pid_k, pid_n = _grouped_tile(pid % tiles, grid_k, grid_n, GROUP)
+    k0 = pid_k * TILE_K
+    n0 = pid_n * TILE_N
+    line = ob * n_cblk + k0 // BLOCK_COLS
+    count = tl.load(col_count_ptr + line)
+    entries = col_index_ptr + line.to(tl.int64) * list_len
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_ROWS // TILE_M
+
+    offs_k = k0 + tl.arange(0, TILE_K)
+    offs_n = n0 + tl.arange(0, TILE_N)
+    offs_m = tl.arange(0, TILE_M)
+    acc = tl.zeros((TILE_K, TILE_N), dtype=tl.float32)
+    if USE_TMA:
+        for it in range(0, count * TILES_PER_BLOCK):
+            e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
+            bat = ob + e // n_rblk
+            m_start = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M
+            a_t = a.load([bat, m_start, k0]).reshape(TILE_M, TILE_K)
+            g_t = g.load([bat, m_start, n0]).reshape(TILE_M, TILE_N)
+            acc = _mma(acc, a_t.T, g_t, PRECISION, False)
+    else:
+        a_cols = a + offs_k[None, :] * stride_ak
+        g_cols = g + offs_n[None, :] * stride_gn
+        for it in range(0, count * TILES_PER_BLOCK):
+            e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
+            bat = (ob + e // n_rblk).to(tl.int64)
+            ms = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M + offs_m
+            a_t = _load_tile(a_cols + bat * stride_ab + ms[:, None] * stride_am, ms, offs_k, M, K, MASK_M, MASK_K)
+            g_t = _load_tile(g_cols + bat * stride_gb + ms[:, None] * stride_gm, ms, offs_n, M, N, MASK_M, MASK_N)
+            acc = _mma(acc, tl.trans(a_t), g_t, PRECISION, UPCAST)
+
+    val = (acc * scale).to(out_ptr.dtype.element_ty)
+    if OUT_DESC:
+        out_desc.store([ob, k0, n0], val.reshape(1, TILE_K, TILE_N))
+    else:
+        ptrs = out_ptr + ob.to(tl.int64) * stride_ob + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
+        _store_tile(ptrs, val, offs_k, offs_n, K, N, MASK_K, MASK_N)
+
+
+# =========================================================================== configs
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. Tile names follow the problem's dims in every kernel:
+    tile_m runs along M (the activation's rows), tile_n along N, tile_k along K (the
+    activation's columns). So tile_m must divide the mask block's rows and tile_k its columns.
+
+        dsd    output tile tile_m x tile_n, reduction step tile_k
+        sdd    output tile tile_m x tile_k, reduction step tile_n
+        dsd_tn output tile tile_k x tile_n, reduction step tile_m
+    """
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    stages: int
+    warps: int
+    group: int = 8
+    tma: bool = False
+
+    def __str__(self) -> str:
+        return (
+            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}_s{self.stages}w{self.warps}g{self.group}"
+            + ("_tma" if self.tma else "_ptr")
+        )
+
+
+# Ordered best-first by expectation on H100/H200 for bf16 at ~4k sizes; the first one that fits
+# is used without timing when tuning is off or a CUDA graph is being captured. Kept short so the
+# first training step compiles few variants (report 3.3: forward and backward tiles differ).
+_BASE_CONFIGS_16 = {
+    # out M x N, reduce K over the kept column blocks
+    "dsd": [
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+    ],
+    # out M x K (inside one mask block), reduce N densely
+    "sdd": [
+        (128, 64, 128, 3, 4),
+        (128, 64, 128, 4, 8),
+        (128, 64, 128, 4, 4),
+        (128, 128, 128, 3, 8),
+        (64, 64, 128, 4, 4),
+        (128, 64, 64, 4, 4),
+    ],
+    # out K x N, reduce M over the kept row blocks
+    "dsd_tn": [
+        (64, 256, 128, 3, 8),
+        (64, 128, 128, 4, 4),
+        (64, 128, 128, 3, 8),
+        (64, 256, 128, 4, 8),
+        (64, 64, 128, 4, 4),
+        (64, 128, 64, 4, 4),
+    ],
+}
+# fp32 tiles take twice the shared memory per element: shorter reduction steps, fewer stages.
+_BASE_CONFIGS_32 = {
+    "dsd": [(128, 128, 32, 3, 8), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4)],
+    "sdd": [(128, 32, 128, 3, 8), (64, 32, 64, 3, 4), (64, 32, 128, 3, 4)],
+    "dsd_tn": [(32, 128, 128, 3, 8), (32, 64, 64, 3, 4), (32, 128, 64, 3, 4)],
+}
+_MAX_CANDIDATES = 6
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides n and is <= cap (n is a multiple of 16 here)."""
+    d = 16
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _fit_dim(extent: int, tile: int, floor: int = 16) -> int:
+    """Shrink a tile toward a small extent: no point in a 256-wide tile over 45 columns."""
+    return max(floor, min(tile, triton.next_power_of_2(max(extent, 1))))
+
+
+def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False) -> list[KernelConfig]:
+    """The short, shape-pruned config list for one kernel and problem, best guess first.
+
+    Tiles are clamped so tile_m divides the block rows and tile_k the block columns, and shrunk
+    toward small problem extents; duplicates are dropped.
+    """
+    if kind not in _BASE_CONFIGS_16:
+        raise ValueError(f"candidate_configs: kind={kind!r}, expected one of {sorted(_BASE_CONFIGS_16)}")
+    br, bc = block
+    if _interpreting():
+        # The interpreter runs numpy per program: one small config keeps the tests fast.
+        return [KernelConfig(_pow2_divisor(br, 32), _fit_dim(N, 32), _pow2_divisor(bc, 32), 1, 4, 4, False)]
+    base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
+    out: list[KernelConfig] = []
+    for tm, tn, tk, stages, warps in base:
+        tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
+        tk = min(_pow2_divisor(bc, tk), _fit_dim(K, tk))
+        tn = _fit_dim(N, tn)
+        # Two warpgroups only pay on a 128 x 128 output tile or larger (each wgmma takes 64 rows).
+        out_tile = {"dsd": tm * tn, "sdd": tm * tk, "dsd_tn": tk * tn}[kind]
+        if out_tile < 128 * 128 and warps > 4:
+            warps = 4
+        cfg = KernelConfig(tm, tn, tk, stages, warps, 8, tma)
+        if cfg not in out:
+            out.append(cfg)
+    return out[:_MAX_CANDIDATES]
+
+
+# =========================================================================== tuning
+class _Tuner:
+    """Picks and caches one config per problem key by timing the candidates once.
+
+    Why not triton.autotune: the candidates depend on the mask block and on whether TMA
+    descriptors can be built for these operands (host objects made per config), and tuning must
+    be skipped, not crash, while a CUDA graph is being captured.
+    """
+
+    def __init__(self) -> None:
+        self.best: dict[tuple, KernelConfig] = {}
+        self.timings: dict[tuple, list[tuple[KernelConfig, float | str]]] = {}
+
+    def pick(self, key: tuple, candidates: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> KernelConfig:
+        cfg = self.best.get(key)
+        if cfg is not None:
+            return cfg
+        if len(candidates) == 1 or _interpreting() or os.environ.get("SPARSEDROP_AUTOTUNE", "1") == "0":
+            return self._first_that_runs(key, candidates, launch, cache=True)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Timing would synchronise inside the capture; use the heuristic choice for now and
+            # tune on the next uncaptured call.
+            return candidates[0]
+        results: list[tuple[KernelConfig, float | str]] = []
+        for c in candidates:
+            try:
+                launch(c)  # compile outside the timed region
+                ms = triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20, return_mode="median")
+                results.append((c, ms))
+            except Exception as err:  # a config that does not compile or fit is skipped
+                results.append((c, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+        self.timings[key] = results
+        timed = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
+        if not timed:
+            raise RuntimeError(
+                f"sparsedrop: no kernel config could run for {key}: "
+                + "; ".join(f"{c}: {r}" for c, r in results)
+                + ". Set SPARSEDROP_TMA=0 to rule out TMA descriptors, or use kernel='reference'."
+            )
+        best = candidates[min(timed)[1]]
+        self.best[key] = best
+        return best
+
+    def _first_that_runs(self, key, candidates, launch, cache):
+        errors = []
+        for c in candidates:
+            try:
+                launch(c)
+            except Exception as err:
+                errors.append(f"{c}: {type(err).__name__}: {err}")
+                continue
+            if cache:
+                self.best[key] = c
+            return c
+        raise RuntimeError(f"sparsedrop: no kernel config could run for {key}: " + "; ".join(errors))
+
+
+_TUNER = _Tuner()
+
+
+def tuned_configs() -> dict[tuple, KernelConfig]:
+    """The configs chosen so far in this process, by problem key (for logs and benchmarks)."""
+    return dict(_TUNER.best)
+
+
+# =========================================================================== host helpers
+def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str | None:
+    """None if the Triton kernels can run on these operands and mask block, else why not."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return "no tensor operands"
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            return f"operands are on different devices ({t.device} and {device})"
+        if t.dtype not in _DTYPES:
+            return f"dtype {t.dtype} is not supported (fp16, bf16 or fp32)"
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            return "ROCm GPUs are not tuned for these kernels"
+    elif not (device.type == "cpu" and _interpreting()):
+        return f"{device.type} tensors need CUDA (or CPU under TRITON_INTERPRET=1)"
+    if len({t.dtype for t in tensors}) > 1:
+        return "operands have different dtypes (" + ", ".join(str(t.dtype) for t in tensors) + ")"
+    br, bc = block
+    if br <= 0 or bc <= 0 or br % 16 or bc % 16:
+        return f"mask block {tuple(block)} must be positive multiples of 16 (the smallest tensor-core tile)"
+    for t in tensors:
+        if t.dim() >= 2 and _matrix_span(t) >= _MAX_MATRIX_SPAN:
+            return f"a matrix of shape {tuple(t.shape[-2:])} spans >= 2**31 elements (32-bit in-matrix offsets)"
+    return None
+
+
+def _matrix_span(t: Tensor) -> int:
+    """Element distance from a matrix's first to one past its last element (last two dims)."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape[-2:], t.stride()[-2:]))
+
+
+def _check(name: str, cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"sparsedrop {name}: {msg}")
+
+
+def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int) -> None:
+    _check(name, x.dim() == 3 and y.dim() == 3, f"operands must be 3-D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check(name, len(block) == 2, f"block must be (rows, cols), got {block!r}")
+    reason = unsupported_reason((x, y), tuple(block))
+    _check(name, reason is None, f"{reason}; use the reference kernels for this call")
+    expected = (x.shape[0], triton.cdiv(rows, block[0]), triton.cdiv(cols, block[1]))
+    _check(
+        name,
+        keep.dtype == torch.bool and tuple(keep.shape) == expected,
+        f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}",
+    )
+    _check(name, keep.device == x.device, f"keep is on {keep.device}, operands on {x.device}")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """Follow torch's fp32 matmul setting: 'highest' (the default) means IEEE fp32."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _tma_enabled(device: torch.device) -> bool:
+    if TensorDescriptor is None or _interpreting() or device.type != "cuda":
+        return False
+    if os.environ.get("SPARSEDROP_TMA", "1") == "0" or _TMA_BROKEN:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_TMA_BROKEN = False
+
+
+def _tma_view_ok(t: Tensor) -> bool:
+    """Can a rank-3 TMA descriptor cover this (B, R, C) view? 16-byte aligned base and strides,
+    unit last stride, 16-bit dtype (fp32 stays on pointer loads: not the speed path)."""
+    if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    es = t.element_size()
+    return all(st * es % 16 == 0 for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s > 1)
+
+
+def _desc3(t: Tensor, block_shape: list[int]):
+    """Rank-3 descriptor over a (B, R, C) view; a size-1 dim's stride is never used by the
+    hardware but must still be 16-byte aligned, so give it the packed value."""
+    shape = list(t.shape)
+    strides = list(t.stride())
+    es = t.element_size()
+    if shape[1] == 1:
+        strides[1] = triton.cdiv(shape[2] * es, 16) * 16 // es
+    if shape[0] == 1:
+        strides[0] = shape[1] * strides[1]
+    return TensorDescriptor(t, shape, strides, block_shape)
+
+
+def _masks(M: int, N: int, K: int, cfg: KernelConfig, block) -> dict:
+    """Which edges need masked loads. M and K edges must also cover whole tiles past the end
+    inside the last (ragged) mask block, hence the block-size test."""
+    return dict(
+        MASK_M=M % block[0] != 0 or M % cfg.tile_m != 0,
+        MASK_N=N % cfg.tile_n != 0,
+        MASK_K=K % block[1] != 0 or K % cfg.tile_k != 0,
+    )
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _launch_with_tma_fallback(launch: Callable[[KernelConfig], None], cfg: KernelConfig) -> None:
+    """Run a config; if a TMA variant fails on this triton build, switch TMA off for the process
+    and rerun the same tiles with pointer loads (a slower kernel beats a crashed step)."""
+    if cfg.tma and _TMA_BROKEN:
+        launch(dataclasses.replace(cfg, tma=False))
+        return
+    try:
+        launch(cfg)
+    except Exception as err:
+        if not cfg.tma:
+            raise
+        _disable_tma(f"TMA kernel {cfg} failed ({type(err).__name__}: {err})")
+        launch(dataclasses.replace(cfg, tma=False))
+
+
+def _disable_tma(why: str) -> None:
+    global _TMA_BROKEN
+    if not _TMA_BROKEN:
+        warnings.warn(f"sparsedrop: {why}; using pointer loads from now on (SPARSEDROP_TMA=0 silences this)")
+    _TMA_BROKEN = True
+
+
+def _run(kind: str, key: tuple, M: int, N: int, K: int, block, dtype, tma_ok: bool, launch, config: KernelConfig | None) -> KernelConfig:
+    if config is not None:
+        _check(kind, config.tile_m > 0 and block[0] % config.tile_m == 0 and block[1] % config.tile_k == 0,
+               f"config {config} must have tile_m dividing block rows {block[0]} and tile_k dividing block cols {block[1]}")
+        _check(kind, not config.tma or tma_ok, f"config {config} asks for TMA but these operands/device cannot use it")
+        launch(config)
+        return config
+    cands = candidate_configs(kind, M, N, K, block, dtype, tma=tma_ok)
+    try:
+        cfg = _TUNER.pick(key, cands, launch)
+    except RuntimeError as err:
+        if not tma_ok:
+            raise
+        _disable_tma(f"no TMA config of {kind} could run ({err})")
+        cands = [dataclasses.replace(c, tma=False) for c in cands]
+        cfg = _TUNER.pick(key + ("no_tma",), cands, launch)
+    _launch_with_tma_fallback(launch, cfg)
+    return cfg
+
+
+# =========================================================================== kept lists
+def kept_lists(keep: Tensor, by: str) -> tuple[Tensor, Tensor]:
+    """Per-line lists of kept blocks, built on the device in one launch (no host sync).
+
+    by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
+    by="col":      lines (b, c), entries r       -> counts (B*nC,), index (B*nC, nR)
+    by="col_sum":  lines c, entries b*nR + r     -> counts (nC,),   index (nC, B*nR)
+    Entries are in increasing order; index[l, counts[l]:] is left unwritten. The index is int16
+    when entries fit (see below), else int32.
+    """
+    B, nR, nC = keep.shape
+    flags = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+    sb, sr, sc = flags.stride()
+    if by == "row":
+        n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = B * nR, nC, nR, sb, sr, nC, 0, sc
+    elif by == "col":
+        n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = B * nC, nR, nC, sb, sc, nR, 0, sr
+    elif by == "col_sum":
+        n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = nC, B * nR, nC, 0, sc, nR, sb, sr
+    else:
+        raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
+    counts = torch.empty(n_lines, dtype=torch.int32, device=keep.device)
+    # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
+    # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
+    # would be pipelined as a load of its own and split the stages between the two levels of
+    # indirection, leaving the tile loads only one iteration ahead (2 smem buffers, not 3-4).
+    index_dtype = torch.int16 if line_len <= 2**15 - 1 else torch.int32
+    index = torch.empty((n_lines, line_len), dtype=index_dtype, device=keep.device)
+    if n_lines == 0:
+        return counts, index
+    if line_len == 0:
+        return counts.zero_(), index
+    chunk = min(triton.next_power_of_2(line_len), 1024)
+    with _device_guard(keep):
+        _kept_lists_kernel[(n_lines,)](
+            flags, counts, index, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0, CHUNK=chunk, num_warps=4
+        )
+    return counts, index
+
+
+# =========================================================================== launchers
+def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
+        *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
+    """out (B, M, N) = scale * (a ⊙ m) @ b (+ bias); a (B, M, K), b (Bb, K, N) with Bb in {1, B}."""
+    _check_common("dsd", a, b, keep, block, a.shape[1], a.shape[2])
+    B, M, K = a.shape
+    Bb, Kb, N = b.shape
+    _check("dsd", Kb == K and Bb in (1, B), f"b must be (1 or {B}, {K}, N), got {tuple(b.shape)} for a {tuple(a.shape)}")
+    if bias is not None:
+        _check("dsd", bias.shape == (N,) and bias.dtype == a.dtype and bias.device == a.device,
+               f"bias must be a {a.dtype} vector of {N} on {a.device}, got {bias.dtype} {tuple(bias.shape)}")
+    out = _output(out, (B, M, N), a, "dsd")
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.copy_((bias if bias is not None else out.new_zeros(())).expand(B, M, N))
+    br, bc = block
+    counts, index = kept_lists(keep, "row")
+    tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
+    b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
+    upcast = _interpreting() and a.dtype == torch.bfloat16
+    precision = _precision(a.dtype)
+
+    def launch(cfg: KernelConfig) -> None:
+        if cfg.tma:
+            a_arg = _desc3(a, [1, cfg.tile_m, cfg.tile_k])
+            bv = _b_tma_view(b)
+            b_arg = _desc3(bv, [1, cfg.tile_n, cfg.tile_k] if b_k_contig else [1, cfg.tile_k, cfg.tile_n])
+            o_desc = _desc3(out, [1, cfg.tile_m, cfg.tile_n])
+        else:
+            a_arg, b_arg, o_desc = a, b, None
+        grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
+        with _device_guard(a):
+            _dsd_kernel[grid](
+                a_arg, b_arg, bias if bias is not None else out, out, o_desc, counts, index,
+                M, N, K, Bb, triton.cdiv(M, br), triton.cdiv(K, bc),
+                *a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0, *out.stride(),
+                float(scale),
+                BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
+                HAS_BIAS=bias is not None, **_masks(M, N, K, cfg, block),
+                USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
+                PRECISION=precision, UPCAST=upcast,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )
+
+    key = ("dsd", B, Bb, M, N, K, tuple(block), a.dtype, b_k_contig, tma_ok, precision, a.device.index)
+    _run("dsd", key, M, N, K, block, a.dtype, tma_ok, launch, config)
+    return out
+
+
+def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int],
+        *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
+    """out (B, M, K) = scale * (grad @ bᵀ) ⊙ m; grad (B, M, N), b (Bb, K, N). Dropped blocks are 0."""
+    B, M, N = grad.shape
+    Bb, K, Nb = b.shape
+    _check_common("sdd", grad, b, keep, block, M, K)
+    _check("sdd", Nb == N and Bb in (1, B), f"b must be (1 or {B}, K, {N}), got {tuple(b.shape)} for grad {tuple(grad.shape)}")
+    out = _output(out, (B, M, K), grad, "sdd")
+    if out.numel() == 0:
+        return out
+    if N == 0:
+        return out.zero_()
+    br, bc = block
+    flags = keep.view(torch.uint8)
+    b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
+    tma_ok = _tma_enabled(grad.device) and _tma_view_ok(grad) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
+    upcast = _interpreting() and grad.dtype == torch.bfloat16
+    precision = _precision(grad.dtype)
+
+    def launch(cfg: KernelConfig) -> None:
+        if cfg.tma:
+            g_arg = _desc3(grad, [1, cfg.tile_m, cfg.tile_n])
+            b_arg = _desc3(_b_tma_view(b), [1, cfg.tile_n, cfg.tile_k] if b_k_contig else [1, cfg.tile_k, cfg.tile_n])
+            o_desc = _desc3(out, [1, cfg.tile_m, cfg.tile_k])
+        else:
+            g_arg, b_arg, o_desc = grad, b, None
+        grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(K, cfg.tile_k),)
+        with _device_guard(grad):
+            _sdd_kernel[grid](
+                g_arg, b_arg, out, o_desc, flags,
+                M, N, K, Bb,
+                *grad.stride(), *b.stride(), *out.stride(), *flags.stride(),
+                float(scale),
+                BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
+                **_masks(M, N, K, cfg, block),
+                USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
+                PRECISION=precision, UPCAST=upcast,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )
+
+    key = ("sdd", B, Bb, M, N, K, tuple(block), grad.dtype, b_k_contig, tma_ok, precision, grad.device.index)
+    _run("sdd", key, M, N, K, block, grad.dtype, tma_ok, launch, config)
+    return out
+
+
+def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool,
+           *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
+    """out = scale * (a ⊙ m)ᵀ @ grad: (B, K, N) if batched_out, else (1, K, N) summed over B.
+
+    ``out`` may be any strided (B|1, K, N) view, e.g. ``w.new_empty(N, K).t().unsqueeze(0)`` so
+    that linear's weight gradient lands in (N, K) row-major order without a transpose copy.
+    """
+    B, M, K = a.shape
+    _check_common("dsd_tn", a, grad, keep, block, M, K)
+    _check("dsd_tn", grad.shape[:2] == a.shape[:2], f"grad must be ({B}, {M}, N), got {tuple(grad.shape)}")
+    N = grad.shape[2]
+    Bo = B if batched_out else 1
+    out = _output(out, (Bo, K, N), a, "dsd_tn")
+    if out.numel() == 0:
+        return out
+    if M == 0 or B == 0:
+        return out.zero_()
+    br, bc = block
+    n_rblk, n_cblk = triton.cdiv(M, br), triton.cdiv(K, bc)
+    counts, index = kept_lists(keep, "col" if batched_out else "col_sum")
+    tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(grad)
+    out_desc_ok = tma_ok and _tma_view_ok(out)
+    upcast = _interpreting() and a.dtype == torch.bfloat16
+    precision = _precision(a.dtype)
+
+    def launch(cfg: KernelConfig) -> None:
+        if cfg.tma:
+            a_arg = _desc3(a, [1, cfg.tile_m, cfg.tile_k])
+            g_arg = _desc3(grad, [1, cfg.tile_m, cfg.tile_n])
+            o_desc = _desc3(out, [1, cfg.tile_k, cfg.tile_n]) if out_desc_ok else None
+        else:
+            a_arg, g_arg, o_desc = a, grad, None
+        grid = (Bo * triton.cdiv(K, cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
+        with _device_guard(a):
+            _dsd_tn_kernel[grid](
+                a_arg, g_arg, out, o_desc, counts, index,
+                M, N, K, n_rblk, n_cblk, index.shape[1],
+                *a.stride(), *grad.stride(), *out.stride(),
+                float(scale),
+                BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
+                **_masks(M, N, K, cfg, block),
+                USE_TMA=cfg.tma, OUT_DESC=cfg.tma and out_desc_ok,
+                PRECISION=precision, UPCAST=upcast,
+                num_warps=cfg.warps, num_stages=cfg.stages,
+            )
+
+    key = ("dsd_tn", B, Bo, M, N, K, tuple(block), a.dtype, out.stride(-1) == 1, tma_ok, precision, a.device.index)
+    _run("dsd_tn", key, M, N, K, block, a.dtype, tma_ok, launch, config)
+    return out
+
+
+def _b_tma_view(b: Tensor) -> Tensor:
+    """b (Bb, K, N) as the row-major view a descriptor needs: (Bb, N, K) when K is contiguous."""
+    return b.transpose(1, 2) if (b.stride(1) == 1 and b.stride(2) != 1) else b
+
+
+def _output(out: Tensor | None, shape: tuple, like: Tensor, name: str) -> Tensor:
+    if out is None:
+        return like.new_empty(shape)
+    _check(
+        name,
+        tuple(out.shape) == tuple(shape) and out.dtype == like.dtype and out.device == like.device,
+        f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, got {out.dtype} {tuple(out.shape)} on {out.device}",
+    )
+    return out

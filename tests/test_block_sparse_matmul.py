@@ -1,0 +1,395 @@
+"""The Triton block-sparse matmuls against the plain-PyTorch reference (the oracle).
+
+Without a GPU these run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so the CPU shapes stay small. Tests marked ``gpu`` run the full-size problems and every
+candidate config (TMA and pointer variants) on a CUDA device.
+
+Tolerances: each result is compared with a float64 reference computed from the same
+(low-precision) inputs. The kernels accumulate in fp32 and round once to the output dtype, so
+the error is about half an ulp of the output dtype (rtol) plus fp32 summation noise (atol).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
+from sparsedrop_compile.kernels import block_sparse_matmul as ref
+from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+from sparsedrop_compile.kernels.block_mask import cdiv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (dtype, atol, rtol): rtol covers one rounding to the output dtype, atol the fp32 summation
+# noise near zero (scaled by the output magnitude in _assert_close). fp16 rounds to nearest:
+# half an ulp is <= 2^-11 relative. bf16 gets a full ulp (2^-7 relative at worst) because the
+# interpreter's fp32 -> bf16 conversion truncates; on the GPU it rounds to nearest.
+TOLERANCES = [
+    (torch.float32, 1e-4, 1e-5),
+    (torch.float16, 1e-3, 1e-3),
+    (torch.bfloat16, 1e-3, 8e-3),
+]
+TOL = {dt: (atol, rtol) for dt, atol, rtol in TOLERANCES}
+
+# (B, Bb, M, K, N, block): ragged everywhere; blocks with 1, 2 and 3 tiles per block.
+SHAPES = [
+    (1, 1, 77, 100, 45, (32, 32)),
+    (2, 1, 45, 96, 33, (16, 48)),
+    (2, 2, 50, 40, 29, (32, 16)),
+    (2, 2, 64, 64, 32, (64, 32)),
+]
+
+
+def _keep(B, M, K, block, p, gen):
+    shape = (B, cdiv(M, block[0]), cdiv(K, block[1]))
+    return torch.rand(shape, generator=gen) >= p
+
+
+def _inputs(B, Bb, M, K, N, block, dtype, p, seed=0, b_transposed=False):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, M, K, generator=gen).to(dtype)
+    if b_transposed:  # linear's layout: b = weight.t(), K contiguous
+        b = torch.randn(Bb, N, K, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        b = torch.randn(Bb, K, N, generator=gen).to(dtype)
+    g = torch.randn(B, M, N, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    keep = _keep(B, M, K, block, p, gen)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return to(a), to(b), to(g), to(bias), to(keep)
+
+
+def _poison_dropped(a, keep, block):
+    """NaN in every dropped block of a: the kernels must never read them."""
+    mask = ref.expand_block_keep(keep, a.shape[1], a.shape[2], *block)
+    return torch.where(mask, a, torch.full((), float("nan"), dtype=a.dtype, device=a.device))
+
+
+def _nan_like(shape, like):
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+def _assert_close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    assert not torch.isnan(actual).any(), "an output element was left unwritten (NaN poison survived)"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * max(1.0, expected.abs().max().item() / 10), rtol=rtol)
+
+
+def _d(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+# --------------------------------------------------------------------------- launchers vs reference
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}Bb{s[1]}_{s[2]}x{s[3]}x{s[4]}_blk{s[5][0]}x{s[5][1]}")
+def test_dsd(shape, dtype):
+    B, Bb, M, K, N, block = shape
+    p = 0.5
+    a, b, _, bias, keep = _inputs(B, Bb, M, K, N, block, dtype, p, seed=1)
+    scale = 1 / (1 - p)
+    a_poisoned = _poison_dropped(a, keep, block)
+    out = tri.dsd(a_poisoned, b, keep, scale, block, bias, out=_nan_like((B, M, N), a))
+    _assert_close(out, ref.reference_dsd(*_d(a, b), keep, scale, block, bias.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}Bb{s[1]}_{s[2]}x{s[3]}x{s[4]}_blk{s[5][0]}x{s[5][1]}")
+def test_sdd(shape, dtype):
+    B, Bb, M, K, N, block = shape
+    p = 0.5
+    _, b, g, _, keep = _inputs(B, Bb, M, K, N, block, dtype, p, seed=2)
+    out = tri.sdd(g, b, keep, 2.0, block, out=_nan_like((B, M, K), g))
+    expected = ref.reference_sdd(*_d(g, b), keep, 2.0, block)
+    _assert_close(out, expected, dtype)
+    dropped = ~ref.expand_block_keep(keep, M, K, *block)
+    assert (out[dropped] == 0).all(), "sdd must write exact zeros into dropped blocks"
+
+
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}Bb{s[1]}_{s[2]}x{s[3]}x{s[4]}_blk{s[5][0]}x{s[5][1]}")
+def test_dsd_tn(shape, dtype):
+    B, Bb, M, K, N, block = shape
+    p = 0.5
+    a, _, g, _, keep = _inputs(B, Bb, M, K, N, block, dtype, p, seed=3)
+    batched = Bb == B and B > 1
+    Bo = B if batched else 1
+    out = tri.dsd_tn(_poison_dropped(a, keep, block), g, keep, 2.0, block, batched, out=_nan_like((Bo, K, N), a))
+    _assert_close(out, ref.reference_dsd_tn(*_d(a, g), keep, 2.0, block, batched), dtype)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_all_three_at_p(p):
+    """One shape through all kernels at several drop rates, linear's transposed b included."""
+    dtype = torch.float16
+    B, Bb, M, K, N, block = 1, 1, 70, 96, 40, (32, 32)
+    a, b, g, bias, keep = _inputs(B, Bb, M, K, N, block, dtype, p, seed=4, b_transposed=True)
+    scale = 1 / (1 - p)
+    _assert_close(tri.dsd(a, b, keep, scale, block, bias), ref.reference_dsd(*_d(a, b), keep, scale, block, bias.double()), dtype)
+    _assert_close(tri.sdd(g, b, keep, scale, block), ref.reference_sdd(*_d(g, b), keep, scale, block), dtype)
+    _assert_close(tri.dsd_tn(a, g, keep, scale, block, False), ref.reference_dsd_tn(*_d(a, g), keep, scale, block, False), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transposed_and_strided_operands(dtype):
+    """Non-contiguous views go in as strides (no copies): transposed b, a column slice of a,
+    a transposed grad, a transposed (N, K)-major dsd_tn output."""
+    gen = torch.Generator().manual_seed(5)
+    B, M, K, N, block = 2, 40, 48, 36, (16, 16)
+    a = torch.randn(B, M, K + 7, generator=gen).to(dtype).to(DEVICE)[:, :, 3 : 3 + K]  # row stride K + 7
+    b = torch.randn(1, N, K, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)  # (1, K, N), K contiguous
+    g = torch.randn(B, N, M, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)  # (B, M, N), M contiguous
+    keep = _keep(B, M, K, block, 0.4, gen).to(DEVICE)
+    assert not a.is_contiguous() and not b.is_contiguous() and not g.is_contiguous()
+    _assert_close(tri.dsd(a, b, keep, 1.5, block), ref.reference_dsd(*_d(a, b), keep, 1.5, block), dtype)
+    _assert_close(tri.sdd(g, b, keep, 1.5, block), ref.reference_sdd(*_d(g, b), keep, 1.5, block), dtype)
+    out_nk = _nan_like((1, N, K), a).transpose(1, 2)  # what linear's weight gradient wants
+    got = tri.dsd_tn(a, g, keep, 1.5, block, False, out=out_nk)
+    assert got.data_ptr() == out_nk.data_ptr()
+    _assert_close(got, ref.reference_dsd_tn(*_d(a, g), keep, 1.5, block, False), dtype)
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["keep_all", "drop_all"])
+def test_keep_all_and_drop_all(fill):
+    dtype = torch.float16
+    B, Bb, M, K, N, block = 2, 1, 40, 50, 30, (16, 16)
+    a, b, g, bias, keep = _inputs(B, Bb, M, K, N, block, dtype, 0.5, seed=6)
+    keep = torch.full_like(keep, fill)
+    out = tri.dsd(a, b, keep, 2.0, block, bias)
+    sdd_out = tri.sdd(g, b, keep, 2.0, block)
+    tn_out = tri.dsd_tn(a, g, keep, 2.0, block, False)
+    if fill:
+        _assert_close(out, torch.matmul(a.double(), b.double()) * 2 + bias.double(), dtype)
+        _assert_close(sdd_out, torch.matmul(g.double(), b.double().transpose(1, 2)) * 2, dtype)
+        _assert_close(tn_out, (a.double().reshape(-1, K).t() @ g.double().reshape(-1, N)).unsqueeze(0) * 2, dtype)
+    else:
+        assert torch.equal(out, bias.expand(B, M, N)), "nothing kept: dsd is the bias alone"
+        assert torch.equal(sdd_out, torch.zeros_like(sdd_out))
+        assert torch.equal(tn_out, torch.zeros_like(tn_out))
+
+
+def test_explicit_tile_split_config():
+    """A config with tiles smaller than the block in both masked dims (2 x 2 tiles per block)."""
+    dtype = torch.float16
+    B, Bb, M, K, N, block = 1, 1, 70, 90, 40, (32, 32)
+    a, b, g, bias, keep = _inputs(B, Bb, M, K, N, block, dtype, 0.3, seed=7)
+    cfg = tri.KernelConfig(tile_m=16, tile_n=16, tile_k=16, stages=2, warps=4, group=2)
+    _assert_close(tri.dsd(a, b, keep, 1.2, block, bias, config=cfg), ref.reference_dsd(*_d(a, b), keep, 1.2, block, bias.double()), dtype)
+    _assert_close(tri.sdd(g, b, keep, 1.2, block, config=cfg), ref.reference_sdd(*_d(g, b), keep, 1.2, block), dtype)
+    _assert_close(tri.dsd_tn(a, g, keep, 1.2, block, False, config=cfg), ref.reference_dsd_tn(*_d(a, g), keep, 1.2, block, False), dtype)
+
+
+def test_kept_lists():
+    gen = torch.Generator().manual_seed(8)
+    keep = (torch.rand(3, 5, 7, generator=gen) > 0.5).to(DEVICE)
+    counts, index = tri.kept_lists(keep, "row")
+    for line, flags in enumerate(keep.reshape(-1, 7)):
+        kept = flags.nonzero().flatten().tolist()
+        assert counts[line].item() == len(kept)
+        assert index[line, : len(kept)].tolist() == kept
+    counts, index = tri.kept_lists(keep, "col_sum")
+    for c in range(7):
+        kept = keep[:, :, c].reshape(-1).nonzero().flatten().tolist()  # entries b * nR + r
+        assert counts[c].item() == len(kept) and index[c, : len(kept)].tolist() == kept
+    counts, index = tri.kept_lists(keep, "col")
+    for line in range(3 * 7):
+        bat, c = divmod(line, 7)
+        kept = keep[bat, :, c].nonzero().flatten().tolist()
+        assert counts[line].item() == len(kept) and index[line, : len(kept)].tolist() == kept
+
+
+def test_unsupported_reason():
+    x = torch.zeros(2, 4, device=DEVICE)
+    assert tri.unsupported_reason((x, x), (32, 32)) is None
+    assert "multiples of 16" in tri.unsupported_reason((x, x), (24, 32))
+    assert "dtype" in tri.unsupported_reason((x.double(), x.double()), (32, 32))
+    assert "different dtypes" in tri.unsupported_reason((x, x.half()), (32, 32))
+
+
+def test_bad_arguments_name_the_problem():
+    a = torch.zeros(1, 32, 32, device=DEVICE)
+    b = torch.zeros(1, 32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="keep must be a bool tensor of shape"):
+        tri.dsd(a, b, torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE), 1.0, (32, 32))
+    with pytest.raises(ValueError, match="b must be"):
+        tri.dsd(a, torch.zeros(1, 31, 16, device=DEVICE), torch.ones(1, 1, 1, dtype=torch.bool, device=DEVICE), 1.0, (32, 32))
+    with pytest.raises(ValueError, match="tile_m dividing"):
+        tri.dsd(a, b, torch.ones(1, 1, 1, dtype=torch.bool, device=DEVICE), 1.0, (32, 32), config=tri.KernelConfig(64, 16, 16, 1, 4))
+
+
+# --------------------------------------------------------------------------- through the registered ops
+def _op_grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    gen = torch.Generator().manual_seed(9)
+    grad = torch.randn(out.shape, generator=gen).to(out.dtype).to(out.device)
+    out.backward(grad)
+    return out, [t.grad if t is not None and t.is_floating_point() else None for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_op_triton_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 37, 64, generator=gen).to(dtype).to(DEVICE)
+    w = torch.randn(48, 64, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(48, generator=gen).to(dtype).to(DEVICE)
+    block = (32, 32)
+    keep = (torch.rand(1, cdiv(74, 32), 2, generator=gen) > 0.5).to(DEVICE)
+
+    def run(kernel):
+        return _op_grads(lambda x, w, b: torch.ops.sparsedrop.linear(x, w, b, keep, 2.0, *block, kernel), [x, w, bias])
+
+    out_t, grads_t = run("triton")
+    out_r, grads_r = run("reference")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out_t, out_r, atol=atol * 10, rtol=rtol * 2)
+    for gt, gr in zip(grads_t, grads_r):
+        torch.testing.assert_close(gt, gr, atol=atol * 10, rtol=rtol * 2)
+
+
+@pytest.mark.parametrize("b_batched", [False, True], ids=["shared_b", "batched_b"])
+def test_matmul_op_triton_matches_reference(b_batched):
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 3, 40, 48, generator=gen).to(dtype).to(DEVICE)
+    b = torch.randn(*((2, 3) if b_batched else ()), 48, 24, generator=gen).to(dtype).to(DEVICE)
+    block = (16, 16)
+    keep = (torch.rand(6, 3, 3, generator=gen) > 0.4).to(DEVICE)  # one mask per matrix of a
+
+    def run(kernel):
+        return _op_grads(lambda a, b: torch.ops.sparsedrop.matmul(a, b, keep, 1.25, *block, kernel), [a, b])
+
+    out_t, grads_t = run("triton")
+    out_r, grads_r = run("reference")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out_t, out_r, atol=atol * 10, rtol=rtol * 2)
+    for gt, gr in zip(grads_t, grads_r):
+        torch.testing.assert_close(gt, gr, atol=atol * 10, rtol=rtol * 2)
+
+
+def test_opcheck_linear_triton():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(20, 32, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(16, 32, generator=gen).to(DEVICE).requires_grad_()
+    keep = (torch.rand(1, 2, 2, generator=gen) > 0.5).to(DEVICE)
+    torch.library.opcheck(torch.ops.sparsedrop.linear.default, (x, w, None, keep, 2.0, 16, 16, "triton"))
+
+
+# --------------------------------------------------------------------------- GPU: full size, every config
+gpu = pytest.mark.gpu
+
+
+def _gpu_problem(B, Bb, M, K, N, block, p, dtype=torch.bfloat16, b_transposed=True, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(B, M, K, device="cuda", generator=gen, dtype=dtype)
+    if b_transposed:
+        b = torch.randn(Bb, N, K, device="cuda", generator=gen, dtype=dtype).transpose(1, 2)
+    else:
+        b = torch.randn(Bb, K, N, device="cuda", generator=gen, dtype=dtype)
+    g = torch.randn(B, M, N, device="cuda", generator=gen, dtype=dtype)
+    keep = torch.rand(B, cdiv(M, block[0]), cdiv(K, block[1]), device="cuda", generator=gen) >= p
+    return a, b, g, keep
+
+
+def _assert_close_big(actual, expected):
+    """bf16 output of a long fp32 reduction: half an ulp of bf16 plus summation-order noise."""
+    assert not torch.isnan(actual).any()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-3 * scale, rtol=1e-2)
+
+
+def _fp32_refs(a, b, g, keep, scale, block, batched_out):
+    assert not torch.backends.cuda.matmul.allow_tf32, "the fp32 oracle must not use tf32"
+    return (
+        ref.reference_dsd(a.float(), b.float(), keep, scale, block),
+        ref.reference_sdd(g.float(), b.float(), keep, scale, block),
+        ref.reference_dsd_tn(a.float(), g.float(), keep, scale, block, batched_out),
+    )
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_gpu_linear_4096(p):
+    block = (128, 128)
+    a, b, g, keep = _gpu_problem(1, 1, 4096, 4096, 4096, block, p)
+    scale = 1 / (1 - p)
+    r_dsd, r_sdd, r_tn = _fp32_refs(a, b, g, keep, scale, block, False)
+    _assert_close_big(tri.dsd(a, b, keep, scale, block), r_dsd)
+    _assert_close_big(tri.sdd(g, b, keep, scale, block), r_sdd)
+    _assert_close_big(tri.dsd_tn(a, g, keep, scale, block, False), r_tn)
+
+
+@gpu
+def test_gpu_attention_pv():
+    """P @ V for B=8, H=16, S=1024, D=64: a (128, 1024, 1024) probability matrix, per-batch V."""
+    block = (128, 128)
+    a, b, g, keep = _gpu_problem(128, 128, 1024, 1024, 64, block, 0.1, b_transposed=False)
+    a = torch.softmax(a.float(), -1).to(a.dtype)
+    r_dsd, r_sdd, r_tn = _fp32_refs(a, b, g, keep, 1 / 0.9, block, True)
+    _assert_close_big(tri.dsd(a, b, keep, 1 / 0.9, block), r_dsd)
+    _assert_close_big(tri.sdd(g, b, keep, 1 / 0.9, block), r_sdd)
+    _assert_close_big(tri.dsd_tn(a, g, keep, 1 / 0.9, block, True), r_tn)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["dsd", "sdd", "dsd_tn"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["aligned", "ragged"])
+def test_gpu_every_candidate_config(kind, ragged):
+    """Each config the tuner may pick (TMA and pointer variants) gives the right answer,
+    on an aligned shape and on a ragged one (ragged last mask blocks, odd N)."""
+    block = (128, 128)
+    M, K, N = (1000, 1100, 520) if ragged else (1024, 1152, 512)
+    a, b, g, keep = _gpu_problem(1, 1, M, K, N, block, 0.3)
+    expected = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, 1.5, block, False)))[kind]
+    tma_possible = tri._tma_enabled(a.device)
+    configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
+    if tma_possible:
+        configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
+    for cfg in configs:
+        if kind == "dsd":
+            if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
+                continue
+            out = tri.dsd(a, b, keep, 1.5, block, config=cfg)
+        elif kind == "sdd":
+            if cfg.tma and not (tri._tma_view_ok(g) and tri._tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
+                continue
+            out = tri.sdd(g, b, keep, 1.5, block, config=cfg)
+        else:
+            if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(g)):
+                continue
+            out = tri.dsd_tn(a, g, keep, 1.5, block, False, config=cfg)
+        torch.cuda.synchronize()
+        try:
+            _assert_close_big(out, expected)
+        except AssertionError as err:
+            raise AssertionError(f"config {cfg}: {err}") from None
+
+
+@gpu
+def test_gpu_cuda_graph_capture():
+    """The whole fwd+bwd (mask sampling, lists, three kernels) replays from a CUDA graph."""
+    from sparsedrop_compile.kernels.block_mask import sample_block_keep
+
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        keep = sample_block_keep(x, 0.3, 128, 128, batched=False)
+        y = torch.ops.sparsedrop.linear(x, w, None, keep, 1 / 0.7, 128, 128, "triton")
+        y.backward(torch.ones_like(y))
+        return keep, y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            x.grad = w.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = w.grad = None
+    with torch.cuda.graph(graph):
+        keep, y = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref.reference_dsd(x.detach().float().unsqueeze(0), w.detach().float().t().unsqueeze(0), keep, 1 / 0.7, (128, 128))[0]
+    _assert_close_big(y.detach(), expected)
