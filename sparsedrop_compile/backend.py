@@ -34,8 +34,10 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     counter = recorder if recorder is not None else _graph_counter
     index = counter.graphs
     counter.graphs += 1
+    position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
     sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
+    sites.sort(key=lambda s: position[s.node])  # program order
     if sites and log.isEnabledFor(logging.DEBUG):
         from sparsedrop_compile.explain import format_sites
 

@@ -15,7 +15,7 @@ FAMILIES = ("t5", "t5-gated", "bert", "gpt2", "distilbert", "roberta")
 # (d_model, ffn, heads, layers) per size; "base" matches T5-base / BERT-base / GPT-2 small.
 SIZES = {
     "tiny": (32, 64, 4, 2),
-    "demo": (128, 512, 4, 2),
+    "demo": (128, 512, 2, 2),  # head dim 64, so attention sites are fusable too
     "base": (768, 3072, 12, 6),
 }
 
