@@ -1,0 +1,148 @@
+"""The registered ops (opcheck, autocast, functional forms), the options, and the backend's front door."""
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsedrop_compile as sd
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, sample_block_keep
+
+OPS = torch.ops.sparsedrop
+
+
+def _linear_args(dtype=torch.float64, bias=True, shape=(3, 37, 50)):
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    w = torch.randn(20, shape[-1], dtype=dtype, requires_grad=True)
+    b = torch.randn(20, dtype=dtype, requires_grad=True) if bias else None
+    keep = sample_block_keep(x, 0.4, 16, 32, False)
+    return x, w, b, keep
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_linear_family(bias):
+    x, w, b, keep = _linear_args(bias=bias)
+    args = (2.0, 16, 32, "reference")
+    torch.library.opcheck(OPS.linear.default, (x, w, b, keep, *args))
+    # The backward ops run inside backward: checked without grad (no double backward).
+    grad = torch.randn(3, 37, 20, dtype=torch.float64)
+    torch.library.opcheck(OPS.linear_grad_input.default, (grad, w.detach(), keep, *args))
+    torch.library.opcheck(OPS.linear_grad_weight.default, (grad, x.detach(), keep, *args))
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 3, 21, 40), (2, 3, 40, 9)), ((3, 21, 40), (40, 9)), ((21, 40), (2, 40, 9)), ((2, 1, 21, 40), (1, 3, 40, 9))])
+def test_opcheck_matmul_family_with_broadcasting(a_shape, b_shape):
+    a = torch.randn(a_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(b_shape, dtype=torch.float64, requires_grad=True)
+    keep = sample_block_keep(a, 0.4, 16, 16, True)
+    args = (1.5, 16, 16, "reference")
+    torch.library.opcheck(OPS.matmul.default, (a, b, keep, *args))
+    grad = torch.randn(torch.broadcast_shapes(a_shape[:-2], b_shape[:-2]) + (a_shape[-2], b_shape[-1]), dtype=torch.float64)
+    torch.library.opcheck(OPS.matmul_grad_a.default, (grad, a.detach(), b.detach(), keep, *args))
+    torch.library.opcheck(OPS.matmul_grad_b.default, (grad, a.detach(), b.detach(), keep, *args))
+    # And the values: block dropout then torch.matmul, gradients included.
+    out = OPS.matmul(a, b, keep, *args)
+    ref = torch.matmul(apply_block_keep(a, keep, 1.5, 16, 16, True), b)
+    torch.testing.assert_close(out, ref)
+    g_ours = torch.autograd.grad(out, (a, b), grad)
+    g_ref = torch.autograd.grad(ref, (a, b), grad)
+    for g, r in zip(g_ours, g_ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_linear_op_saves_no_full_size_mask():
+    x, w, b, keep = _linear_args(dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        OPS.linear(x, w, b, keep, 2.0, 16, 32, "reference")
+    sizes = sorted(t.numel() for t in saved)
+    assert sizes == sorted([x.numel(), w.numel(), keep.numel()]), sizes
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gives_the_dtype_the_dense_op_would(amp_dtype):
+    x, w, b, keep = (t.float().detach() if t is not None and t.is_floating_point() else t for t in _linear_args(dtype=torch.float32))
+    with torch.autocast("cpu", dtype=amp_dtype):
+        out = OPS.linear(x, w, b, keep, 2.0, 16, 32, "reference")
+        dense = F.linear(x, w, b)
+        a = torch.randn(2, 21, 40)
+        mm = OPS.matmul(a, torch.randn(40, 8), sample_block_keep(a, 0.5, 16, 16, True), 2.0, 16, 16, "reference")
+    assert out.dtype == dense.dtype == amp_dtype
+    assert mm.dtype == amp_dtype
+
+
+def test_functional_forms_match_block_dropout_then_dense():
+    x, w, b, _ = _linear_args(dtype=torch.float32)
+    torch.manual_seed(5)
+    y = sd.sparse_dropout_linear(x, w, b, p=0.3, block_size=(16, 32))
+    torch.manual_seed(5)
+    keep = sample_block_keep(x, 0.3, 16, 32, False)
+    torch.testing.assert_close(y, F.linear(apply_block_keep(x, keep, 1 / 0.7, 16, 32, False), w, b))
+    torch.testing.assert_close(sd.sparse_dropout_linear(x, w, b, p=0.3, training=False), F.linear(x, w, b))
+    a, v = torch.randn(2, 4, 33, 33), torch.randn(2, 4, 33, 16)
+    torch.manual_seed(6)
+    z = sd.sparse_dropout_matmul(a, v, p=0.5, block_size=16)
+    torch.manual_seed(6)
+    keep = sample_block_keep(a, 0.5, 16, 16, True)
+    torch.testing.assert_close(z, torch.matmul(apply_block_keep(a, keep, 2.0, 16, 16, True), v))
+    with pytest.raises(ValueError, match=r"p=1\.5.*\[0, 1\]"):
+        sd.sparse_dropout_linear(x, w, p=1.5)
+
+
+def test_bad_keep_and_dtypes_raise_clear_errors():
+    x, w, b, keep = _linear_args(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"keep must be a bool tensor of shape \(1, 7, 2\)"):
+        OPS.linear(x, w, b, keep[:, :4], 2.0, 16, 32, "reference")
+    with pytest.raises(TypeError, match="share one dtype"):
+        OPS.linear(x, w.double(), b, keep, 2.0, 16, 32, "reference")
+    with pytest.raises(ValueError, match="kernel='bogus'"):
+        OPS.linear(x, w, b, keep, 2.0, 16, 32, "bogus")
+
+
+def test_config_validation_names_what_is_wrong():
+    assert sd.SparseDropConfig.from_options({"block_size": 64}).block_size == (64, 64)
+    assert sd.SparseDropConfig.from_options({"block_size": (128, 64), "exclude": "decoder.*"}).exclude == ("decoder.*",)
+    with pytest.raises(ValueError, match=r"unknown sparsedrop option\(s\) 'blok_size'; valid options: block_size"):
+        sd.SparseDropConfig.from_options({"blok_size": 64})
+    with pytest.raises(ValueError, match=r"block_size=0: expected a positive int or a \(rows, cols\) pair"):
+        sd.SparseDropConfig.from_options({"block_size": 0})
+    with pytest.raises(ValueError, match=r"inner='cuda': expected one of 'inductor', 'aot_eager', 'eager'"):
+        sd.SparseDropConfig.from_options({"inner": "cuda"})
+    with pytest.raises(ValueError, match=r"min_p=2: expected a number in \[0, 1\]"):
+        sd.SparseDropConfig.from_options({"min_p": 2})
+    with pytest.raises(ValueError, match=r"kernel='cuda'"):
+        sd.SparseDropConfig.from_options({"kernel": "cuda"})
+    with pytest.raises(TypeError, match="expected a dict"):
+        sd.SparseDropConfig.from_options(["block_size"])
+
+
+def test_backend_is_registered_by_entry_point_and_import():
+    names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
+    assert "sparsedrop" in names
+    assert "sparsedrop" in torch._dynamo.list_backends()
+
+
+def test_bad_option_fails_the_compile_with_the_message():
+    f = torch.compile(lambda x: F.dropout(x, 0.1, True) @ x.t(), backend="sparsedrop", options={"blok": 1})
+    with pytest.raises(Exception, match="unknown sparsedrop option"):
+        f(torch.randn(4, 4))
+
+
+def test_cli_explain_prints_the_site_table(capsys):
+    from sparsedrop_compile.cli import main
+
+    assert main(["explain", "--model", "distilbert", "--attn", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "rewritten" in out and "q_lin" in out
+
+
+def test_cli_explain_reads_a_local_config(tmp_path, capsys):
+    import transformers as tf
+
+    from sparsedrop_compile.cli import main
+
+    tf.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1).save_pretrained(tmp_path)
+    assert main(["explain", "--model", str(tmp_path), "--attn", "eager"]) == 0
+    assert "query" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(["explain", "--model", str(tmp_path / "missing")])
