@@ -31,7 +31,7 @@ def _cases():
     }
 
 
-def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compiled", "reference")):
+def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compiled", "reference"), block=BLOCK):
     """Outputs and (x, w, b) grads of each mode, from the same inputs and the same mask.
 
     "compiled": the sparsedrop backend on F.dropout; "reference": block dropout by hand, then
@@ -50,11 +50,11 @@ def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compil
             t.requires_grad_()
         torch.manual_seed(seed)
         if mode == "compiled":
-            opts = {"block_size": BLOCK, "inner": inner, "kernel": kernel}
+            opts = {"block_size": block, "inner": inner, "kernel": kernel}
             f = torch.compile(lambda x, w, b: fn(lambda t: F.dropout(t, P, True), x, w, b), backend="sparsedrop", options=opts, fullgraph=True)
         else:
-            keep = sample_block_keep(x, P, *BLOCK, batched)
-            f = lambda x, w, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *BLOCK, batched), x, w, b)  # noqa: E731
+            keep = sample_block_keep(x, P, *block, batched)
+            f = lambda x, w, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *block, batched), x, w, b)  # noqa: E731
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and not wide):
             out = f(x, w, b)
         outs = out if isinstance(out, tuple) else (out,)
@@ -167,3 +167,14 @@ def test_materialised_users_see_the_same_mask_as_the_fused_matmul():
     keep = expand_block_keep((materialised != 0).reshape(1, 48, 32)[:, ::16, ::16], 48, 32, 16, 16)[0]
     torch.testing.assert_close(materialised, torch.where(keep, x * 2, 0))
     del f
+
+
+@pytest.mark.parametrize("case", ["linear_3d", "addmm", "matmul_4d_pv", "matmul_broadcast_b"])
+def test_triton_kernels_through_the_backend(case):
+    """kernel="triton" runs the real Triton kernels (under the interpreter on CPU) in the
+    compiled graph; the result is the same block dropout as the reference."""
+    # Tensor-core tiles are at least 16 wide, so the Triton path takes blocks in multiples of 16.
+    (out, grads), (ref_out, ref_grads) = _run(case, "aot_eager", kernel="triton", block=(16, 32))
+    for o, r in zip(out + grads, ref_out + ref_grads):
+        if r is not None:
+            torch.testing.assert_close(o, r, **TOL[torch.float32])
