@@ -1,0 +1,51 @@
+"""The backend end to end on a CUDA GPU: Triton kernels, Inductor, CUDA graphs (skipped on CI)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsedrop_compile.kernels.block_mask import apply_block_keep
+from sparsedrop_compile.models import build_model, example_batch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype):
+    """Whatever RNG Inductor uses, the output equals block dropout with the mask the backward
+    reveals: with dy = 1 and W > 0, dx is positive exactly in the kept blocks."""
+    torch.manual_seed(0)
+    rows, k, n, block = 1000, 1100, 300, (128, 128)
+    x = torch.randn(rows, k, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.rand(n, k, device="cuda", dtype=dtype) + 0.1) / k**0.5
+    f = torch.compile(lambda x: F.linear(F.dropout(x, 0.3, True), w), backend="sparsedrop", mode=mode, options={"block_size": block})
+    for _ in range(3):  # warm-up and cudagraph recording steps
+        x.grad = None
+        y = f(x)
+        y.backward(torch.ones_like(y))
+    keep = (x.grad.float() > 0).reshape(1, rows, k)[:, ::128, ::128]
+    assert 0 < keep.float().mean() < 1
+    ref = F.linear(apply_block_keep(x.detach().float(), keep, 1 / 0.7, *block, False), w.float())
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2"])
+def test_hf_models_train_on_gpu_with_triton_kernels(family):
+    torch.manual_seed(0)
+    model = build_model(family, size="demo").cuda().train()
+    batch = example_batch(model, batch=8, seq=256, device="cuda")
+    compiled = torch.compile(model, backend="sparsedrop", options={"block_size": 64})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    fused = torch._dynamo.utils.counters["sparsedrop"]
+    assert fused["attention_fused"] > 0 or fused["matmul_fused"] > 0, dict(fused)
