@@ -365,6 +365,31 @@ def test_gpu_every_candidate_config(kind, ragged):
 
 
 @gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.float32, "highest"), (torch.float32, "high")])
+def test_gpu_other_dtypes(dtype, precision):
+    """fp16 and fp32 (IEEE by default; tf32 when torch's fp32 matmul precision allows it)."""
+    block = (64, 128)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        a, b, g, keep = _gpu_problem(2, 1, 700, 900, 300, block, 0.3, dtype=dtype)
+        got = (tri.dsd(a, b, keep, 1.5, block), tri.sdd(g, b, keep, 1.5, block), tri.dsd_tn(a, g, keep, 1.5, block, False))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    refs = (
+        ref.reference_dsd(a.double(), b.double(), keep, 1.5, block),
+        ref.reference_sdd(g.double(), b.double(), keep, 1.5, block),
+        ref.reference_dsd_tn(a.double(), g.double(), keep, 1.5, block, False),
+    )
+    # tf32 keeps 10 mantissa bits of each input: ~2^-11 relative error per product.
+    rtol = {torch.float16: 2e-3, torch.float32: 1e-5 if precision == "highest" else 5e-3}[dtype]
+    for out, expected in zip(got, refs):
+        assert not torch.isnan(out).any()
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out.double(), expected, atol=rtol * scale, rtol=rtol)
+
+
+@gpu
 def test_gpu_cuda_graph_capture():
     """The whole fwd+bwd (mask sampling, lists, three kernels) replays from a CUDA graph."""
     from sparsedrop_compile.kernels.block_mask import sample_block_keep
