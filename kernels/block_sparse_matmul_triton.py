@@ -468,16 +468,18 @@ class _Tuner:
         self.best: dict[tuple, KernelConfig] = {}
         self.timings: dict[tuple, list[tuple[KernelConfig, float | str]]] = {}
 
-    def pick(self, key: tuple, candidates: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> KernelConfig:
+    def pick(self, key: tuple, candidates: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> tuple[KernelConfig, bool]:
+        """The config for ``key`` and whether ``launch`` has already run with it (so the output
+        is written and the caller need not launch again)."""
         cfg = self.best.get(key)
         if cfg is not None:
-            return cfg
+            return cfg, False
         if len(candidates) == 1 or _interpreting() or os.environ.get("SPARSEDROP_AUTOTUNE", "1") == "0":
-            return self._first_that_runs(key, candidates, launch, cache=True)
+            return self._first_that_runs(key, candidates, launch), True
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             # Timing would synchronise inside the capture; use the heuristic choice for now and
             # tune on the next uncaptured call.
-            return candidates[0]
+            return candidates[0], False
         results: list[tuple[KernelConfig, float | str]] = []
         for c in candidates:
             try:
@@ -496,9 +498,11 @@ class _Tuner:
             )
         best = candidates[min(timed)[1]]
         self.best[key] = best
-        return best
+        return best, False  # the last launch was the last candidate, not necessarily the best
 
-    def _first_that_runs(self, key, candidates, launch, cache):
+    def _first_that_runs(self, key, candidates, launch):
+        """Untimed choice: the first candidate that compiles and launches (e.g. the first may
+        not fit a GPU with less shared memory)."""
         errors = []
         for c in candidates:
             try:
@@ -506,8 +510,7 @@ class _Tuner:
             except Exception as err:
                 errors.append(f"{c}: {type(err).__name__}: {err}")
                 continue
-            if cache:
-                self.best[key] = c
+            self.best[key] = c
             return c
         raise RuntimeError(f"sparsedrop: no kernel config could run for {key}: " + "; ".join(errors))
 
@@ -665,14 +668,15 @@ def _run(kind: str, key: tuple, M: int, N: int, K: int, block, dtype, tma_ok: bo
         return config
     cands = candidate_configs(kind, M, N, K, block, dtype, tma=tma_ok)
     try:
-        cfg = _TUNER.pick(key, cands, launch)
+        cfg, launched = _TUNER.pick(key, cands, launch)
     except RuntimeError as err:
         if not tma_ok:
             raise
         _disable_tma(f"no TMA config of {kind} could run ({err})")
         cands = [dataclasses.replace(c, tma=False) for c in cands]
-        cfg = _TUNER.pick(key + ("no_tma",), cands, launch)
-    _launch_with_tma_fallback(launch, cfg)
+        cfg, launched = _TUNER.pick(key + ("no_tma",), cands, launch)
+    if not launched:
+        _launch_with_tma_fallback(launch, cfg)
     return cfg
 
 
