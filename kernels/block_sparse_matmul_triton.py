@@ -411,7 +411,7 @@ _BASE_CONFIGS_32 = {
     "sdd": [(128, 32, 128, 3, 8), (64, 32, 64, 3, 4), (64, 32, 128, 3, 4)],
     "dsd_tn": [(32, 128, 128, 3, 8), (32, 64, 64, 3, 4), (32, 128, 64, 3, 4)],
 }
-_MAX_CANDIDATES = 6
+_MAX_CANDIDATES = 8
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -440,7 +440,10 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
         # The interpreter runs numpy per program: one small config keeps the tests fast.
         return [KernelConfig(_pow2_divisor(br, 32), _fit_dim(N, 32), _pow2_divisor(bc, 32), 1, 4, 4, False)]
     base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
-    out: list[KernelConfig] = []
+    out_rows, out_cols = {"dsd": (M, N), "sdd": (M, K), "dsd_tn": (K, N)}[kind]
+    # With at least ~2 waves of 128 x 128 output tiles, smaller tiles only lose reuse.
+    big = triton.cdiv(out_rows, 128) * triton.cdiv(out_cols, 128) >= 256
+    out: list[tuple[KernelConfig, int]] = []
     for tm, tn, tk, stages, warps in base:
         tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
         tk = min(_pow2_divisor(bc, tk), _fit_dim(K, tk))
@@ -450,8 +453,13 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
         if out_tile < 128 * 128 and warps > 4:
             warps = 4
         cfg = KernelConfig(tm, tn, tk, stages, warps, 8, tma)
-        if cfg not in out:
-            out.append(cfg)
+        if all(cfg != c for c, _ in out):
+            out.append((cfg, out_tile))
+    large = [c for c, area in out if area >= 128 * 128]
+    out = large if big and large else [c for c, _ in out]
+    if tma:
+        # TMA usually wins on Hopper, but time the two best pointer variants against it too.
+        out = out[: _MAX_CANDIDATES - 2] + [dataclasses.replace(c, tma=False) for c in out[:2]]
     return out[:_MAX_CANDIDATES]
 
 
@@ -712,7 +720,7 @@ def kept_lists(keep: Tensor, by: str) -> tuple[Tensor, Tensor]:
         return counts, index
     if line_len == 0:
         return counts.zero_(), index
-    chunk = min(triton.next_power_of_2(line_len), 1024)
+    chunk = min(max(triton.next_power_of_2(line_len), 16), 1024)
     with _device_guard(keep):
         _kept_lists_kernel[(n_lines,)](
             flags, counts, index, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0, CHUNK=chunk, num_warps=4

@@ -348,7 +348,7 @@ def test_gpu_every_candidate_config(kind, M, K, N):
     configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
     if tma_possible:
         configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
-    for cfg in configs:
+    for cfg in dict.fromkeys(configs):
         if kind == "dsd":
             if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
                 continue
