@@ -51,6 +51,7 @@ __all__ = [
     "KernelConfig",
     "candidate_configs",
     "kept_lists",
+    "tuned_configs",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
