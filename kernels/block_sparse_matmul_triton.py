@@ -608,7 +608,8 @@ def _tma_view_ok(t: Tensor) -> bool:
     if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
     es = t.element_size()
-    return all(st * es % 16 == 0 for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s > 1)
+    # Broadcast (stride 0) dims are left to the pointer path: TMA wants real, aligned strides.
+    return all(st > 0 and st * es % 16 == 0 for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s > 1)
 
 
 def _desc3(t: Tensor, block_shape: list[int]):
