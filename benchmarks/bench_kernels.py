@@ -18,7 +18,7 @@ with triton.testing.do_bench (median), so Python overhead does not count; ``ours
 are also timed plainly (``*_nograph``). Results: benchmarks/results/kernels_<gpu>.csv and .png,
 and a compact table at the end of stdout.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--budget SECONDS] [--skip-compiled]
     python benchmarks/bench_kernels.py --sweep      # per-kernel config sweep at 4096^3 vs cuBLAS
     python benchmarks/bench_kernels.py --dry-run    # no GPU: exercise CSV / table / plot code
 """
@@ -29,6 +29,7 @@ import csv
 import math
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -315,10 +316,15 @@ def run_all(args, results: Results, writer) -> None:
     shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
     ps = [0.0, 0.1, 0.5] if args.quick else PS
     t_start = time.time()
-    for rows_, n, k in shapes:
+    for i, (rows_, n, k) in enumerate(shapes):
+        if i == 1:  # attention after the first shape, so a tight --budget still covers it
+            run_attention(args, results, writer, t_start)
         shape = f"{rows_}x{n}x{k}"
         flops = 3 * 2.0 * rows_ * n * k
         for p in ps:
+            if args.budget and time.time() - t_start > args.budget:
+                print(f"--budget {args.budget}s spent: skipping linear {shape} p={p}", flush=True)
+                continue
             t0 = time.time()
             steps = linear_steps(rows_, n, k, p)
             methods = ["dense", "eager", "compiled", "ours", "ours_launchers"] if p == ps[0] else ["eager", "compiled", "ours", "ours_launchers"]
@@ -337,6 +343,11 @@ def run_all(args, results: Results, writer) -> None:
             print(f"[{time.time() - t_start:6.1f}s] linear {shape} p={p}: {time.time() - t0:.1f}s "
                   f"ours={results.ms(shape, p, 'ours')} dense={results.dense_ms(shape)}", flush=True)
 
+    if len(shapes) == 1:
+        run_attention(args, results, writer, t_start)
+
+
+def run_attention(args, results: Results, writer, t_start: float) -> None:
     a = ATTN
     shape = f"B{a['B']}H{a['H']}S{a['S']}D{a['D']}"
     flops = 3 * 2.0 * a["B"] * a["H"] * a["S"] * a["S"] * a["D"]
@@ -372,64 +383,85 @@ SWEEP_EXTRA = {  # (tile_m, tile_n, tile_k, stages, warps, group)
 }
 
 
-def run_sweep(args, gpu: str, versions) -> None:
-    """Each kernel config alone at 4096^3 (p = 0 and 0.5) against cuBLAS doing the same GEMM."""
-    from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
-    from sparsedrop_compile.kernels.block_mask import sample_block_keep
+class SweepProblem:
+    """linear at 4096^3 in bf16, as the three launchers see it, plus cuBLAS doing the same GEMMs."""
 
     M = N = K = 4096
-    dt = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, M, K, device="cuda", dtype=dt, generator=gen)
-    w = torch.randn(N, K, device="cuda", dtype=dt, generator=gen) / 64
-    dy = torch.randn(1, M, N, device="cuda", dtype=dt, generator=gen)
-    b = w.t().unsqueeze(0)
-    dw = torch.empty(N, K, device="cuda", dtype=dt)
-    keeps = {p: sample_block_keep(x, p, *BLOCK, batched=True) for p in (0.0, 0.5)}
-    cublas = {
-        "dsd": time_graph(lambda: F.linear(x[0], w), True),
-        "sdd": time_graph(lambda: dy[0] @ w, True),
-        "dsd_tn": time_graph(lambda: torch.mm(dy[0].t(), x[0], out=dw), True),
-    }
-    tma_ok = tri._tma_enabled(x.device)
 
-    def call(kind, keep, cfg):
+    def __init__(self):
+        from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+        from sparsedrop_compile.kernels.block_mask import sample_block_keep
+
+        self.tri = tri
+        dt = self.dtype = torch.bfloat16
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        self.x = torch.randn(1, self.M, self.K, device="cuda", dtype=dt, generator=gen)
+        self.w = torch.randn(self.N, self.K, device="cuda", dtype=dt, generator=gen) / 64
+        self.dy = torch.randn(1, self.M, self.N, device="cuda", dtype=dt, generator=gen)
+        self.b = self.w.t().unsqueeze(0)  # what ops.linear passes: K contiguous
+        self.dw = torch.empty(self.N, self.K, device="cuda", dtype=dt)
+        self.keeps = {p: sample_block_keep(self.x, p, *BLOCK, batched=True) for p in (0.0, 0.5)}
+        x, w, dy, dw = self.x[0], self.w, self.dy[0], self.dw
+        self.cublas_steps = {
+            "dsd": lambda: F.linear(x, w),
+            "sdd": lambda: dy @ w,
+            "dsd_tn": lambda: torch.mm(dy.t(), x, out=dw),
+        }
+
+    def configs(self, kind: str) -> list:
+        tri, tma_ok = self.tri, self.tri._tma_enabled(self.x.device)
+        configs = []
+        for tma in ([True, False] if tma_ok else [False]):
+            configs += tri.candidate_configs(kind, self.M, self.N, self.K, BLOCK, self.dtype, tma=tma)
+        configs += [tri.KernelConfig(*c[:5], group=c[5], tma=tma_ok) for c in SWEEP_EXTRA[kind]]
+        return list(dict.fromkeys(configs))
+
+    def step(self, kind: str, p: float, cfg) -> Callable[[], object]:
+        tri, keep = self.tri, self.keeps[p]
         if kind == "dsd":
-            return tri.dsd(x, b, keep, 1.0, BLOCK, config=cfg)
+            return lambda: tri.dsd(self.x, self.b, keep, 1.0, BLOCK, config=cfg)
         if kind == "sdd":
-            return tri.sdd(dy, b, keep, 1.0, BLOCK, config=cfg)
-        return tri.dsd_tn(x, dy, keep, 1.0, BLOCK, False, out=dw.t().unsqueeze(0), config=cfg)
+            return lambda: tri.sdd(self.dy, self.b, keep, 1.0, BLOCK, config=cfg)
+        return lambda: tri.dsd_tn(self.x, self.dy, keep, 1.0, BLOCK, False, out=self.dw.t().unsqueeze(0), config=cfg)
 
-    rows = []
+
+def run_sweep(args, gpu: str, versions) -> None:
+    """Each kernel config alone at 4096^3 (p = 0 and 0.5) against cuBLAS doing the same GEMM."""
+    prob = SweepProblem()
+    cublas = {kind: time_graph(step, True) for kind, step in prob.cublas_steps.items()}
+    rows: list[list] = []
     t0 = time.time()
     path = os.path.join(args.out, f"kernels_sweep_{gpu_slug(gpu)}.csv")
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["gpu", "torch", "triton", "kernel", "config", "ms_p0", "cublas_ms", "eff_vs_cublas", "ms_p0.5", "vs_half_cublas", "note"])
-        for kind in ("dsd", "sdd", "dsd_tn"):
-            configs = []
-            for tma in ([True, False] if tma_ok else [False]):
-                configs += tri.candidate_configs(kind, M, N, K, BLOCK, dt, tma=tma)
-            configs += [tri.KernelConfig(*c[:5], group=c[5], tma=tma_ok) for c in SWEEP_EXTRA[kind]]
-            for cfg in dict.fromkeys(configs):
-                if time.time() - t0 > args.sweep_budget:
-                    print(f"  sweep budget of {args.sweep_budget}s spent; skipping the rest", flush=True)
-                    break
-                note, ms0, ms5 = "", None, None
-                try:
-                    ms0 = time_graph(lambda: call(kind, keeps[0.0], cfg), True)
-                    ms5 = time_graph(lambda: call(kind, keeps[0.5], cfg), True)
-                except Exception as err:
-                    note = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-                eff = cublas[kind] / ms0 if ms0 else None
-                half = ms5 / (0.5 * cublas[kind]) if ms5 else None
-                row = [gpu, *versions, kind, str(cfg), ms0, cublas[kind], eff, ms5, half, note]
-                wr.writerow(row)
-                f.flush()
-                rows.append(row)
-                print(f"  [{time.time() - t0:5.0f}s] {kind:6s} {str(cfg):34s} "
-                      + (f"p0 {ms0:.3f} ms eff {eff:.3f} | p.5 {ms5:.3f} ms = {half:.3f}x half-cuBLAS" if ms0 and ms5 else note),
-                      flush=True)
+        try:
+            for kind in ("dsd", "sdd", "dsd_tn"):
+                for cfg in prob.configs(kind):
+                    if time.time() - t0 > args.sweep_budget:
+                        print(f"  sweep budget of {args.sweep_budget}s spent: skipping {kind} {cfg}", flush=True)
+                        continue
+                    note, ms0, ms5 = "", None, None
+                    try:
+                        ms0 = time_graph(prob.step(kind, 0.0, cfg), True)
+                        ms5 = time_graph(prob.step(kind, 0.5, cfg), True)
+                    except Exception as err:  # a config that fails is a result too
+                        note = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+                    eff = cublas[kind] / ms0 if ms0 else None
+                    half = ms5 / (0.5 * cublas[kind]) if ms5 else None
+                    row = [gpu, *versions, kind, str(cfg), ms0, cublas[kind], eff, ms5, half, note]
+                    wr.writerow(row)
+                    f.flush()
+                    rows.append(row)
+                    print(f"  [{time.time() - t0:5.0f}s] {kind:6s} {str(cfg):34s} "
+                          + (f"p0 {ms0:.3f} ms eff {eff:.3f} | p.5 {ms5:.3f} ms = {half:.3f}x half-cuBLAS" if ms0 and ms5 else note),
+                          flush=True)
+        except KeyboardInterrupt as stop:
+            print(f"sweep interrupted ({stop}); summarising what was measured", flush=True)
+    summarise_sweep(rows, cublas, gpu, path)
+
+
+def summarise_sweep(rows, cublas, gpu, path) -> None:
     print(f"\n== sweep 4096^3 bf16, {gpu}: eff = cuBLAS ms / ours ms at p=0 (1.0 = cuBLAS speed) ==")
     for kind in ("dsd", "sdd", "dsd_tn"):
         kr = sorted((r for r in rows if r[3] == kind and r[7]), key=lambda r: -r[7])
@@ -465,6 +497,10 @@ def dry_run(args) -> None:
     print(f"dry run wrote {csv_path} and .png")
 
 
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -472,9 +508,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="per-kernel config sweep at 4096^3 vs cuBLAS, then exit")
     ap.add_argument("--sweep-budget", type=float, default=170.0, help="seconds after which the sweep stops adding configs")
     ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile baseline (saves compile time)")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new linear (shape, p) is started (0: no limit); attention always runs, after the first shape")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: write a fake CSV/plot/table to check the plumbing")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    # `timeout` sends SIGTERM: turn it into an exception so the CSV, plot and table still get written.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     if args.dry_run:
         dry_run(args)
         return 0
@@ -508,6 +547,8 @@ def main(argv=None) -> int:
 
         try:
             run_all(args, results, writer)
+        except KeyboardInterrupt as stop:
+            print(f"interrupted ({stop}); writing what was measured", flush=True)
         finally:
             write_csv(results, csv_path)  # every row again, ratios now complete
             try:
