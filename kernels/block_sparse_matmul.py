@@ -34,11 +34,13 @@ def reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tu
     return _masked(torch.matmul(grad, b.transpose(-1, -2)) * scale, keep, block)
 
 
-def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool) -> Tensor:
+def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool, *, out: Tensor | None = None) -> Tensor:
     am = _masked(a, keep, block)
     if batched_out:
-        return torch.matmul(am.transpose(-1, -2), grad) * scale
-    # One shared b: its gradient sums over the batch, i.e. one matmul over all B*M rows.
-    flat_a = am.reshape(-1, am.shape[-1])
-    flat_g = grad.reshape(-1, grad.shape[-1])
-    return (flat_a.t() @ flat_g).unsqueeze(0) * scale
+        result = torch.matmul(am.transpose(-1, -2), grad) * scale
+    else:
+        # One shared b: its gradient sums over the batch, i.e. one matmul over all B*M rows.
+        flat_a = am.reshape(-1, am.shape[-1])
+        flat_g = grad.reshape(-1, grad.shape[-1])
+        result = (flat_a.t() @ flat_g).unsqueeze(0) * scale
+    return result if out is None else out.copy_(result)

@@ -132,7 +132,10 @@ def linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, bloc
     a = x.reshape(1, rows, k)
     g = grad.reshape(1, rows, grad.shape[-1])
     fn = _matmul_impl("dsd_tn", kernel, (a, g), block)
-    return fn(a, g, keep, scale, block, False)[0].t().contiguous()
+    # The kernel writes (K, N) tiles straight into an (N, K) row-major tensor: no transpose copy.
+    dw = x.new_empty((grad.shape[-1], k))
+    fn(a, g, keep, scale, block, False, out=dw.t().unsqueeze(0))
+    return dw
 
 
 @linear_grad_weight.register_fake
