@@ -12,12 +12,16 @@ import torch
 
 FAMILIES = ("t5", "t5-gated", "bert", "gpt2", "distilbert", "roberta")
 
-# (d_model, ffn, heads, layers) per size; "base" matches T5-base / BERT-base / GPT-2 small.
+# (d_model, ffn, heads, layers) per size; "base" matches BERT-base / GPT-2 small (12 layers);
+# T5 at "base" gets 6 encoder + 6 decoder layers (see build_model).
 SIZES = {
     "tiny": (32, 64, 4, 2),
     "demo": (128, 512, 2, 2),  # head dim 64, so attention sites are fusable too
-    "base": (768, 3072, 12, 6),
+    "base": (768, 3072, 12, 12),
 }
+
+# The published vocabularies at "base", so the embedding and LM-head cost matches the real models.
+BASE_VOCAB = {"t5": 32128, "t5-gated": 32128, "bert": 30522, "roberta": 50265, "gpt2": 50257, "distilbert": 30522}
 
 
 def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: float | None = None, vocab: int | None = None) -> torch.nn.Module:
@@ -31,7 +35,7 @@ def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: fl
     d, ff, heads, layers = SIZES[size]
     if size == "base" and family.startswith("t5"):
         layers = 6  # 6 + 6 layers, as the benchmark issue allows
-    vocab = vocab or (32128 if size == "base" else 256)
+    vocab = vocab or (BASE_VOCAB[family] if size == "base" else 256)
     p = 0.1 if dropout is None else dropout
     common: dict[str, Any] = {"attn_implementation": attn}
     if family.startswith("t5"):

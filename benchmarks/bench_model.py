@@ -1,0 +1,582 @@
+"""One training step of base-size HF models: backend="sparsedrop" vs backend="inductor" (Fig. 4).
+
+Question: at dropout p, how long does one training step (forward, backward, AdamW step, bf16
+autocast) of T5 / BERT / GPT-2 take when torch.compile uses the sparsedrop backend instead of
+plain Inductor, and how much GPU memory does it need at its peak?
+
+    python benchmarks/bench_model.py                  # all models, p in 0.1 0 0.5 0.3 0.2, stops at --budget-min
+    python benchmarks/bench_model.py --resume         # run only the pairs the CSV does not hold yet
+    python benchmarks/bench_model.py --models bert --ps 0.1   # re-measure one pair, keep the other rows
+    python benchmarks/bench_model.py --smoke          # CPU check of this script (tiny models, aot_eager)
+
+Models come from config classes (build_model(family, size="base", attn="sdpa", dropout=p)):
+T5 6+6 layers, BERT-base and GPT-2 small, all d_model 768, d_ff 3072, 12 heads. Their default
+dropout is 0.1 everywhere, so "default" and p = 0.1 are the same run; any other p is applied to
+every dropout. For each (model, p) both backends run in this one process, each on a model
+rebuilt from the same seed, with the same batch, after torch._dynamo.reset().
+
+Timing: the first --warmup steps (which compile) are excluded; the next --steps are timed with
+CUDA events and the median is reported. Peak memory is torch.cuda.max_memory_allocated over the
+timed steps (weights, gradients and AdamW state included; both backends hold the same amount).
+
+Compiling a base-size model takes about a minute per backend, so a full sweep does not fit in
+one short job: (model, p) pairs run headline-first (every model at p = 0.1, then the other p),
+a pair is not started when it would end past --budget-min, and --resume fills in the rest. Runs
+with the same settings add up in one CSV (--fresh starts a new one); the CSV and plots are
+rewritten after every pair, so a killed run still leaves its data.
+
+Writes to --out (default benchmarks/results): model_<gpu>.csv, model_<gpu>_time.png,
+model_<gpu>_memory.png and model_<gpu>_sites_<model>.txt (explain() of each model at p = 0.1).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import math
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+T0 = time.perf_counter()  # the budget counts the imports too
+import traceback
+import warnings
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sparsedrop_compile as sd  # noqa: E402  (registers the backend and its ops)
+from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
+
+MODELS = ("t5", "bert", "gpt2")
+DEFAULT_P = 0.1  # every dropout's default in T5, BERT and GPT-2
+# Headline first, then the end points, so a run cut by the budget still shows the trend.
+DEFAULT_PS = (0.1, 0.0, 0.5, 0.3, 0.2)
+BACKENDS = ("inductor", "sparsedrop")  # the baseline first: a sparsedrop row gets its speed-up at once
+TARGET_STEP_MS = 50.0
+
+# (batch, seq, decoder seq) per model. Sized from FLOPs so an Inductor step takes >= 50 ms on an
+# H100 (~350-450 TFLOP/s reached at d_model 768): T5 ~13 TFLOP, BERT ~23, GPT-2 ~21 per step;
+# the smaller batches one might guess (T5 16, BERT 32, GPT-2 16) give ~15-45 ms. Peak memory
+# stays around 20-35 GB, far below 78 GB.
+SHAPES = {"t5": (64, 512, 128), "bert": (64, 512, None), "gpt2": (24, 1024, None)}
+SMOKE_SHAPES = {"t5": (2, 96, 64), "bert": (2, 96, None), "gpt2": (2, 96, None)}  # 96: not a multiple of the 64-wide attention tile
+
+FIELDS = [
+    "gpu", "torch", "transformers", "triton", "cuda", "model", "params_m", "batch", "seq", "dec_seq", "p",
+    "backend", "compiler", "block_size", "median_ms", "min_ms", "max_ms", "steps", "speedup_vs_inductor",
+    "peak_mem_mb", "base_mem_mb", "mem_ratio_vs_inductor", "compile_s", "graphs", "loss_first", "loss_last",
+    "sites_rewritten", "sites_total", "sites_detail", "error", "time_utc",
+]
+# Rows of an earlier run stay in the CSV only when these match the current settings.
+SETTING_KEYS = ("torch", "triton", "transformers", "batch", "seq", "dec_seq", "compiler", "block_size")
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------- environment
+def env_info(device: str) -> tuple[dict, str]:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    info = {"gpu": name, "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda or "none"}
+    return info, slug
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- models and batches
+def make_model(name: str, p: float, args, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    try:
+        # Built directly on the device: initialising 110-125M parameters on the host takes seconds.
+        with torch.device(args.device):
+            model = build_model(name, size=args.size, attn="sdpa", dropout=p).to(args.device)
+    except Exception:  # noqa: BLE001 - a library version that dislikes a default device: build on the host
+        torch.manual_seed(seed)
+        model = build_model(name, size=args.size, attn="sdpa", dropout=p).to(args.device)
+    return model.train()
+
+
+def make_batch(model: torch.nn.Module, name: str, shape: tuple, args, seed: int) -> dict[str, torch.Tensor]:
+    batch_size, seq, dec_seq = shape
+    batch = example_batch(model, batch=batch_size, seq=seq, device=args.device, seed=seed)
+    if dec_seq is not None:
+        # example_batch gives seq // 2 decoder tokens; the benchmark sets the decoder length itself.
+        gen = torch.Generator().manual_seed(seed + 1)
+        batch["labels"] = torch.randint(1, model.config.vocab_size, (batch_size, dec_seq), generator=gen).to(args.device)
+    return batch
+
+
+def shape_str(shape: tuple) -> str:
+    batch_size, seq, dec_seq = shape
+    return f"{batch_size}x{seq}" + (f"/{dec_seq}" if dec_seq else "")
+
+
+def autocast(device: str):
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+def sparsedrop_options(args) -> dict:
+    return {"block_size": args.block_size, "inner": args.inner}
+
+
+# --------------------------------------------------------------------------- explain
+def explain_model(name: str, shape: tuple, args, out_dir: Path, slug: str) -> dict:
+    """Sites rewritten / total at the default p, as CSV fields; the full table goes to a text file."""
+    model = make_model(name, DEFAULT_P, args, args.seed)
+    batch = make_batch(model, name, shape, args, args.seed)
+    # No "inner": explain then runs the rewritten graph eagerly; the decisions are the same.
+    options = {"block_size": args.block_size}
+    try:
+        with autocast(args.device):
+            report = sd.explain(model, **batch, options=options)
+    finally:
+        del model, batch
+        free_memory(args.device)
+    done = Counter(s.kind for s in report.rewritten)
+    why = Counter(s.reason or "?" for s in report.skipped)
+    detail = "rewritten: " + (", ".join(f"{k} {n}" for k, n in sorted(done.items())) or "none")
+    if why:
+        detail += "; left: " + ", ".join(f"{n} {r}" for r, n in why.most_common())
+    path = out_dir / f"model_{slug}_sites_{name}.txt"
+    path.write_text(f"{name} (size={args.size}, p={DEFAULT_P}, block_size={args.block_size}, batch {shape_str(shape)})\n"
+                    f"{report}\n")
+    log(f"  explain {name}: {len(report.rewritten)}/{len(report.sites)} dropout sites rewritten ({detail}); table: {path}")
+    return {"sites_rewritten": len(report.rewritten), "sites_total": len(report.sites), "sites_detail": detail}
+
+
+# --------------------------------------------------------------------------- one timed run
+def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict:
+    """Compile, warm up, then time args.steps training steps of a freshly built model."""
+    device = args.device
+    torch._dynamo.reset()
+    free_memory(device)
+    model = make_model(name, p, args, args.seed)
+    params_m = sum(t.numel() for t in model.parameters()) / 1e6
+    batch = make_batch(model, name, shape, args, args.seed)
+    # fused AdamW: one kernel per step, the same for both backends, so the optimizer does not blur the comparison.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device == "cuda" else {}))
+    if backend == "sparsedrop":
+        compiled = torch.compile(model, backend="sparsedrop", options=sparsedrop_options(args))
+    else:
+        compiled = torch.compile(model, backend=args.baseline)
+
+    def step() -> torch.Tensor:
+        with autocast(device):
+            loss = compiled(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    row = {"params_m": round(params_m, 1)}
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
+    try:
+        torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
+        t0 = time.perf_counter()
+        first = step()  # compiles forward and backward
+        sync(device)
+        row["compile_s"] = round(time.perf_counter() - t0, 1)
+        for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
+            step()
+        sync(device)
+        row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+        losses, times = [], []
+        if device == "cuda":
+            row["base_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
+            for start, end in events:
+                start.record()
+                losses.append(step())
+                end.record()
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) for start, end in events]
+            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        else:
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                losses.append(step())
+                times.append((time.perf_counter() - t) * 1e3)
+        row.update(median_ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), max_ms=round(max(times), 3),
+                   steps=len(times), loss_first=round(first.item(), 5), loss_last=round(losses[-1].item(), 5))
+    finally:
+        del compiled, opt, model, batch
+        torch._dynamo.reset()
+        free_memory(device)
+    return row
+
+
+# --------------------------------------------------------------------------- results file
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # numbers back to numbers, so rows from a file and from this run mix
+        for k, v in r.items():
+            if v in ("", None):
+                r[k] = None
+            elif k not in ("gpu", "torch", "transformers", "triton", "cuda", "model", "backend", "compiler",
+                           "sites_detail", "error", "time_utc"):
+                try:
+                    r[k] = float(v) if any(c in v for c in ".enN") else int(v)
+                except ValueError:
+                    pass
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves half a file
+
+
+def ok(row: dict | None) -> bool:
+    return row is not None and not row.get("error") and isinstance(row.get("median_ms"), (int, float))
+
+
+def find(rows: list[dict], model: str, p: float, backend: str) -> dict | None:
+    for r in rows:
+        if r["model"] == model and r["backend"] == backend and math.isclose(float(r["p"]), p, abs_tol=1e-9):
+            return r
+    return None
+
+
+def put(rows: list[dict], row: dict) -> None:
+    old = find(rows, row["model"], row["p"], row["backend"])
+    if old is not None:
+        rows.remove(old)
+    rows.append(row)
+
+
+# --------------------------------------------------------------------------- plots and table
+def plot(rows: list[dict], out_dir: Path, slug: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plots")
+        return
+    models = [m for m in MODELS if any(r["model"] == m and ok(r) for r in rows)]
+    if not models:
+        return
+    styles = {"inductor": ("s--", "tab:gray"), "sparsedrop": ("o-", "tab:blue")}
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.3 * len(models), 3.9), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = [r for r in rows if r["model"] == model and ok(r)]
+        for backend, (style, color) in styles.items():
+            pts = sorted((float(r["p"]), float(r["median_ms"])) for r in sub if r["backend"] == backend)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=color, label=backend)
+        for r in sub:
+            if r["backend"] == "sparsedrop" and r.get("speedup_vs_inductor"):
+                ax.annotate(f"{float(r['speedup_vs_inductor']):.2f}x", (float(r["p"]), float(r["median_ms"])),
+                            textcoords="offset points", xytext=(0, -13), ha="center", fontsize=7, color="tab:blue")
+        r0 = sub[0]
+        shape = f"{r0['batch']}x{r0['seq']}" + (f"/{r0['dec_seq']}" if r0.get("dec_seq") else "")
+        ax.set_title(f"{model} ({r0['params_m']}M params), batch {shape}", fontsize=9)
+        ax.set_xlabel("dropout p (every dropout)")
+        ax.set_ylabel("training step, median ms")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"model_{slug}_time.png", dpi=130)
+    plt.close(fig)
+
+    # Peak memory at the default p (the headline setting), one pair of bars per model.
+    if not any(ok(r) and r.get("peak_mem_mb") is not None for r in rows):
+        return  # CPU smoke runs measure no GPU memory
+    fig, ax = plt.subplots(figsize=(1.9 * len(models) + 2.5, 3.9))
+    width = 0.38
+    for i, backend in enumerate(BACKENDS):
+        for j, model in enumerate(models):
+            r = find(rows, model, DEFAULT_P, backend)
+            if not ok(r) or r.get("peak_mem_mb") is None:
+                continue
+            gb = float(r["peak_mem_mb"]) / 1024
+            ax.bar(j + (i - 0.5) * width, gb, width, color=styles[backend][1], label=backend if j == 0 else None)
+            ax.annotate(f"{gb:.1f}", (j + (i - 0.5) * width, gb), textcoords="offset points", xytext=(0, 2),
+                        ha="center", fontsize=7)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel(f"peak GPU memory per step, GiB (p={DEFAULT_P})")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"model_{slug}_memory.png", dpi=130)
+    plt.close(fig)
+
+
+def short(exc: BaseException) -> str:
+    """One line of an error, without Dynamo's advice on how to get more of it."""
+    text = str(exc).split("Set TORCHDYNAMO_VERBOSE")[0]
+    return " ".join(text.split())[:300]
+
+
+def fmt(x, spec: str) -> str:
+    return format(float(x), spec) if isinstance(x, (int, float)) and x == x else "-"
+
+
+def print_table(rows: list[dict], models: list[str]) -> None:
+    log("\nmedian training-step ms (fwd+bwd+AdamW, bf16 autocast); peak GPU MB; speed-up = inductor / sparsedrop")
+    log(f"{'model':5s} {'batch':>12s} {'p':>4s} {'inductor':>9s} {'sparsedrop':>10s} {'speedup':>7s} "
+        f"{'mem ind':>8s} {'mem sd':>8s} {'mem x':>6s} {'compile s':>10s}")
+    for model in models:
+        sub = sorted({float(r["p"]) for r in rows if r["model"] == model})
+        for p in sub:
+            ind, spd = find(rows, model, p, "inductor"), find(rows, model, p, "sparsedrop")
+            ref = ind or spd
+            shape = f"{ref['batch']}x{ref['seq']}" + (f"/{ref['dec_seq']}" if ref.get("dec_seq") else "")
+            get = lambda r, k: r.get(k) if ok(r) else None  # noqa: E731
+            compile_s = f"{fmt(get(ind, 'compile_s'), '.0f')}/{fmt(get(spd, 'compile_s'), '.0f')}"
+            log(f"{model:5s} {shape:>12s} {p:4.1f} {fmt(get(ind, 'median_ms'), '9.1f'):>9s} "
+                f"{fmt(get(spd, 'median_ms'), '10.1f'):>10s} {fmt(get(spd, 'speedup_vs_inductor'), '6.2f') + 'x':>7s} "
+                f"{fmt(get(ind, 'peak_mem_mb'), '8.0f'):>8s} {fmt(get(spd, 'peak_mem_mb'), '8.0f'):>8s} "
+                f"{fmt(get(spd, 'mem_ratio_vs_inductor'), '6.2f'):>6s} {compile_s:>10s}")
+    for model in models:
+        r = next((r for r in rows if r["model"] == model and r.get("sites_total") is not None), None)
+        if r is not None:
+            log(f"{model}: {r['sites_rewritten']}/{r['sites_total']} dropout sites rewritten at p={DEFAULT_P} "
+                f"({r['sites_detail']})")
+    for model in models:
+        p0 = [find(rows, model, 0.0, b) for b in BACKENDS]
+        if all(ok(r) for r in p0):
+            a, b = (float(r["loss_first"]) for r in p0)
+            log(f"{model} p=0 check: first-step loss inductor {a:.4f}, sparsedrop {b:.4f} (rel. diff {abs(a - b) / abs(a):.1e}), "
+                f"time ratio {float(p0[0]['median_ms']) / float(p0[1]['median_ms']):.3f}")
+    for r in rows:
+        if r.get("error"):
+            log(f"FAILED {r['model']} p={r['p']} {r['backend']}: {r['error']}")
+
+
+# --------------------------------------------------------------------------- main loop
+def run(args) -> int:
+    device = args.device
+    info, slug = env_info(device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"model_{slug}.csv"
+    shapes = args.shapes  # every model's, so rows of models not run now are judged too
+    compiler = args.inner
+    log(f"{info['gpu']}  torch {info['torch']}  transformers {info['transformers']}  triton {info['triton']}  "
+        f"cuda {info['cuda']}")
+    log(f"models {' '.join(args.models)}; p {' '.join(f'{p:g}' for p in args.ps)}; block_size {args.block_size}; "
+        f"compiler {compiler}; {args.warmup} warm-up + {args.steps} timed steps; budget {args.budget_min or 'none'} min")
+
+    def settings(model: str) -> dict:
+        b, s, d = shapes[model]
+        return {**info, "batch": b, "seq": s, "dec_seq": d, "compiler": compiler, "block_size": args.block_size}
+
+    # Rows of earlier runs with the same settings stay in the file (so runs over subsets of models
+    # and p add up to one figure); rows of other settings or versions would mix two experiments.
+    existing = [] if args.fresh else read_rows(csv_path)
+    rows = [r for r in existing if r.get("model") in shapes
+            and all(str(r.get(k)) == str(settings(r["model"])[k]) for k in SETTING_KEYS)]
+    if csv_path.exists() and (args.fresh or len(rows) < len(existing)):
+        prev = csv_path.with_name(csv_path.stem + ".prev.csv")
+        csv_path.replace(prev)
+        log(f"the previous {csv_path.name} is now {prev.name} ({len(existing) - len(rows) if not args.fresh else 'all'} "
+            "row(s) of other settings or versions not carried over)")
+    if rows:
+        log(f"{len(rows)} row(s) of earlier runs with these settings kept in {csv_path.name}; "
+            + ("pairs already measured are skipped (--resume)" if args.resume else "pairs run now replace theirs"))
+
+    sites: dict[str, dict] = {}
+    for r in rows if args.resume else []:  # without --resume, explain runs again with the current code
+        if r.get("sites_total") is not None:
+            sites.setdefault(r["model"], {k: r[k] for k in ("sites_rewritten", "sites_total", "sites_detail")})
+
+    title = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; "
+             f"bf16 autocast, block {args.block_size}")
+    start = T0
+    pair_s: dict[str, list[float]] = {}
+    skipped: list[tuple[str, float]] = []
+    plan = [(m, p) for p in args.ps for m in args.models]  # p-major: every model's headline comes first
+    for model, p in plan:
+        if args.resume and all(ok(find(rows, model, p, b)) for b in BACKENDS):
+            continue
+        if args.budget_min:
+            # The last pair of this model is the best guess (later compiles reuse cached kernels);
+            # a model not yet run is guessed from the slowest pair so far, which had explain in it too.
+            seen = pair_s.get(model) or [max((t for ts in pair_s.values() for t in ts), default=0.0)]
+            elapsed = time.perf_counter() - start
+            if elapsed + seen[-1] > args.budget_min * 60:
+                skipped.append((model, p))
+                log(f"[{elapsed:5.0f} s] skip {model} p={p:g}: ~{seen[-1]:.0f} s more would pass the "
+                    f"{args.budget_min} min budget")
+                continue
+        t_pair = time.perf_counter()
+        shape = shapes[model]
+        if model not in sites:
+            log(f"[{t_pair - start:5.0f} s] {model}: explain at p={DEFAULT_P}")
+            try:
+                sites[model] = explain_model(model, shape, args, out_dir, slug)
+            except Exception as exc:  # noqa: BLE001 - the timing is still worth having
+                sites[model] = {"sites_rewritten": None, "sites_total": None,
+                                "sites_detail": f"explain failed: {type(exc).__name__}: {short(exc)}"}
+                log(f"  explain {model} FAILED: {sites[model]['sites_detail']}")
+        for backend in BACKENDS:
+            log(f"[{time.perf_counter() - start:5.0f} s] {model} batch {shape_str(shape)} p={p:g} {backend}: compiling ...")
+            row = {**settings(model), "model": model, "p": p, "backend": backend, **sites[model],
+                   "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            try:
+                row.update(time_training(model, backend, p, shape, args))
+            except Exception as exc:  # noqa: BLE001 - one failing run must not end the benchmark
+                # Inductor may wrap an OOM raised while it compiles in its own exception type.
+                oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+                row["error"] = (f"out of memory; lower the batch (--{model}-batch)" if oom
+                                else f"{type(exc).__name__}: {short(exc)}")
+                log(f"  FAILED: {row['error']}")
+                if not oom:
+                    log("".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
+            # Outside the except block: the traceback no longer pins the failed run's tensors.
+            torch._dynamo.reset()
+            free_memory(device)
+            base = find(rows, model, p, "inductor") if backend == "sparsedrop" else row
+            if ok(row) and ok(base):
+                row["speedup_vs_inductor"] = round(float(base["median_ms"]) / float(row["median_ms"]), 3)
+                if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
+                    row["mem_ratio_vs_inductor"] = round(float(row["peak_mem_mb"]) / float(base["peak_mem_mb"]), 3)
+            put(rows, row)
+            write_rows(rows, csv_path)
+            if ok(row):
+                log(f"  {row['median_ms']:.1f} ms/step (min {row['min_ms']:.1f}), peak {fmt(row.get('peak_mem_mb'), '.0f')} MB, "
+                    f"compile+first step {row['compile_s']} s, {row['graphs']} graph(s)"
+                    + (f", {row['speedup_vs_inductor']:.2f}x vs inductor" if backend == "sparsedrop" and
+                       row.get("speedup_vs_inductor") else ""))
+                if device == "cuda" and backend == "inductor" and row["median_ms"] < TARGET_STEP_MS:
+                    log(f"  note: under {TARGET_STEP_MS:.0f} ms per step; --{model}-batch larger would time more GPU work")
+        pair_s.setdefault(model, []).append(time.perf_counter() - t_pair)
+        plot(rows, out_dir, slug, title)
+
+    log(f"\ndone in {time.perf_counter() - start:.0f} s; results: {csv_path}")
+    plots = [out_dir / f"model_{slug}_{kind}.png" for kind in ("time", "memory")]
+    log(f"plots: {', '.join(str(p) for p in plots if p.exists()) or 'none'}")
+    print_table(rows, [m for m in MODELS if any(r["model"] == m for r in rows)])
+    if skipped:
+        log(f"\nnot run (time budget): {', '.join(f'{m} p={p:g}' for m, p in skipped)}")
+        log("continue with the same arguments plus --resume")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--ps", nargs="+", type=float, default=list(DEFAULT_PS),
+                        help="dropout p for every dropout, run in this order (default: %(default)s)")
+    for model, (b, s, d) in SHAPES.items():
+        parser.add_argument(f"--{model}-batch", type=int, default=b, help=f"default {b}")
+        parser.add_argument(f"--{model}-seq", type=int, default=s, help=f"{'encoder length, ' if d else ''}default {s}")
+        if d is not None:
+            parser.add_argument(f"--{model}-dec-seq", type=int, default=d, help=f"decoder (label) length, default {d}")
+    parser.add_argument("--block-size", type=int, default=None, help="sparsedrop mask block (default 128; 32 with --smoke)")
+    parser.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                        help="compiler after the rewrite; the baseline backend is the same compiler without it")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first one compiles")
+    parser.add_argument("--budget-min", type=float, default=7.0,
+                        help="do not start a (model, p) pair that would end later than this; 0 = no limit")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip (model, p) pairs the CSV already holds for these settings; run the rest")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start a new CSV (the old one becomes .prev.csv) instead of adding to it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for CSV, plots, site tables (default benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check of the script: demo-size models, tiny batches, aot_eager, 2 timed steps")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        # Times mean nothing here: this checks the plumbing (both backends, explain, CSV, plots, resume).
+        args.device, args.size, args.shapes = "cpu", "demo", dict(SMOKE_SHAPES)
+        args.inner, args.steps, args.warmup = "aot_eager", 2, 1
+        args.block_size = args.block_size or 32  # several blocks per matrix at the smoke sizes
+        if args.ps == list(DEFAULT_PS):
+            args.ps = [0.1, 0.0]  # two points make a line; each CPU compile takes seconds
+        args.out = args.out or tempfile.mkdtemp(prefix="bench_model_smoke_")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_model.py times GPU training steps and needs a CUDA GPU; --smoke checks the script on CPU")
+        args.device, args.size = "cuda", "base"
+        args.shapes = {m: (getattr(args, f"{m}_batch"), getattr(args, f"{m}_seq"), getattr(args, f"{m}_dec_seq", None))
+                       for m in MODELS}
+        args.out = args.out or str(ROOT / "benchmarks" / "results")
+        args.block_size = args.block_size or 128
+    if args.block_size < 1:
+        parser.error(f"--block-size {args.block_size}: expected a positive int, e.g. 128")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1 (the first warm-up step compiles)")
+    bad = [p for p in args.ps if not 0 <= p < 1]
+    if bad:
+        parser.error(f"--ps {bad}: dropout p must be in [0, 1)")
+    # The baseline is the compiler the sparsedrop backend hands its graph to, without the rewrite.
+    args.baseline = args.inner
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 leftovers (loss, norms) the same way for both
+    # Library chatter would push the result table out of a tail-only log.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    def on_term(signum, frame):  # a job timeout: stop, but still print the table of what finished
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    with contextlib.suppress(KeyboardInterrupt):
+        return run(args)
+    log("\ninterrupted: the CSV holds every pair that finished")
+    _, slug = env_info(args.device)
+    rows = read_rows(Path(args.out) / f"model_{slug}.csv")
+    print_table(rows, [m for m in MODELS if any(r["model"] == m for r in rows)])
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
