@@ -16,6 +16,7 @@ Writes benchmarks/results/attention_<gpu>.csv (+ .png); the sweep writes attenti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -50,7 +51,10 @@ SHAPES = [
 ]
 SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad", 1, 2, 96, 64, False, "bool"),
                 ("1x2x96x128-causal", 1, 2, 96, 128, True, None)]
-METHODS = ("sparsedrop", "sparsedrop_dense", "sparsedrop_dropkey", "sdpa_p", "sdpa_p0", "eager")
+# sparsedrop_2pass / _atomic: the two backward strategies (BACKWARD_STRATEGY), same forward;
+# sparsedrop_dense: every tile kept, p = 0 (the kernels' dense speed, to set against sdpa_p0).
+METHODS = ("sparsedrop_2pass", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense", "sdpa_p", "sdpa_p0",
+           "eager")
 DTYPE = torch.bfloat16
 # --smoke runs everything on CPU under Triton's interpreter with tiny shapes and a wall-clock
 # timer: it checks this script's plumbing where there is no GPU, its times mean nothing.
@@ -128,7 +132,7 @@ def make_inputs(b, h, s, d, mask_kind, seed=0):
 
 def attention_fn(method, q, k, v, mask, p, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if method == "sparsedrop":
+    if method in ("sparsedrop_2pass", "sparsedrop_atomic"):
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block)
     if method == "sparsedrop_dropkey":
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block, mode="dropkey")
@@ -153,6 +157,22 @@ def attention_fn(method, q, k, v, mask, p, causal, block):
             return torch.matmul(F.dropout(prob, p, training=True), v)
         return eager
     raise ValueError(method)
+
+
+@contextlib.contextmanager
+def backward_strategy(method, head_dim):
+    """Run the sparsedrop_<strategy> methods with that backward (read when kernels launch)."""
+    from sparsedrop_compile.kernels import flash_attention_triton as fat
+
+    saved = dict(fat.BACKWARD_STRATEGY)
+    if method == "sparsedrop_2pass":
+        fat.BACKWARD_STRATEGY[head_dim] = "two_pass"
+    elif method == "sparsedrop_atomic":
+        fat.BACKWARD_STRATEGY[head_dim] = "atomic"
+    try:
+        yield fat.BACKWARD_STRATEGY[head_dim]
+    finally:
+        fat.BACKWARD_STRATEGY.update(saved)
 
 
 def fwd_bwd(fwd, q, k, v, grad):
@@ -196,8 +216,11 @@ def run_benchmark(args) -> list[dict]:
                        "mask": mask_kind or "none", "p": p, "method": method, "block": f"{block[0]}x{block[1]}"}
                 try:
                     fwd = attention_fn(method, q, k, v, mask, p, causal, block)
-                    row["median_ms"], row["timer"] = timed(fwd_bwd(fwd, q, k, v, grad), reps)
-                    row["fwd_ms"], _ = timed(fwd_only(fwd), reps)
+                    with backward_strategy(method, d) as strategy:
+                        if method.startswith("sparsedrop"):
+                            row["backward"] = strategy
+                        row["median_ms"], row["timer"] = timed(fwd_bwd(fwd, q, k, v, grad), reps)
+                        row["fwd_ms"], _ = timed(fwd_only(fwd), reps)
                 except Exception as exc:  # noqa: BLE001 - one failing method must not end the run
                     row["median_ms"], row["fwd_ms"], row["timer"] = float("nan"), float("nan"), "failed"
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -242,7 +265,8 @@ def plot(rows, path: Path, title: str):
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
-        for method, style in (("sparsedrop", "o-"), ("sparsedrop_dropkey", "^-"), ("sdpa_p", "s-"), ("eager", "x-")):
+        for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_atomic", "d-"), ("sparsedrop_dropkey", "^-"),
+                              ("sdpa_p", "s-"), ("eager", "x-")):
             pts = sorted((r["p"], r["median_ms"]) for r in sub if r["method"] == method)
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=method)
@@ -330,13 +354,18 @@ def run_sweep(args) -> list[dict]:
             "bwd_kv": (lambda cfg: (lambda: fat._launch_dkdv(pb, grad, lse, delta, cfg)),
                        lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv))),
             "bwd_q": (lambda cfg: (lambda: fat._launch_dq(pb, grad, lse, delta, cfg, False)), lambda r: err(r[0], ref_dq)),
+            # The single-pass backward: dK, dV and (atomically) dQ in one kernel.
+            "bwd_fused": (lambda cfg: (lambda: fat._launch_dkdv(pb, grad, lse, delta, cfg, atomic_dq=True)),
+                          lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv), err(r[2], ref_dq))),
         }
         best = {}
         for kind, (make, check) in passes.items():
-            timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][d] if cfg[0] >= 32 and cfg[1] >= 32]
+            # Tiles under 32 x 64 are there for small mask tiles, not speed: not timed.
+            timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][d]
+                          if cfg[0] * cfg[1] >= 32 * 64]
             ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
                         key=lambda r: r["median_ms"])
-            for r in ok[:3]:  # the other ways of skipping a tile, on the three fastest tiles
+            for r in ok[:2]:  # the other ways of skipping a tile, on the two fastest tiles
                 for skip in (fat.SKIP_LAZY_LOAD, fat.SKIP_NONE):
                     cfg = (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], skip)
                     timed_rows.append(record(kind, cfg, make(cfg), check))
@@ -358,15 +387,18 @@ def run_sweep(args) -> list[dict]:
             for kind in passes:
                 fit = [r for r in best[kind] if tile[0] % r["BLOCK_M"] == 0 and tile[1] % r["BLOCK_N"] == 0]
                 picks[kind] = min(fit, key=lambda r: r["median_ms"]) if fit else None
-            if any(v is None for v in picks.values()):
-                continue
-            total = t_delta + sum(r["median_ms"] for r in picks.values())
-            cfgs = {kind: (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], r["skip_mode"]) for kind, r in picks.items()}
-            rows.append({**info, "shape": shape, "pass": "total", "mask_tile": f"{tile[0]}x{tile[1]}", "median_ms": total,
-                         "configs": str(cfgs)})
-            print(f"  mask tile {tile[0]:3d}x{tile[1]:<3d}: {total:.4f} ms "
-                  f"(x{base['sdpa_p'] / total:.2f} vs SDPA p, x{base['sdpa_p0'] / total:.2f} vs SDPA p=0)  {cfgs}")
-        print(f"\n  to adopt: put each pass's winner first in CANDIDATES[...][{d}] in kernels/flash_attention_triton.py")
+            for strategy, kinds in (("two_pass", ("fwd", "bwd_kv", "bwd_q")), ("atomic", ("fwd", "bwd_fused"))):
+                if any(picks[kind] is None for kind in kinds):
+                    continue
+                total = t_delta + sum(picks[kind]["median_ms"] for kind in kinds)
+                cfgs = {kind: (picks[kind]["BLOCK_M"], picks[kind]["BLOCK_N"], picks[kind]["num_warps"],
+                               picks[kind]["num_stages"], picks[kind]["skip_mode"]) for kind in kinds}
+                rows.append({**info, "shape": shape, "pass": f"total_{strategy}", "mask_tile": f"{tile[0]}x{tile[1]}",
+                             "median_ms": total, "configs": str(cfgs)})
+                print(f"  mask tile {tile[0]:3d}x{tile[1]:<3d} {strategy:8s}: {total:.4f} ms "
+                      f"(x{base['sdpa_p'] / total:.2f} vs SDPA p, x{base['sdpa_p0'] / total:.2f} vs SDPA p=0)  {cfgs}")
+        print(f"\n  to adopt: put each pass's winner first in CANDIDATES[...][{d}] and the faster strategy in "
+              f"BACKWARD_STRATEGY[{d}] in kernels/flash_attention_triton.py")
     return rows
 
 

@@ -48,7 +48,7 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 SKIP_PREFETCH, SKIP_LAZY_LOAD, SKIP_NONE = 0, 1, 2
 # The same values as constexpr globals, the only globals a @triton.jit function may read.
 _LAZY, _DENSE = tl.constexpr(SKIP_LAZY_LOAD), tl.constexpr(SKIP_NONE)
-_NO_MASK, _BOOL_MASK = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL)
+_NO_MASK, _BOOL_MASK, _FLOAT_MASK = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL), tl.constexpr(MASK_FLOAT)
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -93,23 +93,31 @@ def _fwd_tile(
             v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-    s = _dot(q, kt, INTERPRET) * qk_scale
+    s = _dot(q, kt, INTERPRET)
     if MASK_KIND != _NO_MASK:
         # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
         mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
         if MASK_KIND == _BOOL_MASK:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
+            s = s * qk_scale + mv.to(tl.float32) * 1.4426950408889634
     if MASKED:
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_m[:, None] >= offs_n[None, :])
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK_KIND == _FLOAT_MASK:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        # Scores are still raw q·k here: scale the row max (scale > 0) and fold the scale into
+        # the exponent's multiply-add, one FMA per element as in the Triton tutorial.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row with no visible key so far has m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    prob = tl.exp2(s - m_use[:, None])
+    if MASK_KIND == _FLOAT_MASK:
+        prob = tl.exp2(s - m_use[:, None])
+    else:
+        prob = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     # The normaliser sums every tile, dropped or kept: dropout comes after the softmax.
     l_i = l_i * alpha + tl.sum(prob, 1)
@@ -232,43 +240,40 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m, offs_n,
-    Sq, stride_qm, stride_gm, stride_mm, qk_scale,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, start_m, offs_n,
+    Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """One query chunk against the program's key block, in the transposed (keys x queries) frame."""
+    """One query chunk against the program's key block, in the transposed (keys x queries) frame.
+
+    Rows past Sq are read from row Sq - 1 (clamped, so no load needs a predicate) and get
+    lse = +inf, which makes their P exactly 0: the ragged end needs no loop of its own, which
+    keeps one loop body fewer alive in a kernel that is short of registers. MASKED only adds
+    the causal mask for chunks that straddle the diagonal.
+    """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-    qt_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None]
-    do_ptrs = do_base + offs_m[:, None] * stride_gm + offs_d[None, :]
-    if MASKED:
-        qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    else:
-        qt = tl.load(qt_ptrs)
-        lse = tl.load(lse_base + offs_m)
-        delta = tl.load(delta_base + offs_m)
+    rows = tl.minimum(offs_m, Sq - 1)
+    qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = do_base + rows[:, None] * stride_gm + offs_d[None, :]
+    qt = tl.load(qt_ptrs)
+    lse = tl.where(offs_m < Sq, tl.load(lse_base + rows), float("inf"))
+    delta = tl.load(delta_base + rows)
     if SKIP != _LAZY:
-        if MASKED:
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            do = tl.load(do_ptrs)
+        do = tl.load(do_ptrs)
     st = _dot(k, qt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
-        mv = tl.load(mask_cols[:, None] + tl.minimum(offs_m, Sq - 1)[None, :] * stride_mm)
-        if MASK_KIND == _BOOL_MASK:
-            st = tl.where(mv != 0, st, float("-inf"))
-        else:
+        mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
+        if MASK_KIND == _FLOAT_MASK:
             st = st + mv.to(tl.float32) * 1.4426950408889634
-    if MASKED:
-        ok = row_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[None, :] >= offs_n[:, None])
-        st = tl.where(ok, st, float("-inf"))
+    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
     pt = tl.exp2(st - (lse * 1.4426950408889634)[None, :])
+    if MASK_KIND == _BOOL_MASK:
+        pt = tl.where(mv != 0, pt, 0.0)
+    if MASKED:
+        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
     if SKIP == _DENSE:
         keepf = kept.to(tl.float32)
         dv = _dot_acc((pt * keepf).to(do.dtype), do, dv, INTERPRET)
@@ -277,44 +282,54 @@ def _dkdv_tile(
     else:
         if kept:
             if SKIP == _LAZY:
-                if MASKED:
-                    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-                else:
-                    do = tl.load(do_ptrs)
+                do = tl.load(do_ptrs)
             dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
             dpt = _dot(v, tl.trans(do), INTERPRET)
             dst = pt * (dpt - delta[None, :])
         else:
             # Dropped tile: dP = 0 but dS = -P Δ is not, so dK still gets a product.
             dst = -pt * delta[None, :]
-    dk = _dot_acc(dst.to(qt.dtype), tl.trans(qt), dk, INTERPRET)
+    dst_lo = dst.to(qt.dtype)
+    dk = _dot_acc(dst_lo, tl.trans(qt), dk, INTERPRET)
+    if ATOMIC_DQ:
+        # Single-pass backward: this chunk's share of dQ = dS K goes straight into an fp32
+        # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
+        dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
+        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
+                      mask=(offs_m < Sq)[:, None], sem="relaxed")
+    if MASK_GRAD:
+        tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None], dst * dmask_scale,
+                 mask=(offs_m < Sq)[None, :] & (offs_n < Sk)[:, None])
     return dk, dv
 
 
 @triton.jit
 def _dkdv_range(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col, lo, hi, offs_n,
-    Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale, block_q,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, lo, hi, offs_n,
+    Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, qk_scale, dmask_scale, block_q,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
+    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
         if DROPKEY:
             if kept:
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m,
-                                    offs_n, Sq, stride_qm, stride_gm, stride_mm, qk_scale,
-                                    BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, _LAZY, INTERPRET)
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
+                                    dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, ATOMIC_DQ,
+                                    MASK_GRAD, _LAZY, INTERPRET)
         else:
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, kept, start_m,
-                                offs_n, Sq, stride_qm, stride_gm, stride_mm, qk_scale,
-                                BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, SKIP, INTERPRET)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
+                                dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, ATOMIC_DQ,
+                                MASK_GRAD, SKIP, INTERPRET)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Mask, Keep, dOut, Lse, Delta, dK, dV,
+    Q, K, V, Mask, Keep, dOut, Lse, Delta, dK, dV, dQacc, dMask,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -323,12 +338,16 @@ def _attn_bwd_dkdv(
     stride_gb, stride_gh, stride_gm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, block_q, block_k,
+    H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group."""
+    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
+
+    With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) and,
+    with MASK_GRAD, writes dS into dMask (B, H, Sq, Sk): the whole backward in one pass.
+    """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -347,19 +366,14 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     keep_n = (start_n // block_k) * stride_en
 
-    # Query chunks: [lo, diag_hi) straddle the causal diagonal (masked), [diag_hi, full_hi) are
-    # whole and fully visible, [tail_lo, Sq) is the ragged end (masked).
-    full_hi = Sq // BLOCK_M * BLOCK_M
+    # Query chunks [lo, diag_hi) straddle the causal diagonal and need its mask; from diag_hi
+    # (0 without causal) to Sq every query sees every key of the block.
     if CAUSAL:
         lo = start_n // BLOCK_M * BLOCK_M
         diag_hi = (start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         diag_end = tl.minimum(diag_hi, (Sq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-        tail_lo = tl.maximum(diag_hi, full_hi)
     else:
-        lo = 0
         diag_hi = 0
-        diag_end = 0
-        tail_lo = full_hi
 
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -370,16 +384,17 @@ def _attn_bwd_dkdv(
         delta_base = Delta + bh * Sq
         mask_cols = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_n, Sk - 1) * stride_mn
         keep_col = Keep + off_b * stride_eb + off_h * stride_eh + keep_n
+        dq_base = dQacc + bh * Sq * HEAD_DIM
+        dmask_base = dMask + bh * Sq * Sk
         if CAUSAL:
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
-                                 lo, diag_end, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
-                                 block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY, SKIP, INTERPRET)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
-                             diag_hi, full_hi, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
-                             block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, False, DROPKEY, SKIP, INTERPRET)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, keep_col,
-                             tail_lo, Sq, offs_n, Sq, stride_qm, stride_gm, stride_mm, stride_em, qk_scale,
-                             block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY, SKIP, INTERPRET)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
+                                 keep_col, lo, diag_end, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
+                                 qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY,
+                                 ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
+                             keep_col, diag_hi, Sq, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
+                             qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, False, DROPKEY,
+                             ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
     dv = dv * dv_scale
@@ -413,17 +428,18 @@ def _dq_tile(
     s = _dot(q, kt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
         mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
-        if MASK_KIND == _BOOL_MASK:
-            s = tl.where(mv != 0, s, float("-inf"))
-        else:
+        if MASK_KIND == _FLOAT_MASK:
             s = s + mv.to(tl.float32) * 1.4426950408889634
+    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
+    prob = tl.exp2(s - lse2[:, None])
+    if MASK_KIND == _BOOL_MASK:
+        prob = tl.where(mv != 0, prob, 0.0)
     if MASKED:
-        # Keys past Sk must be exact zeros here: exp2(0 - lse) of a zero key can overflow.
+        # Keys past Sk must give exact zeros: exp2(0 - lse) of a zero key can overflow.
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(ok, s, float("-inf"))
-    prob = tl.exp2(s - lse2[:, None])
+        prob = tl.where(ok, prob, 0.0)
     if SKIP == _DENSE:
         dp = _dot(do, vt, INTERPRET)
         ds = prob * (dp * kept.to(tl.float32) - delta[:, None])
@@ -547,12 +563,34 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
         128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 4, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 3, 0),
               (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
+    # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
+    "bwd_fused": {
+        64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 64, 4, 2, 0), (64, 64, 4, 2, 0),
+             (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+        128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (64, 128, 8, 2, 0), (32, 64, 4, 2, 0), (64, 64, 8, 2, 0),
+              (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+    },
 }
+
+# Which backward runs by default, per head dim; `--sweep` times both.
+BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
 
 # The mask tile the user layer uses by default: the smallest one that every first-choice config
 # above fits (fwd 128 queries, bwd_kv 128 keys, bwd_q 128 queries), so no pass is forced onto a
 # slower tile. See benchmarks/NOTES_attention.md.
 DEFAULT_BLOCK = (128, 128)
+
+
+def backward_strategy(head_dim: int, override: str | None = None) -> str:
+    """"two_pass" (a dK/dV pass and a dQ pass, deterministic) or "atomic" (one pass, dQ summed
+    with fp32 atomics: fewer FLOPs, not bitwise reproducible; never used under
+    torch.use_deterministic_algorithms)."""
+    strategy = override or BACKWARD_STRATEGY[head_dim]
+    if strategy not in ("two_pass", "atomic"):
+        raise ValueError(f"sparsedrop attention backward strategy {strategy!r}: expected 'two_pass' or 'atomic'")
+    if strategy == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "two_pass"
+    return strategy
 
 
 def fits(config: Sequence[int], block: tuple[int, int]) -> bool:
@@ -639,6 +677,9 @@ class _Problem:
         self.causal = bool(is_causal)
         self.dropkey = mode == "dropkey"
         self.sm_scale = float(default_scale(q, scale))
+        if not self.sm_scale > 0:
+            raise ValueError(f"sparsedrop attention Triton kernels: scale={scale!r}; they need a positive scale "
+                             "(kernel='auto' runs other scales on the reference)")
         self.out_scale = 1.0 if self.dropkey else float(dropout_scale(p))
         self.mask_input = attn_mask
         if attn_mask is None:
@@ -688,28 +729,38 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     return delta
 
 
-def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg) -> tuple[Tensor, Tensor]:
+def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, atomic_dq: bool = False,
+                 mask_grad: bool = False):
+    """dK, dV (and, with atomic_dq, dQ and dMask too); returns (dk, dv, dq or None, dmask or None)."""
     block_m, block_n, warps, stages, skip = cfg
     dk = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.k.device, dtype=pb.k.dtype)
     dv = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.v.device, dtype=pb.v.dtype)
+    dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
+    dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (triton.cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
     _attn_bwd_dkdv[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dk, dv,
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
-        pb.block[0], pb.block[1],
+        pb.out_scale, pb.block[0], pb.block[1],
         HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
+        DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
+        num_warps=warps, num_stages=stages,
     )
-    return dk, dv
+    dq = (dq_acc * (pb.sm_scale * pb.out_scale)).to(pb.q.dtype) if atomic_dq else None
+    return dk, dv, dq, (dmask if mask_grad else None)
+
+
+def _dmask_buffer(pb: _Problem) -> Tensor:
+    # dMask is written per element (dropped and masked tiles included); tiles the causal loops
+    # never visit must read as zeros.
+    return torch.zeros(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=torch.float32)
 
 
 def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool):
     block_m, block_n, warps, stages, skip = cfg
     dq = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
-    # dMask is written per element (dropped and masked tiles included); tiles the causal loop
-    # never visits must read as zeros.
-    dmask = torch.zeros(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=torch.float32) if mask_grad else lse
+    dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (triton.cdiv(pb.Sq, block_m), pb.B * pb.H)
     _attn_bwd_dq[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dq, dmask,
@@ -739,15 +790,20 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
     """(dq, dk, dv, dmask or None) like ``flash_attention.reference_attention_backward``."""
     pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     config = config or {}
-    kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
-    q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
+    strategy = backward_strategy(pb.D, config.get("bwd"))
     if pb.squeeze:
         grad_out, out, lse = grad_out.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
     grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
     mask_grad = bool(mask_grad) and pb.mask_kind == MASK_FLOAT
     delta = _launch_delta(pb, out, grad_out)
-    dk, dv = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg)
-    dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad)
+    if strategy == "atomic":
+        fused_cfg = _pick_config("bwd_fused", pb.D, pb.block, config.get("bwd_fused"))
+        dk, dv, dq, dmask = _launch_dkdv(pb, grad_out, lse, delta, fused_cfg, atomic_dq=True, mask_grad=mask_grad)
+    else:
+        kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
+        q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
+        dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg)
+        dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad)
     if pb.squeeze:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     if dmask is not None:

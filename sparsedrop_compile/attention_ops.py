@@ -75,6 +75,14 @@ def _tensors(q, k, v, attn_mask):
     return (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
 
 
+def _use_kernels(kernel, q, k, v, attn_mask, scale, block) -> bool:
+    # The kernels fold the scale into the row max, which needs scale > 0; any other scale is
+    # legal for SDPA and runs on the reference.
+    if scale is not None and scale <= 0 and kernel != "triton":
+        return False
+    return use_triton(kernel, _tensors(q, k, v, attn_mask), block, family="attention")
+
+
 # --------------------------------------------------------------------------- forward
 @torch.library.custom_op(f"{LIB}::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor, p: float,
@@ -84,7 +92,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     block = (block_q, block_k)
     _check_args(q, k, v, attn_mask, keep, p, enable_gqa, block, mode, "attention_forward")
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
-    if use_triton(kernel, _tensors(q, k, v, attn_mask), block, family="attention"):
+    if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         return _triton_attention_module().attention_forward(*args)
     return _ref.reference_attention_forward(*args)
 
@@ -103,7 +111,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     """(dq, dk, dv, dmask); dmask is empty unless mask_grad and attn_mask is a float mask."""
     block = (block_q, block_k)
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
-    if use_triton(kernel, _tensors(q, k, v, attn_mask), block, family="attention"):
+    if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         dq, dk, dv, dmask = _triton_attention_module().attention_backward(
             grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
     else:

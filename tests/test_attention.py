@@ -251,10 +251,13 @@ def test_triton_keep_all_true_and_all_false(mode, kept):
 
 
 # Kernel tiles smaller than the mask tile (block splitting), and each way of skipping a tile.
+# "bwd": "atomic" is the single-pass backward (dQ summed with atomics in the dK/dV kernel).
 SPLIT_CONFIGS = [
     {"fwd": (16, 32, 4, 2, 0), "bwd_kv": (16, 64, 4, 2, 1), "bwd_q": (32, 16, 4, 2, 2)},
     {"fwd": (64, 16, 4, 2, 1), "bwd_kv": (32, 16, 4, 2, 2), "bwd_q": (16, 64, 4, 2, 0)},
     {"fwd": (32, 64, 4, 2, 2), "bwd_kv": (64, 32, 4, 2, 0), "bwd_q": (64, 32, 4, 2, 1)},
+    {"fwd": (64, 64, 4, 2, 0), "bwd": "atomic", "bwd_fused": (16, 64, 4, 2, 0)},
+    {"fwd": (64, 64, 4, 2, 0), "bwd": "atomic", "bwd_fused": (32, 32, 4, 2, 2)},
 ]
 
 
@@ -276,6 +279,31 @@ def test_triton_block_splitting_and_skip_modes(cfg, causal):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), (out, *grads), (ref_out, *ref)):
         assert_close_scaled(a, b, torch.float16, name)
+
+
+@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
+def test_triton_atomic_backward_with_gqa_mask_grad_and_causal(mode):
+    q, k, v, grad, g = make_inputs(hq=4, hkv=2, sq=77, sk=45)
+    block = (32, 16)
+    keep = random_keep(q, k, 0.3, block, g)
+    mask = torch.randn(45, generator=g).half()  # broadcast over batch, heads and queries
+    out, lse = fat.attention_forward(q, k, v, mask, keep, 0.3, True, 0.2, True, block, mode)
+    grads = fat.attention_backward(grad, q, k, v, out, lse, mask, keep, 0.3, True, 0.2, True, block, mode, True,
+                                   {"bwd": "atomic"})
+    ref = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), mask.float(), keep, 0.3, True,
+                                          0.2, True, block, mode, True)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), grads, ref):
+        assert a.shape == b.shape, name
+        assert_close_scaled(a, b, torch.float16, name)
+
+
+def test_atomic_backward_is_not_used_under_deterministic_algorithms():
+    assert fat.backward_strategy(64, "atomic") == "atomic"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert fat.backward_strategy(64, "atomic") == "two_pass"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_triton_three_dim_inputs():
