@@ -360,9 +360,9 @@ def run_sweep(args) -> list[dict]:
         }
         best = {}
         for kind, (make, check) in passes.items():
-            # Tiles under 32 x 64 are there for small mask tiles, not speed: not timed.
+            # Tiles under 32 x 32 are there for small mask tiles, not speed: not timed.
             timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][d]
-                          if cfg[0] * cfg[1] >= 32 * 64]
+                          if cfg[0] * cfg[1] >= 32 * 32]
             ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
                         key=lambda r: r["median_ms"])
             for r in ok[:2]:  # the other ways of skipping a tile, on the two fastest tiles

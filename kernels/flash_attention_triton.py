@@ -539,41 +539,43 @@ def _attn_bwd_dq(
 
 
 # --------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode), fastest first. For "fwd" and "bwd_q" the
-# program owns BLOCK_M queries and loops over BLOCK_N keys; for "bwd_kv" it owns BLOCK_N keys
-# and loops over BLOCK_M queries. The first candidate whose tile fits the mask tile is used.
-# The orders are starting points from the Triton fused-attention tutorial's H100 choices;
-# `benchmarks/bench_attention.py --sweep` times them all and prints the winners.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode), best guess first. For "fwd" and "bwd_q"
+# the program owns BLOCK_M queries and loops over BLOCK_N keys; for "bwd_kv" and "bwd_fused" it
+# owns BLOCK_N keys and loops over BLOCK_M queries. The first candidate whose tile fits the mask
+# tile is used. Orders start from the Triton fused-attention tutorial's H100 tiles, minus those
+# that spill registers on sm_90 (compiled offline, see benchmarks/NOTES_attention.md); only
+# `benchmarks/bench_attention.py --sweep` on the GPU can rank them, and prints the winners.
 CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
-        64: [(128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 32, 4, 3, 0), (64, 64, 4, 3, 0),
-             (64, 128, 4, 3, 0), (64, 64, 4, 4, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 32, 4, 3, 0), (128, 64, 4, 3, 0), (64, 64, 4, 3, 0),
-              (64, 128, 4, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0), (128, 32, 4, 3, 0),
+             (64, 64, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0),
+              (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
     "bwd_kv": {
-        64: [(32, 128, 4, 3, 0), (64, 128, 8, 3, 0), (32, 128, 4, 4, 0), (16, 128, 4, 3, 0), (64, 64, 4, 3, 0),
-             (32, 64, 4, 3, 0), (16, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(32, 128, 8, 2, 0), (64, 128, 8, 2, 0), (16, 128, 4, 2, 0), (32, 128, 4, 3, 0), (64, 64, 4, 3, 0),
-              (32, 64, 4, 3, 0), (16, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0), (16, 128, 8, 3, 0),
+             (64, 64, 4, 2, 0), (32, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0), (16, 128, 8, 3, 0),
+              (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
     },
     "bwd_q": {
-        64: [(128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 16, 4, 3, 0), (128, 32, 4, 4, 0), (64, 64, 4, 3, 0),
-             (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 4, 3, 0), (64, 64, 4, 3, 0), (64, 32, 4, 3, 0),
-              (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0), (128, 64, 8, 2, 0),
+             (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0), (64, 64, 8, 2, 0),
+              (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {
-        64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 64, 4, 2, 0), (64, 64, 4, 2, 0),
-             (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
-        128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (64, 128, 8, 2, 0), (32, 64, 4, 2, 0), (64, 64, 8, 2, 0),
-              (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+        64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (16, 128, 8, 2, 0), (32, 64, 4, 2, 0),
+             (16, 64, 4, 2, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+        128: [(16, 128, 8, 2, 0), (16, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 64, 8, 3, 0), (32, 32, 4, 2, 0),
+              (16, 16, 4, 2, 0)],
     },
 }
 
-# Which backward runs by default, per head dim; `--sweep` times both.
-BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
+# Which backward runs by default, per head dim: the single pass does 7 tile products per kept
+# tile against the two-pass 9 (see the notes); `--sweep` times both.
+BACKWARD_STRATEGY = {64: "atomic", 128: "atomic"}
 
 # The mask tile the user layer uses by default: the smallest one that every first-choice config
 # above fits (fwd 128 queries, bwd_kv 128 keys, bwd_q 128 queries), so no pass is forced onto a

@@ -182,17 +182,18 @@ def test_reference_fully_masked_rows_give_zeros_and_finite_grads():
 
 
 # --------------------------------------------------------------------------- Triton kernels vs reference
-# (name, sq, sk, hq, hkv, d, dtype, block, causal, mask, mode)
+# (name, sq, sk, hq, hkv, d, dtype, block, causal, mask, mode, backward strategy); the backward
+# strategies alternate so both see masks, GQA, causal and dropkey.
 KERNEL_CASES = [
-    ("plain", 77, 77, 2, 2, 64, torch.float16, (32, 32), False, None, "post_softmax"),
-    ("causal-bf16", 77, 77, 2, 2, 64, torch.bfloat16, (32, 64), True, None, "post_softmax"),
-    ("sk300-float-mask-grad", 77, 300, 2, 2, 64, torch.float16, (16, 64), False, "float_bh", "post_softmax"),
-    ("sq300-bool-padding", 300, 77, 2, 2, 64, torch.bfloat16, (64, 32), False, "bool_b11", "post_softmax"),
-    ("causal-sq-gt-sk", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, None, "post_softmax"),
-    ("gqa-causal-2d-mask-grad", 77, 77, 4, 2, 64, torch.float16, (32, 32), True, "float_2d", "post_softmax"),
-    ("d128-bool-full", 77, 77, 2, 2, 128, torch.bfloat16, (32, 32), False, "bool_full", "post_softmax"),
-    ("dropkey-causal", 77, 77, 2, 2, 64, torch.float16, (16, 32), True, None, "dropkey"),
-    ("dropkey-float-mask-gqa", 77, 300, 4, 1, 64, torch.bfloat16, (32, 64), False, "float_bh", "dropkey"),
+    ("plain", 77, 77, 2, 2, 64, torch.float16, (32, 32), False, None, "post_softmax", "atomic"),
+    ("causal-bf16", 77, 77, 2, 2, 64, torch.bfloat16, (32, 64), True, None, "post_softmax", "two_pass"),
+    ("sk300-float-mask-grad", 77, 300, 2, 2, 64, torch.float16, (16, 64), False, "float_bh", "post_softmax", "two_pass"),
+    ("sq300-bool-padding", 300, 77, 2, 2, 64, torch.bfloat16, (64, 32), False, "bool_b11", "post_softmax", "atomic"),
+    ("causal-sq-gt-sk", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, None, "post_softmax", "two_pass"),
+    ("gqa-causal-2d-mask-grad", 77, 77, 4, 2, 64, torch.float16, (32, 32), True, "float_2d", "post_softmax", "two_pass"),
+    ("d128-bool-full", 77, 77, 2, 2, 128, torch.bfloat16, (32, 32), False, "bool_full", "post_softmax", "atomic"),
+    ("dropkey-causal", 77, 77, 2, 2, 64, torch.float16, (16, 32), True, None, "dropkey", "atomic"),
+    ("dropkey-float-mask-gqa", 77, 300, 4, 1, 64, torch.bfloat16, (32, 64), False, "float_bh", "dropkey", "two_pass"),
 ]
 
 
@@ -215,8 +216,9 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
-def test_triton_matches_reference(case):
-    _, sq, sk, hq, hkv, d, dtype, block, causal, mask_kind, mode = case
+def test_triton_matches_reference(case, monkeypatch):
+    _, sq, sk, hq, hkv, d, dtype, block, causal, mask_kind, mode, strategy = case
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, d, strategy)
     q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
     mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
     keep = random_keep(q, k, 0.3, block, g)
@@ -416,23 +418,56 @@ def test_sparse_dropout_attention_compiles_in_one_graph():
 
 
 # --------------------------------------------------------------------------- GPU, full size
+# (b, hq, hkv, s, d, causal, mask, dtype, mode, backward strategy)
 GPU_CASES = [
-    # (b, hq, hkv, s, d, causal, mask)
-    (8, 16, 16, 1024, 64, False, None),
-    (4, 12, 12, 512, 64, False, "bool_b11"),
-    (4, 12, 12, 512, 64, False, "float_bh"),
-    (4, 16, 16, 2048, 128, True, None),
-    (2, 16, 4, 1000, 128, True, None),
-    (2, 8, 8, 777, 64, False, "float_2d"),
+    (8, 16, 16, 1024, 64, False, None, torch.bfloat16, "post_softmax", "atomic"),
+    (8, 16, 16, 1024, 64, False, None, torch.float16, "post_softmax", "two_pass"),
+    (4, 12, 12, 512, 64, False, "bool_b11", torch.bfloat16, "post_softmax", "atomic"),
+    (4, 12, 12, 512, 64, False, "float_bh", torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 12, 12, 512, 64, False, "float_bh", torch.float16, "post_softmax", "atomic"),
+    (4, 16, 16, 2048, 128, True, None, torch.bfloat16, "post_softmax", "atomic"),
+    (4, 16, 16, 2048, 128, True, None, torch.bfloat16, "dropkey", "two_pass"),
+    (2, 16, 4, 1000, 128, True, None, torch.float16, "post_softmax", "two_pass"),
+    (2, 16, 4, 1000, 128, True, None, torch.bfloat16, "dropkey", "atomic"),
+    (2, 8, 8, 777, 64, False, "float_2d", torch.bfloat16, "dropkey", "atomic"),
+    (2, 8, 8, 777, 64, False, "float_2d", torch.float16, "post_softmax", "two_pass"),
 ]
 
 
+def _low_precision_attention(q, k, v, mask, keep, p, causal, gqa, block, mode):
+    """The same math run in the inputs' dtype by eager PyTorch: the error budget of the dtype."""
+    if gqa:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    tiles = fa.expand_attention_keep(keep, s.shape[-2], s.shape[-1], *block)
+    if mode == "dropkey":
+        s = s.masked_fill(~tiles, float("-inf"))
+    dead = (s == float("-inf")).all(-1, keepdim=True)  # rows with no visible key give 0, not NaN
+    prob = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    if mode != "dropkey":
+        prob = prob * tiles / (1 - p)
+    return prob.to(v.dtype) @ v
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}" for c in GPU_CASES])
-def test_gpu_matches_reference(case, dtype, mode):
-    b, hq, hkv, s, d, causal, mask_kind = case
+@pytest.mark.parametrize("case", GPU_CASES, ids=[
+    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
+    for c in GPU_CASES])
+def test_gpu_matches_reference(case, monkeypatch):
+    """Full size on the GPU, in the style of FlashAttention's tests: the kernel's error against
+    the fp32 reference is bounded by the error of the same math done by eager PyTorch in the
+    input dtype, times 4. The factor is measured, not hoped for: on CPU-interpreted runs
+    (200-300 tokens) the bf16 ratio reached 2.95 (dV, causal) and fp16 stayed under 1.3. A
+    flash backward rounds P and dS to the input dtype before its products and takes
+    Δ = rowsum(dO ⊙ O) from the stored bf16 O, as FlashAttention does; in rows whose attention
+    sits on a few keys (the first causal rows) that rounding is not averaged away."""
+    b, hq, hkv, s, d, causal, mask_kind, dtype, mode, strategy = case
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, d, strategy)
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(b, h, s, d, generator=g).to(dtype).cuda() for h in (hq, hkv, hkv, hq))
     mask = _mask(mask_kind, b, hq, s, s, dtype, g)
@@ -442,9 +477,16 @@ def test_gpu_matches_reference(case, dtype, mode):
     got = run_op([q, k, v, mask], keep, 0.1, causal, None, hq != hkv, block, mode, "triton", grad)
     ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.1, causal, None, hq != hkv, block, mode,
                  "reference", grad)
-    for name, a, r in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
-        if r is not None:
-            assert_close_scaled(a, r, dtype, name)
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in (q, k, v, mask)]
+    low = _low_precision_attention(*leaves, keep, 0.1, causal, hq != hkv, block, mode)
+    low.backward(grad)
+    lows = [low] + [t.grad if t is not None and t.is_floating_point() else None for t in leaves]
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv", "dmask"), got, ref, lows):
+        if r is None:
+            continue
+        err = (a.float() - r).abs().max().item()
+        budget = (lo.float() - r).abs().max().item()
+        assert err <= 4 * budget + 1e-5 * r.abs().max().item(), f"{name}: error {err:.3g}, eager {dtype} error {budget:.3g}"
 
 
 @pytest.mark.gpu
