@@ -75,7 +75,8 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
     Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One key tile of the online softmax. MASKED tiles may hold keys past Sk or the diagonal."""
@@ -96,7 +97,10 @@ def _fwd_tile(
     s = _dot(q, kt, INTERPRET)
     if MASK_KIND != _NO_MASK:
         # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
-        mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+        if MASK_SHARED:
+            mv = tl.load(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn)[None, :]
+        else:
+            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
         if MASK_KIND == _BOOL_MASK:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -146,7 +150,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om,
     H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -166,7 +170,11 @@ def _attn_fwd(
                 mask=row_ok[:, None], other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
-    mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
+    if MASK_SHARED:
+        # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
+        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
+    else:
+        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
     keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -186,22 +194,22 @@ def _attn_fwd(
             if kept:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
                                           Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, _LAZY, INTERPRET)
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, _LAZY, INTERPRET)
         else:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
                                       Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, SKIP, INTERPRET)
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, SKIP, INTERPRET)
     for start_n in range(full_hi, hi, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
         if DROPKEY:
             if kept:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
                                           Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, _LAZY, INTERPRET)
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, _LAZY, INTERPRET)
         else:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
                                       Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, SKIP, INTERPRET)
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, SKIP, INTERPRET)
 
     # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
     # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
@@ -242,7 +250,8 @@ def _attn_bwd_delta(
 def _dkdv_tile(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, start_m, offs_n,
     Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -265,7 +274,10 @@ def _dkdv_tile(
         do = tl.load(do_ptrs)
     st = _dot(k, qt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
-        mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
+        if MASK_SHARED:
+            mv = tl.load(mask_cols)[:, None]
+        else:
+            mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
         if MASK_KIND == _FLOAT_MASK:
             st = st + mv.to(tl.float32) * 1.4426950408889634
     # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
@@ -307,7 +319,8 @@ def _dkdv_tile(
 def _dkdv_range(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, lo, hi, offs_n,
     Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, qk_scale, dmask_scale, block_q,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -317,12 +330,14 @@ def _dkdv_range(
             if kept:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
                                     dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, ATOMIC_DQ,
+                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
+                                    MASKED, ATOMIC_DQ,
                                     MASK_GRAD, _LAZY, INTERPRET)
         else:
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
                                 dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, MASKED, ATOMIC_DQ,
+                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
+                                MASKED, ATOMIC_DQ,
                                 MASK_GRAD, SKIP, INTERPRET)
     return dk, dv
 
@@ -340,7 +355,8 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
@@ -389,11 +405,13 @@ def _attn_bwd_dkdv(
         if CAUSAL:
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
                                  keep_col, lo, diag_end, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
-                                 qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, True, DROPKEY,
+                                 qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED,
+                                 CAUSAL, True, DROPKEY,
                                  ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
                              keep_col, diag_hi, Sq, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
-                             qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, CAUSAL, False, DROPKEY,
+                             qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
+                             False, DROPKEY,
                              ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
@@ -408,7 +426,8 @@ def _attn_bwd_dkdv(
 def _dq_tile(
     dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m, row_ok,
     Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -427,7 +446,10 @@ def _dq_tile(
             vt = tl.load(vt_ptrs)
     s = _dot(q, kt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
-        mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+        if MASK_SHARED:
+            mv = tl.load(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn)[None, :]
+        else:
+            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
         if MASK_KIND == _FLOAT_MASK:
             s = s + mv.to(tl.float32) * 1.4426950408889634
     # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
@@ -473,7 +495,8 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ of one query block (and its rows of dMask), looping over key chunks."""
@@ -499,7 +522,11 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
-    mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
+    if MASK_SHARED:
+        # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
+        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
+    else:
+        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
     dmask_rows = dMask + bh * Sq * Sk + offs_m.to(tl.int64) * Sk
     keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -516,22 +543,22 @@ def _attn_bwd_dq(
             if kept:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
                               row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, MASK_GRAD, _LAZY, INTERPRET)
+                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, MASK_GRAD, _LAZY, INTERPRET)
         else:
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
                           row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, False, MASK_GRAD, SKIP, INTERPRET)
+                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, MASK_GRAD, SKIP, INTERPRET)
     for start_n in range(full_hi, hi, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
         if DROPKEY:
             if kept:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
                               row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, MASK_GRAD, _LAZY, INTERPRET)
+                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, MASK_GRAD, _LAZY, INTERPRET)
         else:
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
                           row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, CAUSAL, True, MASK_GRAD, SKIP, INTERPRET)
+                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, MASK_GRAD, SKIP, INTERPRET)
 
     dq = dq * dq_scale
     tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -614,7 +641,8 @@ def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None
     for cfg in CANDIDATES[kind][head_dim]:
         if fits(cfg, block):
             return cfg
-    raise ValueError(f"sparsedrop attention: no {kind} kernel tile fits the mask tile {block}; its sides must be multiples of 16")
+    raise ValueError(f"sparsedrop attention: no {kind} kernel tile fits the mask tile {block}; "
+                     "its sides must be multiples of 16")
 
 
 # --------------------------------------------------------------------------- support check
@@ -692,6 +720,7 @@ class _Problem:
             self.mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
             self.mask = m.expand(self.B, self.H, self.Sq, self.Sk)
             self.mask_strides = self.mask.stride()
+        self.mask_shared = self.mask_kind != MASK_NONE and self.mask_strides[2] == 0
         self.interpret = _interpreting()
 
     def common(self):
@@ -713,7 +742,8 @@ def _launch_forward(pb: _Problem, cfg) -> tuple[Tensor, Tensor]:
         pb.q, pb.k, pb.v, pb.mask, pb.keep, out, lse,
         *pb.common(), *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
+        CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -745,7 +775,8 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
         *pb.common(), *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
+        CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
         num_warps=warps, num_stages=stages,
     )
@@ -769,7 +800,8 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, 
         *pb.common(), *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, CAUSAL=pb.causal,
+        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
+        CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
         num_warps=warps, num_stages=stages,
     )

@@ -189,7 +189,8 @@ KERNEL_CASES = [
     ("causal-bf16", 77, 77, 2, 2, 64, torch.bfloat16, (32, 64), True, None, "post_softmax", "two_pass"),
     ("sk300-float-mask-grad", 77, 300, 2, 2, 64, torch.float16, (16, 64), False, "float_bh", "post_softmax", "two_pass"),
     ("sq300-bool-padding", 300, 77, 2, 2, 64, torch.bfloat16, (64, 32), False, "bool_b11", "post_softmax", "atomic"),
-    ("causal-sq-gt-sk", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, None, "post_softmax", "two_pass"),
+    ("causal-sq-gt-sk-padding-bias", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, "float_b11", "post_softmax",
+     "two_pass"),
     ("gqa-causal-2d-mask-grad", 77, 77, 4, 2, 64, torch.float16, (32, 32), True, "float_2d", "post_softmax", "two_pass"),
     ("d128-bool-full", 77, 77, 2, 2, 128, torch.bfloat16, (32, 32), False, "bool_full", "post_softmax", "atomic"),
     ("dropkey-causal", 77, 77, 2, 2, 64, torch.float16, (16, 32), True, None, "dropkey", "atomic"),
@@ -202,6 +203,8 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
         return None
     if kind == "float_bh":  # T5's position bias: one per head, shared over the batch
         return (torch.randn(1, hq, sq, sk, generator=g) * 2).to(dtype)
+    if kind == "float_b11":  # an additive padding mask, one row shared by every query
+        return torch.randn(b, 1, 1, sk, generator=g).to(dtype)
     if kind == "float_2d":
         return torch.randn(sq, sk, generator=g).to(dtype)
     if kind == "bool_b11":  # BERT's padding mask: keys only
