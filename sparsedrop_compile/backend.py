@@ -50,19 +50,22 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
 def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """torch.compile backend. ``torch.compile(m, backend="sparsedrop", options={...})``.
 
-    ``options`` fills :class:`SparseDropConfig`; ``mode`` (e.g. "reduce-overhead") is passed on to
-    Inductor as torch.compile would.
+    ``options`` fills :class:`SparseDropConfig`. Inductor's ``mode`` (e.g. "reduce-overhead")
+    comes from ``torch.compile(mode=...)`` when no options are given, else from options["mode"]
+    (torch.compile refuses both keywords together).
     """
     options = kwargs.pop("options", None)
     mode = kwargs.pop("mode", None)
     if kwargs:
         raise TypeError(f"sparsedrop backend got unexpected arguments {sorted(kwargs)}; pass settings as options={{...}}")
     config = SparseDropConfig.from_options(options)
+    if mode is not None and config.mode is None:
+        config = config.replace(mode=mode)
     run_passes(gm, config, example_inputs)
-    return _inner_compile(gm, example_inputs, config, mode)
+    return _inner_compile(gm, example_inputs, config)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig, mode: str | None):
+def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig):
     if config.inner == "eager":
         return gm.forward
     if config.inner == "aot_eager":
@@ -72,6 +75,6 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig,
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(list_mode_options(mode)) if mode else {}
+    patches = dict(list_mode_options(config.mode)) if config.mode else {}
     patches.update(config.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)

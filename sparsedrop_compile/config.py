@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 KERNELS = ("auto", "triton", "reference")
 ATTENTION_MODES = ("post_softmax", "dropkey")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class SparseDropConfig:
         "dropkey" (tiles dropped before the softmax and renormalised; a different regulariser).
     attention_block: (query, key) tile of the attention dropout mask.
     inductor_options: config patches handed to Inductor's compile_fx.
+    mode: Inductor's compile mode ("default", "reduce-overhead", "max-autotune",
+        "max-autotune-no-cudagraphs"). torch.compile refuses ``mode=`` together with ``options=``,
+        so with options pass it here.
     """
 
     block_size: tuple[int, int] = (128, 128)
@@ -39,6 +43,7 @@ class SparseDropConfig:
     attention_mode: str = "post_softmax"
     attention_block: tuple[int, int] = (64, 64)
     inductor_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -61,6 +66,8 @@ class SparseDropConfig:
             raise ValueError(f"sparsedrop option filter_fn={self.filter_fn!r}: expected a callable site -> bool")
         if not isinstance(self.attention, bool):
             raise ValueError(f"sparsedrop option attention={self.attention!r}: expected True or False")
+        if self.mode is not None and self.mode not in INDUCTOR_MODES:
+            raise ValueError(f"sparsedrop option mode={self.mode!r}: expected one of {', '.join(map(repr, INDUCTOR_MODES))}")
         if not isinstance(self.inductor_options, Mapping):
             raise ValueError(
                 f"sparsedrop option inductor_options={self.inductor_options!r}: expected a dict of "

@@ -20,7 +20,7 @@ def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype):
     rows, k, n, block = 1000, 1100, 300, (128, 128)
     x = torch.randn(rows, k, device="cuda", dtype=dtype, requires_grad=True)
     w = (torch.rand(n, k, device="cuda", dtype=dtype) + 0.1) / k**0.5
-    f = torch.compile(lambda x: F.linear(F.dropout(x, 0.3, True), w), backend="sparsedrop", mode=mode, options={"block_size": block})
+    f = torch.compile(lambda x: F.linear(F.dropout(x, 0.3, True), w), backend="sparsedrop", options={"block_size": block, "mode": mode})
     for _ in range(3):  # warm-up and cudagraph recording steps
         x.grad = None
         y = f(x)

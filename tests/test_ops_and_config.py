@@ -146,3 +146,17 @@ def test_cli_explain_reads_a_local_config(tmp_path, capsys):
     assert "query" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="config.json"):
         main(["explain", "--model", str(tmp_path / "missing")])
+
+
+def test_inductor_mode_comes_from_options_or_the_mode_keyword(monkeypatch):
+    import sparsedrop_compile.backend as backend
+
+    seen = []
+    monkeypatch.setattr(backend, "_inner_compile", lambda gm, ex, config: seen.append(config.mode) or gm.forward)
+    x = torch.randn(4, 4)
+    torch.compile(lambda x: x + 1, backend="sparsedrop", mode="reduce-overhead")(x)
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 2, backend="sparsedrop", options={"mode": "max-autotune"})(x)
+    assert seen == ["reduce-overhead", "max-autotune"]
+    with pytest.raises(ValueError, match="mode='fast'"):
+        sd.SparseDropConfig.from_options({"mode": "fast"})
