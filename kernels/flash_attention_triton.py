@@ -2,9 +2,12 @@
 
 Semantics are those of ``flash_attention.reference_attention`` (read its docstring first). The
 kernels follow the usual flash-attention structure: an online softmax in the forward that saves
-only the row logsumexp, and a backward that recomputes P tile by tile in two passes, one that
-owns a key block and accumulates dK, dV (summed over a GQA group in registers, no atomics), one
-that owns a query block and accumulates dQ (and dMask when a float mask needs a gradient).
+only the row logsumexp, and a backward that recomputes P tile by tile. The backward has two
+strategies (``BACKWARD_STRATEGY``): "two_pass", one kernel that owns a key block and accumulates
+dK, dV (summed over a GQA group in registers) and one that owns a query block and accumulates dQ
+(and dMask when a float mask needs a gradient), deterministic; and "atomic", the first kernel
+alone, adding each chunk's dQ into an fp32 buffer with atomics (fewer FLOPs, not bitwise
+reproducible, so never used under ``torch.use_deterministic_algorithms``).
 
 What a dropped tile costs (see benchmarks/NOTES_attention.md for the FLOP model):
     post_softmax, forward   q kᵀ and exp (the normaliser runs over all keys); no P V.
@@ -24,7 +27,6 @@ by the dropout scale s = 1/(1-p), so a kept tile computes P ⊙ (dO Vᵀ - Δ/s)
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -52,10 +54,13 @@ _NO_MASK, _BOOL_MASK, _FLOAT_MASK = tl.constexpr(MASK_NONE), tl.constexpr(MASK_B
 
 
 # --------------------------------------------------------------------------- jit helpers
+# Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) returns garbage
+# from tl.dot on bf16 operands and raises on bf16 scalar arithmetic. So INTERPRET (read from the
+# environment at launch) makes every product upcast its operands to fp32 (numpy has no fast
+# fp16 matmul either), and every scalar argument is an fp32 or int; on GPU the tensor cores
+# take the bf16/fp16 tiles as they are.
 @triton.jit
 def _dot(a, b, INTERPRET: tl.constexpr):
-    # Triton's interpreter returns garbage from tl.dot on bf16 operands (and numpy has no fast
-    # fp16 matmul), so interpreted runs multiply in fp32; on GPU the tensor cores take bf16/fp16.
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
