@@ -230,6 +230,7 @@ def run_benchmark(args) -> list[dict]:
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
+                write_csv(rows, args.csv_path)  # after every row: a run cut short keeps its data
                 print(f"  {name:24s} p={p:.1f} {method:20s} {row['median_ms']:8.3f} ms (fwd {row['fwd_ms']:.3f})",
                       flush=True)
     # Ratios against SDPA at the same p and at p = 0, from the same run.
@@ -339,6 +340,7 @@ def run_sweep(args) -> list[dict]:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
+            write_csv(rows, args.csv_path)  # after every config: a run cut short keeps its data
             flag = "" if row["max_err"] < 0.05 else "  <-- WRONG RESULT"
             print(f"  {kind:6s} {str(cfg):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
                   f"({row['wall_s']} s){flag}{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
@@ -427,13 +429,13 @@ def main(argv=None):
     info, slug = env_info()
     print(f"{info['gpu']}  torch {info['torch']}  triton {info['triton']}")
     if args.sweep:
+        args.csv_path = path = out_dir / f"attention_sweep_{slug}.csv"
         rows = run_sweep(args)
-        path = out_dir / f"attention_sweep_{slug}.csv"
         write_csv(rows, path)
         print(f"\nsweep results: {path}")
         return
+    args.csv_path = path = out_dir / f"attention_{slug}.csv"
     rows = run_benchmark(args)
-    path = out_dir / f"attention_{slug}.csv"
     write_csv(rows, path)
     plot(rows, out_dir / f"attention_{slug}.png", f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16")
     print(f"results: {path}")
