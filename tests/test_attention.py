@@ -404,6 +404,12 @@ def test_sparse_dropout_attention_is_sdpa_outside_training_and_replays_its_keep(
     torch.testing.assert_close(out, fa.reference_attention(q, k, v, None, keep, 0.3, True, block=(16, 16)))
 
 
+def test_default_mask_tile_is_the_kernels():
+    from sparsedrop_compile.attention_ops import DEFAULT_ATTENTION_BLOCK
+
+    assert DEFAULT_ATTENTION_BLOCK == fat.DEFAULT_BLOCK
+
+
 def test_sparse_dropout_attention_compiles_in_one_graph():
     from torch._dynamo.testing import CompileCounterWithBackend
 
