@@ -19,7 +19,7 @@ def _source_checkout_path() -> None:
 _source_checkout_path()
 
 from sparsedrop_compile import ops  # noqa: E402,F401  (registers the sparsedrop:: ops)
-from sparsedrop_compile import attention_ops  # noqa: F401  (registers sparsedrop::attention)
+from sparsedrop_compile import attention_ops  # noqa: E402,F401  (registers sparsedrop::attention)
 from sparsedrop_compile.backend import sparsedrop  # noqa: E402
 from sparsedrop_compile.config import SparseDropConfig  # noqa: E402
 from sparsedrop_compile.explain import ExplainReport, explain  # noqa: E402
