@@ -579,20 +579,20 @@ def _attn_bwd_dq(
 # `benchmarks/bench_attention.py --sweep` on the GPU can rank them, and prints the winners.
 CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
-        64: [(128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0), (128, 32, 4, 3, 0),
-             (64, 64, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
+             (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0),
               (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
     "bwd_kv": {
-        64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0), (16, 128, 8, 3, 0),
-             (64, 64, 4, 2, 0), (32, 64, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
+             (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0), (16, 128, 8, 3, 0),
               (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
     },
     "bwd_q": {
-        64: [(128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0), (128, 64, 8, 2, 0),
-             (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        64: [(64, 64, 4, 3, 0), (128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0),
+             (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0), (64, 64, 8, 2, 0),
               (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
@@ -605,14 +605,18 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     },
 }
 
-# Which backward runs by default, per head dim: the single pass does 7 tile products per kept
-# tile against the two-pass 9 (see the notes); `--sweep` times both.
-BACKWARD_STRATEGY = {64: "atomic", 128: "atomic"}
+# Which backward runs by default, per head dim. The single pass does 7 tile products per kept
+# tile against the two-pass 9 (see the notes), but its fp32 atomics cost more than they save:
+# on an H200 (torch 2.11, triton 3.6, bf16, 8x16x1024x64, p=0.1) the best two-pass fwd+bwd took
+# 0.442 ms against 0.492 ms for the best single pass, and at 4x16x2048x128 causal 1.23 ms
+# against 1.41 ms (benchmarks/NOTES_attention.md). The first candidates above for head dim 64
+# are that sweep's winners for a 64x64 mask tile.
+BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
 
-# The mask tile the user layer uses by default: the smallest one that every first-choice config
-# above fits (fwd 128 queries, bwd_kv 128 keys, bwd_q 128 queries), so no pass is forced onto a
-# slower tile. See benchmarks/NOTES_attention.md.
-DEFAULT_BLOCK = (128, 128)
+# The mask tile the user layer uses by default. On the H200 sweep the best fwd+bwd was the same
+# for 64x64 (0.4436 ms) and 128x128 (0.4420 ms) mask tiles, so the finer dropout granularity
+# costs nothing; it matches SparseDropConfig.attention_block.
+DEFAULT_BLOCK = (64, 64)
 
 
 def backward_strategy(head_dim: int, override: str | None = None) -> str:

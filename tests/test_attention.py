@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+
+import sparsedrop_compile as sd
 import torch.nn.functional as F
 
 import sparsedrop_compile  # noqa: F401  (registers the ops)
@@ -408,6 +410,7 @@ def test_default_mask_tile_is_the_kernels():
     from sparsedrop_compile.attention_ops import DEFAULT_ATTENTION_BLOCK
 
     assert DEFAULT_ATTENTION_BLOCK == fat.DEFAULT_BLOCK
+    assert sd.SparseDropConfig().attention_block == DEFAULT_ATTENTION_BLOCK
 
 
 def test_sparse_dropout_attention_compiles_in_one_graph():
