@@ -581,8 +581,8 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0), (64, 64, 4, 3, 0),
-              (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(64, 32, 4, 3, 2), (128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0),
+              (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
     "bwd_kv": {
         64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
@@ -593,8 +593,8 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "bwd_q": {
         64: [(64, 64, 4, 3, 0), (128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0),
              (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0), (64, 64, 8, 2, 0),
-              (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0),
+              (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {
@@ -610,13 +610,16 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
 # on an H200 (torch 2.11, triton 3.6, bf16, 8x16x1024x64, p=0.1) the best two-pass fwd+bwd took
 # 0.442 ms against 0.492 ms for the best single pass, and at 4x16x2048x128 causal 1.23 ms
 # against 1.41 ms (benchmarks/NOTES_attention.md). The first candidates above for head dim 64
-# are that sweep's winners for a 64x64 mask tile.
+# are that sweep's winners for a 64x64 mask tile; for head dim 128 (4x16x2048x128 causal) the
+# winners for a 64x128 mask tile (1.01 ms): at this head dim not skipping dropped tiles in the
+# forward and dQ passes (skip mode 2) was fastest.
 BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
 
-# The mask tile the user layer uses by default. On the H200 sweep the best fwd+bwd was the same
-# for 64x64 (0.4436 ms) and 128x128 (0.4420 ms) mask tiles, so the finer dropout granularity
-# costs nothing; it matches SparseDropConfig.attention_block.
-DEFAULT_BLOCK = (64, 64)
+# The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
+# dim 64 ran as fast with 64x64, 64x128 and 128x128 mask tiles (0.442-0.444 ms), while head dim
+# 128 needs 128 keys per dK/dV tile (64x64: 1.48 ms, 64x128: 1.01 ms). It matches
+# SparseDropConfig.attention_block.
+DEFAULT_BLOCK = (64, 128)
 
 
 def backward_strategy(head_dim: int, override: str | None = None) -> str:

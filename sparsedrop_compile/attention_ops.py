@@ -33,7 +33,7 @@ from sparsedrop_compile.ops import LIB, _triton_attention_module, register_autoc
 __all__ = ["sparse_dropout_attention", "DEFAULT_ATTENTION_BLOCK"]
 
 # Kept in sync with kernels.flash_attention_triton.DEFAULT_BLOCK without importing Triton here.
-DEFAULT_ATTENTION_BLOCK = (64, 64)
+DEFAULT_ATTENTION_BLOCK = (64, 128)
 
 _lib = torch.library.Library(LIB, "FRAGMENT")
 

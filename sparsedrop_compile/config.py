@@ -41,7 +41,7 @@ class SparseDropConfig:
     filter_fn: Callable[[Any], bool] | None = field(default=None, compare=False)
     attention: bool = True
     attention_mode: str = "post_softmax"
-    attention_block: tuple[int, int] = (64, 64)
+    attention_block: tuple[int, int] = (64, 128)
     inductor_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
     mode: str | None = None
 
