@@ -16,6 +16,12 @@ block's rows and tile_k its columns, so one mask block is covered by several til
 walks ONE flat loop over (kept blocks x tiles per block) so Triton's software pipeliner sees a
 single loop with an index load feeding the tile loads.
 
+Work balance (``KernelConfig.balance``, first in the candidate lists): the work of a tile depends
+on the mask, so plain grid order leaves a long last wave. sdd then runs persistent (one program
+per CTA slot, kept tiles dealt out evenly, the last partial round split into half tiles); dsd and
+dsd_tn order their tiles by cost on the device (lines sorted by kept count inside the kept-list
+kernel) so the hardware's dispatch becomes longest-job-first. See benchmarks/NOTES_kernels.md §7.
+
 Nothing here synchronises with the host: the kept lists come from one small Triton kernel, grids
 are sized from shapes only, so every launcher can be captured in a CUDA graph.
 
@@ -119,9 +125,9 @@ def _mma(acc, x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _kept_lists_kernel(
-    keep_ptr, count_ptr, index_ptr,
-    line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
-    CHUNK: tl.constexpr,
+    keep_ptr, count_ptr, index_ptr, order_ptr,
+    n_lines, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
+    CHUNK: tl.constexpr, ORDER: tl.constexpr, ORDER_LINES: tl.constexpr, ORDER_ENTRIES: tl.constexpr,
 ):
     """One program per line of the mask: count its kept entries and write their numbers, in
     increasing order, to the front of the line's slot in ``index`` (a compaction by prefix sum).
@@ -129,6 +135,13 @@ def _kept_lists_kernel(
     A line is (l1, l0) = divmod(line, L0); an entry is (e1, e0) = divmod(e, E0); the flag sits at
     keep + l1*stride_l1 + l0*stride_l0 + e1*stride_e1 + e0*stride_e0. This covers row lists,
     per-batch column lists and batch-summed column lists (entries (b, r)) without copies.
+
+    With ORDER, the program also writes its line number to ``order[rank]``, rank being the
+    line's place when lines are sorted by kept count, descending, ties by line number (a
+    counting sort: rank = #lines with more kept + #earlier lines with as many). A program cannot
+    see the others' counts without a grid-wide barrier, so it recounts every line itself: the
+    whole mask is read once per line, which the launcher only allows for small masks (a few
+    thousand lines; the flags stay in L2). This costs no extra launch and no host sync.
     """
     line = tl.program_id(0)
     base = keep_ptr + (line // L0).to(tl.int64) * stride_l1 + (line % L0).to(tl.int64) * stride_l0
@@ -144,12 +157,27 @@ def _kept_lists_kernel(
         tl.store(out + pos, e.to(index_ptr.dtype.element_ty), mask=kept)
         total += tl.sum(ones, 0)
     tl.store(count_ptr + line, total)
+    if ORDER:
+        rank = 0
+        for j0 in range(0, n_lines, ORDER_LINES):
+            j = j0 + tl.arange(0, ORDER_LINES)
+            j_ok = j < n_lines
+            j_base = (j // L0).to(tl.int64) * stride_l1 + (j % L0).to(tl.int64) * stride_l0
+            c_j = tl.zeros((ORDER_LINES,), dtype=tl.int32)
+            for e0 in range(0, line_len, ORDER_ENTRIES):
+                e = e0 + tl.arange(0, ORDER_ENTRIES)
+                e_off = (e // E0) * stride_e1 + (e % E0) * stride_e0
+                f = tl.load(keep_ptr + j_base[:, None] + e_off[None, :], mask=j_ok[:, None] & (e < line_len)[None, :], other=0)
+                c_j += tl.sum((f != 0).to(tl.int32), 1)
+            before = j_ok & ((c_j > total) | ((c_j == total) & (j < line)))
+            rank += tl.sum(before.to(tl.int32), 0)
+        tl.store(order_ptr + rank, line)
 
 
 @triton.jit
 def _dsd_kernel(
-    a, b, bias_ptr, out_ptr, out_desc, row_count_ptr, row_index_ptr,
-    M, N, K, Bb, n_rblk, n_cblk,
+    a, b, bias_ptr, out_ptr, out_desc, row_count_ptr, row_index_ptr, order_ptr,
+    M, N, K, Bb, n_rblk, n_cblk, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_bias,
@@ -159,25 +187,41 @@ def _dsd_kernel(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr,
 ):
     """out[bat] = scale * (a[bat] ⊙ m) @ b[bat % Bb] (+ bias); one program per (bat, M tile, N tile).
 
     With USE_TMA, ``a`` and ``b`` are rank-3 tensor descriptors (zero fill out of range, so no
     masks); otherwise they are pointers with explicit strides (any layout, masked edges).
+
+    BALANCE: a tile costs its row block's kept count, so the programs take the row blocks (of
+    all batch entries) in ``order``, most kept blocks first. The hardware hands the next program
+    to whichever SM slot frees up first, so this is longest-job-first list scheduling: the last
+    wave holds the cheapest tiles and the tail shrinks from "one expensive tile" to "one cheap
+    one". Groups of GROUP row tiles still run side by side for L2 reuse.
     """
     grid_m = tl.cdiv(M, TILE_M)
     grid_n = tl.cdiv(N, TILE_N)
-    tiles = grid_m * grid_n
     pid = tl.program_id(0)
-    bat = pid // tiles
-    pid_m, pid_n = _grouped_tile(pid % tiles, grid_m, grid_n, GROUP)
+    if BALANCE:
+        # Every row block is given BLOCK_ROWS // TILE_M row tiles, also the ragged last one:
+        # its tiles past M (MASK_M is set then) run no iterations and store nothing visible.
+        TILES_PER_LINE: tl.constexpr = BLOCK_ROWS // TILE_M
+        pid_r, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
+        line = tl.load(order_ptr + pid_r // TILES_PER_LINE)
+        bat = line // n_rblk
+        m0 = (line % n_rblk) * BLOCK_ROWS + (pid_r % TILES_PER_LINE) * TILE_M
+        count = tl.where(m0 < M, tl.load(row_count_ptr + line), 0)
+    else:
+        tiles = grid_m * grid_n
+        bat = pid // tiles
+        pid_m, pid_n = _grouped_tile(pid % tiles, grid_m, grid_n, GROUP)
+        m0 = pid_m * TILE_M
+        # TILE_M divides BLOCK_ROWS, so the whole tile lies in one row block and shares its list.
+        line = bat * n_rblk + m0 // BLOCK_ROWS
+        count = tl.load(row_count_ptr + line)
     bat_b = bat % Bb
-    m0 = pid_m * TILE_M
     n0 = pid_n * TILE_N
-    # TILE_M divides BLOCK_ROWS, so the whole tile lies in one row block and shares its list.
-    line = bat * n_rblk + m0 // BLOCK_ROWS
-    count = tl.load(row_count_ptr + line)
     kept_blocks = row_index_ptr + line.to(tl.int64) * n_cblk
     TILES_PER_BLOCK: tl.constexpr = BLOCK_COLS // TILE_K
 
@@ -217,39 +261,20 @@ def _dsd_kernel(
 
 
 @triton.jit
-def _sdd_kernel(
-    g, b, out_ptr, out_desc, keep_ptr,
-    M, N, K, Bb,
+def _sdd_tile(
+    g, b, out_ptr, out_desc, bat, bat_b, m0, k0, n_iter,
+    M, N, K,
     stride_gb, stride_gm, stride_gn,
     stride_bb, stride_bk, stride_bn,
     stride_ob, stride_om, stride_ok,
-    stride_keep_b, stride_keep_r, stride_keep_c,
     scale,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out[bat] = scale * (g[bat] @ b[bat % Bb]ᵀ) ⊙ m; one program per (bat, M tile, K tile).
-
-    A tile lies inside one mask block. A dropped block gets a zero trip count, so its programs
-    skip every load and store zeros: the output needs no separate zero fill.
-    """
-    grid_m = tl.cdiv(M, TILE_M)
-    grid_k = tl.cdiv(K, TILE_K)
-    tiles = grid_m * grid_k
-    pid = tl.program_id(0)
-    bat = pid // tiles
-    pid_m, pid_k = _grouped_tile(pid % tiles, grid_m, grid_k, GROUP)
-    bat_b = bat % Bb
-    m0 = pid_m * TILE_M
-    k0 = pid_k * TILE_K
-    flag = tl.load(
-        keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r + (k0 // BLOCK_COLS) * stride_keep_c
-    )
-    n_iter = tl.where(flag != 0, tl.cdiv(N, TILE_N), 0)
-
+    """One TILE_M x TILE_K output tile of sdd at (bat, m0, k0): n_iter reduction steps over N
+    (0 for a dropped block: the tile is stored as zeros)."""
     offs_m = m0 + tl.arange(0, TILE_M)
     offs_k = k0 + tl.arange(0, TILE_K)
     offs_n = tl.arange(0, TILE_N)
@@ -281,9 +306,136 @@ def _sdd_kernel(
 
 
 @triton.jit
+def _sdd_kept_unit(u, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+                   LINES: tl.constexpr):
+    """Kept unit u (in row-major order of the kept blocks, TILES_PER_BLOCK tiles each) ->
+    (bat, m0, k0). The kept block number is found in the per-row-block lists: a prefix sum of
+    the line counts (recomputed here, so nothing stays live across the caller's loop) tells
+    which line it is in."""
+    TPB_M: tl.constexpr = BLOCK_ROWS // TILE_M
+    TPB_K: tl.constexpr = BLOCK_COLS // TILE_K
+    kb = u // (TPB_M * TPB_K)
+    sub = u % (TPB_M * TPB_K)
+    lanes = tl.arange(0, LINES)
+    cnt = tl.load(count_ptr + lanes, mask=lanes < n_lines, other=0)
+    ends = tl.cumsum(cnt, 0)
+    line = tl.sum((ends <= kb).to(tl.int32), 0)
+    start = tl.sum(tl.where(lanes == line, ends - cnt, 0), 0)
+    c = tl.load(index_ptr + line.to(tl.int64) * n_cblk + (kb - start)).to(tl.int32)
+    bat = line // n_rblk
+    m0 = (line % n_rblk) * BLOCK_ROWS + (sub // TPB_K) * TILE_M
+    k0 = c * BLOCK_COLS + (sub % TPB_K) * TILE_K
+    return bat, m0, k0
+
+
+@triton.jit
+def _sdd_kernel(
+    g, b, out_ptr, out_desc, keep_ptr, b_half, out_half_desc, count_ptr, index_ptr,
+    M, N, K, Bb, n_rblk, n_cblk, n_lines,
+    stride_gb, stride_gm, stride_gn,
+    stride_bb, stride_bk, stride_bn,
+    stride_ob, stride_om, stride_ok,
+    stride_keep_b, stride_keep_r, stride_keep_c,
+    scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr, SPLIT_TAIL: tl.constexpr, LINES: tl.constexpr,
+):
+    """out[bat] = scale * (g[bat] @ b[bat % Bb]ᵀ) ⊙ m.
+
+    Not PERSISTENT: one program per (bat, M tile, K tile). A tile lies inside one mask block. A
+    dropped block gets a zero trip count, so its programs skip every load and store zeros: the
+    output needs no separate zero fill.
+
+    PERSISTENT (grid = the number of CTAs that fit on the GPU at once, S): every kept tile costs
+    the same full reduction over N, so what matters is how many of them each slot runs. The S
+    programs deal the kept tiles out round-robin (kept-first order, row-major over the kept
+    blocks, so tiles running side by side share g rows and b columns in L2): F = kept // S full
+    rounds, then R = kept % S tiles left. Those R would take a whole tile time on R slots while
+    S - R idle; with SPLIT_TAIL and 2R <= S each is cut into two TILE_M x TILE_K/2 halves (own
+    output columns, no reduction across programs, no atomics) run by 2R programs. Then each
+    program stores zeros into its share of the dropped tiles (cheap, and overlapping the other
+    programs' matmuls).
+    """
+    if PERSISTENT:
+        pid = tl.program_id(0)
+        S = tl.num_programs(0)
+        TPB: tl.constexpr = (BLOCK_ROWS // TILE_M) * (BLOCK_COLS // TILE_K)
+        lanes = tl.arange(0, LINES)
+        kept = tl.sum(tl.load(count_ptr + lanes, mask=lanes < n_lines, other=0), 0) * TPB
+        rounds = kept // S
+        rest = kept - rounds * S
+        n_full = tl.cdiv(N, TILE_N)
+        for i in range(0, rounds):
+            bat, m0, k0 = _sdd_kept_unit(pid + i * S, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
+                                         BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
+            # Tiles of a ragged last block that lie wholly past M or K: nothing to compute.
+            n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
+            _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                      stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
+                      scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST)
+        split = False
+        if SPLIT_TAIL:
+            split = 2 * rest <= S
+        if split:
+            if pid < 2 * rest:
+                bat, m0, k0 = _sdd_kept_unit(rounds * S + pid // 2, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
+                                             BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
+                k0 = k0 + (pid % 2) * (TILE_K // 2)
+                n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
+                _sdd_tile(g, b_half, out_ptr, out_half_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                          stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
+                          scale, TILE_M, TILE_N, TILE_K // 2, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
+                          PRECISION, UPCAST)
+        else:
+            if pid < rest:
+                bat, m0, k0 = _sdd_kept_unit(rounds * S + pid, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
+                                             BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
+                n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
+                _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                          stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
+                          scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
+                          PRECISION, UPCAST)
+        # Dropped tiles, in plain grid order (a flag read each; the kept ones are skipped).
+        grid_m = tl.cdiv(M, TILE_M)
+        grid_k = tl.cdiv(K, TILE_K)
+        for t in range(pid, (n_lines // n_rblk) * grid_m * grid_k, S):
+            bat = t // (grid_m * grid_k)
+            m0 = (t // grid_k) % grid_m * TILE_M
+            k0 = t % grid_k * TILE_K
+            flag = tl.load(keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r
+                           + (k0 // BLOCK_COLS) * stride_keep_c)
+            if flag == 0:
+                _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, 0, M, N, K,
+                          stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
+                          scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
+                          PRECISION, UPCAST)
+    else:
+        grid_m = tl.cdiv(M, TILE_M)
+        grid_k = tl.cdiv(K, TILE_K)
+        tiles = grid_m * grid_k
+        pid = tl.program_id(0)
+        bat = pid // tiles
+        pid_m, pid_k = _grouped_tile(pid % tiles, grid_m, grid_k, GROUP)
+        m0 = pid_m * TILE_M
+        k0 = pid_k * TILE_K
+        flag = tl.load(
+            keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r + (k0 // BLOCK_COLS) * stride_keep_c
+        )
+        n_iter = tl.where(flag != 0, tl.cdiv(N, TILE_N), 0)
+        _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                  stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
+                  scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, OUT_DESC, PRECISION, UPCAST)
+
+
+@triton.jit
 def _dsd_tn_kernel(
-    a, g, out_ptr, out_desc, col_count_ptr, col_index_ptr,
-    M, N, K, n_rblk, n_cblk, list_len,
+    a, g, out_ptr, out_desc, col_count_ptr, col_index_ptr, order_ptr,
+    M, N, K, n_rblk, n_cblk, list_len, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_gb, stride_gm, stride_gn,
     stride_ob, stride_ok, stride_on,
@@ -292,24 +444,34 @@ def _dsd_tn_kernel(
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr,
 ):
     """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile).
 
     The list of the tile's column block holds entries e = (bat - ob) * n_rblk + row_block: for a
     batched output only this batch entry's row blocks, for a summed one every (bat, row block)
     pair, so summing over the batch is the same single flat loop.
+
+    BALANCE: column blocks (lines) in ``order``, most kept row blocks first, as in _dsd_kernel.
     """
     grid_k = tl.cdiv(K, TILE_K)
     grid_n = tl.cdiv(N, TILE_N)
-    tiles = grid_k * grid_n
     pid = tl.program_id(0)
-    ob = pid // tiles
-    pid_k, pid_n = _grouped_tile(pid % tiles, grid_k, grid_n, GROUP)
-    k0 = pid_k * TILE_K
+    if BALANCE:
+        TILES_PER_LINE: tl.constexpr = BLOCK_COLS // TILE_K
+        pid_k, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
+        line = tl.load(order_ptr + pid_k // TILES_PER_LINE)
+        ob = line // n_cblk
+        k0 = (line % n_cblk) * BLOCK_COLS + (pid_k % TILES_PER_LINE) * TILE_K
+        count = tl.where(k0 < K, tl.load(col_count_ptr + line), 0)
+    else:
+        tiles = grid_k * grid_n
+        ob = pid // tiles
+        pid_k, pid_n = _grouped_tile(pid % tiles, grid_k, grid_n, GROUP)
+        k0 = pid_k * TILE_K
+        line = ob * n_cblk + k0 // BLOCK_COLS
+        count = tl.load(col_count_ptr + line)
     n0 = pid_n * TILE_N
-    line = ob * n_cblk + k0 // BLOCK_COLS
-    count = tl.load(col_count_ptr + line)
     entries = col_index_ptr + line.to(tl.int64) * list_len
     TILES_PER_BLOCK: tl.constexpr = BLOCK_ROWS // TILE_M
 
@@ -363,11 +525,16 @@ class KernelConfig:
     warps: int
     group: int = 8
     tma: bool = False
+    # Work-balanced schedule (see the kernels' docstrings): sdd runs persistent, one program per
+    # CTA slot of the GPU, dealing out the kept tiles evenly and splitting the last partial
+    # round; dsd and dsd_tn launch their tiles most-kept-blocks-first. Off: grid order.
+    balance: bool = False
 
     def __str__(self) -> str:
         return (
             f"m{self.tile_m}n{self.tile_n}k{self.tile_k}_s{self.stages}w{self.warps}g{self.group}"
             + ("_tma" if self.tma else "_ptr")
+            + ("_bal" if self.balance else "")
         )
 
 
@@ -460,7 +627,11 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
     out = large if big and large else [c for c, _ in out]
     if tma:
         # TMA usually wins on Hopper, but time the two best pointer variants against it too.
-        out = out[: _MAX_CANDIDATES - 2] + [dataclasses.replace(c, tma=False) for c in out[:2]]
+        out = out[: _MAX_CANDIDATES - 4] + [dataclasses.replace(c, tma=False) for c in out[:2]]
+    # The work-balanced schedule of the two best tilings goes first: at p = 0 it should cost
+    # about what grid order does, with dropped blocks it is what makes time scale with (1 - p)
+    # (the tuner also prefers it on near ties; see _Tuner.pick).
+    out = [dataclasses.replace(c, balance=True) for c in out[:2]] + out
     return out[:_MAX_CANDIDATES]
 
 
@@ -505,7 +676,13 @@ class _Tuner:
                 + "; ".join(f"{c}: {r}" for c, r in results)
                 + ". Set SPARSEDROP_TMA=0 to rule out TMA descriptors, or use kernel='reference'."
             )
-        best = candidates[min(timed)[1]]
+        # Tuning runs once, on whatever mask the first call brings (often p = 0, where every
+        # tile costs the same and grid order loses nothing), but the choice is kept for all
+        # later masks, where the balanced schedule is the one that scales. So a balanced config
+        # within _BALANCE_TIE of the fastest is taken instead of it.
+        fastest = min(timed)[0]
+        balanced = [(ms, i) for ms, i in timed if candidates[i].balance and ms <= fastest * (1 + _BALANCE_TIE)]
+        best = candidates[min(balanced or timed)[1]]
         self.best[key] = best
         return best, False  # the last launch was the last candidate, not necessarily the best
 
@@ -525,6 +702,7 @@ class _Tuner:
 
 
 _TUNER = _Tuner()
+_BALANCE_TIE = 0.03
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
@@ -690,8 +868,55 @@ def _run(kind: str, key: tuple, M: int, N: int, K: int, block, dtype, tma_ok: bo
     return cfg
 
 
+# =========================================================================== persistent grids
+# A persistent kernel must not launch more programs than fit on the GPU at once, or the extra
+# ones run as a second wave after everything else. How many CTAs fit per SM is read off the
+# compiled binary (shared memory and registers) once the config has been launched; before that
+# (its first launch, which the tuner does untimed) an estimate from the tile sizes is used.
+_OCCUPANCY: dict[tuple, int] = {}
+# Under the interpreter a "GPU" of a few slots, so tests cover several rounds and a split tail.
+_INTERPRETER_PROGRAMS = 3
+
+
+def _sm_resources(device: torch.device) -> tuple[int, int, int]:
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    return props.multi_processor_count, smem, regs
+
+
+def _persistent_programs(device: torch.device, occ_key: tuple, cfg: KernelConfig, elem_size: int) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_PROGRAMS
+    sms, smem, regs = _sm_resources(device)
+    per_sm = _OCCUPANCY.get(occ_key)
+    if per_sm is None:
+        # sdd's pipeline buffers (g and b tiles per stage) plus a TMA epilogue tile; ~168
+        # registers a thread for a 128 x 128 fp32 accumulator over 4 warps.
+        tile_bytes = (cfg.tile_m * cfg.tile_n + cfg.tile_n * cfg.tile_k) * elem_size
+        shared = cfg.stages * tile_bytes + (cfg.tile_m * cfg.tile_k * elem_size if cfg.tma else 0)
+        per_sm = max(1, min(smem // (shared + 1024), regs // (cfg.warps * 32 * 168)))
+    return sms * per_sm
+
+
+def _record_occupancy(device: torch.device, occ_key: tuple, compiled, cfg: KernelConfig) -> None:
+    if device.type != "cuda" or occ_key in _OCCUPANCY:
+        return
+    try:
+        shared = int(compiled.metadata.shared)
+        n_regs = int(compiled.n_regs)
+    except Exception:  # pragma: no cover - a triton without these attributes keeps the estimate
+        return
+    _, smem, regs = _sm_resources(device)
+    threads = cfg.warps * 32
+    # Registers are allocated per warp in units of 256 (8 per thread, rounded up).
+    reg_per_cta = cfg.warps * ((n_regs * 32 + 255) // 256 * 256)
+    per_sm = min(smem // (shared + 1024), regs // max(reg_per_cta, 1), 2048 // threads, 32)
+    _OCCUPANCY[occ_key] = max(1, per_sm)
+
+
 # =========================================================================== kept lists
-def kept_lists(keep: Tensor, by: str) -> tuple[Tensor, Tensor]:
+def kept_lists(keep: Tensor, by: str, order: bool = False):
     """Per-line lists of kept blocks, built on the device in one launch (no host sync).
 
     by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
@@ -699,6 +924,10 @@ def kept_lists(keep: Tensor, by: str) -> tuple[Tensor, Tensor]:
     by="col_sum":  lines c, entries b*nR + r     -> counts (nC,),   index (nC, B*nR)
     Entries are in increasing order; index[l, counts[l]:] is left unwritten. The index is int16
     when entries fit (see below), else int32.
+
+    With ``order=True`` returns (counts, index, order): order (int32, n_lines) lists the lines
+    by kept count, descending (ties by line number), computed in the same launch; order is None
+    when the mask is too large for that (see _ORDER_MAX_FLAG_READS).
     """
     B, nR, nC = keep.shape
     flags = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
@@ -712,22 +941,39 @@ def kept_lists(keep: Tensor, by: str) -> tuple[Tensor, Tensor]:
     else:
         raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
     counts = torch.empty(n_lines, dtype=torch.int32, device=keep.device)
+    with_order = order and n_lines > 0 and line_len > 0 and n_lines * n_lines * line_len <= _ORDER_MAX_FLAG_READS
+    order_t = torch.empty(n_lines, dtype=torch.int32, device=keep.device) if with_order else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
     # would be pipelined as a load of its own and split the stages between the two levels of
     # indirection, leaving the tile loads only one iteration ahead (2 smem buffers, not 3-4).
     index_dtype = torch.int16 if line_len <= 2**15 - 1 else torch.int32
     index = torch.empty((n_lines, line_len), dtype=index_dtype, device=keep.device)
+    ret = (lambda: (counts, index, order_t)) if order else (lambda: (counts, index))
     if n_lines == 0:
-        return counts, index
+        return ret()
     if line_len == 0:
-        return counts.zero_(), index
+        counts.zero_()
+        return ret()
     chunk = min(max(triton.next_power_of_2(line_len), 16), 1024)
+    order_entries = min(max(triton.next_power_of_2(line_len), 16), 1024)
+    order_lines = max(1, min(triton.next_power_of_2(n_lines), 4096 // order_entries))
     with _device_guard(keep):
         _kept_lists_kernel[(n_lines,)](
-            flags, counts, index, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0, CHUNK=chunk, num_warps=4
+            flags, counts, index, order_t if with_order else counts,
+            n_lines, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0,
+            CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=order_entries, num_warps=4,
         )
-    return counts, index
+    return ret()
+
+
+# Each program of the lists kernel reads the whole mask once more to rank its line, so the
+# ranking is only done while n_lines * (total flags) stays small: 2**25 byte reads, e.g. 1024
+# lines of 32 blocks (a 4096-row attention batch) or 4096 lines of 2 blocks. Larger masks have
+# many waves of tiles, where the tail the ordering shortens matters little.
+_ORDER_MAX_FLAG_READS = 2**25
+# The persistent sdd sums the row-block counts in one vector (constexpr LINES lanes).
+_SDD_MAX_LINES = 4096
 
 
 # =========================================================================== launchers
@@ -747,7 +993,8 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     if K == 0:
         return out.copy_((bias if bias is not None else out.new_zeros(())).expand(B, M, N))
     br, bc = block
-    counts, index = kept_lists(keep, "row")
+    counts, index, order = kept_lists(keep, "row", order=True)
+    n_rblk = triton.cdiv(M, br)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
     b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
     upcast = _interpreting() and a.dtype == torch.bfloat16
@@ -761,17 +1008,22 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
             o_desc = _desc3(out, [1, cfg.tile_m, cfg.tile_n])
         else:
             a_arg, b_arg, o_desc = a, b, None
-        grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
+        balance = cfg.balance and order is not None
+        if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
+            grid = (B * n_rblk * (br // cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
+        else:
+            grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_kernel[grid](
                 a_arg, b_arg, bias if bias is not None else out, out, o_desc, counts, index,
-                M, N, K, Bb, triton.cdiv(M, br), triton.cdiv(K, bc),
+                order if balance else counts,
+                M, N, K, Bb, n_rblk, triton.cdiv(K, bc), B * n_rblk,
                 *a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0, *out.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 HAS_BIAS=bias is not None, **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
-                PRECISION=precision, UPCAST=upcast,
+                PRECISION=precision, UPCAST=upcast, BALANCE=balance,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 
@@ -794,31 +1046,56 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         return out.zero_()
     br, bc = block
     flags = keep.view(torch.uint8)
+    n_rblk, n_cblk = triton.cdiv(M, br), triton.cdiv(K, bc)
+    n_lines = B * n_rblk
+    # The persistent schedule needs the kept blocks' row lists (one more small launch, made
+    # only when a balanced config can run).
+    lists: list = []
     b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
     tma_ok = _tma_enabled(grad.device) and _tma_view_ok(grad) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
     upcast = _interpreting() and grad.dtype == torch.bfloat16
     precision = _precision(grad.dtype)
 
     def launch(cfg: KernelConfig) -> None:
+        persistent = cfg.balance and n_lines <= _SDD_MAX_LINES
+        # The tail split halves tile_k; keep the halves at least 16 wide (one mma column step).
+        split = persistent and cfg.tile_k >= 32
+        hk = cfg.tile_k // 2
+        b_half, o_half = b, None
         if cfg.tma:
             g_arg = _desc3(grad, [1, cfg.tile_m, cfg.tile_n])
             b_arg = _desc3(_b_tma_view(b), [1, cfg.tile_n, cfg.tile_k] if b_k_contig else [1, cfg.tile_k, cfg.tile_n])
             o_desc = _desc3(out, [1, cfg.tile_m, cfg.tile_k])
+            if split:
+                b_half = _desc3(_b_tma_view(b), [1, cfg.tile_n, hk] if b_k_contig else [1, hk, cfg.tile_n])
+                o_half = _desc3(out, [1, cfg.tile_m, hk])
         else:
             g_arg, b_arg, o_desc = grad, b, None
-        grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(K, cfg.tile_k),)
+        tiles = B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(K, cfg.tile_k)
+        if persistent:
+            if not lists:
+                lists.extend(kept_lists(keep, "row"))
+            counts, index = lists
+            occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(_masks(M, N, K, cfg, block).values()))
+            grid = (max(1, min(tiles, _persistent_programs(grad.device, occ_key, cfg, grad.element_size()))),)
+        else:
+            counts, index = flags, flags  # unused
+            grid = (tiles,)
         with _device_guard(grad):
-            _sdd_kernel[grid](
-                g_arg, b_arg, out, o_desc, flags,
-                M, N, K, Bb,
+            compiled = _sdd_kernel[grid](
+                g_arg, b_arg, out, o_desc, flags, b_half, o_half, counts, index,
+                M, N, K, Bb, n_rblk, n_cblk, n_lines,
                 *grad.stride(), *b.stride(), *out.stride(), *flags.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=upcast,
+                PERSISTENT=persistent, SPLIT_TAIL=split, LINES=max(16, triton.next_power_of_2(n_lines)),
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
+        if persistent:
+            _record_occupancy(grad.device, occ_key, compiled, cfg)
 
     key = ("sdd", B, Bb, M, N, K, tuple(block), grad.dtype, b_k_contig, tma_ok, precision, grad.device.index)
     _run("sdd", key, M, N, K, block, grad.dtype, tma_ok, launch, config)
@@ -844,7 +1121,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         return out.zero_()
     br, bc = block
     n_rblk, n_cblk = triton.cdiv(M, br), triton.cdiv(K, bc)
-    counts, index = kept_lists(keep, "col" if batched_out else "col_sum")
+    counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(grad)
     out_desc_ok = tma_ok and _tma_view_ok(out)
     upcast = _interpreting() and a.dtype == torch.bfloat16
@@ -857,17 +1134,21 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
             o_desc = _desc3(out, [1, cfg.tile_k, cfg.tile_n]) if out_desc_ok else None
         else:
             a_arg, g_arg, o_desc = a, grad, None
-        grid = (Bo * triton.cdiv(K, cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
+        balance = cfg.balance and order is not None
+        if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
+            grid = (Bo * n_cblk * (bc // cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
+        else:
+            grid = (Bo * triton.cdiv(K, cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_tn_kernel[grid](
-                a_arg, g_arg, out, o_desc, counts, index,
-                M, N, K, n_rblk, n_cblk, index.shape[1],
+                a_arg, g_arg, out, o_desc, counts, index, order if balance else counts,
+                M, N, K, n_rblk, n_cblk, index.shape[1], Bo * n_cblk,
                 *a.stride(), *grad.stride(), *out.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, OUT_DESC=cfg.tma and out_desc_ok,
-                PRECISION=precision, UPCAST=upcast,
+                PRECISION=precision, UPCAST=upcast, BALANCE=balance,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 

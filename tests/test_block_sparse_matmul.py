@@ -10,6 +10,8 @@ the error is about half an ulp of the output dtype (rtol) plus fp32 summation no
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -216,6 +218,83 @@ def test_bad_arguments_name_the_problem():
         tri.dsd(a, b, torch.ones(1, 1, 1, dtype=torch.bool, device=DEVICE), 1.0, (32, 32), config=tri.KernelConfig(64, 16, 16, 1, 4))
 
 
+# --------------------------------------------------------------------------- work-balanced schedule
+# (B, Bb, M, K, N, block, tile_m, tile_k): ragged shapes, 1-4 tiles per mask block, batched
+# with shared and per-batch b. tile_k = 32 lets the persistent sdd split its last round.
+BALANCED_SHAPES = [
+    (1, 1, 77, 100, 45, (32, 32), 16, 32),
+    (2, 1, 45, 96, 33, (16, 48), 16, 16),
+    (2, 2, 50, 72, 29, (32, 64), 32, 32),
+]
+
+
+def _balanced_cfg(tile_m, tile_k):
+    return tri.KernelConfig(tile_m=tile_m, tile_n=16, tile_k=tile_k, stages=1, warps=4, group=2, balance=True)
+
+
+def _check_all_three(B, Bb, M, K, N, block, cfg, keep, seed):
+    dtype = torch.float16
+    a, b, g, bias, _ = _inputs(B, Bb, M, K, N, block, dtype, 0.5, seed=seed)
+    keep = keep.to(DEVICE)
+    a_p = _poison_dropped(a, keep, block)
+    out = tri.dsd(a_p, b, keep, 1.5, block, bias, out=_nan_like((B, M, N), a), config=cfg)
+    _assert_close(out, ref.reference_dsd(*_d(a, b), keep, 1.5, block, bias.double()), dtype)
+    out = tri.sdd(g, b, keep, 1.5, block, out=_nan_like((B, M, K), g), config=cfg)
+    _assert_close(out, ref.reference_sdd(*_d(g, b), keep, 1.5, block), dtype)
+    assert (out[~ref.expand_block_keep(keep, M, K, *block)] == 0).all(), "dropped blocks must be exact zeros"
+    batched = Bb == B and B > 1
+    out = tri.dsd_tn(a_p, g, keep, 1.5, block, batched, out=_nan_like((B if batched else 1, K, N), a), config=cfg)
+    _assert_close(out, ref.reference_dsd_tn(*_d(a, g), keep, 1.5, block, batched), dtype)
+
+
+@pytest.mark.parametrize("programs", [3, 40], ids=["3_slots", "40_slots"])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", BALANCED_SHAPES, ids=lambda s: f"B{s[0]}Bb{s[1]}_{s[2]}x{s[3]}x{s[4]}_blk{s[5][0]}x{s[5][1]}_t{s[6]}x{s[7]}")
+def test_balanced_schedule(shape, p, programs, monkeypatch):
+    """Persistent sdd and cost-ordered dsd / dsd_tn against the oracle. The interpreter's
+    "GPU" has ``programs`` slots: 3 gives several full rounds, 40 mostly a split last round."""
+    monkeypatch.setattr(tri, "_INTERPRETER_PROGRAMS", programs)
+    B, Bb, M, K, N, block, tm, tk = shape
+    gen = torch.Generator().manual_seed(int(p * 10) + programs)
+    _check_all_three(B, Bb, M, K, N, block, _balanced_cfg(tm, tk), _keep(B, M, K, block, p, gen), seed=13)
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["keep_all", "drop_all"])
+def test_balanced_keep_all_and_drop_all(fill, monkeypatch):
+    monkeypatch.setattr(tri, "_INTERPRETER_PROGRAMS", 4)
+    B, Bb, M, K, N, block, tm, tk = BALANCED_SHAPES[2]
+    keep = torch.full((B, cdiv(M, block[0]), cdiv(K, block[1])), fill)
+    _check_all_three(B, Bb, M, K, N, block, _balanced_cfg(tm, tk), keep, seed=14)
+
+
+def test_balanced_tail_split_boundary(monkeypatch):
+    """Kept tiles = 2 x slots + r for r just under, at and over half the slots: the split and
+    unsplit last rounds, on a mask with uneven row counts."""
+    B, Bb, M, K, N, block, tm, tk = 1, 1, 64, 128, 20, (32, 64), 32, 32  # 2 x 2 blocks, 2 tiles each
+    keep = torch.tensor([[[True, True], [True, False]]])  # 3 kept blocks = 6 kept tiles
+    for programs in (2, 4, 5, 12):  # 6 = 3*2 | 1*4 + 2 (split) | 1*5 + 1 (split) | 0*12 + 6 (split)
+        monkeypatch.setattr(tri, "_INTERPRETER_PROGRAMS", programs)
+        _check_all_three(B, Bb, M, K, N, block, _balanced_cfg(tm, tk), keep, seed=15)
+
+
+def test_kept_lists_order():
+    gen = torch.Generator().manual_seed(16)
+    keep = (torch.rand(3, 5, 7, generator=gen) > 0.5).to(DEVICE)
+    for by, lines in (("row", keep.reshape(15, 7)), ("col", keep.transpose(1, 2).reshape(21, 5)),
+                      ("col_sum", keep.permute(2, 0, 1).reshape(7, 15))):
+        counts, _, order = tri.kept_lists(keep, by, order=True)
+        c = lines.sum(1).tolist()
+        assert counts.tolist() == c
+        assert order.tolist() == sorted(range(len(c)), key=lambda l: (-c[l], l)), by
+
+
+def test_candidates_lead_with_balanced():
+    for kind in ("dsd", "sdd", "dsd_tn"):
+        cands = tri.candidate_configs(kind, 4096, 4096, 4096, (128, 128), torch.bfloat16, tma=False)
+        if not tri._interpreting():
+            assert cands[0].balance and len(cands) <= tri._MAX_CANDIDATES
+
+
 # --------------------------------------------------------------------------- through the registered ops
 def _op_grads(fn, inputs):
     inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
@@ -366,6 +445,49 @@ def test_gpu_every_candidate_config(kind, M, K, N):
             _assert_close_big(out, expected)
         except AssertionError as err:
             raise AssertionError(f"config {cfg}: {err}") from None
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("case", ["linear_4096", "linear_ragged", "batched_attention"])
+def test_gpu_balanced_every_candidate(case, p):
+    """The balanced schedule of every candidate tiling (TMA and pointer) across drop rates:
+    all kept, the p = 0.7 tail the schedule was made for, a nearly empty and an empty mask."""
+    block = (128, 128)
+    B, Bb, M, K, N, bt = {"linear_4096": (1, 1, 4096, 4096, 4096, True), "linear_ragged": (1, 1, 1000, 1096, 520, True),
+                          "batched_attention": (16, 16, 1024, 1024, 64, False)}[case]
+    a, b, g, keep = _gpu_problem(B, Bb, M, K, N, block, p, b_transposed=bt, seed=3)
+    batched = B > 1
+    scale = 1.5
+    refs = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, scale, block, batched)))
+    tma_possible = tri._tma_enabled(a.device)
+    for kind in ("dsd", "sdd", "dsd_tn"):
+        configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
+        if tma_possible:
+            configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
+        for cfg in dict.fromkeys(dataclasses.replace(c, balance=True) for c in configs):
+            if kind == "dsd":
+                if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
+                    continue
+                out = tri.dsd(a, b, keep, scale, block, out=torch.full((B, M, N), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
+            elif kind == "sdd":
+                if cfg.tma and not (tri._tma_view_ok(g) and tri._tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
+                    continue
+                out = tri.sdd(g, b, keep, scale, block, out=torch.full((B, M, K), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
+            else:
+                if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(g)):
+                    continue
+                Bo = B if batched else 1
+                out = tri.dsd_tn(a, g, keep, scale, block, batched, out=torch.full((Bo, K, N), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
+            torch.cuda.synchronize()
+            expected = refs[kind]
+            try:
+                if p == 1.0:
+                    assert torch.equal(out, torch.zeros_like(out))
+                else:
+                    _assert_close_big(out, expected)
+            except AssertionError as err:
+                raise AssertionError(f"{kind} config {cfg} at p={p}: {err}") from None
 
 
 @gpu
