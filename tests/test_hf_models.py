@@ -97,3 +97,31 @@ def test_fullgraph_compile(family, inner):
     losses = _train(family, "eager", torch.float32, inner=inner, steps=3, fullgraph=True)
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
+def test_sdpa_attention_sites_are_rewritten(family):
+    # Head dim 64 (the "demo" size), so the tile-dropout attention kernel covers these sites.
+    model = build_model(family, size="demo", attn="sdpa")
+    report = sd.explain(model, **example_batch(model, seq=32), options=OPTS)
+    attention = [s for s in report.sites if s.kind == "attention"]
+    expected = {"bert": 2, "gpt2": 2, "t5": 6}[family]  # self (and, for T5, cross) attention per layer
+    assert len(attention) == expected and all(s.rewritten for s in attention), [(s.location, s.reason) for s in attention]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_sdpa_models_train_with_tile_dropout_attention(family):
+    torch.manual_seed(0)
+    model = build_model(family, size="demo", attn="sdpa").train()
+    batch = example_batch(model, batch=2, seq=40)
+    compiled = torch.compile(model, backend="sparsedrop", options={**OPTS, "inner": "aot_eager"})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = compiled(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
+    assert torch._dynamo.utils.counters["sparsedrop"]["attention_fused"] == 2
