@@ -48,13 +48,23 @@ SHAPES = [
     ("4x12x512x64+boolpad", 4, 12, 512, 64, False, "bool"),
     ("4x12x512x64+floatpad", 4, 12, 512, 64, False, "float"),
     ("4x16x2048x128-causal", 4, 16, 2048, 128, True, None),
+    # What HF transformers 5 passes to SDPA: FULL (B, 1, S, S) bool masks. BERT: key padding
+    # repeated over the queries; GPT-2: causal & padding in one mask with is_causal=False.
+    ("4x12x512x64+hf_pad_full", 4, 12, 512, 64, False, "bool_full_pad"),
+    ("4x12x1024x64+hf_causal_pad_full", 4, 12, 1024, 64, False, "bool_full_causal_pad"),
 ]
 SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad", 1, 2, 96, 64, False, "bool"),
-                ("1x2x96x128-causal", 1, 2, 96, 128, True, None)]
+                ("1x2x96x128-causal", 1, 2, 96, 128, True, None),
+                ("1x2x160x64+hf_causal_pad_full", 1, 2, 160, 64, False, "bool_full_causal_pad")]
+# The HF-mask shapes run at the first p only and with fewer methods (the run must stay ~3 min):
+# sparsedrop_noclass is sparsedrop_2pass with the mask tile classes off (every tile visited,
+# every mask tile read), the A/B for the classification.
+HF_MASK_KINDS = ("bool_full_pad", "bool_full_causal_pad")
+HF_METHODS = ("sparsedrop_2pass", "sparsedrop_noclass", "sparsedrop_dense", "sdpa_p", "sdpa_p0")
 # sparsedrop_2pass / _atomic: the two backward strategies (BACKWARD_STRATEGY), same forward;
 # sparsedrop_dense: every tile kept, p = 0 (the kernels' dense speed, to set against sdpa_p0).
 METHODS = ("sparsedrop_2pass", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense", "sdpa_p", "sdpa_p0",
-           "eager")
+           "eager", "sparsedrop_noclass")
 DTYPE = torch.bfloat16
 # --smoke runs everything on CPU under Triton's interpreter with tiny shapes and a wall-clock
 # timer: it checks this script's plumbing where there is no GPU, its times mean nothing.
@@ -121,6 +131,13 @@ def make_inputs(b, h, s, d, mask_kind, seed=0):
     q, k, v = (torch.randn(b, h, s, d, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
     grad = torch.randn(b, h, s, d, device=DEVICE, dtype=DTYPE)
     mask = None
+    if mask_kind in HF_MASK_KINDS:
+        pad = torch.ones(b, 1, 1, s, device=DEVICE, dtype=torch.bool)
+        pad[::2, ..., s - s // 4:] = False  # 25% of the keys padded in half the batch
+        mask = pad.expand(b, 1, s, s)
+        if mask_kind == "bool_full_causal_pad":
+            mask = mask & torch.ones(s, s, device=DEVICE, dtype=torch.bool).tril()
+        return q, k, v, grad, mask.contiguous()  # materialised, as HF does
     if mask_kind is not None:
         # Padding: the last quarter of the keys of every other sequence is padding.
         pad = torch.ones(b, 1, 1, s, device=DEVICE, dtype=torch.bool)
@@ -132,7 +149,7 @@ def make_inputs(b, h, s, d, mask_kind, seed=0):
 
 def attention_fn(method, q, k, v, mask, p, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if method in ("sparsedrop_2pass", "sparsedrop_atomic"):
+    if method in ("sparsedrop_2pass", "sparsedrop_atomic", "sparsedrop_noclass"):
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block)
     if method == "sparsedrop_dropkey":
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block, mode="dropkey")
@@ -165,14 +182,18 @@ def backward_strategy(method, head_dim):
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
     saved = dict(fat.BACKWARD_STRATEGY)
-    if method == "sparsedrop_2pass":
+    saved_classify = fat.CLASSIFY_MASK_TILES
+    if method in ("sparsedrop_2pass", "sparsedrop_noclass"):
         fat.BACKWARD_STRATEGY[head_dim] = "two_pass"
     elif method == "sparsedrop_atomic":
         fat.BACKWARD_STRATEGY[head_dim] = "atomic"
+    if method == "sparsedrop_noclass":
+        fat.CLASSIFY_MASK_TILES = False
     try:
         yield fat.BACKWARD_STRATEGY[head_dim]
     finally:
         fat.BACKWARD_STRATEGY.update(saved)
+        fat.CLASSIFY_MASK_TILES = saved_classify
 
 
 def fwd_bwd(fwd, q, k, v, grad):
@@ -208,8 +229,9 @@ def run_benchmark(args) -> list[dict]:
     rows = []
     for name, b, h, s, d, causal, mask_kind in (SMOKE_SHAPES if DEVICE == "cpu" else SHAPES):
         q, k, v, grad, mask = make_inputs(b, h, s, d, mask_kind)
-        for p in ps:
-            for method in METHODS:
+        hf = mask_kind in HF_MASK_KINDS
+        for p in (ps[:1] if hf else ps):
+            for method in (HF_METHODS if hf else METHODS[:-1]):
                 if p != ps[0] and method in ("sdpa_p0", "sparsedrop_dense"):
                     continue  # no dropout: the same for every p
                 row = {**info, "shape": name, "batch": b, "heads": h, "seq": s, "head_dim": d, "causal": causal,
@@ -267,7 +289,7 @@ def plot(rows, path: Path, title: str):
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
         for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_atomic", "d-"), ("sparsedrop_dropkey", "^-"),
-                              ("sdpa_p", "s-"), ("eager", "x-")):
+                              ("sparsedrop_noclass", "v-"), ("sdpa_p", "s-"), ("eager", "x-")):
             pts = sorted((r["p"], r["median_ms"]) for r in sub if r["method"] == method)
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=method)

@@ -75,13 +75,132 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+# --------------------------------------------------------------------------- mask tile classes
+# Before the attention kernels run, ``_classify_mask`` reads the mask once and writes, for each
+# kernel tile of a pass, one int8 class (see ``_tile_classes``):
+#   0 (TILE_HIDDEN)   every element hidden (bool False / float -inf): P = 0 there, no work at all;
+#   1 (TILE_PLAIN)    every element visible with nothing to add (bool True / float 0.0): the
+#                     kernels need not read the mask;
+#   2 (TILE_MIXED)    anything else: the mask is read element by element, as without classes.
+# The kernels use the classes in two ways. (a) Each program scans its row (forward, dQ) or column
+# (dK/dV) of classes and trims its loop to [first, last] non-hidden tile: that removes the causal
+# upper triangle of a materialised causal mask and the padded key (or query) blocks while the
+# loops keep the shape the software pipeliner prefetches through. Hidden tiles *between* visible
+# ones (rare: sliding windows, block-sparse masks) stay in the loop and are computed with their
+# mask, which gives exact zeros; skipping them would need a branch around the K/Q loads, which
+# stops the pipeliner from prefetching them for every tile. (b) Inside the loop a plain tile's
+# mask load is predicated off (no memory traffic; the values it stands for are filled in).
+TILE_HIDDEN, TILE_PLAIN, TILE_MIXED = 0, 1, 2
+# Off: kernels read the mask for every tile and visit every tile (the A/B baseline for benchmarks).
+CLASSIFY_MASK_TILES = True
+# Entries of a class row scanned per step when a program looks for its live range.
+_SCAN_CHUNK = tl.constexpr(64)
+
+
+@triton.jit
+def _store_classes(vis, mixed, Cls, stride_cb, stride_ch, stride_cm, stride_cn, off_b, off_h, pid_m, pid_n,
+                   n_m, n_n, REGION_M: tl.constexpr, REGION_N: tl.constexpr, TILE_M: tl.constexpr,
+                   TILE_N: tl.constexpr):
+    """Reduce (REGION_M, REGION_N) element flags to the classes of its (TILE_M, TILE_N) tiles."""
+    RM: tl.constexpr = REGION_M // TILE_M
+    RN: tl.constexpr = REGION_N // TILE_N
+    any_vis = tl.max(tl.max(tl.reshape(vis, [RM, TILE_M, RN, TILE_N]), 3), 1)
+    any_mixed = tl.max(tl.max(tl.reshape(mixed, [RM, TILE_M, RN, TILE_N]), 3), 1)
+    cls = tl.where(any_vis == 0, 0, tl.where(any_mixed != 0, 2, 1)).to(tl.int8)
+    rows = pid_m * RM + tl.arange(0, RM)
+    cols = pid_n * RN + tl.arange(0, RN)
+    tl.store(Cls + off_b * stride_cb + off_h * stride_ch + rows[:, None] * stride_cm + cols[None, :] * stride_cn, cls,
+             mask=(rows < n_m)[:, None] & (cols < n_n)[None, :])
+
+
+@triton.jit
+def _classify_mask(
+    Mask, ClsA, ClsB,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah, stride_am, stride_an,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    Hm, Sqm, Skm, nqa, nka, nqb, nkb,
+    MASK_KIND: tl.constexpr, REGION_M: tl.constexpr, REGION_N: tl.constexpr,
+    A_M: tl.constexpr, A_N: tl.constexpr, B_M: tl.constexpr, B_N: tl.constexpr, HAS_B: tl.constexpr,
+):
+    """Classes of one (REGION_M, REGION_N) region of the mask for one or two tilings.
+
+    The mask is read in its own (Bm, Hm, Sqm, Skm) extent (broadcast dims have size 1), once,
+    however many passes need classes. Elements past Sqm / Skm belong to no tile's decision.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    off_b = (pid_bh // Hm).to(tl.int64)
+    off_h = (pid_bh % Hm).to(tl.int64)
+    offs_m = pid_m * REGION_M + tl.arange(0, REGION_M)
+    offs_n = pid_n * REGION_N + tl.arange(0, REGION_N)
+    valid = (offs_m < Sqm)[:, None] & (offs_n < Skm)[None, :]
+    x = tl.load(Mask + off_b * stride_mb + off_h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
+                + offs_n[None, :] * stride_mn, mask=valid, other=0)
+    if MASK_KIND == _BOOL_MASK:
+        vis = valid & (x != 0)
+        mixed = valid & (x == 0)
+    else:
+        xf = x.to(tl.float32)
+        vis = valid & (xf != float("-inf"))
+        # -inf is != 0 too: a tile with hidden and visible elements is mixed. NaN counts as
+        # visible and mixed, so it still reaches the output as it would without classes.
+        mixed = valid & (xf != 0.0)
+    vis = vis.to(tl.int8)
+    mixed = mixed.to(tl.int8)
+    _store_classes(vis, mixed, ClsA, stride_ab, stride_ah, stride_am, stride_an, off_b, off_h, pid_m, pid_n, nqa, nka,
+                   REGION_M, REGION_N, A_M, A_N)
+    if HAS_B:
+        _store_classes(vis, mixed, ClsB, stride_bb, stride_bh, stride_bm, stride_bn, off_b, off_h, pid_m, pid_n,
+                       nqb, nkb, REGION_M, REGION_N, B_M, B_N)
+
+
+@triton.jit
+def _live_range(cls_base, stride, n):
+    """[first, last + 1) of the non-hidden entries among n classes (first >= last + 1 if none)."""
+    lo = n + 0
+    hi = n * 0
+    for c in range(0, n, _SCAN_CHUNK):
+        idx = c + tl.arange(0, _SCAN_CHUNK)
+        live = tl.load(cls_base + idx * stride, mask=idx < n, other=0) != 0
+        lo = tl.minimum(lo, tl.min(tl.where(live, idx, n), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(live, idx + 1, 0), 0))
+    return lo, hi
+
+
+@triton.jit
+def _load_mask(ptrs, need, MASK_KIND: tl.constexpr, TILE_CLS: tl.constexpr):
+    """The mask values at ptrs; with tile classes, a plain tile (need False) reads nothing and
+    gets the values a plain tile holds (True / 0.0). The scalar predicate is splat by an add
+    and a compare: the interpreter rejects a broadcast scalar (or a `full & scalar`, which it
+    computes as int8) as a load mask; on the GPU this folds to one predicate."""
+    if TILE_CLS:
+        pred = (tl.zeros(ptrs.shape, tl.int32) + need.to(tl.int32)) != 0
+        if MASK_KIND == _BOOL_MASK:
+            return tl.load(ptrs, mask=pred, other=1)
+        else:
+            return tl.load(ptrs, mask=pred, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _need_mask(cls_base, tile, stride, TILE_CLS: tl.constexpr):
+    """Whether a tile must read its mask: all but plain tiles (hidden ones inside a live range too)."""
+    if TILE_CLS:
+        return tl.load(cls_base + tile * stride) != 1
+    else:
+        return True
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+    acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need_mask, start_n, offs_m,
     Sk, stride_kn, stride_vn, stride_mn, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One key tile of the online softmax. MASKED tiles may hold keys past Sk or the diagonal."""
@@ -103,9 +222,11 @@ def _fwd_tile(
     if MASK_KIND != _NO_MASK:
         # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
         if MASK_SHARED:
-            mv = tl.load(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn)[None, :]
+            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
+                            TILE_CLS)[None, :]
         else:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
+                            MASK_KIND, TILE_CLS)
         if MASK_KIND == _BOOL_MASK:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -146,17 +267,18 @@ def _fwd_tile(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Mask, Keep, Out, Lse,
+    Q, K, V, Mask, Keep, Cls, Out, Lse,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_eb, stride_eh, stride_em, stride_en,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_ob, stride_oh, stride_om,
     H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -193,28 +315,50 @@ def _attn_fwd(
     else:
         hi = Sk
         full_hi = Sk // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_hi, BLOCK_N):
+    # With tile classes both loops are trimmed to the row's non-hidden key tiles [n_lo, n_hi).
+    if TILE_CLS:
+        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
+        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
+        n_lo = t_lo * BLOCK_N
+        n_hi = t_hi * BLOCK_N
+        lo1 = n_lo
+        hi1 = tl.minimum(full_hi, n_hi)
+        lo2 = tl.maximum(full_hi, n_lo)
+        hi2 = tl.minimum(hi, n_hi)
+    else:
+        cls_row = Cls
+        lo1 = 0
+        hi1 = full_hi
+        lo2 = full_hi
+        hi2 = hi
+    for start_n in range(lo1, hi1, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         if DROPKEY:
             if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
                                           Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, _LAZY, INTERPRET)
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, _LAZY,
+                                          INTERPRET)
         else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
                                       Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, SKIP, INTERPRET)
-    for start_n in range(full_hi, hi, BLOCK_N):
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, SKIP,
+                                      INTERPRET)
+    for start_n in range(lo2, hi2, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         if DROPKEY:
             if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
                                           Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, _LAZY, INTERPRET)
+                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, _LAZY,
+                                          INTERPRET)
         else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, start_n, offs_m,
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
                                       Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, SKIP, INTERPRET)
+                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, SKIP,
+                                      INTERPRET)
 
     # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
     # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
@@ -253,10 +397,10 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, start_m, offs_n,
-    Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, need_mask, start_m,
+    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -280,9 +424,9 @@ def _dkdv_tile(
     st = _dot(k, qt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
         if MASK_SHARED:
-            mv = tl.load(mask_cols)[:, None]
+            mv = _load_mask(mask_cols, need_mask, MASK_KIND, TILE_CLS)[:, None]
         else:
-            mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
+            mv = _load_mask(mask_cols[:, None] + rows[None, :] * stride_mm, need_mask, MASK_KIND, TILE_CLS)
         if MASK_KIND == _FLOAT_MASK:
             st = st + mv.to(tl.float32) * 1.4426950408889634
     # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
@@ -322,46 +466,46 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_range(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, lo, hi, offs_n,
-    Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, qk_scale, dmask_scale, block_q,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, cls_col, lo, hi,
+    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
+        need = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
         if DROPKEY:
             if kept:
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                    dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
-                                    MASKED, ATOMIC_DQ,
-                                    MASK_GRAD, _LAZY, INTERPRET)
+                                    dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
+                                    CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, _LAZY, INTERPRET)
         else:
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                dmask_base, kept, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
-                                MASKED, ATOMIC_DQ,
-                                MASK_GRAD, SKIP, INTERPRET)
+                                dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
+                                CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Mask, Keep, dOut, Lse, Delta, dK, dV, dQacc, dMask,
+    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dK, dV, dQacc, dMask,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_eb, stride_eh, stride_em, stride_en,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_gb, stride_gh, stride_gm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
@@ -407,16 +551,35 @@ def _attn_bwd_dkdv(
         keep_col = Keep + off_b * stride_eb + off_h * stride_eh + keep_n
         dq_base = dQacc + bh * Sq * HEAD_DIM
         dmask_base = dMask + bh * Sq * Sk
+        # With tile classes both ranges are trimmed to this key block's non-hidden query
+        # chunks [m_lo, m_hi) of this head's mask.
+        if TILE_CLS:
+            cls_col = Cls + off_b * stride_cb + off_h * stride_ch + pid_n * stride_cn
+            t_lo, t_hi = _live_range(cls_col, stride_cm, tl.cdiv(Sq, BLOCK_M))
+            m_lo = t_lo * BLOCK_M
+            m_hi = t_hi * BLOCK_M
+            main_lo = tl.maximum(diag_hi, m_lo)
+            main_hi = tl.minimum(Sq, m_hi)
+        else:
+            cls_col = Cls
+            main_lo = diag_hi
+            main_hi = Sq
         if CAUSAL:
+            if TILE_CLS:
+                diag_lo = tl.maximum(lo, m_lo)
+                diag_stop = tl.minimum(diag_end, m_hi)
+            else:
+                diag_lo = lo
+                diag_stop = diag_end
             dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                                 keep_col, lo, diag_end, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
-                                 qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED,
-                                 CAUSAL, True, DROPKEY,
+                                 keep_col, cls_col, diag_lo, diag_stop, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                                 stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
+                                 MASK_SHARED, TILE_CLS, CAUSAL, True, DROPKEY,
                                  ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                             keep_col, diag_hi, Sq, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em,
-                             qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL,
-                             False, DROPKEY,
+                             keep_col, cls_col, main_lo, main_hi, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
+                             stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
+                             MASK_SHARED, TILE_CLS, CAUSAL, False, DROPKEY,
                              ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
@@ -429,10 +592,10 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m, row_ok,
+    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need_mask, start_n, offs_m, row_ok,
     Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -452,9 +615,11 @@ def _dq_tile(
     s = _dot(q, kt, INTERPRET) * qk_scale
     if MASK_KIND != _NO_MASK:
         if MASK_SHARED:
-            mv = tl.load(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn)[None, :]
+            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
+                            TILE_CLS)[None, :]
         else:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
+                            MASK_KIND, TILE_CLS)
         if MASK_KIND == _FLOAT_MASK:
             s = s + mv.to(tl.float32) * 1.4426950408889634
     # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
@@ -490,18 +655,19 @@ def _dq_tile(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Mask, Keep, dOut, Lse, Delta, dQ, dMask,
+    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dQ, dMask,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_eb, stride_eh, stride_em, stride_en,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_gb, stride_gh, stride_gm,
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
-    MASK_GRAD: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ of one query block (and its rows of dMask), looping over key chunks."""
@@ -542,28 +708,50 @@ def _attn_bwd_dq(
     else:
         hi = Sk
         full_hi = Sk // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_hi, BLOCK_N):
+    # Trimmed to the row's non-hidden key tiles, as in the forward.
+    if TILE_CLS:
+        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
+        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
+        n_lo = t_lo * BLOCK_N
+        n_hi = t_hi * BLOCK_N
+        lo1 = n_lo
+        hi1 = tl.minimum(full_hi, n_hi)
+        lo2 = tl.maximum(full_hi, n_lo)
+        hi2 = tl.minimum(hi, n_hi)
+    else:
+        cls_row = Cls
+        lo1 = 0
+        hi1 = full_hi
+        lo2 = full_hi
+        hi2 = hi
+    for start_n in range(lo1, hi1, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         if DROPKEY:
             if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
-                              row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, MASK_GRAD, _LAZY, INTERPRET)
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
+                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, _LAZY,
+                              INTERPRET)
         else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
                           row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, False, MASK_GRAD, SKIP, INTERPRET)
-    for start_n in range(full_hi, hi, BLOCK_N):
+                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, SKIP,
+                          INTERPRET)
+    for start_n in range(lo2, hi2, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         if DROPKEY:
             if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
-                              row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, MASK_GRAD, _LAZY, INTERPRET)
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
+                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
+                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, _LAZY,
+                              INTERPRET)
         else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, start_n, offs_m,
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
                           row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, CAUSAL, True, MASK_GRAD, SKIP, INTERPRET)
+                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, SKIP,
+                          INTERPRET)
 
     dq = dq * dq_scale
     tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -745,17 +933,64 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_forward(pb: _Problem, cfg) -> tuple[Tensor, Tensor]:
+class _TileClasses:
+    """Per-tile mask classes for one pass's kernel tile (or a stand-in when there are none)."""
+
+    def __init__(self, tensor: Tensor, strides: tuple[int, int, int, int], enabled: bool):
+        self.tensor, self.strides, self.enabled = tensor, strides, enabled
+
+
+def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileClasses]:
+    """Classify the mask for each (rows, cols) kernel tile in ``tiles`` with one read of the mask.
+
+    Runs on the device (no host sync, CUDA-graph capturable). The classes live in the mask's own
+    extent: a dim the mask broadcasts over (stride 0) has one entry and stride 0, so a (B, 1, S, S)
+    mask costs B x tiles, not B x H x tiles. The tiles of a pass are powers of two, so one region of
+    (max rows, max cols) holds whole tiles of every tiling.
+    """
+    if pb.mask_kind == MASK_NONE or not CLASSIFY_MASK_TILES:
+        return [_TileClasses(pb.keep, (0, 0, 0, 0), False) for _ in tiles]
+    if not 1 <= len(tiles) <= 2:
+        raise ValueError(f"_tile_classes classifies one or two tilings at a time, got {len(tiles)}")
+    sb, sh, sm, sn = pb.mask_strides
+    bm, hm = (pb.B if sb else 1), (pb.H if sh else 1)
+    sqm, skm = (pb.Sq if sm else 1), (pb.Sk if sn else 1)
+    out = []
+    for tm, tn in tiles:
+        t = torch.empty(bm, hm, triton.cdiv(sqm, tm), triton.cdiv(skm, tn), device=pb.q.device, dtype=torch.int8)
+        st = t.stride()
+        out.append(_TileClasses(t, (st[0] if sb else 0, st[1] if sh else 0, st[2] if sm else 0, st[3] if sn else 0),
+                                True))
+    # A program classifies a region of several tiles: 64 x 128 elements on the GPU (8 K mask
+    # elements, 32 a thread with 8 warps), far larger when interpreted, where every program costs
+    # milliseconds whatever its size.
+    min_m, min_n = (128, 512) if pb.interpret else (64, 128)
+    region_m = max(min_m, *(tm for tm, _ in tiles))
+    region_n = max(min_n, *(tn for _, tn in tiles))
+    a, b = out[0], out[-1]
+    (a_m, a_n), (b_m, b_n) = tiles[0], tiles[-1]
+    grid = (triton.cdiv(sqm, region_m), triton.cdiv(skm, region_n), bm * hm)
+    _classify_mask[grid](
+        pb.mask, a.tensor, b.tensor, *pb.mask_strides, *a.tensor.stride(), *b.tensor.stride(),
+        hm, sqm, skm, a.tensor.shape[2], a.tensor.shape[3], b.tensor.shape[2], b.tensor.shape[3],
+        MASK_KIND=pb.mask_kind, REGION_M=region_m, REGION_N=region_n, A_M=a_m, A_N=a_n, B_M=b_m, B_N=b_n,
+        HAS_B=len(tiles) == 2, num_warps=8,
+    )
+    return out
+
+
+def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
     block_m, block_n, warps, stages, skip = cfg
+    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
     out = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
     grid = (triton.cdiv(pb.Sq, block_m), pb.B * pb.H)
     _attn_fwd[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, out, lse,
-        *pb.common(), *out.stride()[:3],
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
+        *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
         HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        CAUSAL=pb.causal,
+        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -774,21 +1009,22 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
 
 
 def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, atomic_dq: bool = False,
-                 mask_grad: bool = False):
+                 mask_grad: bool = False, cls: _TileClasses | None = None):
     """dK, dV (and, with atomic_dq, dQ and dMask too); returns (dk, dv, dq or None, dmask or None)."""
     block_m, block_n, warps, stages, skip = cfg
+    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
     dk = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.k.device, dtype=pb.k.dtype)
     dv = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.v.device, dtype=pb.v.dtype)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (triton.cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
     _attn_bwd_dkdv[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dk, dv, dq_acc, dmask,
-        *pb.common(), *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
+        *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.out_scale, pb.block[0], pb.block[1],
         HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        CAUSAL=pb.causal,
+        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
         num_warps=warps, num_stages=stages,
     )
@@ -797,23 +1033,26 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
 
 
 def _dmask_buffer(pb: _Problem) -> Tensor:
-    # dMask is written per element (dropped and masked tiles included); tiles the causal loops
-    # never visit must read as zeros.
+    # dMask is written per element (dropped and masked tiles included); tiles the loops never
+    # visit (above the causal diagonal, or trimmed away as hidden by the tile classes) have
+    # dS = 0 and must read as zeros.
     return torch.zeros(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=torch.float32)
 
 
-def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool):
+def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool,
+               cls: _TileClasses | None = None):
     block_m, block_n, warps, stages, skip = cfg
+    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
     dq = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (triton.cdiv(pb.Sq, block_m), pb.B * pb.H)
     _attn_bwd_dq[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, grad_out, lse, delta, dq, dmask,
-        *pb.common(), *grad_out.stride()[:3], *dq.stride()[:3],
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
+        *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.block[0], pb.block[1],
         HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        CAUSAL=pb.causal,
+        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
         DROPKEY=pb.dropkey, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
         num_warps=warps, num_stages=stages,
     )
@@ -848,8 +1087,10 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
     else:
         kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
         q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
-        dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg)
-        dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad)
+        # One read of the mask classifies it for both passes' tiles.
+        kv_cls, q_cls = _tile_classes(pb, [kv_cfg[:2], q_cfg[:2]])
+        dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
+        dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls)
     if pb.squeeze:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     if dmask is not None:

@@ -217,6 +217,22 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
         m = torch.rand(b, hq, sq, sk, generator=g) > 0.5
         m[0, 0, 5] = False
         return m
+    if kind == "bool_pad_full":  # HF BERT: a materialised (B, 1, Sq, Sk) key-padding mask
+        m = torch.ones(b, 1, sq, sk, dtype=torch.bool)
+        m[::2, ..., sk - sk // 4:] = False  # 25% of the keys in half the batch, whole key tiles included
+        return m
+    if kind == "bool_causal_pad":  # HF GPT-2: causal & padding in one (B, 1, Sq, Sk) bool, is_causal=False
+        m = torch.ones(sq, sk, dtype=torch.bool).tril().expand(b, 1, sq, sk).clone()
+        m[0, ..., sk - sk // 4:] = False  # right padding
+        m[-1, ..., : sk // 5] = False  # left padding: the first sk // 5 rows see no key at all
+        return m
+    if kind == "float_neginf":  # a float bias with -inf tiles, -inf key padding and all -inf rows
+        m = torch.randn(1, hq, sq, sk, generator=g) * 2
+        m[:, 0, : sq // 2, sk // 4: sk // 2 + 16] = float("-inf")
+        m[:, :, :, sk - sk // 5:] = float("-inf")
+        m[:, -1, 3:9] = float("-inf")
+        m[:, -1, sq // 2:, : sk // 2] = 0.0  # plain (all-zero) tiles too
+        return m.to(dtype)
     raise ValueError(kind)
 
 
@@ -255,6 +271,117 @@ def test_triton_keep_all_true_and_all_false(mode, kept):
     expected.backward(grad.float())
     for a, b in zip(got, [expected] + [t.grad for t in leaves]):
         assert_close_scaled(a, b, torch.float16)
+
+
+# --------------------------------------------------------------------------- mask tile classes
+def _expected_classes(mask, b, h, sq, sk, tile):
+    """Class of every (tile) of the mask expanded to (b, h, sq, sk), by the definition."""
+    full = mask.expand(b, h, sq, sk)
+    if mask.dtype == torch.bool:
+        vis, plain = full, full
+    else:
+        vis, plain = full != float("-inf"), full == 0
+    nq, nk = -(-sq // tile[0]), -(-sk // tile[1])
+    cls = torch.empty(b, h, nq, nk, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            sl = (..., slice(i * tile[0], (i + 1) * tile[0]), slice(j * tile[1], (j + 1) * tile[1]))
+            any_vis = vis[sl].flatten(2).any(-1)
+            cls[:, :, i, j] = torch.where(~any_vis, 0, torch.where(plain[sl].flatten(2).all(-1), 1, 2))
+    return cls
+
+
+@pytest.mark.parametrize("kind", ["bool_b11", "bool_pad_full", "bool_causal_pad", "float_neginf", "float_2d"])
+def test_tile_classes_match_the_definition(kind):
+    q, k, v, _, g = make_inputs(b=2, hq=2, sq=77, sk=300)
+    mask = _mask(kind, 2, 2, 77, 300, torch.float16, g)
+    keep = random_keep(q, k, 0.3, (64, 128), g)
+    pb = fat._Problem(q, k, v, mask, keep, 0.3, False, None, False, (64, 128), "post_softmax")
+    tiles = [(32, 64), (64, 16)]
+    for got, tile in zip(fat._tile_classes(pb, tiles), tiles):
+        # Broadcast dims of the mask keep one entry with stride 0: expand before comparing.
+        t = torch.as_strided(got.tensor, (2, 2, -(-77 // tile[0]), -(-300 // tile[1])), got.strides)
+        assert torch.equal(t, _expected_classes(mask, 2, 2, 77, 300, tile)), tile
+        assert got.tensor.numel() <= t.numel()
+
+
+# HF-style materialised masks: whole hidden tiles are trimmed from the loops, plain tiles skip
+# their mask loads. (name, sq, sk, hq, hkv, d, dtype, causal, mask, mode, backward strategy)
+HF_MASK_CASES = [
+    ("bool-pad-full-77x300", 77, 300, 2, 2, 64, torch.float16, False, "bool_pad_full", "post_softmax", "two_pass"),
+    ("bool-causal-pad-300", 300, 300, 2, 2, 64, torch.bfloat16, False, "bool_causal_pad", "post_softmax", "atomic"),
+    ("bool-causal-pad-dropkey-gqa", 77, 77, 4, 2, 64, torch.float16, False, "bool_causal_pad", "dropkey", "two_pass"),
+    ("bool-pad-full-and-causal-d128", 77, 77, 2, 2, 128, torch.bfloat16, True, "bool_pad_full", "post_softmax",
+     "two_pass"),
+    ("float-neginf-grad", 77, 300, 2, 2, 64, torch.float16, False, "float_neginf", "post_softmax", "two_pass"),
+    ("float-neginf-grad-atomic-causal", 77, 77, 2, 2, 64, torch.bfloat16, True, "float_neginf", "post_softmax",
+     "atomic"),
+]
+
+
+@pytest.mark.parametrize("case", HF_MASK_CASES, ids=[c[0] for c in HF_MASK_CASES])
+def test_triton_hf_masks_match_reference(case, monkeypatch):
+    _, sq, sk, hq, hkv, d, dtype, causal, mask_kind, mode, strategy = case
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, d, strategy)
+    q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
+    mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
+    block = fat.DEFAULT_BLOCK
+    keep = random_keep(q, k, 0.3, block, g)
+    got = run_op([q, k, v, mask], keep, 0.3, causal, None, hq != hkv, block, mode, "triton", grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.3, causal, None, hq != hkv, block, mode,
+                 "reference", grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        assert_close_scaled(a, b, dtype, name)
+    hidden = mask.expand(2, hq, sq, sk) == (False if mask.dtype == torch.bool else float("-inf"))
+    if causal:
+        hidden = hidden | torch.ones(sq, sk, dtype=torch.bool).triu(1)
+    dead_rows = hidden.all(-1)
+    assert dead_rows.any() or mask_kind == "bool_pad_full"
+    assert got[0][dead_rows].abs().max() == 0 if dead_rows.any() else True  # rows with no visible key give 0
+    if got[4] is not None:
+        # dS is exactly 0 where the mask hides an element (P = 0), skipped tiles included.
+        assert got[4].expand_as(hidden)[hidden].abs().max() == 0
+
+
+@pytest.mark.parametrize("mask_kind,strategy", [("float_neginf", "two_pass"), ("bool_pad_full", "atomic")])
+def test_triton_hidden_tiles_are_never_read(mask_kind, strategy, monkeypatch):
+    """Keys 256..299 are hidden for every query (of batch 0 at least) and fill whole kernel tiles
+    (64 or 128 keys wide): make them NaN. Were those tiles visited, NaN would reach O (P·V with
+    P = 0 is still NaN) and the gradients; trimmed, everything matches the reference run on
+    zeros there, and dK, dV of those keys are exactly 0."""
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, 64, strategy)
+    q, k, v, grad, g = make_inputs(b=2, hq=2, sq=77, sk=300)
+    mask = _mask(mask_kind, 2, 2, 77, 300, torch.float16, g)
+    keep = random_keep(q, k, 0.3, fat.DEFAULT_BLOCK, g)
+    poisoned = (slice(None) if mask_kind == "float_neginf" else 0, slice(None), slice(256, None))
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[poisoned], v_nan[poisoned] = float("nan"), float("nan")
+    k[poisoned], v[poisoned] = 0.0, 0.0
+    got = run_op([q, k_nan, v_nan, mask], keep, 0.3, False, None, False, fat.DEFAULT_BLOCK, "post_softmax", "triton",
+                 grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.3, False, None, False, fat.DEFAULT_BLOCK,
+                 "post_softmax", "reference", grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        if b is not None:
+            assert_close_scaled(a, b, torch.float16, name)
+    assert got[2][poisoned].abs().max() == 0 and got[3][poisoned].abs().max() == 0
+
+
+def test_triton_tile_classes_off_gives_the_same_result(monkeypatch):
+    q, k, v, grad, g = make_inputs(b=2, hq=2, sq=77, sk=77)
+    mask = _mask("bool_causal_pad", 2, 2, 77, 77, torch.float16, g)
+    keep = random_keep(q, k, 0.3, (64, 128), g)
+    on = run_op([q, k, v, mask], keep, 0.3, False, None, False, (64, 128), "post_softmax", "triton", grad)
+    monkeypatch.setattr(fat, "CLASSIFY_MASK_TILES", False)
+    off = run_op([q, k, v, mask], keep, 0.3, False, None, False, (64, 128), "post_softmax", "triton", grad)
+    for a, b in zip(on[:4], off[:4]):
+        # Same tiles in the same order, less the hidden ones (which add exact zeros): bitwise.
+        assert torch.equal(a, b)
 
 
 # Kernel tiles smaller than the mask tile (block splitting), and each way of skipping a tile.
@@ -443,6 +570,13 @@ GPU_CASES = [
     (2, 16, 4, 1000, 128, True, None, torch.bfloat16, "dropkey", "atomic"),
     (2, 8, 8, 777, 64, False, "float_2d", torch.bfloat16, "dropkey", "atomic"),
     (2, 8, 8, 777, 64, False, "float_2d", torch.float16, "post_softmax", "two_pass"),
+    # HF-style materialised masks, classified per tile (hidden tiles trimmed, plain tiles unread).
+    (4, 12, 12, 512, 64, False, "bool_pad_full", torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 12, 12, 512, 64, False, "bool_pad_full", torch.float16, "post_softmax", "atomic"),
+    (4, 12, 12, 1024, 64, False, "bool_causal_pad", torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 12, 12, 1024, 64, False, "bool_causal_pad", torch.bfloat16, "dropkey", "atomic"),
+    (2, 8, 8, 777, 64, False, "float_neginf", torch.float16, "post_softmax", "two_pass"),
+    (2, 8, 8, 300, 128, True, "float_neginf", torch.bfloat16, "post_softmax", "atomic"),
 ]
 
 
