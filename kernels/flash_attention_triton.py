@@ -948,7 +948,11 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     mask costs B x tiles, not B x H x tiles. The tiles of a pass are powers of two, so one region of
     (max rows, max cols) holds whole tiles of every tiling.
     """
-    if pb.mask_kind == MASK_NONE or not CLASSIFY_MASK_TILES:
+    if pb.mask_kind != MASK_BOOL or not CLASSIFY_MASK_TILES:
+        # Float masks go unclassified: HF's float masks (T5's position bias, padding as the
+        # dtype's minimum rather than -inf) have no hidden or plain tiles to gain from, and with
+        # classes the float-mask dQ kernel spills registers. On an H200 a T5-base training step
+        # went from 65.7 ms to 88.8 ms with classified float masks (benchmarks/NOTES_attention.md).
         return [_TileClasses(pb.keep, (0, 0, 0, 0), False) for _ in tiles]
     if not 1 <= len(tiles) <= 2:
         raise ValueError(f"_tile_classes classifies one or two tilings at a time, got {len(tiles)}")

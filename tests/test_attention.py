@@ -291,7 +291,7 @@ def _expected_classes(mask, b, h, sq, sk, tile):
     return cls
 
 
-@pytest.mark.parametrize("kind", ["bool_b11", "bool_pad_full", "bool_causal_pad", "float_neginf", "float_2d"])
+@pytest.mark.parametrize("kind", ["bool_b11", "bool_pad_full", "bool_causal_pad"])
 def test_tile_classes_match_the_definition(kind):
     q, k, v, _, g = make_inputs(b=2, hq=2, sq=77, sk=300)
     mask = _mask(kind, 2, 2, 77, 300, torch.float16, g)
@@ -348,7 +348,18 @@ def test_triton_hf_masks_match_reference(case, monkeypatch):
         assert got[4].expand_as(hidden)[hidden].abs().max() == 0
 
 
-@pytest.mark.parametrize("mask_kind,strategy", [("float_neginf", "two_pass"), ("bool_pad_full", "atomic")])
+@pytest.mark.parametrize("kind", ["float_neginf", "float_2d"])
+def test_float_masks_are_not_classified(kind):
+    # Classes cost registers in the float-mask kernels and HF's float masks have no hidden or
+    # plain tiles (see _tile_classes): float masks take the unclassified path.
+    q, k, v, _, g = make_inputs(b=2, hq=2, sq=77, sk=300)
+    mask = _mask(kind, 2, 2, 77, 300, torch.float16, g)
+    keep = random_keep(q, k, 0.3, (64, 128), g)
+    pb = fat._Problem(q, k, v, mask, keep, 0.3, False, None, False, (64, 128), "post_softmax")
+    assert not any(c.enabled for c in fat._tile_classes(pb, [(32, 64), (64, 16)]))
+
+
+@pytest.mark.parametrize("mask_kind,strategy", [("bool_pad_full", "two_pass"), ("bool_pad_full", "atomic")])
 def test_triton_hidden_tiles_are_never_read(mask_kind, strategy, monkeypatch):
     """Keys 256..299 are hidden for every query (of batch 0 at least) and fill whole kernel tiles
     (64 or 128 keys wide): make them NaN. Were those tiles visited, NaN would reach O (P·V with
