@@ -7,6 +7,8 @@ The last row block and the last column block may be ragged.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,17 +26,9 @@ def block_layout(shape, batched: bool):
     """
     if len(shape) < 1 or (batched and len(shape) < 2):
         raise ValueError(f"block_layout: a {'batched ' if batched else ''}matmul operand needs more dims, got shape {tuple(shape)}")
-    k = shape[-1]
     if batched:
-        m = shape[-2]
-        b = 1
-        for s in shape[:-2]:
-            b = b * s
-        return b, m, k
-    rows = 1
-    for s in shape[:-1]:
-        rows = rows * s
-    return 1, rows, k
+        return math.prod(shape[:-2]), shape[-2], shape[-1]
+    return 1, math.prod(shape[:-1]), shape[-1]
 
 
 def keep_shape(shape, block: tuple[int, int], batched: bool):

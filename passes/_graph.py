@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -159,10 +158,3 @@ def _find_fake_mode(gm: fx.GraphModule):
         if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
             return val.fake_mode
     return None
-
-
-def is_number_like(value: Any) -> bool:
-    return const_number(value) is not None
-
-
-MUL_TARGETS = (operator.mul, torch.mul, operator.truediv, torch.div)

@@ -16,6 +16,7 @@ the original ops and is recorded with a reason.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -229,10 +230,7 @@ def _same_layout(x_shape, a: Consumer, b: Consumer) -> bool:
     """Both consumers lay the mask over x the same way: same kind of view, or one matrix only."""
     if a.batched == b.batched:
         return True
-    batch = 1
-    for s in x_shape[:-2]:
-        batch = batch * s
-    return len(x_shape) >= 2 and known_equal(batch, 1)
+    return len(x_shape) >= 2 and known_equal(math.prod(x_shape[:-2]), 1)
 
 
 def _replay_path(editor: GraphEditor, x: fx.Node, c: Consumer) -> fx.Node:

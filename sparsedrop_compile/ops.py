@@ -13,6 +13,7 @@ tensors to the Triton kernels, ``"triton"`` forces them (CPU tensors need TRITON
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -171,7 +172,7 @@ def _broadcast_batch(a_shape, b_shape):
 def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
     """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul)."""
     batch = _broadcast_batch(a.shape, b.shape)
-    n_batch = _prod(batch)
+    n_batch = math.prod(batch)
     m, k = a.shape[-2:]
     n = b.shape[-1]
     a_batch = tuple(a.shape[:-2])
@@ -182,18 +183,11 @@ def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
         a3 = a.expand(*batch, m, k).reshape(n_batch, m, k)
         keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
         keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
-    if _prod(b.shape[:-2]) == 1:
+    if math.prod(b.shape[:-2]) == 1:
         b3 = b.reshape(1, k, n)
     else:
         b3 = b.expand(*batch, k, n).reshape(n_batch, k, n)
     return a3, b3, keep3, batch
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _check_matmul(a: Tensor, b: Tensor, op: str) -> None:
