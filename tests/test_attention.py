@@ -194,6 +194,8 @@ KERNEL_CASES = [
     ("causal-sq-gt-sk-padding-bias", 100, 45, 2, 2, 64, torch.float16, (32, 16), True, "float_b11", "post_softmax",
      "two_pass"),
     ("gqa-causal-2d-mask-grad", 77, 77, 4, 2, 64, torch.float16, (32, 32), True, "float_2d", "post_softmax", "two_pass"),
+    ("float-full-mask-grad", 77, 77, 2, 2, 64, torch.bfloat16, (32, 32), False, "float_full", "post_softmax",
+     "atomic"),
     ("d128-bool-full", 77, 77, 2, 2, 128, torch.bfloat16, (32, 32), False, "bool_full", "post_softmax", "atomic"),
     ("dropkey-causal", 77, 77, 2, 2, 64, torch.float16, (16, 32), True, None, "dropkey", "atomic"),
     ("dropkey-float-mask-gqa", 77, 300, 4, 1, 64, torch.bfloat16, (32, 64), False, "float_bh", "dropkey", "two_pass"),
@@ -205,6 +207,8 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
         return None
     if kind == "float_bh":  # T5's position bias: one per head, shared over the batch
         return (torch.randn(1, hq, sq, sk, generator=g) * 2).to(dtype)
+    if kind == "float_full":  # T5 with padding: position bias + padding, one (B, H, Sq, Sk) float mask
+        return ((torch.randn(1, hq, sq, sk, generator=g) * 2) + torch.randn(b, 1, 1, sk, generator=g)).to(dtype)
     if kind == "float_b11":  # an additive padding mask, one row shared by every query
         return torch.randn(b, 1, 1, sk, generator=g).to(dtype)
     if kind == "float_2d":
@@ -575,6 +579,8 @@ GPU_CASES = [
     (4, 12, 12, 512, 64, False, "bool_b11", torch.bfloat16, "post_softmax", "atomic"),
     (4, 12, 12, 512, 64, False, "float_bh", torch.bfloat16, "post_softmax", "two_pass"),
     (4, 12, 12, 512, 64, False, "float_bh", torch.float16, "post_softmax", "atomic"),
+    (4, 12, 12, 512, 64, False, "float_full", torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 12, 12, 300, 64, True, "float_full", torch.float16, "dropkey", "two_pass"),
     (4, 16, 16, 2048, 128, True, None, torch.bfloat16, "post_softmax", "atomic"),
     (4, 16, 16, 2048, 128, True, None, torch.bfloat16, "dropkey", "two_pass"),
     (2, 16, 4, 1000, 128, True, None, torch.float16, "post_softmax", "two_pass"),
