@@ -1,11 +1,20 @@
 """Which rewrite costs or saves time in a model's training step: one model, several option sets,
-side by side in one process (bf16 autocast, fwd + bwd + AdamW, median of CUDA-event timings).
+side by side in one process (bf16 autocast, fwd + bwd + AdamW, CUDA-event timings).
 
-    python benchmarks/diagnose_model.py --model t5 --p 0.1
+For each option set it prints the step time (median, min, max) with Python's garbage collector
+on and off, the host time to enqueue a step (close to the step time means the step is bound by
+the CPU, not the GPU), and with --profile the GPU kernel time per step by kernel family, so a
+difference between option sets can be traced to the kernels (or the gaps between them).
+
+    python benchmarks/diagnose_model.py --model t5 --p 0.1 --profile --out /tmp/diag
 """
 import argparse
+import collections
+import gc
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -19,24 +28,73 @@ VARIANTS = {
     "attention_only": ("sparsedrop", {"exclude": ["kind:linear", "kind:matmul", "kind:addmm"]}),
 }
 
+# Kernel families by a substring of the kernel name, first match wins.
+FAMILIES = (
+    ("sd_attention_fwd", ("_attn_fwd",)),
+    ("sd_attention_bwd", ("_attn_bwd", "_classify_mask")),
+    ("sd_matmul", ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel")),
+    ("sdpa", ("flash", "fmha", "attention", "efficient")),
+    ("cublas_gemm", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_")),
+    ("inductor_triton", ("triton_",)),
+    ("optimizer", ("multi_tensor", "fused_adam", "adamw")),
+    ("copy_fill", ("copy", "fill", "elementwise", "reduce", "index", "cat", "memcpy", "memset")),
+)
 
-def step_ms(model, batch, backend, options, steps=12, warmup=3):
-    compiled = torch.compile(model, backend=backend, **({"options": options} if options is not None else {}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    for i in range(warmup + steps):
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k.lower() in low for k in keys):
+            return fam
+    return "other"
+
+
+def train_step(compiled, batch, opt):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_steps(compiled, batch, opt, steps):
+    gpu, host = [], []
+    for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        end.record()
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        t0 = time.perf_counter()
+        start.record()
+        train_step(compiled, batch, opt)
+        end.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return gpu, host
+
+
+def kernel_times(compiled, batch, opt, steps):
+    """GPU kernel time per step by kernel family, and the top kernels, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(compiled, batch, opt)
+        torch.cuda.synchronize()
+    per_kernel = collections.Counter()
+    calls = collections.Counter()
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(evt, "device_time", None)
+        if t is None:
+            t = evt.cuda_time
+        per_kernel[evt.name] += t / 1e3 / steps  # ms per step
+        calls[evt.name] += 1 / steps
+    per_family = collections.Counter()
+    for name, ms in per_kernel.items():
+        per_family[family(name)] += ms
+    return per_family, per_kernel, calls
 
 
 def main():
@@ -45,18 +103,58 @@ def main():
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="also print kernel time by family")
+    parser.add_argument("--out", default=None, help="folder for the full per-kernel tables")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; {args.model} base, batch {args.batch}x{args.seq}, p={args.p}")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; {args.model} base, batch {args.batch}x{args.seq}, "
+          f"p={args.p}", flush=True)
+    summary = []
     for name in args.variants:
         backend, options = VARIANTS[name]
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = build_model(args.model, size="base", dropout=args.p).cuda().train()
         batch = example_batch(model, batch=args.batch, seq=args.seq, device="cuda")
-        print(f"  {name:16s} {step_ms(model, batch, backend, options):8.1f} ms/step", flush=True)
-        del model
+        compiled = torch.compile(model, backend=backend, **({"options": options} if options is not None else {}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        time_steps(compiled, batch, opt, 3)  # compile, tune, warm up
+        gpu, host = time_steps(compiled, batch, opt, args.steps)
+        gc.disable()
+        try:
+            gpu_nogc, _ = time_steps(compiled, batch, opt, args.steps)
+        finally:
+            gc.enable()
+        med = statistics.median(gpu)
+        line = (f"  {name:16s} {med:7.1f} ms/step (min {min(gpu):.1f}, max {max(gpu):.1f}); gc off "
+                f"{statistics.median(gpu_nogc):.1f} (max {max(gpu_nogc):.1f}); host enqueue {statistics.median(host):.1f} ms")
+        print(line, flush=True)
+        print("    steps: " + " ".join(f"{t:.1f}" for t in gpu), flush=True)
+        row = {"variant": name, "median": med}
+        if args.profile:
+            fams, kernels, calls = kernel_times(compiled, batch, opt, 3)
+            total = sum(fams.values())
+            print(f"    GPU kernel time {total:.1f} ms/step; idle {med - total:.1f} ms; " +
+                  ", ".join(f"{f} {ms:.1f}" for f, ms in fams.most_common()), flush=True)
+            row.update(fams, kernel_total=total)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, f"kernels_{args.model}_{name}.txt"), "w") as f:
+                    for k, ms in kernels.most_common():
+                        f.write(f"{ms:9.3f} ms {calls[k]:6.1f}x  {family(k):16s} {k[:160]}\n")
+            for k, ms in kernels.most_common(8):
+                print(f"      {ms:7.2f} ms {calls[k]:5.0f}x {family(k):16s} {k[:90]}")
+        summary.append(row)
+        del model, compiled, opt
+        gc.collect()
         torch.cuda.empty_cache()
+    if args.profile:
+        fams = sorted({k for r in summary for k in r if k not in ("variant", "median")})
+        print("\nms/step by kernel family")
+        print(f"{'variant':16s} {'step':>7s} " + " ".join(f"{f[:12]:>12s}" for f in fams))
+        for r in summary:
+            print(f"{r['variant']:16s} {r['median']:7.1f} " + " ".join(f"{r.get(f, 0.0):12.2f}" for f in fams))
 
 
 if __name__ == "__main__":
