@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import triton
@@ -67,8 +67,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_MATRIX_SPAN = 2**31 - 2**24
 
 
+# Triton reads TRITON_INTERPRET when it decorates this module's kernels (at import), so whether
+# they are interpreted is fixed from then on; read it once, at the same moment, not per call.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this module's kernels run under Triton's CPU interpreter."""
+    return _INTERPRET
+
+
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers
+# that unwrap every argument per call; these plain versions give the same ints for ints at a
+# fraction of the launch-path cost. (tl.cdiv inside @triton.jit code is a different function.)
+def _cdiv(a: int, b: int) -> int:
+    """Ceil division of ints, as triton.cdiv."""
+    return (a + b - 1) // b
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n, as triton.next_power_of_2 (0 for n <= 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 # =========================================================================== Triton kernels
@@ -592,7 +611,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def _fit_dim(extent: int, tile: int, floor: int = 16) -> int:
     """Shrink a tile toward a small extent: no point in a 256-wide tile over 45 columns."""
-    return max(floor, min(tile, triton.next_power_of_2(max(extent, 1))))
+    return max(floor, min(tile, _next_pow2(max(extent, 1))))
 
 
 def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False) -> list[KernelConfig]:
@@ -610,7 +629,7 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
     base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
     out_rows, out_cols = {"dsd": (M, N), "sdd": (M, K), "dsd_tn": (K, N)}[kind]
     # With at least ~2 waves of 128 x 128 output tiles, smaller tiles only lose reuse.
-    big = triton.cdiv(out_rows, 128) * triton.cdiv(out_cols, 128) >= 256
+    big = _cdiv(out_rows, 128) * _cdiv(out_cols, 128) >= 256
     out: list[tuple[KernelConfig, int]] = []
     for tm, tn, tk, stages, warps in base:
         tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
@@ -712,22 +731,28 @@ def tuned_configs() -> dict[tuple, KernelConfig]:
 
 # =========================================================================== host helpers
 def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str | None:
-    """None if the Triton kernels can run on these operands and mask block, else why not."""
+    """None if the Triton kernels can run on these operands and mask block, else why not.
+
+    The registered ops call this to choose the kernel and then tell the launchers to skip it
+    (``_supported=True``): it runs once per op call.
+    """
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return "no tensor operands"
-    device = tensors[0].device
+    device, dtype = tensors[0].device, tensors[0].dtype
+    mixed_dtypes = False
     for t in tensors:
         if t.device != device:
             return f"operands are on different devices ({t.device} and {device})"
         if t.dtype not in _DTYPES:
             return f"dtype {t.dtype} is not supported (fp16, bf16 or fp32)"
+        mixed_dtypes = mixed_dtypes or t.dtype != dtype
     if device.type == "cuda":
         if torch.version.hip is not None:
             return "ROCm GPUs are not tuned for these kernels"
     elif not (device.type == "cpu" and _interpreting()):
         return f"{device.type} tensors need CUDA (or CPU under TRITON_INTERPRET=1)"
-    if len({t.dtype for t in tensors}) > 1:
+    if mixed_dtypes:
         return "operands have different dtypes (" + ", ".join(str(t.dtype) for t in tensors) + ")"
     br, bc = block
     if br <= 0 or bc <= 0 or br % 16 or bc % 16:
@@ -739,27 +764,35 @@ def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str
 
 
 def _matrix_span(t: Tensor) -> int:
-    """Element distance from a matrix's first to one past its last element (last two dims)."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape[-2:], t.stride()[-2:]))
+    """Element distance from a matrix's first to one past its last element (last two dims;
+    t has at least two)."""
+    shape, stride = t.shape, t.stride()
+    return 1 + (shape[-2] - 1) * abs(stride[-2]) + (shape[-1] - 1) * abs(stride[-1])
 
 
-def _check(name: str, cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"sparsedrop {name}: {msg}")
+def _fail(name: str, msg: str) -> NoReturn:
+    """Raise a launcher's input error. Callers test the condition first and format ``msg`` only
+    when it fails: formatting every message on every call cost more than the checks."""
+    raise ValueError(f"sparsedrop {name}: {msg}")
 
 
-def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int) -> None:
-    _check(name, x.dim() == 3 and y.dim() == 3, f"operands must be 3-D, got {tuple(x.shape)} and {tuple(y.shape)}")
-    _check(name, len(block) == 2, f"block must be (rows, cols), got {block!r}")
-    reason = unsupported_reason((x, y), tuple(block))
-    _check(name, reason is None, f"{reason}; use the reference kernels for this call")
-    expected = (x.shape[0], triton.cdiv(rows, block[0]), triton.cdiv(cols, block[1]))
-    _check(
-        name,
-        keep.dtype == torch.bool and tuple(keep.shape) == expected,
-        f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}",
-    )
-    _check(name, keep.device == x.device, f"keep is on {keep.device}, operands on {x.device}")
+def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int,
+                  supported: bool = False) -> None:
+    """Operand checks shared by the launchers. ``supported``: the caller has already found
+    ``unsupported_reason((x, y), block)`` to be None, so it is not run again."""
+    if not (x.dim() == 3 and y.dim() == 3):
+        _fail(name, f"operands must be 3-D, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if len(block) != 2:
+        _fail(name, f"block must be (rows, cols), got {block!r}")
+    if not supported:
+        reason = unsupported_reason((x, y), tuple(block))
+        if reason is not None:
+            _fail(name, f"{reason}; use the reference kernels for this call")
+    expected = (x.shape[0], _cdiv(rows, block[0]), _cdiv(cols, block[1]))
+    if not (keep.dtype == torch.bool and tuple(keep.shape) == expected):
+        _fail(name, f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}")
+    if keep.device != x.device:
+        _fail(name, f"keep is on {keep.device}, operands on {x.device}")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -774,7 +807,24 @@ def _tma_enabled(device: torch.device) -> bool:
         return False
     if os.environ.get("SPARSEDROP_TMA", "1") == "0" or _TMA_BROKEN:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _capability(device)[0] >= 9
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, cached per device index (it cannot change)."""
+    index = _cuda_index(device)
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The device's index; the current device for a bare torch.device("cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 _TMA_BROKEN = False
@@ -797,7 +847,7 @@ def _desc3(t: Tensor, block_shape: list[int]):
     strides = list(t.stride())
     es = t.element_size()
     if shape[1] == 1:
-        strides[1] = triton.cdiv(shape[2] * es, 16) * 16 // es
+        strides[1] = _cdiv(shape[2] * es, 16) * 16 // es
     if shape[0] == 1:
         strides[0] = shape[1] * strides[1]
     return TensorDescriptor(t, shape, strides, block_shape)
@@ -814,7 +864,12 @@ def _masks(M: int, N: int, K: int, cfg: KernelConfig, block) -> dict:
 
 
 def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
+    """Make t's GPU the current device for a launch (Triton launches on the current one).
+    Nothing to do, and no context switch, on CPU or when it already is (the usual case)."""
+    device = t.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NULL_CTX
 
 
 class _NullCtx:
@@ -823,6 +878,9 @@ class _NullCtx:
 
     def __exit__(self, *exc):
         return False
+
+
+_NULL_CTX = _NullCtx()  # stateless, so one instance serves every launch
 
 
 def _launch_with_tma_fallback(launch: Callable[[KernelConfig], None], cfg: KernelConfig) -> None:
@@ -849,20 +907,25 @@ def _disable_tma(why: str) -> None:
 
 def _run(kind: str, key: tuple, M: int, N: int, K: int, block, dtype, tma_ok: bool, launch, config: KernelConfig | None) -> KernelConfig:
     if config is not None:
-        _check(kind, config.tile_m > 0 and block[0] % config.tile_m == 0 and block[1] % config.tile_k == 0,
-               f"config {config} must have tile_m dividing block rows {block[0]} and tile_k dividing block cols {block[1]}")
-        _check(kind, not config.tma or tma_ok, f"config {config} asks for TMA but these operands/device cannot use it")
+        if not (config.tile_m > 0 and block[0] % config.tile_m == 0 and block[1] % config.tile_k == 0):
+            _fail(kind, f"config {config} must have tile_m dividing block rows {block[0]} and tile_k dividing block cols {block[1]}")
+        if config.tma and not tma_ok:
+            _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         launch(config)
         return config
-    cands = candidate_configs(kind, M, N, K, block, dtype, tma=tma_ok)
-    try:
-        cfg, launched = _TUNER.pick(key, cands, launch)
-    except RuntimeError as err:
-        if not tma_ok:
-            raise
-        _disable_tma(f"no TMA config of {kind} could run ({err})")
-        cands = [dataclasses.replace(c, tma=False) for c in cands]
-        cfg, launched = _TUNER.pick(key + ("no_tma",), cands, launch)
+    # The usual call finds its config cached: the candidate list is only built to tune.
+    cfg = _TUNER.best.get(key)
+    launched = False
+    if cfg is None:
+        cands = candidate_configs(kind, M, N, K, block, dtype, tma=tma_ok)
+        try:
+            cfg, launched = _TUNER.pick(key, cands, launch)
+        except RuntimeError as err:
+            if not tma_ok:
+                raise
+            _disable_tma(f"no TMA config of {kind} could run ({err})")
+            cands = [dataclasses.replace(c, tma=False) for c in cands]
+            cfg, launched = _TUNER.pick(key + ("no_tma",), cands, launch)
     if not launched:
         _launch_with_tma_fallback(launch, cfg)
     return cfg
@@ -878,11 +941,19 @@ _OCCUPANCY: dict[tuple, int] = {}
 _INTERPRETER_PROGRAMS = 3
 
 
+_SM_RESOURCES: dict[int, tuple[int, int, int]] = {}
+
+
 def _sm_resources(device: torch.device) -> tuple[int, int, int]:
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    regs = getattr(props, "regs_per_multiprocessor", 65536)
-    return props.multi_processor_count, smem, regs
+    """(SMs, shared memory and registers per SM) of a GPU, cached per device index."""
+    index = _cuda_index(device)
+    res = _SM_RESOURCES.get(index)
+    if res is None:
+        props = torch.cuda.get_device_properties(index)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        res = _SM_RESOURCES[index] = (props.multi_processor_count, smem, regs)
+    return res
 
 
 def _persistent_programs(device: torch.device, occ_key: tuple, cfg: KernelConfig, elem_size: int) -> int:
@@ -940,31 +1011,30 @@ def kept_lists(keep: Tensor, by: str, order: bool = False):
         n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = nC, B * nR, nC, 0, sc, nR, sb, sr
     else:
         raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
-    counts = torch.empty(n_lines, dtype=torch.int32, device=keep.device)
+    device = keep.device
+    counts = torch.empty(n_lines, dtype=torch.int32, device=device)
     with_order = order and n_lines > 0 and line_len > 0 and n_lines * n_lines * line_len <= _ORDER_MAX_FLAG_READS
-    order_t = torch.empty(n_lines, dtype=torch.int32, device=keep.device) if with_order else None
+    order_t = torch.empty(n_lines, dtype=torch.int32, device=device) if with_order else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
     # would be pipelined as a load of its own and split the stages between the two levels of
     # indirection, leaving the tile loads only one iteration ahead (2 smem buffers, not 3-4).
     index_dtype = torch.int16 if line_len <= 2**15 - 1 else torch.int32
-    index = torch.empty((n_lines, line_len), dtype=index_dtype, device=keep.device)
-    ret = (lambda: (counts, index, order_t)) if order else (lambda: (counts, index))
-    if n_lines == 0:
-        return ret()
-    if line_len == 0:
+    index = torch.empty((n_lines, line_len), dtype=index_dtype, device=device)
+    if n_lines > 0 and line_len == 0:
         counts.zero_()
-        return ret()
-    chunk = min(max(triton.next_power_of_2(line_len), 16), 1024)
-    order_entries = min(max(triton.next_power_of_2(line_len), 16), 1024)
-    order_lines = max(1, min(triton.next_power_of_2(n_lines), 4096 // order_entries))
-    with _device_guard(keep):
-        _kept_lists_kernel[(n_lines,)](
-            flags, counts, index, order_t if with_order else counts,
-            n_lines, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0,
-            CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=order_entries, num_warps=4,
-        )
-    return ret()
+    elif n_lines > 0:
+        # Entries per step, for the compaction and the ranking alike: the line length rounded
+        # up to a power of two, 16 to 1024.
+        chunk = min(max(_next_pow2(line_len), 16), 1024)
+        order_lines = max(1, min(_next_pow2(n_lines), 4096 // chunk))
+        with _device_guard(keep):
+            _kept_lists_kernel[(n_lines,)](
+                flags, counts, index, order_t if with_order else counts,
+                n_lines, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0,
+                CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=chunk, num_warps=4,
+            )
+    return (counts, index, order_t) if order else (counts, index)
 
 
 # Each program of the lists kernel reads the whole mask once more to rank its line, so the
@@ -978,15 +1048,19 @@ _SDD_MAX_LINES = 4096
 
 # =========================================================================== launchers
 def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
-        *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
-    """out (B, M, N) = scale * (a ⊙ m) @ b (+ bias); a (B, M, K), b (Bb, K, N) with Bb in {1, B}."""
-    _check_common("dsd", a, b, keep, block, a.shape[1], a.shape[2])
+        *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
+    """out (B, M, N) = scale * (a ⊙ m) @ b (+ bias); a (B, M, K), b (Bb, K, N) with Bb in {1, B}.
+
+    ``_supported=True``: the caller has found ``unsupported_reason((a, b), block)`` to be None
+    (the registered ops do, to choose the kernel), so the launcher does not run it again.
+    """
+    _check_common("dsd", a, b, keep, block, a.shape[1], a.shape[2], _supported)
     B, M, K = a.shape
     Bb, Kb, N = b.shape
-    _check("dsd", Kb == K and Bb in (1, B), f"b must be (1 or {B}, {K}, N), got {tuple(b.shape)} for a {tuple(a.shape)}")
-    if bias is not None:
-        _check("dsd", bias.shape == (N,) and bias.dtype == a.dtype and bias.device == a.device,
-               f"bias must be a {a.dtype} vector of {N} on {a.device}, got {bias.dtype} {tuple(bias.shape)}")
+    if not (Kb == K and Bb in (1, B)):
+        _fail("dsd", f"b must be (1 or {B}, {K}, N), got {tuple(b.shape)} for a {tuple(a.shape)}")
+    if bias is not None and not (bias.shape == (N,) and bias.dtype == a.dtype and bias.device == a.device):
+        _fail("dsd", f"bias must be a {a.dtype} vector of {N} on {a.device}, got {bias.dtype} {tuple(bias.shape)}")
     out = _output(out, (B, M, N), a, "dsd")
     if out.numel() == 0:
         return out
@@ -994,7 +1068,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         return out.copy_((bias if bias is not None else out.new_zeros(())).expand(B, M, N))
     br, bc = block
     counts, index, order = kept_lists(keep, "row", order=True)
-    n_rblk = triton.cdiv(M, br)
+    n_rblk = _cdiv(M, br)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
     b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
     upcast = _interpreting() and a.dtype == torch.bfloat16
@@ -1010,14 +1084,14 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
             a_arg, b_arg, o_desc = a, b, None
         balance = cfg.balance and order is not None
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
-            grid = (B * n_rblk * (br // cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
+            grid = (B * n_rblk * (br // cfg.tile_m) * _cdiv(N, cfg.tile_n),)
         else:
-            grid = (B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(N, cfg.tile_n),)
+            grid = (B * _cdiv(M, cfg.tile_m) * _cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_kernel[grid](
                 a_arg, b_arg, bias if bias is not None else out, out, o_desc, counts, index,
                 order if balance else counts,
-                M, N, K, Bb, n_rblk, triton.cdiv(K, bc), B * n_rblk,
+                M, N, K, Bb, n_rblk, _cdiv(K, bc), B * n_rblk,
                 *a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0, *out.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
@@ -1033,12 +1107,16 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
 
 
 def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int],
-        *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
-    """out (B, M, K) = scale * (grad @ bᵀ) ⊙ m; grad (B, M, N), b (Bb, K, N). Dropped blocks are 0."""
+        *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
+    """out (B, M, K) = scale * (grad @ bᵀ) ⊙ m; grad (B, M, N), b (Bb, K, N). Dropped blocks are 0.
+
+    ``_supported``: as for ``dsd``, on (grad, b).
+    """
     B, M, N = grad.shape
     Bb, K, Nb = b.shape
-    _check_common("sdd", grad, b, keep, block, M, K)
-    _check("sdd", Nb == N and Bb in (1, B), f"b must be (1 or {B}, K, {N}), got {tuple(b.shape)} for grad {tuple(grad.shape)}")
+    _check_common("sdd", grad, b, keep, block, M, K, _supported)
+    if not (Nb == N and Bb in (1, B)):
+        _fail("sdd", f"b must be (1 or {B}, K, {N}), got {tuple(b.shape)} for grad {tuple(grad.shape)}")
     out = _output(out, (B, M, K), grad, "sdd")
     if out.numel() == 0:
         return out
@@ -1046,7 +1124,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         return out.zero_()
     br, bc = block
     flags = keep.view(torch.uint8)
-    n_rblk, n_cblk = triton.cdiv(M, br), triton.cdiv(K, bc)
+    n_rblk, n_cblk = _cdiv(M, br), _cdiv(K, bc)
     n_lines = B * n_rblk
     # The persistent schedule needs the kept blocks' row lists (one more small launch, made
     # only when a balanced config can run).
@@ -1071,12 +1149,13 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
                 o_half = _desc3(out, [1, cfg.tile_m, hk])
         else:
             g_arg, b_arg, o_desc = grad, b, None
-        tiles = B * triton.cdiv(M, cfg.tile_m) * triton.cdiv(K, cfg.tile_k)
+        tiles = B * _cdiv(M, cfg.tile_m) * _cdiv(K, cfg.tile_k)
+        masks = _masks(M, N, K, cfg, block)
         if persistent:
             if not lists:
                 lists.extend(kept_lists(keep, "row"))
             counts, index = lists
-            occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(_masks(M, N, K, cfg, block).values()))
+            occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(masks.values()))
             grid = (max(1, min(tiles, _persistent_programs(grad.device, occ_key, cfg, grad.element_size()))),)
         else:
             counts, index = flags, flags  # unused
@@ -1088,10 +1167,10 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
                 *grad.stride(), *b.stride(), *out.stride(), *flags.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
-                **_masks(M, N, K, cfg, block),
+                **masks,
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=upcast,
-                PERSISTENT=persistent, SPLIT_TAIL=split, LINES=max(16, triton.next_power_of_2(n_lines)),
+                PERSISTENT=persistent, SPLIT_TAIL=split, LINES=max(16, _next_pow2(n_lines)),
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
         if persistent:
@@ -1103,15 +1182,17 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
 
 
 def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool,
-           *, out: Tensor | None = None, config: KernelConfig | None = None) -> Tensor:
+           *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
     """out = scale * (a ⊙ m)ᵀ @ grad: (B, K, N) if batched_out, else (1, K, N) summed over B.
 
     ``out`` may be any strided (B|1, K, N) view, e.g. ``w.new_empty(N, K).t().unsqueeze(0)`` so
     that linear's weight gradient lands in (N, K) row-major order without a transpose copy.
+    ``_supported``: as for ``dsd``, on (a, grad).
     """
     B, M, K = a.shape
-    _check_common("dsd_tn", a, grad, keep, block, M, K)
-    _check("dsd_tn", grad.shape[:2] == a.shape[:2], f"grad must be ({B}, {M}, N), got {tuple(grad.shape)}")
+    _check_common("dsd_tn", a, grad, keep, block, M, K, _supported)
+    if grad.shape[:2] != a.shape[:2]:
+        _fail("dsd_tn", f"grad must be ({B}, {M}, N), got {tuple(grad.shape)}")
     N = grad.shape[2]
     Bo = B if batched_out else 1
     out = _output(out, (Bo, K, N), a, "dsd_tn")
@@ -1120,7 +1201,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     if M == 0 or B == 0:
         return out.zero_()
     br, bc = block
-    n_rblk, n_cblk = triton.cdiv(M, br), triton.cdiv(K, bc)
+    n_rblk, n_cblk = _cdiv(M, br), _cdiv(K, bc)
     counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(grad)
     out_desc_ok = tma_ok and _tma_view_ok(out)
@@ -1136,9 +1217,9 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
             a_arg, g_arg, o_desc = a, grad, None
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
-            grid = (Bo * n_cblk * (bc // cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
+            grid = (Bo * n_cblk * (bc // cfg.tile_k) * _cdiv(N, cfg.tile_n),)
         else:
-            grid = (Bo * triton.cdiv(K, cfg.tile_k) * triton.cdiv(N, cfg.tile_n),)
+            grid = (Bo * _cdiv(K, cfg.tile_k) * _cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_tn_kernel[grid](
                 a_arg, g_arg, out, o_desc, counts, index, order if balance else counts,
@@ -1165,9 +1246,7 @@ def _b_tma_view(b: Tensor) -> Tensor:
 def _output(out: Tensor | None, shape: tuple, like: Tensor, name: str) -> Tensor:
     if out is None:
         return like.new_empty(shape)
-    _check(
-        name,
-        tuple(out.shape) == tuple(shape) and out.dtype == like.dtype and out.device == like.device,
-        f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, got {out.dtype} {tuple(out.shape)} on {out.device}",
-    )
+    if not (tuple(out.shape) == tuple(shape) and out.dtype == like.dtype and out.device == like.device):
+        _fail(name, f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+                    f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     return out

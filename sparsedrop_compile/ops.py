@@ -13,6 +13,7 @@ tensors to the Triton kernels, ``"triton"`` forces them (CPU tensors need TRITON
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Sequence
@@ -28,11 +29,17 @@ _autocast_lib = torch.library.Library(LIB, "FRAGMENT")
 
 
 # --------------------------------------------------------------------------- kernel choice
+_TRITON_MATMUL = None
+
+
 def _triton_matmul_module():
     """The Triton launchers, imported on first use (TRITON_INTERPRET is read at import)."""
-    from sparsedrop_compile.kernels import block_sparse_matmul_triton
+    global _TRITON_MATMUL
+    if _TRITON_MATMUL is None:
+        from sparsedrop_compile.kernels import block_sparse_matmul_triton
 
-    return block_sparse_matmul_triton
+        _TRITON_MATMUL = block_sparse_matmul_triton
+    return _TRITON_MATMUL
 
 
 def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], family: str = "matmul") -> bool:
@@ -42,10 +49,9 @@ def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], f
     if kernel not in ("auto", "triton"):
         raise ValueError(f"sparsedrop kernel={kernel!r}: expected 'auto', 'triton' or 'reference'")
     device = tensors[0].device
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if kernel == "auto" and device.type != "cuda":
         return False
-    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not interpreted):
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1"):
         raise RuntimeError(
             f"sparsedrop kernel='triton' got {device.type} tensors; the Triton kernels run on CUDA, or on CPU "
             "only under Triton's interpreter: set TRITON_INTERPRET=1 before the first sparsedrop kernel call, "
@@ -67,8 +73,11 @@ def _triton_attention_module():
 
 
 def _matmul_impl(name: str, kernel: str, tensors: Sequence[Tensor], block: tuple[int, int]):
+    """The launcher for this call: Triton's or the reference. ``tensors`` must be the launcher's
+    first two operands (or views of them with the same dtype, device and matrix span), since
+    use_triton's support check on them stands in for the launcher's own (``_supported``)."""
     if use_triton(kernel, tensors, block):
-        return getattr(_triton_matmul_module(), name)
+        return functools.partial(getattr(_triton_matmul_module(), name), _supported=True)
     return getattr(_ref_matmul, "reference_" + name)
 
 
@@ -171,11 +180,15 @@ def _broadcast_batch(a_shape, b_shape):
 
 def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
     """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul)."""
-    batch = _broadcast_batch(a.shape, b.shape)
+    a_batch = tuple(a.shape[:-2])
+    # The usual cases, a 2-D b or equal batch dims, skip torch.broadcast_shapes (~20 us a call).
+    if b.dim() == 2 or tuple(b.shape[:-2]) == a_batch:
+        batch = a_batch
+    else:
+        batch = _broadcast_batch(a.shape, b.shape)
     n_batch = math.prod(batch)
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    a_batch = tuple(a.shape[:-2])
     if a_batch == batch:
         a3, keep3 = a.reshape(n_batch, m, k), keep
     else:
