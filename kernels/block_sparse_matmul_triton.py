@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .block_mask import cdiv
+
 try:  # host-side TMA descriptors (triton >= 3.4); absent or unusable -> pointer loads only
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the triton build
@@ -77,14 +79,9 @@ def _interpreting() -> bool:
     return _INTERPRET
 
 
-# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers
-# that unwrap every argument per call; these plain versions give the same ints for ints at a
-# fraction of the launch-path cost. (tl.cdiv inside @triton.jit code is a different function.)
-def _cdiv(a: int, b: int) -> int:
-    """Ceil division of ints, as triton.cdiv."""
-    return (a + b - 1) // b
-
-
+# Host-side integer helpers: triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers
+# that unwrap every argument per call; block_mask.cdiv and this give the same ints at a fraction
+# of the launch-path cost. (tl.cdiv inside @triton.jit code is a different function.)
 def _next_pow2(n: int) -> int:
     """Smallest power of two >= n, as triton.next_power_of_2 (0 for n <= 0)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
@@ -629,7 +626,7 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
     base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
     out_rows, out_cols = {"dsd": (M, N), "sdd": (M, K), "dsd_tn": (K, N)}[kind]
     # With at least ~2 waves of 128 x 128 output tiles, smaller tiles only lose reuse.
-    big = _cdiv(out_rows, 128) * _cdiv(out_cols, 128) >= 256
+    big = cdiv(out_rows, 128) * cdiv(out_cols, 128) >= 256
     out: list[tuple[KernelConfig, int]] = []
     for tm, tn, tk, stages, warps in base:
         tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
@@ -788,7 +785,7 @@ def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: in
         reason = unsupported_reason((x, y), tuple(block))
         if reason is not None:
             _fail(name, f"{reason}; use the reference kernels for this call")
-    expected = (x.shape[0], _cdiv(rows, block[0]), _cdiv(cols, block[1]))
+    expected = (x.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1]))
     if not (keep.dtype == torch.bool and tuple(keep.shape) == expected):
         _fail(name, f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}")
     if keep.device != x.device:
@@ -847,7 +844,7 @@ def _desc3(t: Tensor, block_shape: list[int]):
     strides = list(t.stride())
     es = t.element_size()
     if shape[1] == 1:
-        strides[1] = _cdiv(shape[2] * es, 16) * 16 // es
+        strides[1] = cdiv(shape[2] * es, 16) * 16 // es
     if shape[0] == 1:
         strides[0] = shape[1] * strides[1]
     return TensorDescriptor(t, shape, strides, block_shape)
@@ -1068,7 +1065,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         return out.copy_((bias if bias is not None else out.new_zeros(())).expand(B, M, N))
     br, bc = block
     counts, index, order = kept_lists(keep, "row", order=True)
-    n_rblk = _cdiv(M, br)
+    n_rblk = cdiv(M, br)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(_b_tma_view(b)) and _tma_view_ok(out)
     b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
     upcast = _interpreting() and a.dtype == torch.bfloat16
@@ -1084,14 +1081,14 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
             a_arg, b_arg, o_desc = a, b, None
         balance = cfg.balance and order is not None
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
-            grid = (B * n_rblk * (br // cfg.tile_m) * _cdiv(N, cfg.tile_n),)
+            grid = (B * n_rblk * (br // cfg.tile_m) * cdiv(N, cfg.tile_n),)
         else:
-            grid = (B * _cdiv(M, cfg.tile_m) * _cdiv(N, cfg.tile_n),)
+            grid = (B * cdiv(M, cfg.tile_m) * cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_kernel[grid](
                 a_arg, b_arg, bias if bias is not None else out, out, o_desc, counts, index,
                 order if balance else counts,
-                M, N, K, Bb, n_rblk, _cdiv(K, bc), B * n_rblk,
+                M, N, K, Bb, n_rblk, cdiv(K, bc), B * n_rblk,
                 *a.stride(), *b.stride(), bias.stride(0) if bias is not None else 0, *out.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
@@ -1124,7 +1121,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         return out.zero_()
     br, bc = block
     flags = keep.view(torch.uint8)
-    n_rblk, n_cblk = _cdiv(M, br), _cdiv(K, bc)
+    n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
     n_lines = B * n_rblk
     # The persistent schedule needs the kept blocks' row lists (one more small launch, made
     # only when a balanced config can run).
@@ -1149,7 +1146,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
                 o_half = _desc3(out, [1, cfg.tile_m, hk])
         else:
             g_arg, b_arg, o_desc = grad, b, None
-        tiles = B * _cdiv(M, cfg.tile_m) * _cdiv(K, cfg.tile_k)
+        tiles = B * cdiv(M, cfg.tile_m) * cdiv(K, cfg.tile_k)
         masks = _masks(M, N, K, cfg, block)
         if persistent:
             if not lists:
@@ -1201,7 +1198,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     if M == 0 or B == 0:
         return out.zero_()
     br, bc = block
-    n_rblk, n_cblk = _cdiv(M, br), _cdiv(K, bc)
+    n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
     counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True)
     tma_ok = _tma_enabled(a.device) and _tma_view_ok(a) and _tma_view_ok(grad)
     out_desc_ok = tma_ok and _tma_view_ok(out)
@@ -1217,9 +1214,9 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
             a_arg, g_arg, o_desc = a, grad, None
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
-            grid = (Bo * n_cblk * (bc // cfg.tile_k) * _cdiv(N, cfg.tile_n),)
+            grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)
         else:
-            grid = (Bo * _cdiv(K, cfg.tile_k) * _cdiv(N, cfg.tile_n),)
+            grid = (Bo * cdiv(K, cfg.tile_k) * cdiv(N, cfg.tile_n),)
         with _device_guard(a):
             _dsd_tn_kernel[grid](
                 a_arg, g_arg, out, o_desc, counts, index, order if balance else counts,

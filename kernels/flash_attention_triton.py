@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .block_mask import dropout_scale
+from .block_mask import cdiv, dropout_scale
 from .flash_attention import default_scale
 
 LOG2E = 1.4426950408889634
@@ -902,11 +902,6 @@ def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str
     return None
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (recent triton.cdiv goes through constexpr unwrapping per call)."""
-    return -(-a // b)
-
-
 def _broadcasts_to(shape: tuple, target: tuple) -> bool:
     """Whether ``shape`` broadcasts to exactly ``target`` (torch.broadcast_shapes costs ~50 us a
     call on the host, and this runs for every attention call)."""
@@ -996,7 +991,7 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     sqm, skm = (pb.Sq if sm else 1), (pb.Sk if sn else 1)
     out = []
     for tm, tn in tiles:
-        t = torch.empty(bm, hm, _cdiv(sqm, tm), _cdiv(skm, tn), device=pb.q.device, dtype=torch.int8)
+        t = torch.empty(bm, hm, cdiv(sqm, tm), cdiv(skm, tn), device=pb.q.device, dtype=torch.int8)
         st = t.stride()
         out.append(_TileClasses(t, (st[0] if sb else 0, st[1] if sh else 0, st[2] if sm else 0, st[3] if sn else 0),
                                 True))
@@ -1008,7 +1003,7 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     region_n = max(min_n, *(tn for _, tn in tiles))
     a, b = out[0], out[-1]
     (a_m, a_n), (b_m, b_n) = tiles[0], tiles[-1]
-    grid = (_cdiv(sqm, region_m), _cdiv(skm, region_n), bm * hm)
+    grid = (cdiv(sqm, region_m), cdiv(skm, region_n), bm * hm)
     _classify_mask[grid](
         pb.mask, a.tensor, b.tensor, *pb.mask_strides, *a.tensor.stride(), *b.tensor.stride(),
         hm, sqm, skm, a.tensor.shape[2], a.tensor.shape[3], b.tensor.shape[2], b.tensor.shape[3],
@@ -1023,7 +1018,7 @@ def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple
     cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
     out = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
-    grid = (_cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
     _attn_fwd[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
@@ -1040,7 +1035,7 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     block_m = 64
     # Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway.
     delta_scale = 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
-    _attn_bwd_delta[(_cdiv(pb.Sq, block_m), pb.B * pb.H)](
+    _attn_bwd_delta[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, delta_scale,
         HEAD_DIM=pb.D, BLOCK_M=block_m,
     )
@@ -1056,7 +1051,7 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
     dv = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.v.device, dtype=pb.v.dtype)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (_cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
+    grid = (cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
     _attn_bwd_dkdv[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
@@ -1095,7 +1090,7 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, 
     cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
     dq = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (_cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
     _attn_bwd_dq[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],

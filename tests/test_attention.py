@@ -486,6 +486,18 @@ def test_unsupported_reason_names_the_problem():
     assert "not a multiple" in fat.unsupported_reason((torch.zeros(1, 3, 40, 64, dtype=torch.float16), kv, kv), (64, 64))
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (1, 5), (3, 1, 1, 5), (3, 2, 4, 5), (1, 2, 1, 1), (2, 5), (4, 1, 5),
+                                   (3, 2, 4, 1, 5), (0, 2, 4, 5), (3, 2, 4, 6)])
+def test_mask_broadcast_check_agrees_with_torch(shape):
+    """The host check that replaced torch.broadcast_shapes gives its answer for every mask shape."""
+    target = (3, 2, 4, 5)
+    try:
+        expected = torch.broadcast_shapes(shape, target) == torch.Size(target)
+    except RuntimeError:
+        expected = False
+    assert fat._broadcasts_to(shape, target) == expected
+
+
 def test_unsupported_calls_fall_back_or_raise():
     q, k, v, grad, g = make_inputs(sq=30, sk=30, d=32)
     keep = random_keep(q, k, 0.3, (16, 16), g)

@@ -544,3 +544,14 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     expected = ref.reference_dsd(x.detach().float().unsqueeze(0), w.detach().float().t().unsqueeze(0), keep, 1 / 0.7, (128, 128))[0]
     _assert_close_big(y.detach(), expected)
+
+
+def test_host_integer_helpers_match_triton():
+    """The launch path's plain-int helpers give what triton.cdiv / triton.next_power_of_2 give."""
+    import triton
+
+    for n in list(range(-5, 5000)) + [2**20 - 1, 2**20, 2**20 + 1, 2**31 + 7]:
+        assert tri._next_pow2(n) == (triton.next_power_of_2(n) if n > 0 else 0), n
+        for d in (1, 16, 64, 128):
+            if n >= 0:
+                assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
