@@ -58,6 +58,43 @@ def expand_attention_keep(keep: Tensor, sq, sk, block_q: int, block_k: int) -> T
     return full.reshape(*lead, nq * block_q, nk * block_k)[..., :sq, :sk]
 
 
+# --------------------------------------------------------------------------- output layouts
+def empty_attention_out(q: Tensor, v: Tensor) -> Tensor:
+    """An uninitialised output (*batch, H, Sq, Dv) laid out as (*batch, Sq, H, Dv) in memory.
+
+    That is the layout of SDPA's flash and cuDNN outputs, and what the code after attention
+    wants: ``out.transpose(1, 2).reshape(B, Sq, H * Dv)`` is then a view, not a copy. A copy would
+    also keep a second full-size activation alive until the backward (the output projection
+    saves its input while attention saves its output). 2-D inputs get a plain tensor.
+    """
+    shape = (*q.shape[:-1], v.shape[-1])
+    if q.dim() < 3:
+        return q.new_empty(shape)
+    return q.new_empty((*shape[:-3], shape[-2], shape[-3], shape[-1])).transpose(-3, -2)
+
+
+def empty_grad_like(t: Tensor) -> Tensor:
+    """An uninitialised gradient for ``t`` in t's own memory layout when that is dense with a unit
+    last stride (e.g. q as a head-split view of a projection's output), else contiguous.
+
+    The layout follows the input's, as SDPA's gradients do, so the head merge before the
+    projection's backward is a view. Used by the fake and the real ops alike, so both agree.
+    """
+    if t.dim() >= 2 and t.stride(-1) == 1 and _dense(t):
+        return torch.empty_like(t, memory_format=torch.preserve_format)  # keeps t's strides
+    return t.new_empty(t.shape)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements tile one block of memory with no gaps or overlaps (size-1 dims aside)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"sparsedrop attention mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")

@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import fast
 from .block_mask import cdiv, dropout_scale
-from .flash_attention import default_scale
+from .flash_attention import default_scale, empty_attention_out, empty_grad_like
 
 LOG2E = 1.4426950408889634
 
@@ -1004,7 +1005,7 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     a, b = out[0], out[-1]
     (a_m, a_n), (b_m, b_n) = tiles[0], tiles[-1]
     grid = (cdiv(sqm, region_m), cdiv(skm, region_n), bm * hm)
-    _classify_mask[grid](
+    fast(_classify_mask)[grid](
         pb.mask, a.tensor, b.tensor, *pb.mask_strides, *a.tensor.stride(), *b.tensor.stride(),
         hm, sqm, skm, a.tensor.shape[2], a.tensor.shape[3], b.tensor.shape[2], b.tensor.shape[3],
         MASK_KIND=pb.mask_kind, REGION_M=region_m, REGION_N=region_n, A_M=a_m, A_N=a_n, B_M=b_m, B_N=b_n,
@@ -1016,10 +1017,10 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
 def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
     block_m, block_n, warps, stages, skip = cfg
     cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
-    out = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
+    out = empty_attention_out(pb.q, pb.v)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
     grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
-    _attn_fwd[grid](
+    fast(_attn_fwd)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
@@ -1035,7 +1036,7 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     block_m = 64
     # Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway.
     delta_scale = 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
-    _attn_bwd_delta[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
+    fast(_attn_bwd_delta)[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, delta_scale,
         HEAD_DIM=pb.D, BLOCK_M=block_m,
     )
@@ -1047,12 +1048,11 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
     """dK, dV (and, with atomic_dq, dQ and dMask too); returns (dk, dv, dq or None, dmask or None)."""
     block_m, block_n, warps, stages, skip = cfg
     cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
-    dk = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.k.device, dtype=pb.k.dtype)
-    dv = torch.empty(pb.B, pb.H_kv, pb.Sk, pb.D, device=pb.v.device, dtype=pb.v.dtype)
+    dk, dv = empty_grad_like(pb.k), empty_grad_like(pb.v)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
-    _attn_bwd_dkdv[grid](
+    fast(_attn_bwd_dkdv)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
@@ -1062,7 +1062,7 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
         DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
         num_warps=warps, num_stages=stages,
     )
-    dq = (dq_acc * (pb.sm_scale * pb.out_scale)).to(pb.q.dtype) if atomic_dq else None
+    dq = empty_grad_like(pb.q).copy_(dq_acc.mul_(pb.sm_scale * pb.out_scale)) if atomic_dq else None
     return dk, dv, dq, (dmask if mask_grad else None)
 
 
@@ -1088,10 +1088,10 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, 
                cls: _TileClasses | None = None):
     block_m, block_n, warps, stages, skip = cfg
     cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
-    dq = torch.empty(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=pb.q.dtype)
+    dq = empty_grad_like(pb.q)
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
-    _attn_bwd_dq[grid](
+    fast(_attn_bwd_dq)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,

@@ -94,12 +94,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         return _triton_attention_module().attention_forward(*args)
-    return _ref.reference_attention_forward(*args)
+    out, lse = _ref.reference_attention_forward(*args)
+    return _ref.empty_attention_out(q, v).copy_(out), lse  # the kernels' (and the fake's) layout
 
 
 @attention_forward.register_fake
 def _(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel):
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _ref.empty_attention_out(q, v), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- backward
@@ -115,8 +116,10 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         dq, dk, dv, dmask = _triton_attention_module().attention_backward(
             grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
     else:
-        dq, dk, dv, dmask = _ref.reference_attention_backward(
+        grads = _ref.reference_attention_backward(
             grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
+        dq, dk, dv = (_ref.empty_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
+        dmask = grads[3]
     return dq, dk, dv, dmask if want_dmask else q.new_empty((0,))
 
 
@@ -125,7 +128,7 @@ def _(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_
       mask_grad):
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
     dmask = attn_mask.new_empty(attn_mask.shape) if want_dmask else q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    return _ref.empty_grad_like(q), _ref.empty_grad_like(k), _ref.empty_grad_like(v), dmask
 
 
 def _attention_setup(ctx, inputs, output):

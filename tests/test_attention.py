@@ -466,6 +466,58 @@ def test_triton_three_dim_inputs():
         assert_close_scaled(a, b, torch.float16)
 
 
+@pytest.mark.parametrize("kernel,strategy", [("reference", "two_pass"), ("triton", "two_pass"), ("triton", "atomic")])
+def test_head_split_views_keep_their_layout(kernel, strategy, monkeypatch):
+    """q, k, v as HF makes them (a projection's (B, S, H*D) output viewed as (B, H, S, D)): the
+    output comes back in SDPA's (B, S, H, D) memory layout and the gradients in their inputs'
+    layout, so merging the heads again is a view; the numbers are the reference's."""
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, 64, strategy)
+    b, h, s, d = 2, 3, 45, 64
+    g = torch.Generator().manual_seed(3)
+
+    def heads(t):  # (B, S, H*D) -> (B, H, S, D), a strided view
+        return t.view(b, s, h, d).transpose(1, 2)
+
+    proj = [torch.randn(b, s, h * d, generator=g).half() for _ in range(3)]
+    grad = torch.randn(b, h, s, d, generator=g).half()
+    keep = random_keep(heads(proj[0]), heads(proj[1]), 0.3, (16, 16), g)
+    leaves = [t.clone().requires_grad_() for t in proj]
+    out = torch.ops.sparsedrop.attention(*(heads(t) for t in leaves), None, keep, 0.3, False, None, False, 16, 16,
+                                         "post_softmax", kernel)
+    assert out.stride() == (s * h * d, d, h * d, 1)
+    merged = out.transpose(1, 2).reshape(b, s, h * d)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view, no copy
+    # The gradient at each head-split input keeps that input's strides (checked before the
+    # merge's backward, which would hide a copy).
+    views = [heads(t.detach()).requires_grad_() for t in proj]
+    out2 = torch.ops.sparsedrop.attention(*views, None, keep, 0.3, False, None, False, 16, 16, "post_softmax", kernel)
+    out2.backward(grad)
+    for view in views:
+        assert view.grad.stride() == view.stride()
+    ref = run_op([heads(t.float()) for t in proj] + [None], keep, 0.3, False, None, False, (16, 16), "post_softmax",
+                 "reference", grad)
+    assert_close_scaled(out2, ref[0], torch.float16, "out")
+    for name, view, r in zip(("dq", "dk", "dv"), views, ref[1:4]):
+        assert_close_scaled(view.grad, r, torch.float16, name)
+    torch.library.opcheck(torch.ops.sparsedrop.attention_forward.default,
+                          (*(heads(t) for t in leaves), None, keep, 0.3, False, None, False, 16, 16, "post_softmax",
+                           kernel))
+
+
+def test_grad_buffers_follow_only_dense_unit_stride_layouts():
+    base = torch.randn(2, 5, 3 * 8)
+    dense_view = base.view(2, 5, 3, 8).transpose(1, 2)  # head split: dense, permuted
+    assert fa.empty_grad_like(dense_view).stride() == dense_view.stride()
+    gapped = base.view(2, 5, 3, 8)[..., :4].transpose(1, 2)  # GPT-2's split of a fused qkv: gaps
+    expanded = torch.randn(2, 1, 5, 8).expand(2, 3, 5, 8)  # overlapping (stride 0)
+    not_unit = base.view(2, 5, 3, 8).transpose(-1, -2)  # dense, but the last dim is not unit stride
+    for t in (gapped, expanded, not_unit):
+        got = fa.empty_grad_like(t)
+        assert got.shape == t.shape and got.is_contiguous()
+    out = fa.empty_attention_out(dense_view, dense_view)
+    assert out.shape == dense_view.shape and out.transpose(1, 2).is_contiguous()
+
+
 def test_triton_config_that_does_not_fit_the_mask_tile_is_refused():
     q, k, v, _, g = make_inputs(sq=40, sk=40)
     keep = random_keep(q, k, 0.3, (32, 32), g)
