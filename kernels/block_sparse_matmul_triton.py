@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import fast
 from .block_mask import cdiv
 
 try:  # host-side TMA descriptors (triton >= 3.4); absent or unusable -> pointer loads only
@@ -1026,7 +1027,7 @@ def kept_lists(keep: Tensor, by: str, order: bool = False):
         chunk = min(max(_next_pow2(line_len), 16), 1024)
         order_lines = max(1, min(_next_pow2(n_lines), 4096 // chunk))
         with _device_guard(keep):
-            _kept_lists_kernel[(n_lines,)](
+            fast(_kept_lists_kernel)[(n_lines,)](
                 flags, counts, index, order_t if with_order else counts,
                 n_lines, line_len, max(L0, 1), sl1, sl0, max(E0, 1), se1, se0,
                 CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=chunk, num_warps=4,
@@ -1085,7 +1086,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         else:
             grid = (B * cdiv(M, cfg.tile_m) * cdiv(N, cfg.tile_n),)
         with _device_guard(a):
-            _dsd_kernel[grid](
+            fast(_dsd_kernel)[grid](
                 a_arg, b_arg, bias if bias is not None else out, out, o_desc, counts, index,
                 order if balance else counts,
                 M, N, K, Bb, n_rblk, cdiv(K, bc), B * n_rblk,
@@ -1158,7 +1159,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
             counts, index = flags, flags  # unused
             grid = (tiles,)
         with _device_guard(grad):
-            compiled = _sdd_kernel[grid](
+            compiled = fast(_sdd_kernel)[grid](
                 g_arg, b_arg, out, o_desc, flags, b_half, o_half, counts, index,
                 M, N, K, Bb, n_rblk, n_cblk, n_lines,
                 *grad.stride(), *b.stride(), *out.stride(), *flags.stride(),
@@ -1218,7 +1219,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         else:
             grid = (Bo * cdiv(K, cfg.tile_k) * cdiv(N, cfg.tile_n),)
         with _device_guard(a):
-            _dsd_tn_kernel[grid](
+            fast(_dsd_tn_kernel)[grid](
                 a_arg, g_arg, out, o_desc, counts, index, order if balance else counts,
                 M, N, K, n_rblk, n_cblk, index.shape[1], Bo * n_cblk,
                 *a.stride(), *grad.stride(), *out.stride(),
