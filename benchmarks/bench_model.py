@@ -8,6 +8,8 @@ plain Inductor, and how much GPU memory does it need at its peak?
     python benchmarks/bench_model.py --resume         # run only the pairs the CSV does not hold yet
     python benchmarks/bench_model.py --models bert --ps 0.1   # re-measure one pair, keep the other rows
     python benchmarks/bench_model.py --smoke          # CPU check of this script (tiny models, aot_eager)
+    python benchmarks/bench_model.py --mode reduce-overhead   # both backends with CUDA graphs: model_<gpu>_reduce-overhead.csv
+    python benchmarks/bench_model.py --gpus 4 --resume         # the pairs split over 4 GPUs, one child process each
 
 Models come from config classes (build_model(family, size="base", attn="sdpa", dropout=p)):
 T5 6+6 layers, BERT-base and GPT-2 small, all d_model 768, d_ff 3072, 12 heads. Their default
@@ -25,8 +27,21 @@ a pair is not started when it would end past --budget-min, and --resume fills in
 with the same settings add up in one CSV (--fresh starts a new one); the CSV and plots are
 rewritten after every pair, so a killed run still leaves its data.
 
+--mode reduce-overhead compiles both backends with Inductor's CUDA graphs (the baseline with
+torch.compile(mode=...), sparsedrop with options["mode"]); AdamW stays outside the compiled model
+either way. Its results go to files named model_<gpu>_reduce-overhead*, so the default-mode files
+are left alone.
+
+--gpus N runs N child processes of this script, one per GPU (CUDA_VISIBLE_DEVICES), each on its
+share of the (model, p) pairs (balanced by a guess of each model's time) and with its own
+--out/gpu<i> folder and log.txt; --budget-min applies to each child. When they end (or on
+SIGTERM / Ctrl-C, after stopping them) the parent merges their CSVs into the one in --out,
+rewrites the plots and prints the table. Each pair runs in one child, so both rows of a speed-up
+always come from the same GPU.
+
 Writes to --out (default benchmarks/results): model_<gpu>.csv, model_<gpu>_time.png,
-model_<gpu>_memory.png and model_<gpu>_sites_<model>.txt (explain() of each model at p = 0.1).
+model_<gpu>_memory.png and model_<gpu>_sites_<model>.txt (explain() of each model at p = 0.1);
+with a non-default --mode, <gpu> is followed by _<mode> in every name.
 """
 from __future__ import annotations
 
@@ -37,8 +52,10 @@ import gc
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +82,10 @@ DEFAULT_P = 0.1  # every dropout's default in T5, BERT and GPT-2
 DEFAULT_PS = (0.1, 0.0, 0.5, 0.3, 0.2)
 BACKENDS = ("inductor", "sparsedrop")  # the baseline first: a sparsedrop row gets its speed-up at once
 TARGET_STEP_MS = 50.0
+MODES = ("default", "reduce-overhead")  # Inductor's compile mode, the same for both backends
+# Rough seconds per (model, p) pair on one H100/H200 (both backends, compiles included): --gpus
+# balances the children's shares with these.
+PAIR_COST_S = {"t5": 150.0, "gpt2": 120.0, "bert": 80.0}
 
 # (batch, seq, decoder seq) per model. Sized from FLOPs so an Inductor step takes >= 50 ms on an
 # H100 (~350-450 TFLOP/s reached at d_model 768): T5 ~13 TFLOP, BERT ~23, GPT-2 ~21 per step;
@@ -75,12 +96,15 @@ SMOKE_SHAPES = {"t5": (2, 96, 64), "bert": (2, 96, None), "gpt2": (2, 96, None)}
 
 FIELDS = [
     "gpu", "torch", "transformers", "triton", "cuda", "model", "params_m", "batch", "seq", "dec_seq", "p",
-    "backend", "compiler", "block_size", "median_ms", "min_ms", "max_ms", "steps", "speedup_vs_inductor",
+    "backend", "compiler", "mode", "block_size", "median_ms", "min_ms", "max_ms", "steps", "speedup_vs_inductor",
     "peak_mem_mb", "base_mem_mb", "mem_ratio_vs_inductor", "compile_s", "graphs", "loss_first", "loss_last",
     "sites_rewritten", "sites_total", "sites_detail", "error", "time_utc",
 ]
 # Rows of an earlier run stay in the CSV only when these match the current settings.
-SETTING_KEYS = ("torch", "triton", "transformers", "batch", "seq", "dec_seq", "compiler", "block_size")
+SETTING_KEYS = ("torch", "triton", "transformers", "batch", "seq", "dec_seq", "compiler", "mode", "block_size")
+# Columns read back as text; the others are numbers.
+TEXT_FIELDS = ("gpu", "torch", "transformers", "triton", "cuda", "model", "backend", "compiler", "mode",
+               "sites_detail", "error", "time_utc")
 
 
 def log(*args) -> None:
@@ -102,6 +126,11 @@ def env_info(device: str) -> tuple[dict, str]:
     info = {"gpu": name, "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
             "cuda": torch.version.cuda or "none"}
     return info, slug
+
+
+def file_stem(slug: str, mode: str) -> str:
+    """model_<gpu>, or model_<gpu>_<mode> for a non-default mode: each mode has its own CSV and plots."""
+    return f"model_{slug}" + ("" if mode == "default" else f"_{mode}")
 
 
 def sync(device: str) -> None:
@@ -152,7 +181,7 @@ def sparsedrop_options(args) -> dict:
 
 
 # --------------------------------------------------------------------------- explain
-def explain_model(name: str, shape: tuple, args, out_dir: Path, slug: str) -> dict:
+def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> dict:
     """Sites rewritten / total at the default p, as CSV fields; the full table goes to a text file."""
     model = make_model(name, DEFAULT_P, args, args.seed)
     batch = make_batch(model, name, shape, args, args.seed)
@@ -169,7 +198,7 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, slug: str) -> di
     detail = "rewritten: " + (", ".join(f"{k} {n}" for k, n in sorted(done.items())) or "none")
     if why:
         detail += "; left: " + ", ".join(f"{n} {r}" for r, n in why.most_common())
-    path = out_dir / f"model_{slug}_sites_{name}.txt"
+    path = out_dir / f"{stem}_sites_{name}.txt"
     path.write_text(f"{name} (size={args.size}, p={DEFAULT_P}, block_size={args.block_size}, batch {shape_str(shape)})\n"
                     f"{report}\n")
     log(f"  explain {name}: {len(report.rewritten)}/{len(report.sites)} dropout sites rewritten ({detail}); table: {path}")
@@ -187,18 +216,27 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
     batch = make_batch(model, name, shape, args, args.seed)
     # fused AdamW: one kernel per step, the same for both backends, so the optimizer does not blur the comparison.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device == "cuda" else {}))
+    cudagraphs = args.mode == "reduce-overhead"
+    # The default mode compiles exactly as before the --mode option, so its rows stay comparable.
+    # torch.compile refuses mode= together with options=, so sparsedrop takes its mode in options.
+    mode_kw = {} if args.mode == "default" else {"mode": args.mode}
     if backend == "sparsedrop":
-        compiled = torch.compile(model, backend="sparsedrop", options=sparsedrop_options(args))
+        compiled = torch.compile(model, backend="sparsedrop", options={**sparsedrop_options(args), **mode_kw})
     else:
-        compiled = torch.compile(model, backend=args.baseline)
+        compiled = torch.compile(model, backend=args.baseline, **mode_kw)
 
     def step() -> torch.Tensor:
+        if cudagraphs:
+            # Each step is a new iteration: the outputs of the last replay may be overwritten now.
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss = compiled(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        # A CUDA-graph output lives in the graph's memory pool, which the next replay overwrites;
+        # the copy keeps the recorded loss. Without CUDA graphs no copy, as before.
+        return loss.detach().clone() if cudagraphs else loss.detach()
 
     row = {"params_m": round(params_m, 1)}
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
@@ -248,12 +286,13 @@ def read_rows(path: Path) -> list[dict]:
         for k, v in r.items():
             if v in ("", None):
                 r[k] = None
-            elif k not in ("gpu", "torch", "transformers", "triton", "cuda", "model", "backend", "compiler",
-                           "sites_detail", "error", "time_utc"):
+            elif k not in TEXT_FIELDS:
                 try:
                     r[k] = float(v) if any(c in v for c in ".enN") else int(v)
                 except ValueError:
                     pass
+        # Files written before --mode existed have no such column; they were all default-mode runs.
+        r["mode"] = r.get("mode") or "default"
     return rows
 
 
@@ -284,8 +323,17 @@ def put(rows: list[dict], row: dict) -> None:
     rows.append(row)
 
 
+def set_ratios(row: dict, base: dict | None) -> None:
+    """Speed-up and memory ratio of a sparsedrop row against its inductor row (the baseline itself: 1.0)."""
+    row["speedup_vs_inductor"] = row["mem_ratio_vs_inductor"] = None
+    if ok(row) and ok(base):
+        row["speedup_vs_inductor"] = round(float(base["median_ms"]) / float(row["median_ms"]), 3)
+        if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
+            row["mem_ratio_vs_inductor"] = round(float(row["peak_mem_mb"]) / float(base["peak_mem_mb"]), 3)
+
+
 # --------------------------------------------------------------------------- plots and table
-def plot(rows: list[dict], out_dir: Path, slug: str, title: str) -> None:
+def plot(rows: list[dict], out_dir: Path, stem: str, title: str) -> None:
     try:
         import matplotlib
 
@@ -320,7 +368,7 @@ def plot(rows: list[dict], out_dir: Path, slug: str, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / f"model_{slug}_time.png", dpi=130)
+    fig.savefig(out_dir / f"{stem}_time.png", dpi=130)
     plt.close(fig)
 
     # Peak memory at the default p (the headline setting), one pair of bars per model.
@@ -343,7 +391,7 @@ def plot(rows: list[dict], out_dir: Path, slug: str, title: str) -> None:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / f"model_{slug}_memory.png", dpi=130)
+    fig.savefig(out_dir / f"{stem}_memory.png", dpi=130)
     plt.close(fig)
 
 
@@ -390,28 +438,24 @@ def print_table(rows: list[dict], models: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- main loop
-def run(args) -> int:
-    device = args.device
-    info, slug = env_info(device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"model_{slug}.csv"
-    shapes = args.shapes  # every model's, so rows of models not run now are judged too
-    compiler = args.inner
-    log(f"{info['gpu']}  torch {info['torch']}  transformers {info['transformers']}  triton {info['triton']}  "
-        f"cuda {info['cuda']}")
-    log(f"models {' '.join(args.models)}; p {' '.join(f'{p:g}' for p in args.ps)}; block_size {args.block_size}; "
-        f"compiler {compiler}; {args.warmup} warm-up + {args.steps} timed steps; budget {args.budget_min or 'none'} min")
+def settings(info: dict, args, model: str) -> dict:
+    """The columns that make two rows one experiment (SETTING_KEYS among them)."""
+    b, s, d = args.shapes[model]  # every model's, so rows of models not run now are judged too
+    return {**info, "batch": b, "seq": s, "dec_seq": d, "compiler": args.inner, "mode": args.mode,
+            "block_size": args.block_size}
 
-    def settings(model: str) -> dict:
-        b, s, d = shapes[model]
-        return {**info, "batch": b, "seq": s, "dec_seq": d, "compiler": compiler, "block_size": args.block_size}
 
+def same_settings(row: dict, info: dict, args) -> bool:
+    return row.get("model") in args.shapes and all(
+        str(row.get(k)) == str(settings(info, args, row["model"])[k]) for k in SETTING_KEYS)
+
+
+def load_rows(csv_path: Path, info: dict, args) -> list[dict]:
+    """The rows of csv_path measured with the current settings; the file goes to .prev.csv if it holds others."""
     # Rows of earlier runs with the same settings stay in the file (so runs over subsets of models
     # and p add up to one figure); rows of other settings or versions would mix two experiments.
     existing = [] if args.fresh else read_rows(csv_path)
-    rows = [r for r in existing if r.get("model") in shapes
-            and all(str(r.get(k)) == str(settings(r["model"])[k]) for k in SETTING_KEYS)]
+    rows = [r for r in existing if same_settings(r, info, args)]
     if csv_path.exists() and (args.fresh or len(rows) < len(existing)):
         prev = csv_path.with_name(csv_path.stem + ".prev.csv")
         csv_path.replace(prev)
@@ -420,21 +464,47 @@ def run(args) -> int:
     if rows:
         log(f"{len(rows)} row(s) of earlier runs with these settings kept in {csv_path.name}; "
             + ("pairs already measured are skipped (--resume)" if args.resume else "pairs run now replace theirs"))
+    return rows
 
+
+def planned_pairs(args, rows: list[dict]) -> list[tuple[str, float]]:
+    """(model, p) pairs to run, in order; under --resume without those the rows already hold."""
+    # p-major: every model's headline comes first. A --gpus child gets its share as --pairs.
+    plan = args.pairs or [(m, p) for p in args.ps for m in args.models]
+    return [(m, p) for m, p in plan if not (args.resume and all(ok(find(rows, m, p, b)) for b in BACKENDS))]
+
+
+def plot_title(info: dict, args) -> str:
+    return (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; "
+            f"bf16 autocast, block {args.block_size}, mode {args.mode}")
+
+
+def run(args) -> int:
+    device = args.device
+    info, slug = env_info(device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(slug, args.mode)
+    csv_path = out_dir / f"{stem}.csv"
+    shapes = args.shapes
+    log(f"{info['gpu']}  torch {info['torch']}  transformers {info['transformers']}  triton {info['triton']}  "
+        f"cuda {info['cuda']}")
+    what = (f"pairs {' '.join(f'{m}:{p:g}' for m, p in args.pairs)}" if args.pairs
+            else f"models {' '.join(args.models)}; p {' '.join(f'{p:g}' for p in args.ps)}")
+    log(f"{what}; block_size {args.block_size}; compiler {args.inner}; mode {args.mode}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps; budget {args.budget_min or 'none'} min")
+
+    rows = load_rows(csv_path, info, args)
     sites: dict[str, dict] = {}
     for r in rows if args.resume else []:  # without --resume, explain runs again with the current code
         if r.get("sites_total") is not None:
             sites.setdefault(r["model"], {k: r[k] for k in ("sites_rewritten", "sites_total", "sites_detail")})
 
-    title = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; "
-             f"bf16 autocast, block {args.block_size}")
+    title = plot_title(info, args)
     start = T0
     pair_s: dict[str, list[float]] = {}
     skipped: list[tuple[str, float]] = []
-    plan = [(m, p) for p in args.ps for m in args.models]  # p-major: every model's headline comes first
-    for model, p in plan:
-        if args.resume and all(ok(find(rows, model, p, b)) for b in BACKENDS):
-            continue
+    for model, p in planned_pairs(args, rows):
         if args.budget_min:
             # The last pair of this model is the best guess (later compiles reuse cached kernels);
             # a model not yet run is guessed from the slowest pair so far, which had explain in it too.
@@ -450,14 +520,14 @@ def run(args) -> int:
         if model not in sites:
             log(f"[{t_pair - start:5.0f} s] {model}: explain at p={DEFAULT_P}")
             try:
-                sites[model] = explain_model(model, shape, args, out_dir, slug)
+                sites[model] = explain_model(model, shape, args, out_dir, stem)
             except Exception as exc:  # noqa: BLE001 - the timing is still worth having
                 sites[model] = {"sites_rewritten": None, "sites_total": None,
                                 "sites_detail": f"explain failed: {type(exc).__name__}: {short(exc)}"}
                 log(f"  explain {model} FAILED: {sites[model]['sites_detail']}")
         for backend in BACKENDS:
             log(f"[{time.perf_counter() - start:5.0f} s] {model} batch {shape_str(shape)} p={p:g} {backend}: compiling ...")
-            row = {**settings(model), "model": model, "p": p, "backend": backend, **sites[model],
+            row = {**settings(info, args, model), "model": model, "p": p, "backend": backend, **sites[model],
                    "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
             try:
                 row.update(time_training(model, backend, p, shape, args))
@@ -472,11 +542,7 @@ def run(args) -> int:
             # Outside the except block: the traceback no longer pins the failed run's tensors.
             torch._dynamo.reset()
             free_memory(device)
-            base = find(rows, model, p, "inductor") if backend == "sparsedrop" else row
-            if ok(row) and ok(base):
-                row["speedup_vs_inductor"] = round(float(base["median_ms"]) / float(row["median_ms"]), 3)
-                if row.get("peak_mem_mb") and base.get("peak_mem_mb"):
-                    row["mem_ratio_vs_inductor"] = round(float(row["peak_mem_mb"]) / float(base["peak_mem_mb"]), 3)
+            set_ratios(row, find(rows, model, p, "inductor") if backend == "sparsedrop" else row)
             put(rows, row)
             write_rows(rows, csv_path)
             if ok(row):
@@ -487,16 +553,188 @@ def run(args) -> int:
                 if device == "cuda" and backend == "inductor" and row["median_ms"] < TARGET_STEP_MS:
                     log(f"  note: under {TARGET_STEP_MS:.0f} ms per step; --{model}-batch larger would time more GPU work")
         pair_s.setdefault(model, []).append(time.perf_counter() - t_pair)
-        plot(rows, out_dir, slug, title)
+        plot(rows, out_dir, stem, title)
 
     log(f"\ndone in {time.perf_counter() - start:.0f} s; results: {csv_path}")
-    plots = [out_dir / f"model_{slug}_{kind}.png" for kind in ("time", "memory")]
+    plots = [out_dir / f"{stem}_{kind}.png" for kind in ("time", "memory")]
     log(f"plots: {', '.join(str(p) for p in plots if p.exists()) or 'none'}")
     print_table(rows, [m for m in MODELS if any(r["model"] == m for r in rows)])
     if skipped:
         log(f"\nnot run (time budget): {', '.join(f'{m} p={p:g}' for m, p in skipped)}")
         log("continue with the same arguments plus --resume")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+# --------------------------------------------------------------------------- several GPUs
+def split_pairs(pairs: list[tuple[str, float]], n: int) -> list[list[tuple[str, float]]]:
+    """Greedy balance: each pair, in plan order, goes to the share with the least guessed time so far."""
+    shares: list[list[tuple[str, float]]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for model, p in pairs:
+        i = min(range(n), key=lambda j: load[j])  # ties: the lowest index, so GPU 0 gets the first headline
+        shares[i].append((model, p))
+        load[i] += PAIR_COST_S[model]
+    return shares
+
+
+def visible_devices(n: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each child: the parent's own list where it has one."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in parent.split(",") if d.strip()] if parent else []
+    return [ids[i] if i < len(ids) else str(i) for i in range(n)]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})\n"
+
+
+def stop_children(procs: dict[int, subprocess.Popen], grace_s: float = 60.0) -> None:
+    """SIGTERM first (a child then writes its CSV and prints its table), SIGKILL after grace_s."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.perf_counter() + grace_s
+    for proc in procs.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.perf_counter()))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def merge_children(rows: list[dict], child_dirs: dict[int, Path], stem: str, out_dir: Path, info: dict,
+                   args) -> list[dict]:
+    """Add each child's rows to rows (put() replaces a pair's row) and copy its site tables up."""
+    for i, child_dir in child_dirs.items():
+        path = child_dir / f"{stem}.csv"
+        if not path.exists():
+            others = sorted(f.name for f in child_dir.glob("model_*.csv"))
+            log(f"gpu{i}: no {path.name}" + (f" (the folder holds {', '.join(others)}: another GPU model?)" if others
+                                             else " (no pair finished there)"))
+            continue
+        taken = 0
+        for r in read_rows(path):
+            if same_settings(r, info, args):  # always, unless the code or the versions changed mid-run
+                r["_run"] = f"gpu{i}"  # which process measured it; write_rows leaves the key out
+                put(rows, r)
+                taken += 1
+        log(f"gpu{i}: {taken} row(s) from {path}")
+        for sites_file in child_dir.glob(f"{stem}_sites_*.txt"):
+            shutil.copy2(sites_file, out_dir / sites_file.name)
+    # A ratio compares two rows of one process; where a child replaced only one row of a pair (it
+    # was stopped between the two backends), the pair's rows come from two runs and get no ratio.
+    for r in rows:
+        if r["backend"] != "sparsedrop":
+            continue
+        base = find(rows, r["model"], float(r["p"]), "inductor")
+        src, base_src = r.get("_run"), base.get("_run") if base is not None else None
+        if src is None and base_src is None:
+            continue  # a pair no child touched: as the CSV has it
+        set_ratios(r, base if base is not None and base_src == src else None)
+    return rows
+
+
+def run_parallel(args) -> int:
+    """--gpus N: run this script once per GPU on a share of the pairs, then merge the children's CSVs."""
+    info, slug = env_info(args.device)  # the children's GPUs are taken to be of the parent's GPU 0 model
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(slug, args.mode)
+    csv_path = out_dir / f"{stem}.csv"
+    log(f"{info['gpu']} x {args.gpus}  torch {info['torch']}  transformers {info['transformers']}  "
+        f"triton {info['triton']}  cuda {info['cuda']}; mode {args.mode}; budget {args.budget_min or 'none'} min per GPU")
+    rows = load_rows(csv_path, info, args)
+    plan = planned_pairs(args, rows)
+    shares = split_pairs(plan, args.gpus)
+    devices = visible_devices(args.gpus)
+    # N children compiling at once would each start a pool of min(32, cores) Inductor compile
+    # workers; a share of the cores each keeps the host from thrashing.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") or str(max(1, cores // args.gpus))
+
+    start = time.perf_counter()
+    procs: dict[int, subprocess.Popen] = {}
+    child_dirs: dict[int, Path] = {}
+    running: set[int] = set()
+    interrupted = False
+
+    def report(i: int) -> None:
+        log(f"\n[{time.perf_counter() - start:5.0f} s] gpu{i} ended with exit code {procs[i].returncode}; "
+            f"last lines of {child_dirs[i] / 'log.txt'}:")
+        log(tail(child_dirs[i] / "log.txt").rstrip())
+
+    try:
+        for i, share in enumerate(shares):
+            if not share:
+                continue  # fewer pairs than GPUs
+            child_dir = out_dir / f"gpu{i}"
+            child_dir.mkdir(parents=True, exist_ok=True)
+            child_dirs[i] = child_dir
+            # The parent's arguments, then the driver's own: argparse keeps an option's last value.
+            # --fresh: a child's folder only ever holds this run's pairs, so an old row there can never
+            # be merged over a newer one in the main CSV.
+            argv = [*args.argv, "--gpus", "1", "--pairs", ",".join(f"{m}:{p:g}" for m, p in share),
+                    "--out", str(child_dir), "--fresh"]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices[i], "TORCHINDUCTOR_COMPILE_THREADS": threads,
+                   "PYTHONUNBUFFERED": "1"}
+            guess = sum(PAIR_COST_S[m] for m, _ in share)
+            log(f"gpu{i} (CUDA_VISIBLE_DEVICES={devices[i]}): {' '.join(f'{m}:{p:g}' for m, p in share)} "
+                f"(~{guess:.0f} s); log {child_dir / 'log.txt'}")
+            with (child_dir / "log.txt").open("w") as fh:  # the child holds its own copy of the handle
+                procs[i] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=env,
+                                            stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            running.add(i)
+        if not procs:
+            log("nothing to run" + (" (--resume: every planned pair is in the CSV)" if args.resume else ""))
+        while running:
+            for i in sorted(running):
+                if procs[i].poll() is not None:
+                    running.discard(i)
+                    report(i)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("\ninterrupted: stopping the children, then merging what they finished")
+    finally:
+        stop_children(procs)  # no-op for children that ended; never leaves one running on a GPU
+    for i in sorted(running if interrupted else ()):
+        report(i)  # the ones just stopped: their logs end with the table of what they finished
+
+    if child_dirs:  # else the CSV stays as it was
+        rows = merge_children(rows, child_dirs, stem, out_dir, info, args)
+        write_rows(rows, csv_path)
+        plot(rows, out_dir, stem, plot_title(info, args))
+    log(f"\ndone in {time.perf_counter() - start:.0f} s; results: {csv_path}")
+    plots = [out_dir / f"{stem}_{kind}.png" for kind in ("time", "memory")]
+    log(f"plots: {', '.join(str(p) for p in plots if p.exists()) or 'none'}")
+    print_table(rows, [m for m in MODELS if any(r["model"] == m for r in rows)])
+    missing = [(m, p) for m, p in plan if not all(ok(find(rows, m, p, b)) for b in BACKENDS)]
+    if missing:
+        log(f"\nnot measured: {', '.join(f'{m} p={p:g}' for m, p in missing)}")
+        log("continue with the same arguments plus --resume")
+    if interrupted:
+        return 130
+    failed = any(proc.returncode for proc in procs.values()) or any(r.get("error") for r in rows)
+    return 1 if failed else 0
+
+
+def parse_pairs(text: str) -> list[tuple[str, float]]:
+    """--pairs t5:0.1,bert:0.5 (what a --gpus parent hands each child)."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        model, _, p = item.partition(":")
+        try:
+            value = float(p)
+        except ValueError:
+            value = None
+        if model not in MODELS or value is None or not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected model:p with model in {', '.join(MODELS)} "
+                                             "and p in [0, 1), e.g. t5:0.1")
+        pairs.append((model, value))
+    return pairs
 
 
 def parse_args(argv=None):
@@ -524,12 +762,25 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="folder for CSV, plots, site tables (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of the script: demo-size models, tiny batches, aot_eager, 2 timed steps")
+    parser.add_argument("--mode", choices=MODES, default="default",
+                        help="Inductor compile mode of both backends; reduce-overhead records CUDA graphs "
+                             "(results in model_<gpu>_<mode>.csv; with --smoke: Inductor on the CPU, which "
+                             "skips the graphs, a plumbing check of some minutes)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="split the pairs over this many GPUs, one child process each, then merge their CSVs")
+    # A --gpus child's share, instead of the models x ps product; the pairs run in this order.
+    parser.add_argument("--pairs", type=parse_pairs, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a --gpus parent hands them to its children
 
     if args.smoke:
         # Times mean nothing here: this checks the plumbing (both backends, explain, CSV, plots, resume).
         args.device, args.size, args.shapes = "cpu", "demo", dict(SMOKE_SHAPES)
         args.inner, args.steps, args.warmup = "aot_eager", 2, 1
+        if args.mode == "reduce-overhead":
+            # The mode is Inductor's: compile with it. On the CPU Inductor skips the CUDA graphs, so
+            # this checks the plumbing (mode option, step marks, loss copies, file names) only.
+            args.inner = "inductor"
         args.block_size = args.block_size or 32  # several blocks per matrix at the smoke sizes
         if args.ps == list(DEFAULT_PS):
             args.ps = [0.1, 0.0]  # two points make a line; each CPU compile takes seconds
@@ -549,6 +800,17 @@ def parse_args(argv=None):
     bad = [p for p in args.ps if not 0 <= p < 1]
     if bad:
         parser.error(f"--ps {bad}: dropout p must be in [0, 1)")
+    if args.mode != "default" and args.inner != "inductor":
+        parser.error(f"--mode {args.mode} is an Inductor mode; --inner {args.inner} has none: use --inner inductor "
+                     "or --mode default")
+    if args.mode == "reduce-overhead" and not args.smoke and args.warmup < 3:
+        # Step 1 compiles and runs the CUDA-graph warm-up, step 2 records: time only replays.
+        parser.error(f"--warmup {args.warmup}: --mode reduce-overhead needs at least 3 so the timed steps are "
+                     "CUDA-graph replays")
+    if args.gpus < 1:
+        parser.error(f"--gpus {args.gpus}: expected at least 1")
+    if args.device == "cuda" and args.gpus > torch.cuda.device_count():
+        parser.error(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
     # The baseline is the compiler the sparsedrop backend hands its graph to, without the rewrite.
     args.baseline = args.inner
     return args
@@ -566,14 +828,18 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
 
     def on_term(signum, frame):  # a job timeout: stop, but still print the table of what finished
+        # Once: a --gpus parent passes the job's SIGTERM on, which must not cut this table short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
     with contextlib.suppress(KeyboardInterrupt):
-        return run(args)
+        return run_parallel(args) if args.gpus > 1 else run(args)
+    # A Ctrl-C reaches a --gpus parent's children too, and the parent then sends them SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log("\ninterrupted: the CSV holds every pair that finished")
     _, slug = env_info(args.device)
-    rows = read_rows(Path(args.out) / f"model_{slug}.csv")
+    rows = read_rows(Path(args.out) / f"{file_stem(slug, args.mode)}.csv")
     print_table(rows, [m for m in MODELS if any(r["model"] == m for r in rows)])
     return 130
 
