@@ -19,7 +19,8 @@ the type of every other argument. Any argument of another kind sends the call do
 path. The current device is part of the key (a compiled kernel is loaded per device).
 
 Off under Triton's interpreter, when a launch hook is installed (profilers read them), or with
-SPARSEDROP_FAST_LAUNCH=0.
+SPARSEDROP_FAST_LAUNCH=0. With no hook installed the direct launch passes None for the hooks and
+their metadata, which the launcher treats as "no hook" (Triton 3.6 keeps empty hook chains there).
 """
 from __future__ import annotations
 
@@ -40,7 +41,12 @@ def fast_launch_enabled() -> bool:
         return False
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
+
+
+def _no_hook(hook) -> bool:
+    """None (Triton >= 3.7) or an empty HookChain (3.6, where the knob is always a chain)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not getattr(hook, "calls", True))
 
 
 def _arg_key(args: tuple):

@@ -29,6 +29,15 @@ def test_key_separates_what_triton_specialises_on():
     assert k((object(),)) is None  # unknown kinds take Triton's path
 
 
+def test_empty_hook_chain_counts_as_no_hook():
+    class HookChain:  # Triton 3.6's default launch hooks: an empty chain, never None
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert _launch._no_hook(None) and _launch._no_hook(HookChain([]))
+    assert not _launch._no_hook(HookChain([print])) and not _launch._no_hook(print)
+
+
 def test_interpreter_takes_tritons_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not _launch.fast_launch_enabled()
