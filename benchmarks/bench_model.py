@@ -83,9 +83,9 @@ DEFAULT_PS = (0.1, 0.0, 0.5, 0.3, 0.2)
 BACKENDS = ("inductor", "sparsedrop")  # the baseline first: a sparsedrop row gets its speed-up at once
 TARGET_STEP_MS = 50.0
 MODES = ("default", "reduce-overhead")  # Inductor's compile mode, the same for both backends
-# Rough seconds per (model, p) pair on one H100/H200 (both backends, compiles included): --gpus
+# Seconds per (model, p) pair on one H200 (both backends, compiles included; measured): --gpus
 # balances the children's shares with these.
-PAIR_COST_S = {"t5": 150.0, "gpt2": 120.0, "bert": 80.0}
+PAIR_COST_S = {"t5": 100.0, "gpt2": 70.0, "bert": 70.0}
 
 # (batch, seq, decoder seq) per model. Sized from FLOPs so an Inductor step takes >= 50 ms on an
 # H100 (~350-450 TFLOP/s reached at d_model 768): T5 ~13 TFLOP, BERT ~23, GPT-2 ~21 per step;
