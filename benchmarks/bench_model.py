@@ -261,7 +261,11 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
                 end.record()
             torch.cuda.synchronize()
             times = [start.elapsed_time(end) for start, end in events]
-            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            if not cudagraphs:
+                # Under CUDA graphs the replays allocate nothing (their buffers were taken from the
+                # graphs' private pool while recording), so a peak over replayed steps would leave
+                # the activations out (2-3 GB read for T5/BERT/GPT-2 on an H200): no figure at all.
+                row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         else:
             for _ in range(args.steps):
                 t = time.perf_counter()

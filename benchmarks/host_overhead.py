@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     from sparsedrop_compile.kernels import _launch
 
     for kernel in _launch._WRAPPED.values():
-        name = getattr(kernel.fn, "__name__", repr(kernel.fn))
-        print(f"  {name}: {kernel.fast_launches} direct launches; last fallback: {kernel.fallback or '-'}")
+        fn_name = getattr(kernel.fn, "__name__", repr(kernel.fn))
+        print(f"  {fn_name}: {kernel.fast_launches} direct launches; last fallback: {kernel.fallback or '-'}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
