@@ -37,7 +37,9 @@ share of the (model, p) pairs (balanced by a guess of each model's time) and wit
 --out/gpu<i> folder and log.txt; --budget-min applies to each child. When they end (or on
 SIGTERM / Ctrl-C, after stopping them) the parent merges their CSVs into the one in --out,
 rewrites the plots and prints the table. Each pair runs in one child, so both rows of a speed-up
-always come from the same GPU.
+always come from the same GPU. The children share the host: a file lock keeps any child's compile
+(shared) out of another's timed steps (exclusive), since a host-bound model slows while others
+compile beside it.
 
 Writes to --out (default benchmarks/results): model_<gpu>.csv, model_<gpu>_time.png,
 model_<gpu>_memory.png and model_<gpu>_sites_<model>.txt (explain() of each model at p = 0.1);
@@ -133,6 +135,30 @@ def file_stem(slug: str, mode: str) -> str:
     return f"model_{slug}" + ("" if mode == "default" else f"_{mode}")
 
 
+# --gpus children share one host. A timed step of a model near the host-bound limit (T5 at
+# 64 x 512) slows down when another child compiles beside it (T5 at p = 0.1 read 0.89x instead of
+# 1.07x once, its fastest step unchanged), so compiles and timed phases exclude each other: a
+# child compiles under a shared lock and times under an exclusive one.
+HOST_LOCK_ENV = "SPARSEDROP_BENCH_HOST_LOCK"
+
+
+@contextlib.contextmanager
+def host_phase(exclusive: bool):
+    """Hold the children's host lock (shared to compile, exclusive to time); no-op outside --gpus."""
+    path = os.environ.get(HOST_LOCK_ENV)
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -188,7 +214,7 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> di
     # No "inner": explain then runs the rewritten graph eagerly; the decisions are the same.
     options = {"block_size": args.block_size}
     try:
-        with autocast(args.device):
+        with host_phase(exclusive=False), autocast(args.device):  # it traces: host work like a compile
             report = sd.explain(model, **batch, options=options)
     finally:
         del model, batch
@@ -203,6 +229,32 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> di
                     f"{report}\n")
     log(f"  explain {name}: {len(report.rewritten)}/{len(report.sites)} dropout sites rewritten ({detail}); table: {path}")
     return {"sites_rewritten": len(report.rewritten), "sites_total": len(report.sites), "sites_detail": detail}
+
+
+def timed_steps(step, args, cudagraphs: bool, row: dict) -> tuple[list[float], list[torch.Tensor]]:
+    """Run args.steps timed steps: (step times in ms, losses); GPU memory fields go into row."""
+    losses, times = [], []
+    if args.device == "cuda":
+        row["base_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20)
+        torch.cuda.reset_peak_memory_stats()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
+        for start, end in events:
+            start.record()
+            losses.append(step())
+            end.record()
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+        if not cudagraphs:
+            # Under CUDA graphs the replays allocate nothing (their buffers were taken from the
+            # graphs' private pool while recording), so a peak over replayed steps would leave
+            # the activations out (2-3 GB read for T5/BERT/GPT-2 on an H200): no figure at all.
+            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            losses.append(step())
+            times.append((time.perf_counter() - t) * 1e3)
+    return times, losses
 
 
 # --------------------------------------------------------------------------- one timed run
@@ -242,35 +294,17 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
     try:
         torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
-        t0 = time.perf_counter()
-        first = step()  # compiles forward and backward
-        sync(device)
-        row["compile_s"] = round(time.perf_counter() - t0, 1)
-        for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
-            step()
-        sync(device)
+        with host_phase(exclusive=False):
+            t0 = time.perf_counter()
+            first = step()  # compiles forward and backward
+            sync(device)
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
+                step()
+            sync(device)
         row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-        losses, times = [], []
-        if device == "cuda":
-            row["base_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20)
-            torch.cuda.reset_peak_memory_stats()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
-            for start, end in events:
-                start.record()
-                losses.append(step())
-                end.record()
-            torch.cuda.synchronize()
-            times = [start.elapsed_time(end) for start, end in events]
-            if not cudagraphs:
-                # Under CUDA graphs the replays allocate nothing (their buffers were taken from the
-                # graphs' private pool while recording), so a peak over replayed steps would leave
-                # the activations out (2-3 GB read for T5/BERT/GPT-2 on an H200): no figure at all.
-                row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-        else:
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                losses.append(step())
-                times.append((time.perf_counter() - t) * 1e3)
+        with host_phase(exclusive=True):
+            times, losses = timed_steps(step, args, cudagraphs, row)
         row.update(median_ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), max_ms=round(max(times), 3),
                    steps=len(times), loss_first=round(first.item(), 5), loss_last=round(losses[-1].item(), 5))
     finally:
@@ -659,6 +693,9 @@ def run_parallel(args) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") or str(max(1, cores // args.gpus))
 
+    # The children's host lock (see host_phase): a temporary file, removed when the driver ends.
+    lock_fd, lock_path = tempfile.mkstemp(prefix="sparsedrop_bench_", suffix=".lock")
+    os.close(lock_fd)
     start = time.perf_counter()
     procs: dict[int, subprocess.Popen] = {}
     child_dirs: dict[int, Path] = {}
@@ -683,7 +720,7 @@ def run_parallel(args) -> int:
             argv = [*args.argv, "--gpus", "1", "--pairs", ",".join(f"{m}:{p:g}" for m, p in share),
                     "--out", str(child_dir), "--fresh"]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices[i], "TORCHINDUCTOR_COMPILE_THREADS": threads,
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1", HOST_LOCK_ENV: lock_path}
             guess = sum(PAIR_COST_S[m] for m, _ in share)
             log(f"gpu{i} (CUDA_VISIBLE_DEVICES={devices[i]}): {' '.join(f'{m}:{p:g}' for m, p in share)} "
                 f"(~{guess:.0f} s); log {child_dir / 'log.txt'}")
@@ -704,6 +741,8 @@ def run_parallel(args) -> int:
         log("\ninterrupted: stopping the children, then merging what they finished")
     finally:
         stop_children(procs)  # no-op for children that ended; never leaves one running on a GPU
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)
     for i in sorted(running if interrupted else ()):
         report(i)  # the ones just stopped: their logs end with the table of what they finished
 
