@@ -30,6 +30,7 @@ the first call per problem key (sizes, block, dtype, layout); the choice is cach
 Environment knobs:
     SPARSEDROP_AUTOTUNE=0   take the first (heuristic) candidate, no timing
     SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only)
+    SPARSEDROP_FAST_LAUNCH=0  launch through JITFunction.run every time (see _launch.py)
 Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
 """
 from __future__ import annotations
