@@ -36,12 +36,18 @@ except ImportError:  # pragma: no cover
 _I32_MIN, _I32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**63 - 1
 
 
+try:  # the runtime settings (hooks) that JITFunction.run reads; read here once per launch too
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - a Triton without knobs: Triton's own path only
+    _knobs = None
+
+
 def fast_launch_enabled() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("SPARSEDROP_FAST_LAUNCH", "1") == "0":
         return False
-    from triton import knobs
-
-    return _no_hook(knobs.runtime.launch_enter_hook) and _no_hook(knobs.runtime.launch_exit_hook)
+    if _knobs is None:
+        return False
+    return _no_hook(_knobs.runtime.launch_enter_hook) and _no_hook(_knobs.runtime.launch_exit_hook)
 
 
 def _no_hook(hook) -> bool:
