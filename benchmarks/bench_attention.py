@@ -35,8 +35,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import sparsedrop_compile  # noqa: E402,F401  (registers the ops)
 from sparsedrop_compile.attention_ops import sparse_dropout_attention  # noqa: E402

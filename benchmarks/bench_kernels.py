@@ -39,9 +39,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a source checkout without pip install
-    sys.path.insert(0, ROOT)
 
 LINEAR_SHAPES = [(4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336)]  # rows, N, K
 PS = [0.0, 0.1, 0.3, 0.5, 0.7]

@@ -72,8 +72,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import sparsedrop_compile as sd  # noqa: E402  (registers the backend and its ops)
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402

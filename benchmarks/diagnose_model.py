@@ -13,12 +13,10 @@ import collections
 import gc
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
 VARIANTS = {

@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import sparsedrop_compile  # noqa: E402,F401  (registers the ops)
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm  # noqa: E402

@@ -4,13 +4,10 @@
 """
 import argparse
 import cProfile
-import os
 import pstats
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
 

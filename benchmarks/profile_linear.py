@@ -3,13 +3,10 @@
     python benchmarks/profile_linear.py [--shape 4096 4096 4096] [--ps 0 0.7]
 """
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
 import sparsedrop_compile  # noqa: E402,F401
 from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep  # noqa: E402
 

@@ -3,33 +3,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-
-@dataclass
-class Site:
-    """One dropout the backend looked at, and what it did with it."""
-
-    graph: int
-    node: str
-    location: str
-    module_path: str
-    p: float | None
-    kind: str
-    consumers: list[str] = field(default_factory=list)
-    rewritten: bool = False
-    reason: str | None = None
-    block_size: tuple[int, int] | None = None
-
-    def row(self) -> tuple[str, ...]:
-        p = "sym" if self.p is None else f"{self.p:g}"
-        status = "yes" if self.rewritten else "no"
-        return (str(self.graph), self.location, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+from sparsedrop_compile.report import Site
 
 
 def meta_val(node: Any):

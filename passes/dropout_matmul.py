@@ -28,7 +28,9 @@ from torch._dynamo.utils import counters
 from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scale, sample_block_keep
 
-from ._graph import GraphEditor, Site, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
+from sparsedrop_compile.report import Site
+
+from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
 
 log = logging.getLogger("sparsedrop_compile")
 

@@ -16,7 +16,9 @@ from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
 
-from ._graph import GraphEditor, Site, excluded, location, meta_val, module_path, scalar_hint, shape_of
+from sparsedrop_compile.report import Site
+
+from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, shape_of
 
 log = logging.getLogger("sparsedrop_compile")
 

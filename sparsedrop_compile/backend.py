@@ -1,26 +1,16 @@
 """The ``sparsedrop`` torch.compile backend: run the rewrite passes, then hand the graph on."""
 from __future__ import annotations
 
-import contextvars
 import logging
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 
+from sparsedrop_compile import report
 from sparsedrop_compile.config import SparseDropConfig
 
 log = logging.getLogger("sparsedrop_compile")
-
-# explain() collects the sites of every graph compiled while it runs (an ExplainReport).
-_site_recorder: contextvars.ContextVar = contextvars.ContextVar("sparsedrop_sites", default=None)
-
-
-class _GraphCounter:
-    graphs = 0
-
-
-_graph_counter = _GraphCounter()
 
 
 def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Sequence[Any] = ()) -> list:
@@ -30,20 +20,14 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    recorder = _site_recorder.get()
-    counter = recorder if recorder is not None else _graph_counter
-    index = counter.graphs
-    counter.graphs += 1
+    index = report.next_graph_index()
     position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
     sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
     sites.sort(key=lambda s: position[s.node])  # program order
     if sites and log.isEnabledFor(logging.DEBUG):
-        from sparsedrop_compile.explain import format_sites
-
-        log.debug("sparsedrop: graph %d\n%s", index, format_sites(sites))
-    if recorder is not None:
-        recorder.sites.extend(sites)
+        log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))
+    report.record(sites)
     return sites
 
 

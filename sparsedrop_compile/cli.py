@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -89,9 +88,7 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"sparsedrop bench: {script} not found; run this from a source checkout of sparsedrop-compile "
               "(pip install -e .), where benchmarks/ sits beside the package", file=sys.stderr)
         return 2
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root.parent), env.get("PYTHONPATH")]))
-    return subprocess.call([sys.executable, str(script), *extra], env=env)
+    return subprocess.call([sys.executable, str(script), *extra])
 
 
 def build_parser() -> argparse.ArgumentParser:

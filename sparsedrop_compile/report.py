@@ -1,0 +1,98 @@
+"""What the backend did with each dropout: ``Site``, the report, its table, and the recorder.
+
+``Site`` is what ``filter_fn`` receives and what ``explain(...).sites`` holds. The backend and
+``explain`` both import this module; neither imports the other's internals.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+HEADER = ("graph", "location", "p", "kind", "consumers", "rewritten", "reason")
+
+
+@dataclass
+class Site:
+    """One dropout the backend looked at, and what it did with it."""
+
+    graph: int
+    node: str
+    location: str
+    module_path: str
+    p: float | None
+    kind: str
+    consumers: list[str] = field(default_factory=list)
+    rewritten: bool = False
+    reason: str | None = None
+    block_size: tuple[int, int] | None = None
+
+    def row(self) -> tuple[str, ...]:
+        p = "sym" if self.p is None else f"{self.p:g}"
+        status = "yes" if self.rewritten else "no"
+        return (str(self.graph), self.location, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+
+
+def format_sites(sites) -> str:
+    """A plain-text table, one row per site. Cells are never cut, so no two rows can look alike
+    when their sites differ."""
+    rows = [HEADER] + [s.row() for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass
+class ExplainReport:
+    """Every dropout site the backend saw while compiling, over all graphs."""
+
+    sites: list = field(default_factory=list)
+    graphs: int = 0
+
+    @property
+    def rewritten(self) -> list:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def skipped(self) -> list:
+        return [s for s in self.sites if not s.rewritten]
+
+    def __str__(self) -> str:
+        head = f"sparsedrop: {len(self.rewritten)} of {len(self.sites)} dropout site(s) rewritten in {self.graphs} graph(s)"
+        return head + ("\n" + format_sites(self.sites) if self.sites else "")
+
+
+class _GraphCount:
+    """Numbers graphs compiled outside any ``recording`` block (for the debug log)."""
+
+    graphs = 0
+
+
+_outside = _GraphCount()
+_active: contextvars.ContextVar = contextvars.ContextVar("sparsedrop_report", default=None)
+
+
+def next_graph_index() -> int:
+    """The index of the graph about to be rewritten, counted per report while one is recording."""
+    counter = _active.get() or _outside
+    index = counter.graphs
+    counter.graphs += 1
+    return index
+
+
+def record(sites) -> None:
+    """Add a graph's sites to the report being recorded, if any."""
+    report = _active.get()
+    if report is not None:
+        report.sites.extend(sites)
+
+
+@contextlib.contextmanager
+def recording(report: ExplainReport):
+    """Collect into ``report`` the sites of every graph the backend rewrites in this block."""
+    token = _active.set(report)
+    try:
+        yield report
+    finally:
+        _active.reset(token)
