@@ -360,3 +360,11 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
 
 def _count(name: str) -> None:
     counters["sparsedrop"][name] += 1
+
+
+def feeds_a_matmul(node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches a matmul the pass could fuse, as its activation operand
+    (used to decide whether a dropout is worth moving next to its consumers)."""
+    stand_in = Dropout(node, node, 0.5, 0.5, True, False)
+    consumers, _ = _find_consumers(stand_in)
+    return any(c.reason is None and _check_consumer(c) is None for c in consumers)

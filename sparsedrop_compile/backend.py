@@ -18,13 +18,16 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     import sparsedrop_compile.ops  # noqa: F401  (registers the ops the passes emit)
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
+    from sparsedrop_compile.passes.regions import rewrite_regions
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()
-    position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
-    sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
-    sites.sort(key=lambda s: position[s.node])  # program order
+
+    def rewrite(g: fx.GraphModule, cfg: SparseDropConfig) -> list:
+        return rewrite_dropout_matmul(g, cfg, index, fake_mode) + rewrite_dropout_sdpa(g, cfg, index, fake_mode)
+
+    # The graph and every higher-order-op body in it (checkpointed regions), in program order.
+    sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]
     if sites and log.isEnabledFor(logging.DEBUG):
         log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))
     report.record(sites)

@@ -26,11 +26,13 @@ class Site:
     rewritten: bool = False
     reason: str | None = None
     block_size: tuple[int, int] | None = None
+    region: str | None = None  # e.g. "activation checkpoint": the higher-order-op body it is in
 
     def row(self) -> tuple[str, ...]:
         p = "sym" if self.p is None else f"{self.p:g}"
         status = "yes" if self.rewritten else "no"
-        return (str(self.graph), self.location, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+        where = f"{self.location} [in {self.region}]" if self.region else self.location
+        return (str(self.graph), where, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
 
 
 def format_sites(sites) -> str:

@@ -1,0 +1,245 @@
+"""Dropouts inside higher-order-op bodies: activation checkpointing (torch and HF), wrap, and the
+bodies the pass must leave alone (cond, autograd.Function).
+
+The checkpoint's recomputation in backward must see the forward's mask: AOTAutograd saves the RNG
+state (aot_eager: run_and_save_rng_state / run_with_rng_state) or the seed (Inductor:
+inductor_seeds) of the keep sampling and replays it; the gradients below would differ otherwise.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
+
+import sparsedrop_compile as sd
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, sample_block_keep
+from sparsedrop_compile.models import build_model, example_batch
+
+P = 0.3
+BLOCK = (8, 8)
+X_SHAPE, W_SHAPE = (48, 32), (24, 32)  # 6 x 4 = 24 blocks
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(X_SHAPE, generator=gen), torch.randn(W_SHAPE, generator=gen) / 6, torch.randn(W_SHAPE[0], generator=gen)
+
+
+def _loss(out):
+    return (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+
+
+def _body(t, w, b):
+    return F.linear(F.dropout(t, P, True), w, b).relu() * 2
+
+
+def _reference(keep, x, w, b):
+    return F.linear(apply_block_keep(x, keep, 1 / (1 - P), *BLOCK, False), w, b).relu() * 2
+
+
+def _grads(fn, tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    _loss(out).backward()
+    return [out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_dropout_linear_matches_reference(reentrant):
+    """aot_eager: the keep sampling is the graph's first random op, so the same seed replays it."""
+    tensors = _inputs()
+    f = torch.compile(lambda x, w, b: checkpoint(_body, x, w, b, use_reentrant=reentrant), backend="sparsedrop",
+                      options={"block_size": BLOCK, "inner": "aot_eager"})
+    torch.manual_seed(5)
+    got = _grads(f, tensors)
+    torch.manual_seed(5)
+    keep = sample_block_keep(tensors[0], P, *BLOCK, False)
+    assert 0 < keep.float().mean() < 1
+    expected = _grads(lambda x, w, b: _reference(keep, x, w, b), tensors)
+    assert counters["sparsedrop"]["linear_fused"] == 1
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+def test_checkpointed_dropout_under_inductor_uses_one_mask_for_forward_and_recomputation():
+    """Inductor's own RNG (no fallback_random): the mask read off the materialised dropout output
+    gives the reference that the output and every gradient (recomputed in backward) must equal."""
+    def body(t, w, b):
+        d = F.dropout(t, P, True)
+        return F.linear(d, w, b).relu() * 2, d
+
+    tensors = _inputs()
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    f = torch.compile(lambda x, w, b: checkpoint(body, x, w, b, use_reentrant=False), backend="sparsedrop",
+                      options={"block_size": BLOCK, "inner": "inductor"})
+    out, dropped = f(*leaves)
+    _loss(out).backward()
+    keep = (dropped != 0).reshape(1, 6, 8, 4, 8)[:, :, 0, :, 0]  # x has no zeros
+    assert 0 < keep.float().mean() < 1
+    expected = _grads(lambda x, w, b: _reference(keep, x, w, b), tensors)
+    assert counters["sparsedrop"]["linear_fused"] == 1
+    for g, e in zip([out] + [t.grad for t in leaves], expected):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+def test_explain_lists_sites_inside_regions_nested_and_wrap():
+    from torch._higher_order_ops.wrap import wrap
+
+    lin = nn.Linear(32, 24)
+
+    def f(x):
+        inner = lambda u: lin(F.dropout(u, 0.2, True))  # noqa: E731
+        y = checkpoint(lambda t: checkpoint(inner, t, use_reentrant=False) * 2, x, use_reentrant=False)
+        return y + wrap(lambda t: lin(F.dropout(t, 0.2, True)), x)
+
+    report = sd.explain(f, torch.randn(X_SHAPE, requires_grad=True), options={"block_size": BLOCK})
+    assert [(s.region, s.rewritten, s.kind) for s in report.sites] == [
+        ("activation checkpoint > activation checkpoint", True, "linear"), ("wrap", True, "linear")]
+    assert report.sites[0].node.count("wrap_body_") == 2  # the body attributes, outer first
+    assert "[in activation checkpoint > activation checkpoint]" in str(report)
+
+
+class _Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(F.dropout(x, 0.2, True), w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+@pytest.mark.parametrize("case", ["autograd_function", "cond"])
+def test_bodies_not_proven_safe_are_listed_and_left_alone(case):
+    lin = nn.Linear(32, 24)
+    if case == "cond":
+        def f(x):
+            return torch.cond(x.sum() > 0, lambda t: lin(F.dropout(t, 0.2, True)), lambda t: lin(t), (x,))
+        hop = "cond"
+    else:
+        def f(x):
+            return _Fn.apply(x, lin.weight)
+        hop = "autograd_function_apply"
+    report = sd.explain(f, torch.randn(X_SHAPE, requires_grad=True), options={"block_size": BLOCK})
+    (site,) = report.sites
+    assert not site.rewritten and site.region == f"{hop} body"
+    assert f"inside the body of higher-order op {hop}" in site.reason
+    assert sum(v for k, v in counters["sparsedrop"].items() if k.endswith("_fused")) == 0
+
+
+def test_dropout_feeding_a_region_moves_into_it():
+    """BERT's embedding dropout feeds layer 0's q, k, v: under checkpointing they are in the
+    region's body, so the dropout is moved there and fused; the result is still block dropout."""
+    lin = nn.Linear(32, 24)
+
+    def f(x):
+        d = F.dropout(x, P, True)
+        return checkpoint(lambda t: lin(t).relu() * 2, d, use_reentrant=False)
+
+    report = sd.explain(f, torch.randn(X_SHAPE), options={"block_size": BLOCK})
+    (site,) = report.sites
+    assert site.rewritten and site.region == "activation checkpoint" and site.kind == "linear"
+    tensors = _inputs()
+    g = torch.compile(lambda x, w, b: checkpoint(lambda t: F.linear(t, w, b).relu() * 2, F.dropout(x, P, True),
+                                                 use_reentrant=False),
+                      backend="sparsedrop", options={"block_size": BLOCK, "inner": "aot_eager"})
+    torch.manual_seed(3)
+    got = _grads(g, tensors)
+    torch.manual_seed(3)
+    keep = sample_block_keep(tensors[0], P, *BLOCK, False)
+    for a, e in zip(got, _grads(lambda x, w, b: _reference(keep, x, w, b), tensors)):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+# --------------------------------------------------------------------------- HuggingFace
+def _enable_checkpointing(model):
+    # transformers 5.x names it activation_checkpointing_enable where it exists (the old name warns).
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.is_gradient_checkpointing
+
+
+def _no_cache(model):
+    # With use_cache=True, HF logs a warning under checkpointing, and the logging call breaks the graph.
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config.use_cache = False
+
+
+def _key(site):
+    return (site.kind, site.rewritten, tuple(c.split(" ")[0] for c in site.consumers if c.startswith(("linear", "matmul"))))
+
+
+def _same_sites(plain, ckpt):
+    """Each checkpointed site matches one plain site: module path (the plain one may carry a longer
+    root prefix, where a graph break moved the frame root), kind, rewritten and fused consumers."""
+    left = list(plain.sites)
+    for s in ckpt.sites:
+        match = next((p for p in left if _key(p) == _key(s) and (p.module_path == s.module_path or p.module_path.endswith("." + s.module_path))), None)
+        assert match is not None, f"no plain site like {s.row()}"
+        left.remove(match)
+    assert not left, [p.row() for p in left]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_hf_gradient_checkpointing_rewrites_the_same_sites(family):
+    reports = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(family, attn="eager").train()
+        _no_cache(model)
+        if ckpt:
+            _enable_checkpointing(model)
+        reports.append(sd.explain(model, **example_batch(model, seq=32), options={"block_size": 16}))
+    plain, ckpt = reports
+    assert sum(s.rewritten for s in plain.sites) >= 2
+    _same_sites(plain, ckpt)
+    assert all(s.region == "activation checkpoint" for s in ckpt.sites if s.rewritten)
+
+
+def test_checkpointed_hf_model_matches_reference_with_the_same_masks(monkeypatch):
+    """Tiny BERT (attention dropout only, so every dropout is a rewritten P @ V site) with gradient
+    checkpointing under aot_eager equals the uncheckpointed model run eagerly with block dropout of
+    the same keep tiles (drawn in the same order): loss and every parameter gradient."""
+    torch.manual_seed(0)
+    model = build_model("bert", attn="eager")
+    _no_cache(model)
+    batch = example_batch(model, batch=2, seq=48)
+    ref_model = build_model("bert", attn="eager")
+    ref_model.load_state_dict(model.state_dict())
+    for m in (model, ref_model):
+        m.train()
+        for name, mod in m.named_modules():
+            if isinstance(mod, nn.Dropout) and not name.endswith("attention.self.dropout"):
+                mod.p = 0.0  # residual/embedding dropouts off: they stay element-wise, with other RNG
+    _enable_checkpointing(model)
+    compiled = torch.compile(model, backend="sparsedrop", options={"block_size": 16, "inner": "aot_eager"})
+    torch.manual_seed(11)
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert counters["sparsedrop"]["matmul_fused"] == 2
+
+    original = F.dropout
+
+    def block_dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        keep = sample_block_keep(x, p, 16, 16, True)
+        return apply_block_keep(x, keep, 1 / (1 - p), 16, 16, True)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", block_dropout)
+    torch.manual_seed(11)
+    ref_loss = ref_model(**batch).loss
+    ref_loss.backward()
+    monkeypatch.setattr(torch.nn.functional, "dropout", original)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert ref_params[name].grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
