@@ -101,11 +101,11 @@ def rewrite_dropout_sdpa(gm: fx.GraphModule, config: SparseDropConfig, graph_ind
 
 
 def _rewrite(editor: GraphEditor, node: fx.Node, a: dict, config: SparseDropConfig) -> None:
-    from sparsedrop_compile.kernels.flash_attention import sample_attention_keep
+    from sparsedrop_compile.mask_ops import sample_tile_keep
 
     bq, bk = config.attention_block
     q, k, v = a["query"], a["key"], a["value"]
-    keep = editor.call(sample_attention_keep, (q, k, a["dropout_p"], bq, bk), before=node, like=node)
+    keep = editor.call(sample_tile_keep, (q, k, a["dropout_p"], bq, bk), before=node, like=node)
     args = (q, k, v, a["attn_mask"], keep, a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"], bq, bk, config.attention_mode, config.kernel)
     fused = editor.call(torch.ops.sparsedrop.attention.default, args, before=node, like=node)
     node.replace_all_uses_with(fused)

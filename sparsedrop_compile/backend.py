@@ -15,7 +15,8 @@ log = logging.getLogger("sparsedrop_compile")
 
 def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Sequence[Any] = ()) -> list:
     """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
-    import sparsedrop_compile.ops  # noqa: F401  (registers the ops the passes emit)
+    import sparsedrop_compile.mask_ops  # noqa: F401  (registers the ops the passes emit)
+    import sparsedrop_compile.ops  # noqa: F401
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
     from sparsedrop_compile.passes.regions import rewrite_regions

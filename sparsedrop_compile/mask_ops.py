@@ -1,0 +1,69 @@
+"""The keep-mask ops the passes put in graphs: block-dropout keep sampling and a materialised block dropout.
+
+Their plain-PyTorch twins (``sample_block_keep``, ``apply_block_keep``, ``sample_attention_keep``)
+are the references. Written with aten ops, their elementwise and reshape steps on block-count
+sizes like ``(s + 7) // 8`` make fake tensors install guards under dynamic shapes (is that count
+1? is this reshape contiguous?), and every new size then recompiles. These ops hide those steps
+behind fake impls that only allocate, so no guard is added, while the random draw stays a visible
+``torch.rand`` that compilers seed, and replay when a checkpoint recomputes it:
+
+    sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
+    sparsedrop::keep_from_uniform(u, p)     = u >= p
+    sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, keep_shape
+from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
+from sparsedrop_compile.ops import LIB
+
+
+@torch.library.custom_op(f"{LIB}::keep_from_uniform", mutates_args=())
+def keep_from_uniform(u: Tensor, p: float) -> Tensor:
+    """Keep-flags from uniform draws: True (kept) where u >= p."""
+    return (u >= p).contiguous()
+
+
+@keep_from_uniform.register_fake
+def _(u, p):
+    return u.new_empty(u.shape, dtype=torch.bool)
+
+
+@torch.library.custom_op(f"{LIB}::block_dropout", mutates_args=())
+def block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous."""
+    return apply_block_keep(x, keep, scale, block_rows, block_cols, batched).contiguous()
+
+
+@block_dropout.register_fake
+def _(x, keep, scale, block_rows, block_cols, batched):
+    return x.new_empty(x.shape)
+
+
+def _block_dropout_setup(ctx, inputs, output):
+    _, keep, scale, block_rows, block_cols, batched = inputs
+    ctx.save_for_backward(keep)
+    ctx.args = (scale, block_rows, block_cols, batched)
+
+
+def _block_dropout_backward(ctx, grad):
+    (keep,) = ctx.saved_tensors
+    return torch.ops.sparsedrop.block_dropout(grad, keep, *ctx.args), None, None, None, None, None
+
+
+block_dropout.register_autograd(_block_dropout_backward, setup_context=_block_dropout_setup)
+
+
+def sample_keep(x: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    """``sample_block_keep`` without guards: the same draws, so the same flags for the same seed."""
+    u = torch.rand(keep_shape(x.shape, (block_rows, block_cols), batched), device=x.device)
+    return torch.ops.sparsedrop.keep_from_uniform(u, p)
+
+
+def sample_tile_keep(q: Tensor, k: Tensor, p, block_q: int, block_k: int) -> Tensor:
+    """``sample_attention_keep`` without guards: the same draws, so the same flags for the same seed."""
+    u = torch.rand(attention_keep_shape(q.shape, k.shape, (block_q, block_k)), device=q.device)
+    return torch.ops.sparsedrop.keep_from_uniform(u, p)
