@@ -16,7 +16,7 @@ HEADER = ("graph", "location", "p", "kind", "consumers", "rewritten", "reason")
 class Site:
     """One dropout the backend looked at, and what it did with it."""
 
-    graph: int
+    graph: int | None  # None: the dropout ran outside every compiled graph
     node: str
     location: str
     module_path: str
@@ -32,7 +32,8 @@ class Site:
         p = "sym" if self.p is None else f"{self.p:g}"
         status = "yes" if self.rewritten else "no"
         where = f"{self.location} [in {self.region}]" if self.region else self.location
-        return (str(self.graph), where, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+        graph = "-" if self.graph is None else str(self.graph)
+        return (graph, where, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
 
 
 def format_sites(sites) -> str:

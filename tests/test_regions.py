@@ -243,3 +243,31 @@ def test_checkpointed_hf_model_matches_reference_with_the_same_masks(monkeypatch
             assert ref_params[name].grad is None, name
             continue
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_hf_t5_gradient_checkpointing_rewrites_what_its_graph_breaks_allow():
+    """T5 under checkpointing graph-breaks on transformers 5.x (position_bias.requires_grad = True),
+    and Dynamo then runs some block frames eagerly. Every dropout rewritten without checkpointing
+    is rewritten with it, or its row says why not: it ran outside every compiled graph, or its
+    matmul consumer is in another graph (its only user there is the graph output)."""
+    reports = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model("t5", attn="eager").train()
+        _no_cache(model)
+        if ckpt:
+            _enable_checkpointing(model)
+        reports.append(sd.explain(model, **example_batch(model, seq=32), options={"block_size": 16}))
+    plain, ckpt = reports
+    assert len(plain.sites) == len(ckpt.sites)
+    left = list(ckpt.sites)
+    for p in plain.sites:
+        source = p.location.rsplit("(", 1)[-1]
+        row = next((s for s in left if s.location.endswith(source) and (p.module_path.endswith(s.module_path) or s.module_path.endswith(p.module_path))), None)
+        assert row is not None, p.row()
+        left.remove(row)
+        if p.rewritten and not row.rewritten:
+            assert row.reason.startswith("ran outside any compiled graph") or row.consumers == ["graph output"], row.row()
+        if row.rewritten:
+            assert p.rewritten and row.kind == p.kind and row.region == "activation checkpoint", (p.row(), row.row())
+    assert sum(s.rewritten for s in ckpt.sites) >= 6
