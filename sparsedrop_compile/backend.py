@@ -18,6 +18,7 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     import sparsedrop_compile.mask_ops  # noqa: F401  (registers the ops the passes emit)
     import sparsedrop_compile.ops  # noqa: F401
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
+    from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
     from sparsedrop_compile.passes.regions import rewrite_regions
 
@@ -25,7 +26,8 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     index = report.next_graph_index()
 
     def rewrite(g: fx.GraphModule, cfg: SparseDropConfig) -> list:
-        return rewrite_dropout_matmul(g, cfg, index, fake_mode) + rewrite_dropout_sdpa(g, cfg, index, fake_mode)
+        passes = (rewrite_dropout_matmul, rewrite_dropout_sdpa, rewrite_dropout_mha)
+        return [site for rewrite_pass in passes for site in rewrite_pass(g, cfg, index, fake_mode)]
 
     # The graph and every higher-order-op body in it (checkpointed regions), in program order.
     sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]

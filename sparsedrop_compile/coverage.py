@@ -99,7 +99,8 @@ def _source(site: Site) -> str:
 
 def _fit(site: Site, call: Call) -> tuple[int, int] | None:
     """How well a site fits a call, lower is closer: (same source line 0 / site without one 1,
-    same module path 0 / a suffix of it 1 (the graph's frame root is a submodule) / no path 2);
+    same module path 0 / a suffix of it 1 (the graph's frame root is a submodule) / either has no
+    path 2, e.g. explain of a function, where no module tree names the modules);
     None if the source lines or the paths differ."""
     source = _source(site)
     if source and source != call.source:
@@ -108,11 +109,11 @@ def _fit(site: Site, call: Call) -> tuple[int, int] | None:
         path = 0
     elif site.module_path and call.module_path.endswith("." + site.module_path):
         path = 1
-    elif not site.module_path:
+    elif not site.module_path or not call.module_path:
         path = 2
     else:
         return None
-    if not source and path == 2:
+    if not source and (path == 2 or not site.module_path):
         return None  # neither a line nor a path to go by
     return (0 if source else 1, path)
 
