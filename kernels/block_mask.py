@@ -36,14 +36,34 @@ def keep_shape(shape, block: tuple[int, int], batched: bool):
     return (b, cdiv(m, block[0]), cdiv(k, block[1]))
 
 
+def padded(shape):
+    """``shape`` with one more block in each of the last two dims: the shape of the keep-flags the
+    compiled graph draws. Every dim of it is then either a plain size or at least 2, so tracing
+    never asks whether a block count is 1 (a guard, and a recompile when it changes); the ops cut
+    the extra row and column off (``fit_keep``)."""
+    return (*shape[:-2], shape[-2] + 1, shape[-1] + 1)
+
+
+def fit_keep(keep: Tensor, expected) -> Tensor | None:
+    """``keep`` as ``expected``-shaped flags: itself, or a padded keep without its extra last row
+    and column of blocks; None if it is neither."""
+    shape = tuple(keep.shape)
+    if shape == tuple(expected):
+        return keep
+    if shape == tuple(padded(expected)):
+        return keep[..., : expected[-2], : expected[-1]]
+    return None
+
+
 def sample_block_keep(x: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """Keep-flags for the activation ``x``: each block kept with probability 1 - p.
 
     Built from ``torch.rand`` so compilers treat it like any other random op (seeding,
-    reproducibility, recomputation under activation checkpointing).
+    reproducibility, recomputation under activation checkpointing). It draws the padded shape the
+    compiled graph draws (``padded``), so the same seed gives the same flags in both.
     """
     shape = keep_shape(x.shape, (block_rows, block_cols), batched)
-    return torch.rand(shape, device=x.device) >= p
+    return (torch.rand(padded(shape), device=x.device) >= p)[..., : shape[-2], : shape[-1]].contiguous()
 
 
 def dropout_scale(p, factor=1.0):

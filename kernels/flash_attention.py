@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .block_mask import cdiv, dropout_scale
+from .block_mask import cdiv, dropout_scale, padded
 
 MODES = ("post_softmax", "dropkey")
 
@@ -47,7 +47,8 @@ def sample_attention_keep(q: Tensor, k: Tensor, p, block_q: int, block_k: int) -
     replay it like any other random op.
     """
     shape = attention_keep_shape(q.shape, k.shape, (block_q, block_k))
-    return torch.rand(shape, device=q.device) >= p
+    # The padded draw of the compiled graph (block_mask.padded): the same seed, the same flags.
+    return (torch.rand(padded(shape), device=q.device) >= p)[..., : shape[-2], : shape[-1]].contiguous()
 
 
 def expand_attention_keep(keep: Tensor, sq, sk, block_q: int, block_k: int) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 from sparsedrop_compile.config import SparseDropConfig
 
@@ -35,6 +36,14 @@ def _sdpa_args(node: fx.Node) -> dict | None:
     values.update(zip(SDPA_ARGS, node.args))
     values.update(node.kwargs)
     return values
+
+
+def static_head_dim(d):
+    """The head dim as an int. Under dynamic=True it is a SymInt: one whose value is a head dim the
+    kernel covers is specialised (a guard on it; the kernel is compiled per head dim anyway)."""
+    if isinstance(d, torch.SymInt) and d.node.hint in HEAD_DIMS:
+        return guard_int(d)
+    return d if isinstance(d, int) else None
 
 
 def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
@@ -61,7 +70,8 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
         return "no shape metadata on q, k, v"
     if not (len(q) == len(k) == len(v) == 4):
         return f"q, k, v must be 4-D (batch, heads, seq, dim); got {len(q)}-D"
-    if not (isinstance(q[-1], int) and q[-1] in HEAD_DIMS and k[-1] == q[-1] and v[-1] == q[-1]):
+    q_d, k_d, v_d = (static_head_dim(t[-1]) for t in (q, k, v))
+    if not (q_d in HEAD_DIMS and k_d == q_d and v_d == q_d):
         return f"head dims q={q[-1]}, k={k[-1]}, v={v[-1]}: the tile-dropout kernel covers {HEAD_DIMS} (same for q, k, v); left on SDPA"
     mask = a["attn_mask"]
     if mask is not None:

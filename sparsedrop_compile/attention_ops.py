@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsedrop_compile.kernels import flash_attention as _ref
+from sparsedrop_compile.kernels.block_mask import fit_keep
 from sparsedrop_compile.kernels.flash_attention import MODES, attention_keep_shape, sample_attention_keep
 from sparsedrop_compile.ops import LIB, _triton_attention_module, register_autocast_like_matmul, use_triton
 
@@ -62,13 +63,21 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep:
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"sparsedrop::{op}: attn_mask has dtype {attn_mask.dtype}; expected bool (True = attend) "
                         "or a float additive mask")
+    _fit_tiles(q, k, keep, block, op)
+
+
+def _fit_tiles(q: Tensor, k: Tensor, keep: Tensor, block: tuple[int, int], op: str) -> Tensor:
+    """keep cut to the tiles of q against k (a compiled graph's keep is padded by one tile in its
+    last two dims: see block_mask.padded); raises if it does not fit."""
     expected = tuple(attention_keep_shape(q.shape, k.shape, block))
-    if keep.dtype != torch.bool or tuple(keep.shape) != expected:
+    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
+    if fitted is None:
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (tiles of {tuple(block)} over "
             f"{q.shape[-2]} queries x {k.shape[-2]} keys), got {keep.dtype} {tuple(keep.shape)}; build it with "
             "sample_attention_keep(q, k, p, block_q, block_k)"
         )
+    return fitted
 
 
 def _tensors(q, k, v, attn_mask):
@@ -91,6 +100,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     """(out, logsumexp): out like SDPA's, logsumexp (fp32, q.shape[:-1]) of each softmax row."""
     block = (block_q, block_k)
     _check_args(q, k, v, attn_mask, keep, p, enable_gqa, block, mode, "attention_forward")
+    keep = _fit_tiles(q, k, keep, block, "attention_forward")
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         return _triton_attention_module().attention_forward(*args)
@@ -111,6 +121,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                        mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask is empty unless mask_grad and attn_mask is a float mask."""
     block = (block_q, block_k)
+    keep = _fit_tiles(q, k, keep, block, "attention_backward")
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         dq, dk, dv, dmask = _triton_attention_module().attention_backward(

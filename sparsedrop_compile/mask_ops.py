@@ -4,8 +4,10 @@ Their plain-PyTorch twins (``sample_block_keep``, ``apply_block_keep``, ``sample
 are the references. Written with aten ops, their elementwise and reshape steps on block-count
 sizes like ``(s + 7) // 8`` make fake tensors install guards under dynamic shapes (is that count
 1? is this reshape contiguous?), and every new size then recompiles. These ops hide those steps
-behind fake impls that only allocate, so no guard is added, while the random draw stays a visible
-``torch.rand`` that compilers seed, and replay when a checkpoint recomputes it:
+behind fake impls that only allocate, and the flags are drawn with one more block in each of the
+last two dims (``block_mask.padded``; the ops cut it off), so even tracing's own metadata checks
+(is a dim 1?) are decided without a guard. The random draw stays a visible ``torch.rand`` that
+compilers seed, and replay when a checkpoint recomputes it:
 
     sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
     sparsedrop::keep_from_uniform(u, p)     = u >= p
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsedrop_compile.kernels.block_mask import apply_block_keep, keep_shape
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, fit_keep, keep_shape, padded
 from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
 from sparsedrop_compile.ops import LIB
 
@@ -35,7 +37,11 @@ def _(u, p):
 @torch.library.custom_op(f"{LIB}::block_dropout", mutates_args=())
 def block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous."""
-    return apply_block_keep(x, keep, scale, block_rows, block_cols, batched).contiguous()
+    fitted = fit_keep(keep, keep_shape(x.shape, (block_rows, block_cols), batched))
+    if fitted is None:
+        raise ValueError(f"sparsedrop::block_dropout: keep of shape {tuple(keep.shape)} does not fit blocks of "
+                         f"{(block_rows, block_cols)} over x of shape {tuple(x.shape)}")
+    return apply_block_keep(x, fitted, scale, block_rows, block_cols, batched).contiguous()
 
 
 @block_dropout.register_fake
@@ -58,12 +64,13 @@ block_dropout.register_autograd(_block_dropout_backward, setup_context=_block_dr
 
 
 def sample_keep(x: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
-    """``sample_block_keep`` without guards: the same draws, so the same flags for the same seed."""
-    u = torch.rand(keep_shape(x.shape, (block_rows, block_cols), batched), device=x.device)
+    """``sample_block_keep`` without guards, padded (``block_mask.padded``): the same draws, so
+    the same flags for the same seed once the ops cut the padding off."""
+    u = torch.rand(padded(keep_shape(x.shape, (block_rows, block_cols), batched)), device=x.device)
     return torch.ops.sparsedrop.keep_from_uniform(u, p)
 
 
 def sample_tile_keep(q: Tensor, k: Tensor, p, block_q: int, block_k: int) -> Tensor:
-    """``sample_attention_keep`` without guards: the same draws, so the same flags for the same seed."""
-    u = torch.rand(attention_keep_shape(q.shape, k.shape, (block_q, block_k)), device=q.device)
+    """``sample_attention_keep`` without guards, padded like ``sample_keep``."""
+    u = torch.rand(padded(attention_keep_shape(q.shape, k.shape, (block_q, block_k))), device=q.device)
     return torch.ops.sparsedrop.keep_from_uniform(u, p)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
-from sparsedrop_compile.kernels.block_mask import block_layout, keep_shape
+from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_shape
 
 LIB = "sparsedrop"
 _autocast_lib = torch.library.Library(LIB, "FRAGMENT")
@@ -81,13 +81,17 @@ def _matmul_impl(name: str, kernel: str, tensors: Sequence[Tensor], block: tuple
     return getattr(_ref_matmul, "reference_" + name)
 
 
-def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> None:
+def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> Tensor:
+    """keep cut to the blocks over an operand of ``shape`` (a compiled graph's keep is padded by
+    one block in its last two dims: see block_mask.padded); raises if it does not fit."""
     expected = tuple(keep_shape(shape, block, batched))
-    if keep.dtype != torch.bool or tuple(keep.shape) != expected:
+    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
+    if fitted is None:
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (blocks of {block} over an "
             f"operand of shape {tuple(shape)}), got {keep.dtype} {tuple(keep.shape)}"
         )
+    return fitted
 
 
 def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
@@ -105,7 +109,7 @@ def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """y = scale * (x ⊙ m) @ weight.T + bias, m laid over x viewed as (rows, K)."""
     block = (block_rows, block_cols)
-    _check_keep(keep, x.shape, block, False, "linear")
+    keep = _check_keep(keep, x.shape, block, False, "linear")
     _check_same_dtype("linear", x=x, weight=weight, bias=bias)
     _, rows, k = block_layout(x.shape, False)
     a = x.reshape(1, rows, k)
@@ -123,6 +127,7 @@ def _(x, weight, bias, keep, scale, block_rows, block_cols, kernel):
 def linear_grad_input(grad: Tensor, weight: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """dx = scale * (grad @ weight) ⊙ m, zeros in dropped blocks."""
     block = (block_rows, block_cols)
+    keep = _check_keep(keep, (*grad.shape[:-1], weight.shape[1]), block, False, "linear_grad_input")
     _, rows, n = block_layout(grad.shape, False)
     g = grad.reshape(1, rows, n)
     fn = _matmul_impl("sdd", kernel, (g, weight), block)
@@ -138,6 +143,7 @@ def _(grad, weight, keep, scale, block_rows, block_cols, kernel):
 def linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """dW = scale * grad.T @ (x ⊙ m), an (N, K) tensor."""
     block = (block_rows, block_cols)
+    keep = _check_keep(keep, x.shape, block, False, "linear_grad_weight")
     _, rows, k = block_layout(x.shape, False)
     a = x.reshape(1, rows, k)
     g = grad.reshape(1, rows, grad.shape[-1])
@@ -215,7 +221,7 @@ def matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, bl
     """y = scale * (a ⊙ m) @ b with torch.matmul broadcasting; m is per matrix of a."""
     block = (block_rows, block_cols)
     _check_matmul(a, b, "matmul")
-    _check_keep(keep, a.shape, block, True, "matmul")
+    keep = _check_keep(keep, a.shape, block, True, "matmul")
     _check_same_dtype("matmul", a=a, b=b)
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
     fn = _matmul_impl("dsd", kernel, (a3, b3), block)
@@ -231,6 +237,7 @@ def _(a, b, keep, scale, block_rows, block_cols, kernel):
 def matmul_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """da = scale * (grad @ b.T) ⊙ m, summed back to a's shape if a was broadcast."""
     block = (block_rows, block_cols)
+    keep = _check_keep(keep, a.shape, block, True, "matmul_grad_a")
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
     g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
     fn = _matmul_impl("sdd", kernel, (g3, b3), block)
@@ -247,6 +254,7 @@ def _(grad, a, b, keep, scale, block_rows, block_cols, kernel):
 def matmul_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """db = scale * (a ⊙ m).T @ grad, summed back to b's shape if b was broadcast."""
     block = (block_rows, block_cols)
+    keep = _check_keep(keep, a.shape, block, True, "matmul_grad_b")
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
     g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
     shared_b = b3.shape[0] == 1 and a3.shape[0] != 1
