@@ -82,18 +82,18 @@ def test_decomposition_equals_torch_without_dropout(name):
 
 
 # --------------------------------------------------------------------------- (b) compiled vs reference
-def _reference_patches(monkeypatch):
+def _reference_patches(monkeypatch, tile=TILE, block=16):
     """Eager stand-ins: SDPA with tile dropout by the reference math, dropout as block dropout;
     each samples its keep flags the way the compiled graph does, in the same order."""
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        keep = fa.sample_attention_keep(q, k, dropout_p, *TILE)
-        return fa.reference_attention(q, k, v, attn_mask, keep, dropout_p, is_causal, scale, enable_gqa, TILE)
+        keep = fa.sample_attention_keep(q, k, dropout_p, *tile)
+        return fa.reference_attention(q, k, v, attn_mask, keep, dropout_p, is_causal, scale, enable_gqa, tile)
 
     def dropout(x, p=0.5, training=True, inplace=False):
         if not training or p == 0:
             return x
-        keep = sample_block_keep(x, p, 16, 16, False)
-        return apply_block_keep(x, keep, 1 / (1 - p), 16, 16, False)
+        keep = sample_block_keep(x, p, block, block, False)
+        return apply_block_keep(x, keep, 1 / (1 - p), block, block, False)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     monkeypatch.setattr(F, "dropout", dropout)
@@ -180,3 +180,25 @@ def test_eval_mode_mha_is_no_site_and_unchanged():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), **TOL)
     assert counters["sparsedrop"]["attention_fused"] == 0
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+def test_encoder_layer_on_gpu_with_triton_attention_equals_reference(monkeypatch):
+    """CUDA under fp16 autocast: the Triton tile-dropout attention and block-sparse linear against
+    the reference math with the same tiles (aot_eager draws them from the CUDA generator in
+    program order, as the eager reference does); errors of fp16 size."""
+    layer = _encoder().cuda()
+    x = torch.randn(4, 256, E, device="cuda")
+    options = {"attention_block": (64, 128), "block_size": 64, "inner": "aot_eager"}
+    compiled = torch.compile(layer, backend="sparsedrop", options=options)
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = _run(compiled, [x], {}, seed=3)
+        assert counters["sparsedrop"]["attention_fused"] == 1
+        _reference_patches(monkeypatch, tile=(64, 128), block=64)  # the kernels' default tile
+        expected = _run(layer, [x], {}, seed=3)
+    for g, e in zip(got, expected):
+        assert _rel(g, e) < 1e-2, (_rel(g, e), g.shape)

@@ -271,3 +271,23 @@ def test_hf_t5_gradient_checkpointing_rewrites_what_its_graph_breaks_allow():
         if row.rewritten:
             assert p.rewritten and row.kind == p.kind and row.region == "activation checkpoint", (p.row(), row.row())
     assert sum(s.rewritten for s in ckpt.sites) >= 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_checkpointed_linear_on_gpu_under_inductor_uses_one_mask(dtype):
+    """CUDA, Inductor's own RNG, Triton kernels: with dy = 1 and W > 0, dx (from the keep the
+    backward recomputes) is positive exactly in kept blocks; the forward output must be block
+    dropout with that same keep."""
+    torch.manual_seed(0)
+    rows, k, n, block = 1000, 1100, 300, (128, 128)
+    x = torch.randn(rows, k, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.rand(n, k, device="cuda", dtype=dtype) + 0.1) / k**0.5
+    f = torch.compile(lambda x: checkpoint(lambda t: F.linear(F.dropout(t, 0.3, True), w), x, use_reentrant=False),
+                      backend="sparsedrop", options={"block_size": block})
+    y = f(x)
+    y.backward(torch.ones_like(y))
+    keep = (x.grad.float() > 0).reshape(1, rows, k)[:, ::128, ::128]
+    assert 0 < keep.float().mean() < 1 and counters["sparsedrop"]["linear_fused"] == 1
+    ref = F.linear(apply_block_keep(x.detach().float(), keep, 1 / 0.7, *block, False), w.float())
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
