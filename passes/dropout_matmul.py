@@ -12,6 +12,13 @@ materialised block dropout of x (``apply_block_keep``) that every user keeps rea
 matched consumer is then replaced by the fused op on x with the same keep-flags. Where all users
 were fused, the materialised tensor is dead and erased. Anything that cannot be shown safe keeps
 the original ops and is recorded with a reason.
+
+The fused op reads x where the matmul is and saves it for backward, so a consumer is fused only
+when nothing writes in place to the dropout output, the steps on the way, or anything sharing
+their memory, between the dropout and that consumer; and a site is refused outright when
+anything writes to x's memory anywhere after the dropout (before the consumer the fused op would
+read the new values; after it, the saved x would be stale: autograd raises when the graph runs
+eagerly). See _mutation.py.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scal
 from sparsedrop_compile.report import Site
 
 from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
+from ._mutation import MutationIndex, Write
 
 log = logging.getLogger("sparsedrop_compile")
 
@@ -67,7 +75,7 @@ class Step:
 @dataclass
 class Consumer:
     node: fx.Node
-    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm"
+    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm" | "unfused"
     path: list[Step] = field(default_factory=list)
     reason: str | None = None
 
@@ -279,6 +287,7 @@ def _fused_node(editor: GraphEditor, c: Consumer, x_in: fx.Node, keep: fx.Node, 
 def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:
     """Rewrite every provably safe dropout -> matmul site of ``gm`` in place; return all sites."""
     editor = GraphEditor(gm, fake_mode)
+    mutations = MutationIndex(gm)
     sites: list[Site] = []
     for node in list(gm.graph.nodes):
         d = parse_dropout(node)
@@ -289,7 +298,7 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
         consumers, others = _find_consumers(d)
         site.consumers = [describe_consumer(c.kind, c.node) for c in consumers] + others
         site.kind = next((c.kind for c in consumers if c.reason is None), "none")
-        site.reason = _site_refusal(d, consumers, config, site)
+        site.reason = _site_refusal(d, consumers, others, config, site, mutations)
         site.kind = next((c.kind for c in consumers if c.reason is None), site.kind)
         if site.reason is not None:
             _count("refused")
@@ -301,7 +310,8 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
     return sites
 
 
-def _site_refusal(d: Dropout, consumers: list[Consumer], config: SparseDropConfig, site: Site) -> str | None:
+def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], config: SparseDropConfig, site: Site,
+                  mutations: MutationIndex) -> str | None:
     if d.training is not True:
         return "training=False: dropout is the identity" if d.training is False else "training flag is not a constant"
     if d.inplace is not False:
@@ -320,11 +330,47 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], config: SparseDropConfi
     for c in consumers:
         if c.reason is None:
             c.reason = _check_consumer(c)
+    if not any(c.reason is None for c in consumers):
+        return _no_consumer_reason(consumers, others)
+    refusal = _mutation_refusal(d, [c for c in consumers if c.reason is None], mutations)
+    if refusal is not None:
+        return refusal
     fusable = [c for c in consumers if c.reason is None]
-    if not fusable:
-        reasons = sorted({c.reason for c in consumers if c.reason})
-        return "; ".join(reasons) if reasons else "no matmul consumer (only elementwise/normalisation users)"
+    if not fusable:  # every matmul sees a mutated dropout output
+        return _no_consumer_reason(consumers, others)
     return excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+
+
+def _no_consumer_reason(consumers: list[Consumer], others: list[str]) -> str:
+    """Why no user can be fused."""
+    reasons = sorted({c.reason for c in consumers if c.reason})
+    return "; ".join(reasons) if reasons else "no matmul consumer (only elementwise/normalisation users)"
+
+
+def _mutation_refusal(d: Dropout, fusable: list[Consumer], mutations: MutationIndex) -> str | None:
+    """Refuse the site if x's memory is written after the dropout; mark each consumer whose
+    dropout output (or path) is written before it. See the module docstring."""
+    w = mutations.first_write([d.x], after=d.node)
+    if w is not None:
+        who = _written(w, {d.x: f"the dropout input {d.x.name}"}, f"shares memory with the dropout input {d.x.name}")
+        hit = next((c for c in fusable if mutations.comes_before(w.node, c.node)), None)
+        where = (f"between the dropout and {hit.kind}" if hit is not None
+                 else "after the dropout and its matmul (the fused op would save x for backward, which needs x as it was)")
+        return f"{who} {w.verb} {w.op} (node {w.node.name}) {where}"
+    for c in fusable:
+        path = [step.node for step in c.path]
+        w = mutations.first_write([d.node, *path], after=d.node, before=c.node)
+        if w is not None:
+            names = {d.node: "the dropout output", **{n: f"{n.name} (on the way to {c.kind})" for n in path}}
+            who = _written(w, names, "shares memory with the dropout output")
+            c.reason = f"{who} {w.verb} {w.op} (node {w.node.name}) between the dropout and {c.kind}"
+    return None
+
+
+def _written(w: Write, names: dict, relation: str) -> str:
+    if isinstance(w.target, fx.Node):
+        return names.get(w.target) or f"{w.target.name} ({relation})"
+    return f"an operand (may {relation.replace('shares', 'share')})"
 
 
 def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], config: SparseDropConfig, site: Site) -> None:
