@@ -6,6 +6,7 @@ division by a Python number):
     linear(d, W, b)            -> sparsedrop::linear(x, W, b)
     addmm(b, d, W) / mm(d, W)  -> sparsedrop::linear(x, W.t(), b)      (GPT-2's Conv1D)
     matmul(d, B) / d @ B / bmm -> sparsedrop::matmul(x, B)             (e.g. attention P @ V)
+    einsum(eq, d, B)           -> either of the above, where eq provably is one (see _einsum.py)
 
 The rewrite is exactly "block dropout, then the original graph": the dropout node becomes a
 materialised block dropout of x (``apply_block_keep``) that every user keeps reading, and each
@@ -37,6 +38,7 @@ from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scal
 
 from sparsedrop_compile.report import Site
 
+from ._einsum import EinsumMatmul, einsum_as_matmul, is_einsum
 from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
 from ._mutation import MutationIndex, Write
 
@@ -75,13 +77,14 @@ class Step:
 @dataclass
 class Consumer:
     node: fx.Node
-    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm" | "unfused"
+    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm" | "einsum" | "unfused"
     path: list[Step] = field(default_factory=list)
     reason: str | None = None
+    einsum: EinsumMatmul | None = None  # what an einsum consumer computes
 
     @property
     def batched(self) -> bool:
-        return self.kind in ("matmul", "bmm")
+        return self.kind in ("matmul", "bmm") or (self.einsum is not None and self.einsum.kind == "matmul")
 
     @property
     def factor(self) -> float:
@@ -179,6 +182,8 @@ def _check_consumer(c: Consumer) -> str | None:
     for step in c.path:
         if step.kind == "view" and step.trailing < need:
             return f"a view on the way to {c.kind} changes the operand's last {need} dim(s)"
+    if c.kind == "einsum":
+        return None  # shapes checked with the equation
     act = shape_of(node.args[1] if c.kind == "addmm" else (args[0] if args else node.kwargs.get("input")))
     if act is None:
         return "no shape metadata on the matmul's operands"
@@ -212,6 +217,10 @@ def _find_consumers(d: Dropout) -> tuple[list[Consumer], list[str]]:
 
     def walk(node: fx.Node, path: list[Step]) -> None:
         for user in node.users:
+            if is_einsum(user):
+                form, reason = einsum_as_matmul(user, node)
+                consumers.append(Consumer(user, "einsum", list(path), reason, form))
+                continue
             kind, reason = _consumer_kind(user, node)
             if kind is not None:
                 consumers.append(Consumer(user, kind, list(path)))
@@ -267,6 +276,14 @@ def _fused_node(editor: GraphEditor, c: Consumer, x_in: fx.Node, keep: fx.Node, 
     br, bc = config.block_size
     node, args, kwargs = c.node, c.node.args, c.node.kwargs
     tail = (keep, scale, br, bc, config.kernel)
+    if c.einsum is not None:
+        other = c.einsum.other
+        if c.einsum.kind == "linear":
+            weight = editor.call(torch.t, (other,), before=node, like=node) if c.einsum.transpose else other
+            return editor.call(torch.ops.sparsedrop.linear.default, (x_in, weight, None, *tail), before=node, like=node)
+        if c.einsum.transpose:
+            other = editor.call(torch.transpose, (other, -2, -1), before=node, like=node)
+        return editor.call(torch.ops.sparsedrop.matmul.default, (x_in, other, *tail), before=node, like=node)
     if c.kind == "linear":
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -342,9 +359,12 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], conf
 
 
 def _no_consumer_reason(consumers: list[Consumer], others: list[str]) -> str:
-    """Why no user can be fused."""
+    """Why no user can be fused, naming the users as they are."""
     reasons = sorted({c.reason for c in consumers if c.reason})
-    return "; ".join(reasons) if reasons else "no matmul consumer (only elementwise/normalisation users)"
+    names = ", ".join(dict.fromkeys(others))
+    if not reasons:
+        return f"no matmul consumer: users are {names}" if names else "no matmul consumer: the dropout output is unused"
+    return "; ".join(reasons) + (f"; other users: {names}" if names else "")
 
 
 def _mutation_refusal(d: Dropout, fusable: list[Consumer], mutations: MutationIndex) -> str | None:
