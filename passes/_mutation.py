@@ -88,11 +88,18 @@ def _is_inplace_name(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-@functools.lru_cache(maxsize=None)
 def _signature(target):
     try:
+        return _cached_signature(target)
+    except TypeError:  # unhashable target
+        return _cached_signature.__wrapped__(target)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_signature(target):
+    try:
         return inspect.signature(target)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # builtins without a Python signature
         return None
 
 
@@ -124,7 +131,7 @@ def writes(node: fx.Node, gm: fx.GraphModule | None = None) -> list[Write]:
         return out
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return [Write(node, a, name) for a in _schema_writes(node)]
-    if target in INPLACE_OPERATORS or _is_inplace_name(name):
+    if target in INPLACE_OPERATORS or _is_inplace_name(name) or name in INPLACE_DUNDERS:
         out.append(Write(node, _first_input(node), name))
     inplace = node.kwargs.get("inplace", False)
     sig = _signature(target) if "inplace" not in node.kwargs else None

@@ -321,6 +321,9 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
             _count("refused")
             continue
         _rewrite_site(editor, d, [c for c in consumers if c.reason is None], config, site)
+        # Matmul users left on the materialised dropout say why (the site is still rewritten).
+        left = [f"{c.node.name} not fused: {c.reason}" for c in consumers if c.reason is not None]
+        site.reason = "; ".join(left) or None
     if any(s.rewritten for s in sites):
         gm.graph.lint()
         gm.recompile()
@@ -418,9 +421,6 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
     editor.erase_if_unused([dropped, *chain_nodes])
     site.rewritten = True
     site.block_size = config.block_size
-    remaining = [c for c in fusable if c not in same]
-    if remaining:
-        site.reason = remaining[0].reason
     log.debug("sparsedrop: fused %s (p=%s) into %d consumer(s)", site.location, site.p, len(same))
 
 

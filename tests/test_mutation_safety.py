@@ -221,3 +221,48 @@ def test_safe_neighbours_are_still_rewritten(name):
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_after_a_write_to_the_dropout_output_stays_unfused_beside_a_fused_one():
+    """linear_1 reads the dropout output after d.mul_: it keeps reading the materialised block
+    dropout, while the linear before the write is fused; the site says which one was left."""
+    def fn(drop, x, w):
+        d = drop(x)
+        y1 = F.linear(d, w)
+        d.mul_(3)
+        return y1, F.linear(d, w * 2)
+
+    x, w, _, _ = _inputs()
+    x = x[1:]
+    torch.manual_seed(2)
+    ours = torch.compile(lambda x, w: fn(lambda t: F.dropout(t, P, True), x, w), backend="sparsedrop", options=OPTS, fullgraph=True)(x, w)
+    assert counters["sparsedrop"]["linear_fused"] == 1
+    torch.manual_seed(2)
+    keep = sample_block_keep(x, P, *BLOCK, False)
+    reference = fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *BLOCK, False), x, w)  # forward only: eager
+    for a, b in zip(ours, reference):  # autograd refuses a write to a tensor linear saved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    (site,) = sd.explain(lambda x, w: fn(lambda t: F.dropout(t, P, True), x, w), x, w, options=OPTS).sites
+    assert site.rewritten
+    assert site.reason == "linear_1 not fused: the dropout output is mutated in place by mul_ (node mul_) between the dropout and linear"
+
+
+def test_write_to_another_graph_input_that_aliases_x_is_refused():
+    """Two graph inputs, one a view of the other: Dynamo's fake inputs share the storage, so a
+    write to the base counts as a write to x."""
+    def fn(base, x, w):
+        d = F.dropout(x, P, True)
+        base.add_(1)
+        return F.linear(d, w)
+
+    h, w, _, _ = _inputs()
+    outs = []
+    for backend, options in (("sparsedrop", OPTS), ("aot_eager", None)):
+        base = h.clone()
+        torch.manual_seed(0)
+        outs.append((torch.compile(fn, backend=backend, options=options, fullgraph=True)(base, base[1:], w), base))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    base = h.clone()
+    (site,) = sd.explain(fn, base, base[1:], w, options=OPTS).sites
+    assert not site.rewritten
+    assert site.reason.startswith("l_base_ (shares memory with the dropout input l_x_) is mutated in place by add_"), site.reason
