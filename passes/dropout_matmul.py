@@ -18,8 +18,8 @@ The fused op reads x where the matmul is and saves it for backward, so a consume
 when nothing writes in place to the dropout output, the steps on the way, or anything sharing
 their memory, between the dropout and that consumer; and a site is refused outright when
 anything writes to x's memory anywhere after the dropout (before the consumer the fused op would
-read the new values; after it, the saved x would be stale: autograd raises when the graph runs
-eagerly). See _mutation.py.
+read the new values; after it, the x saved for backward would have changed, which autograd
+refuses, eager or compiled). See _mutation.py.
 """
 from __future__ import annotations
 
