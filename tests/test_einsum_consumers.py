@@ -29,12 +29,12 @@ def _cases():
     }
 
 
-def _run(case, mode, seed=0, kernel="reference", block=BLOCK, shapes=None):
+def _run(case, mode, seed=0, kernel="reference", block=BLOCK, shapes=None, device="cpu"):
     fn, x_shape, b_shape, batched = _cases()[case]
     x_shape, b_shape = shapes or (x_shape, b_shape)
     gen = torch.Generator().manual_seed(21)
-    x = torch.randn(x_shape, generator=gen).requires_grad_()
-    b = (torch.randn(b_shape, generator=gen) / b_shape[-1] ** 0.5).requires_grad_()
+    x = torch.randn(x_shape, generator=gen).to(device).requires_grad_()
+    b = (torch.randn(b_shape, generator=gen) / b_shape[-1] ** 0.5).to(device).requires_grad_()
     torch.manual_seed(seed)
     if mode == "compiled":
         opts = {"block_size": block, "inner": "aot_eager", "kernel": kernel}
@@ -43,7 +43,7 @@ def _run(case, mode, seed=0, kernel="reference", block=BLOCK, shapes=None):
         keep = sample_block_keep(x, P, *block, batched)
         f = lambda x, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *block, batched), x, b)  # noqa: E731
     out = f(x, b)
-    (out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)).sum().backward()
+    (out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).reshape(out.shape)).sum().backward()
     return out, x.grad, b.grad
 
 
@@ -59,9 +59,10 @@ def test_einsum_matches_block_dropout_reference(case):
 def test_einsum_through_the_triton_kernels(case):
     # Tensor-core tiles need blocks in multiples of 16; (96, 64) per matrix is 24 blocks of (16, 16).
     shapes = {"linear_bsk_nk": ((2, 96, 64), (12, 64)), "matmul_b_transposed": ((1, 2, 96, 64), (1, 2, 16, 64))}[case]
-    ours = _run(case, "compiled", kernel="triton", block=(16, 16), shapes=shapes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under Triton's interpreter
+    ours = _run(case, "compiled", kernel="triton", block=(16, 16), shapes=shapes, device=device)
     assert counters["sparsedrop"]["einsum_fused"] == 1
-    for a, r in zip(ours, _run(case, "reference", block=(16, 16), shapes=shapes)):
+    for a, r in zip(ours, _run(case, "reference", block=(16, 16), shapes=shapes, device=device)):
         torch.testing.assert_close(a, r, **TOL)
 
 

@@ -15,6 +15,12 @@ from sparsedrop_compile import sparse_dropout_linear, sparse_dropout_matmul
 P = 0.3
 BLOCK = (16, 16)  # the Triton kernels take multiples of 16
 KERNELS = ["reference", "triton"]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under Triton's interpreter
+
+
+def _on(kernel, tensors):
+    device = TRITON_DEVICE if kernel == "triton" else "cpu"
+    return [t.to(device) if t is not None else None for t in tensors]
 
 
 def _linear_cases():
@@ -51,7 +57,7 @@ def _grads(fn, tensors, seed=0):
     leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     torch.manual_seed(seed)
     out = fn(*leaves)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device))
     return [out] + [t.grad if t is not None else None for t in leaves]
 
 
@@ -77,7 +83,7 @@ def _assert_equal(ours, dense):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape,n,bias", _linear_cases(), ids=_ids(_linear_cases()))
 def test_sparse_dropout_linear_zero_size(shape, n, bias, kernel):
-    inputs = _linear_inputs(shape, n, bias)
+    inputs = _on(kernel, _linear_inputs(shape, n, bias))
     ours = _grads(lambda x, w, b: sparse_dropout_linear(x, w, b, p=P, block_size=BLOCK, kernel=kernel), inputs)
     _assert_equal(ours, _grads(F.linear, inputs))
 
@@ -85,7 +91,7 @@ def test_sparse_dropout_linear_zero_size(shape, n, bias, kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("a_shape,b_shape", _matmul_cases(), ids=_ids(_matmul_cases()))
 def test_sparse_dropout_matmul_zero_size(a_shape, b_shape, kernel):
-    inputs = _matmul_inputs(a_shape, b_shape)
+    inputs = _on(kernel, _matmul_inputs(a_shape, b_shape))
     ours = _grads(lambda a, b: sparse_dropout_matmul(a, b, p=P, block_size=BLOCK, kernel=kernel), inputs)
     _assert_equal(ours, _grads(torch.matmul, inputs))
 
@@ -99,7 +105,7 @@ def test_compiled_linear_zero_size(kernel):
     """dropout -> linear through the backend, and the functional op compiled whole (its fake
     implementations and backward under AOTAutograd), for every zero-size case."""
     for shape, n, bias in _linear_cases():
-        inputs = _linear_inputs(shape, n, bias)
+        inputs = _on(kernel, _linear_inputs(shape, n, bias))
         dense = _grads(F.linear, inputs)
         torch._dynamo.reset()
         _assert_equal(_grads(_compiled(lambda x, w, b: F.linear(F.dropout(x, P, True), w, b), kernel), inputs), dense)
@@ -114,7 +120,7 @@ def test_compiled_matmul_and_bmm_zero_size(op, kernel):
     for a_shape, b_shape in _matmul_cases():
         if op == "bmm" and not (len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0]):
             continue
-        inputs = _matmul_inputs(a_shape, b_shape)
+        inputs = _on(kernel, _matmul_inputs(a_shape, b_shape))
         dense = _grads(target, inputs)
         torch._dynamo.reset()
         _assert_equal(_grads(_compiled(lambda a, b: target(F.dropout(a, P, True), b), kernel), inputs), dense)
@@ -132,10 +138,10 @@ def test_triton_launchers_zero_size_match_the_reference(shape):
 
     B, M, K, N = shape
     gen = torch.Generator().manual_seed(2)
-    a, grad = torch.randn(B, M, K, generator=gen), torch.randn(B, M, N, generator=gen)
+    a, grad = _on("triton", [torch.randn(B, M, K, generator=gen), torch.randn(B, M, N, generator=gen)])
     keep = sample_block_keep(a, P, *BLOCK, True)
     for bb in (1, B):
-        b, bias = torch.randn(bb, K, N, generator=gen), torch.randn(N, generator=gen)
+        b, bias = _on("triton", [torch.randn(bb, K, N, generator=gen), torch.randn(N, generator=gen)])
         _assert_equal([tri.dsd(a, b, keep, 2.0, BLOCK, bias)], [ref.reference_dsd(a, b, keep, 2.0, BLOCK, bias)])
         _assert_equal([tri.sdd(grad, b, keep, 2.0, BLOCK)], [ref.reference_sdd(grad, b, keep, 2.0, BLOCK)])
     for batched_out in (True, False):
