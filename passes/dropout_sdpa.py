@@ -4,6 +4,10 @@
 -> ``sparsedrop::attention`` with per-tile keep-flags: each (query block x key block) tile of the
 attention probabilities is kept (scaled by 1/(1-p)) or dropped whole; the flash-attention kernel
 skips the P@V work of dropped tiles. Variants the kernel does not cover stay on SDPA.
+
+In-place writes need no check here (unlike dropout -> matmul, see _mutation.py): the fused op
+reads q, k, v and the mask where SDPA stood (the keep sampling before it reads only shapes), and
+saves them for backward as SDPA's own kernels do, so a write before or after acts on both alike.
 """
 from __future__ import annotations
 
