@@ -12,24 +12,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from sparsedrop_compile.report import Site
 
+from ._names import module_path  # noqa: F401  (re-exported: the passes import it from here)
+
 
 def meta_val(node: Any):
     """The fake value Dynamo recorded for a node (or the constant itself)."""
     if isinstance(node, fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
-
-
-def module_path(node: fx.Node) -> str:
-    """Dotted module path of the innermost module that made this node, e.g. 'encoder.block.0.layer.1.dropout'."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's root name, e.g. L['self']
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
 
 
 def source_line(node: fx.Node) -> str:

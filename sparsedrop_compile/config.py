@@ -26,7 +26,9 @@ class SparseDropConfig:
     kernel: "auto" (Triton on CUDA where supported, else the PyTorch reference),
         "triton" (always Triton; on CPU tensors only under TRITON_INTERPRET=1) or "reference".
     exclude: glob patterns on a site's module path (e.g. "decoder.*", "*.EncDecAttention.*")
-        or on its kind (e.g. "kind:attention"); matching sites are left as they are.
+        or on its kind (e.g. "kind:attention"); matching sites are left as they are. Paths are
+        the names of the compiled module's ``named_modules()`` (when a plain function is
+        compiled: relative to the module whose forward Dynamo compiled).
     filter_fn: called as filter_fn(site) -> bool for each candidate site; False leaves it alone.
     attention: rewrite ``scaled_dot_product_attention(dropout_p > 0)`` to tile-dropout attention.
     attention_mode: "post_softmax" (SDPA's semantics, dropout after the softmax) or
