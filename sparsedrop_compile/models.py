@@ -67,8 +67,16 @@ def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"model path {path!r}: expected a HF model directory holding config.json, or a config.json file")
     with open(cfg_path) as f:
-        data = json.load(f)
-    config = tf.AutoConfig.for_model(**data)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); expected a HF config.json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{cfg_path} has no \"model_type\" string; expected a HF config.json (as save_pretrained writes it)")
+    try:
+        config = tf.AutoConfig.for_model(**data)
+    except (ValueError, KeyError):
+        raise ValueError(f"{cfg_path}: model_type {data['model_type']!r} is unknown to transformers {tf.__version__}") from None
     config._attn_implementation = attn
     for auto in (tf.AutoModelForSeq2SeqLM, tf.AutoModelForCausalLM, tf.AutoModelForMaskedLM, tf.AutoModel):
         try:
