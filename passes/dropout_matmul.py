@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
-from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scale, sample_block_keep
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scale, keep_shape, sample_block_keep
 
 from sparsedrop_compile.report import Site
 
 from ._einsum import EinsumMatmul, einsum_as_matmul, is_einsum
-from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
+from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of, size_hint, whole_drop_refusal
 from ._mutation import MutationIndex, Write
 
 log = logging.getLogger("sparsedrop_compile")
@@ -358,7 +358,19 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], conf
     fusable = [c for c in consumers if c.reason is None]
     if not fusable:  # every matmul sees a mutated dropout output
         return _no_consumer_reason(consumers, others)
-    return excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+    # The mask takes the first fusable consumer's layout (see _rewrite_site); count its blocks.
+    site.blocks = _block_count(x_val.shape, config.block_size, fusable[0].batched)
+    br, bc = config.block_size
+    too_few = whole_drop_refusal(d.p_value, site.blocks, config.max_drop_all, f"{br}x{bc} block", "block_size")
+    return too_few or excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+
+
+def _block_count(shape, block: tuple[int, int], batched: bool) -> int | None:
+    """Mask blocks over the whole activation, at the sizes the graph was traced with."""
+    hints = [size_hint(s) for s in shape]
+    if any(h is None for h in hints):
+        return None
+    return math.prod(keep_shape(hints, block, batched))
 
 
 def _no_consumer_reason(consumers: list[Consumer], others: list[str]) -> str:

@@ -200,7 +200,12 @@ def sparse_dropout_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor 
         raise ValueError(f"sparse_dropout_attention: mode={mode!r}; expected one of {', '.join(map(repr, MODES))}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"sparse_dropout_attention: p={p!r}; expected a dropout probability in [0, 1]")
-    block_q, block_k = (block, block) if isinstance(block, int) else block
+    pair = (block, block) if isinstance(block, int) else block
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair)):
+        raise ValueError(f"sparse_dropout_attention: block={block!r}; expected a positive int or a (query, key) pair "
+                         f"of them, e.g. {DEFAULT_ATTENTION_BLOCK}")
+    block_q, block_k = pair
     if not training or p == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
     keep = sample_attention_keep(q, k, p, block_q, block_k)

@@ -19,11 +19,14 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
 
+    from sparsedrop_compile.passes._names import compiled_root, naming
+
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()
     position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
-    sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
-    sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
+    with naming(compiled_root()):  # sites named as in the compiled model's named_modules()
+        sites = rewrite_dropout_matmul(gm, config, index, fake_mode)
+        sites += rewrite_dropout_sdpa(gm, config, index, fake_mode)
     sites.sort(key=lambda s: position[s.node])  # program order
     if sites and log.isEnabledFor(logging.DEBUG):
         log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))

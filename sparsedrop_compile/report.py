@@ -26,6 +26,7 @@ class Site:
     rewritten: bool = False
     reason: str | None = None
     block_size: tuple[int, int] | None = None
+    blocks: int | None = None  # k: mask blocks (or attention tiles) over the whole activation
 
     def row(self) -> tuple[str, ...]:
         p = "sym" if self.p is None else f"{self.p:g}"
