@@ -124,6 +124,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch._dynamo.utils import counters
+
 import sparsedrop_compile as sd
 
 TASKS = ("digits-mlp", "digits-vit", "gpt")
@@ -657,6 +659,7 @@ def _attempt(job: Job, ctx: Context, mode: str) -> tuple[list[dict], list[dict]]
     timed = job.task in TIMED_TASKS
     torch._dynamo.reset()  # one compiled model per job: no cache entries pile up on shared code
     model = compiled = None
+    skips_before = counters["inductor"]["cudagraph_skips"]  # the counters outlive dynamo.reset()
     try:
         model = build_model(job.task, cfg, job.p).to(ctx.device).train()
         compiled = compile_arm(arm, model, cfg, ctx.compiler, mode)
@@ -678,6 +681,11 @@ def _attempt(job: Job, ctx: Context, mode: str) -> tuple[list[dict], list[dict]]
         _TUNED.add((job.task, arm.backend))
     except Exception as err:  # noqa: BLE001  (recorded, the study goes on)
         return [{**base, "seed": s, "error": short_error(err), "time_utc": now()} for s in seeds], []
+    skipped = counters["inductor"]["cudagraph_skips"] - skips_before
+    if mode == "reduce-overhead" and skipped:
+        # Inductor ran these graphs without CUDA graphs (its log says why): the step times then
+        # include host time, which host_ms will show.
+        base["note"] = f"Inductor skipped CUDA graphs for {skipped} graph(s)"
     for seed in seeds:
         row = {**base, "seed": seed, "compile_s": compile_s}
         try:
@@ -1180,7 +1188,7 @@ def main(argv=None) -> int:
             step = statistics.fmean(r["median_step_ms"] for r in good)
             print(f"[{time.time() - t_start:6.0f} s] {job.task:10s} {job.arm:7s} p={job.p:g}: best "
                   f"{'acc' if job.task in CLASSIFICATION else 'loss'} {fmt_mean_std(vals, 3)}, step {step:.2f} ms, "
-                  f"compile {good[0].get('compile_s', '?')} s", flush=True)
+                  f"compile {good[0].get('compile_s', '?')} s" + (f" ({good[0]['note']})" if good[0].get("note") else ""), flush=True)
         for r in new_rows:
             if r.get("error"):
                 print(f"[{time.time() - t_start:6.0f} s] {job.task} {job.arm} p={job.p:g} seed {r['seed']}: {r['error']}", flush=True)
