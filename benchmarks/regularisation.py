@@ -1138,8 +1138,9 @@ def explain_and_check(task: str, ctx: Context, p: float, stem: Path) -> tuple[in
         text += f"input-gradient zeros at p=0.5 over {cfg.block_size[0]}x{cfg.block_size[1]} tiles, last of 4 calls:\n"
         for arm, (compiler, mode) in configs.items():
             c = input_grad_blocks(arm, cfg, 0.5, ctx.device, compiler, mode)
+            vary = f", {'new' if c['masks_vary'] else 'the same'} tiles from call to call" if arm == "block" else ""
             text += (f"  {arm} ({compiler}, mode {mode}): {c['dropped_fraction']:.0%} of {c['tiles']} tiles all zero, "
-                     f"{c['partial_tiles']} partly zero, {'new' if c['masks_vary'] else 'the same'} tiles from call to call\n")
+                     f"{c['partial_tiles']} partly zero{vary}\n")
     Path(f"{stem}_sites_{task}.txt").write_text(text)
     print(text, flush=True)
     if report.skipped:
