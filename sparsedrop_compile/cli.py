@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = {"kernels": "bench_kernels.py", "attention": "bench_attention.py", "model": "bench_model.py"}
+BENCHMARKS = {"kernels": "bench_kernels.py", "attention": "bench_attention.py", "model": "bench_model.py",
+              "regularisation": "regularisation.py"}
 
 
 class UsageError(Exception):
