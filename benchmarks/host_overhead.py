@@ -1,48 +1,50 @@
-"""Host (CPU) time per call of each layer of a rewritten site, next to Inductor's, on a GPU.
+"""Host (CPU) time per rewritten site, forward + backward, sparsedrop against Inductor, per family.
 
 Question: a compiled training step is only as fast as the host can enqueue its kernels. How many
-microseconds of host time does each of our ops cost per call, and how much of that is the
-custom-op dispatch, our launcher's Python, Triton's JIT launch path and the kernels' launches?
+microseconds of host time does a rewritten site (dropout + matmul, forward and backward) cost,
+against what Inductor spends on the dropout + matmul it replaces?
 
-Method: the GPU is first kept busy (torch.cuda._sleep), so every call below only enqueues work
-and the wall time of a loop of calls is host time alone (no call waits for the GPU; the loops
-stay far below the launch queue's depth). Median of --reps loops of --calls calls each, after
-warm-up calls that compile and tune. Shapes are T5-base's at batch 64 x 512 (the benchmark's).
+Method: for each family a function chains SITES sites (linear: x = linear_i(dropout(x));
+batched matmul: v = dropout(P_i) @ v; attention: q = SDPA(q, k_i, v_i, dropout_p)). It is
+compiled with backend="sparsedrop" and with backend="inductor" (default mode, bf16), and one
+forward + backward of it is timed while the GPU is kept busy (torch.cuda._sleep), so each call
+only enqueues work and its wall time is host time alone. Per site = (time with SITES sites -
+time with 1 site) / (SITES - 1): the marginal cost, without the fixed cost of calling a compiled
+function. Median of --reps loops of --calls calls each. --calls stays small: the GPU's launch
+queue holds about a thousand launches, and once it is full the host waits for the GPU, so the
+loop would time the GPU's sleep instead of the host (the first run here did, reading ~10 ms for
+everything).
 
-    python benchmarks/host_overhead.py                 # table to stdout
-    python benchmarks/host_overhead.py --out DIR       # also DIR/host_overhead_<gpu>.csv
+Also the eager functional form (no compile): ``sparse_dropout_linear`` forward + backward called
+from Python, wall time per call against its CUDA-graph replay, at three shapes from 4096^3 up.
+
+    python benchmarks/host_overhead.py --out benchmarks/results
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+import sparsedrop_compile as sd
 
-import sparsedrop_compile  # noqa: E402,F401  (registers the ops)
-from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm  # noqa: E402
-from sparsedrop_compile.kernels import flash_attention_triton as fat  # noqa: E402
-from sparsedrop_compile.kernels.block_mask import keep_shape  # noqa: E402
-from sparsedrop_compile.kernels.flash_attention import attention_keep_shape  # noqa: E402
-
-ops = torch.ops.sparsedrop
+SITES = 8
 
 
 def host_us(fn, calls: int, reps: int, warmup: int = 3) -> float:
+    """Host microseconds per call of ``fn`` (the GPU is busy, so no call waits for it)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU spin: the loop below never waits for the GPU
+        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU spin: the loop below never waits for the GPU
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -51,91 +53,134 @@ def host_us(fn, calls: int, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def cases(args):
-    dev, dt = "cuda", torch.bfloat16
+def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
+    """(fn, inputs) with ``sites`` dropout sites of ``family`` chained."""
     g = torch.Generator(device=dev).manual_seed(0)
-    rows, k, n = args.batch * args.seq, 3072, 768  # T5's FFN output projection wo: dropout(relu(x Wi)) Wo
-    block = (128, 128)
-    x = torch.randn(rows, k, device=dev, dtype=dt, generator=g)
-    w = torch.randn(n, k, device=dev, dtype=dt, generator=g)
-    gy = torch.randn(rows, n, device=dev, dtype=dt, generator=g)
-    keep = torch.rand(keep_shape(x.shape, block, False), device=dev, generator=g) >= 0.1
-    a3, b3 = x.reshape(1, rows, k), w.t().unsqueeze(0)
-    yield "linear fwd: sparsedrop::linear op", lambda: ops.linear(x, w, None, keep, 1.1, 128, 128, "auto")
-    yield "linear fwd: dsd launcher only", lambda: bsm.dsd(a3, b3, keep, 1.1, block, _supported=True)
-    yield "linear fwd: kept_lists launch only", lambda: bsm.kept_lists(keep, "row", order=True)
-    yield "linear bwd: linear_grad_input op", lambda: ops.linear_grad_input(gy, w, keep, 1.1, 128, 128, "auto")
-    yield "linear bwd: linear_grad_weight op", lambda: ops.linear_grad_weight(gy, x, keep, 1.1, 128, 128, "auto")
-    yield "dense: torch.mm (cuBLAS), for scale", lambda: torch.mm(x, w.t())
 
-    def dense_site(x, w):
-        return torch.nn.functional.linear(torch.nn.functional.dropout(x, 0.1, True), w)
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, device=dev, dtype=dt, generator=g).mul_(0.5).requires_grad_(grad)
 
-    compiled = torch.compile(dense_site, backend="inductor")
-    yield "dense: Inductor dropout + linear fwd (compiled fn)", lambda: compiled(x, w)
+    if family == "linear":  # a BERT-base fine-tuning batch: 16 x 128 tokens, 768 -> 768
+        x = rnd(16 * 128, 768)
+        ws = [rnd(768, 768) for _ in range(sites)]
 
-    b, h, s, d = args.batch, 12, args.seq, 64
-    q, kk, v, go = (torch.randn(b, s, h * d, device=dev, dtype=dt, generator=g).view(b, s, h, d).transpose(1, 2)
-                    for _ in range(4))
-    bias = torch.randn(1, h, s, s, device=dev, dtype=dt, generator=g)  # T5's position bias
-    akeep = torch.rand(attention_keep_shape(q.shape, kk.shape, (64, 128)), device=dev, generator=g) >= 0.1
-    fwd_args = (q, kk, v, bias, akeep, 0.1, False, 1.0, False, 64, 128, "post_softmax", "auto")
-    out, lse = ops.attention_forward(*fwd_args)
-    yield "attention fwd: attention_forward op", lambda: ops.attention_forward(*fwd_args)
-    yield "attention fwd: launcher only", lambda: fat.attention_forward(q, kk, v, bias, akeep, 0.1, False, 1.0, False,
-                                                                         (64, 128), "post_softmax")
-    bwd_args = (go, q, kk, v, out, lse, bias, akeep, 0.1, False, 1.0, False, 64, 128, "post_softmax", "auto", True)
-    yield "attention bwd: attention_backward op (dmask)", lambda: ops.attention_backward(*bwd_args)
-    yield "attention bwd: launcher only (dmask)", lambda: fat.attention_backward(
-        go, q, kk, v, out, lse, bias, akeep, 0.1, False, 1.0, False, (64, 128), "post_softmax", True)
+        def fn(x, *ws):
+            for w in ws:
+                x = F.linear(F.dropout(x, 0.1, True), w)
+            return x
+        return fn, (x, *ws)
+    if family == "matmul":  # attention-shaped P @ V: batch 16, 12 heads, 128 x 128 @ 128 x 64
+        v = rnd(16, 12, 128, 64)
+        ps = [torch.softmax(rnd(16, 12, 128, 128, grad=False), -1).requires_grad_() for _ in range(sites)]
 
-    def sdpa(q, k, v, bias):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, bias, dropout_p=0.1)
+        def fn(v, *ps):
+            for p in ps:
+                v = torch.matmul(F.dropout(p, 0.1, True), v)
+            return v
+        return fn, (v, *ps)
+    if family == "attention":  # SDPA with dropout, batch 16, 12 heads, 128 tokens, head dim 64
+        q = rnd(16, 12, 128, 64)
+        kvs = [rnd(16, 12, 128, 64) for _ in range(2 * sites)]
 
-    yield "dense: SDPA(p=0.1) fwd, eager", lambda: sdpa(q, kk, v, bias)
+        def fn(q, *kvs):
+            for i in range(0, len(kvs), 2):
+                q = F.scaled_dot_product_attention(q, kvs[i], kvs[i + 1], dropout_p=0.1)
+            return q
+        return fn, (q, *kvs)
+    raise ValueError(family)
+
+
+def site_costs(calls: int, reps: int):
+    for family in ("linear", "matmul", "attention"):
+        for backend in ("inductor", "sparsedrop"):
+            totals = {}
+            for n in (1, SITES):
+                torch._dynamo.reset()
+                fn, inputs = family_chain(family, n)
+                opts = {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
+                compiled = torch.compile(fn, backend=backend, **opts)
+
+                def step():
+                    compiled(*inputs).sum().backward()
+
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                totals[n] = host_us(step, calls, reps)
+            per_site = (totals[SITES] - totals[1]) / (SITES - 1)
+            yield dict(case=f"{family} site fwd+bwd", backend=backend, host_us_per_site=round(per_site, 1),
+                       host_us_1_site=round(totals[1], 1), host_us_all=round(totals[SITES], 1), sites=SITES,
+                       compile_s_last=round(compile_s, 1))
+
+
+def eager_functional(reps: int):
+    """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay."""
+    import triton
+
+    for rows, n, k in ((4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5).requires_grad_()
+        gy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=g)
+
+        def step():
+            y = sd.sparse_dropout_linear(x, w, None, p=0.1, block_size=128)
+            y.backward(gy)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) / 20 * 1e3)
+        wall = statistics.median(walls)
+        x.grad = w.grad = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replay = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+        yield dict(case=f"eager sparse_dropout_linear fwd+bwd {rows}x{n}x{k}", backend="sparsedrop",
+                   wall_ms=round(wall, 4), cuda_graph_ms=round(replay, 4), wall_over_graph=round(wall / replay, 3))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("host_overhead.py measures launches on a CUDA GPU")
     import triton
 
     name = torch.cuda.get_device_name()
-    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; host us per call (median of "
-          f"{args.reps} x {args.calls} calls, GPU kept busy), with Triton's launch path (JIT) and with "
-          "kernels/_launch.py's direct launches (fast)")
-    print(f"{'JIT':>9s} {'fast':>9s}  case")
-    results = []
-    with torch.no_grad():  # as in a compiled graph: the ops are called below autograd
-        for label, fn in cases(args):
-            us = {}
-            for mode in ("0", "1"):  # read by kernels/_launch.py at every launch
-                os.environ["SPARSEDROP_FAST_LAUNCH"] = mode
-                us[mode] = host_us(fn, args.calls, args.reps)
-            results.append((label, us["0"], us["1"]))
-            print(f"{us['0']:9.1f} {us['1']:9.1f}  {label}", flush=True)
-    os.environ.pop("SPARSEDROP_FAST_LAUNCH")
-    from sparsedrop_compile.kernels import _launch
-
-    for kernel in _launch._WRAPPED.values():
-        fn_name = getattr(kernel.fn, "__name__", repr(kernel.fn))
-        print(f"  {fn_name}: {kernel.fast_launches} direct launches; last fallback: {kernel.fallback or '-'}")
+    env = dict(gpu=name, torch=torch.__version__, triton=triton.__version__)
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}")
+    rows = []
+    for row in list(site_costs(args.calls, args.reps)) + list(eager_functional(args.reps)):
+        row = {**env, **row}
+        rows.append(row)
+        print(", ".join(f"{k}={v}" for k, v in row.items() if k not in env), flush=True)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        with (out / f"host_overhead_{slug}.csv").open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["gpu", "torch", "triton", "case", "host_us_jit_launch", "host_us_fast_launch"])
-            for label, jit, fast in results:
-                w.writerow([name, torch.__version__, triton.__version__, label, round(jit, 1), round(fast, 1)])
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"host_overhead_{name.lower().replace(' ', '-')}.csv")
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        print("wrote", path)
     return 0
 
 

@@ -40,7 +40,8 @@ def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block:
         result = torch.matmul(am.transpose(-1, -2), grad) * scale
     else:
         # One shared b: its gradient sums over the batch, i.e. one matmul over all B*M rows.
-        flat_a = am.reshape(-1, am.shape[-1])
-        flat_g = grad.reshape(-1, grad.shape[-1])
+        # Explicit sizes: reshape(-1, 0) of an empty tensor is ambiguous and raises.
+        flat_a = am.reshape(am.shape[0] * am.shape[1], am.shape[2])
+        flat_g = grad.reshape(grad.shape[0] * grad.shape[1], grad.shape[2])
         result = (flat_a.t() @ flat_g).unsqueeze(0) * scale
     return result if out is None else out.copy_(result)

@@ -27,7 +27,6 @@ by the dropout scale s = 1/(1-p), so a kept tile computes P ⊙ (dO Vᵀ - Δ/s)
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import fast
+from .runtime import interpreting, launch
 from .block_mask import cdiv, dropout_scale
 from .flash_attention import default_scale, empty_attention_out, empty_grad_like
 
@@ -294,6 +293,9 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    out_scale = tl.cast(out_scale, tl.float32)
     pid_m = tl.program_id(0)
     if CAUSAL:
         # The last query blocks see the most keys: start them first for a better tail.
@@ -394,6 +396,8 @@ def _attn_bwd_delta(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Δ = rowsum(dO ⊙ O) · delta_scale (= (1-p), see the module docstring), fp32 (B*H, Sq)."""
+    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
+    delta_scale = tl.cast(delta_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -533,6 +537,11 @@ def _attn_bwd_dkdv(
     With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) and,
     with MASK_GRAD, writes dS into dMask (B, H, Sq, Sk): the whole backward in one pass.
     """
+    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    dk_scale = tl.cast(dk_scale, tl.float32)
+    dv_scale = tl.cast(dv_scale, tl.float32)
+    dmask_scale = tl.cast(dmask_scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -698,6 +707,10 @@ def _attn_bwd_dq(
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ of one query block (and its rows of dMask), looping over key chunks."""
+    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    dq_scale = tl.cast(dq_scale, tl.float32)
+    dmask_scale = tl.cast(dmask_scale, tl.float32)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -912,10 +925,6 @@ def _broadcasts_to(shape: tuple, target: tuple) -> bool:
 
 
 # --------------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 class _Problem:
     """Inputs viewed as 4-D (B, H, S, D) with unit stride on D, the mask expanded to (B, Hq, Sq, Sk)."""
 
@@ -934,7 +943,7 @@ class _Problem:
             raise ValueError(f"sparsedrop attention: q has {self.H} heads and k/v {self.H_kv}; pass enable_gqa=True")
         self.group = self.H // self.H_kv
         self.block = tuple(block)
-        self.keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+        self.keep = keep  # bool, an i1 pointer to Triton (Inductor cannot lower a bool -> uint8 view)
         self.causal = bool(is_causal)
         self.dropkey = mode == "dropkey"
         self.sm_scale = float(default_scale(q, scale))
@@ -947,12 +956,12 @@ class _Problem:
             self.mask_kind, self.mask = MASK_NONE, self.q
             self.mask_strides = (0, 0, 0, 0)
         else:
-            m = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+            m = attn_mask
             self.mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
             self.mask = m.expand(self.B, self.H, self.Sq, self.Sk)
             self.mask_strides = self.mask.stride()
         self.mask_shared = self.mask_kind != MASK_NONE and self.mask_strides[2] == 0
-        self.interpret = _interpreting()
+        self.interpret = interpreting()
 
     def common(self):
         """Arguments shared by every kernel after the tensors: strides of q, k, v, mask, keep."""
@@ -1005,7 +1014,7 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     a, b = out[0], out[-1]
     (a_m, a_n), (b_m, b_n) = tiles[0], tiles[-1]
     grid = (cdiv(sqm, region_m), cdiv(skm, region_n), bm * hm)
-    fast(_classify_mask)[grid](
+    launch(_classify_mask)[grid](
         pb.mask, a.tensor, b.tensor, *pb.mask_strides, *a.tensor.stride(), *b.tensor.stride(),
         hm, sqm, skm, a.tensor.shape[2], a.tensor.shape[3], b.tensor.shape[2], b.tensor.shape[3],
         MASK_KIND=pb.mask_kind, REGION_M=region_m, REGION_N=region_n, A_M=a_m, A_N=a_n, B_M=b_m, B_N=b_n,
@@ -1020,7 +1029,7 @@ def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple
     out = empty_attention_out(pb.q, pb.v)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
     grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
-    fast(_attn_fwd)[grid](
+    launch(_attn_fwd)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
@@ -1036,7 +1045,7 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     block_m = 64
     # Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway.
     delta_scale = 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
-    fast(_attn_bwd_delta)[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
+    launch(_attn_bwd_delta)[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, delta_scale,
         HEAD_DIM=pb.D, BLOCK_M=block_m,
     )
@@ -1052,7 +1061,7 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
-    fast(_attn_bwd_dkdv)[grid](
+    launch(_attn_bwd_dkdv)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
@@ -1091,7 +1100,7 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, 
     dq = empty_grad_like(pb.q)
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
-    fast(_attn_bwd_dq)[grid](
+    launch(_attn_bwd_dq)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,

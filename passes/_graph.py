@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from typing import Any, Callable, Iterable
 
@@ -11,24 +12,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from sparsedrop_compile.report import Site
 
+from ._names import module_path  # noqa: F401  (re-exported: the passes import it from here)
+
 
 def meta_val(node: Any):
     """The fake value Dynamo recorded for a node (or the constant itself)."""
     if isinstance(node, fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
-
-
-def module_path(node: fx.Node) -> str:
-    """Dotted module path of the innermost module that made this node, e.g. 'encoder.block.0.layer.1.dropout'."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's root name, e.g. L['self']
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
 
 
 def source_line(node: fx.Node) -> str:
@@ -138,3 +129,32 @@ def _find_fake_mode(gm: fx.GraphModule):
         if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
             return val.fake_mode
     return None
+
+
+def size_hint(value: Any) -> int | None:
+    """An int, or the current value of a SymInt (the sizes it was traced with); None if unbacked."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return None if hint is None else int(hint)
+    return None
+
+
+def whole_drop_refusal(p: float, blocks: int | None, bound: float, unit: str, option: str, whole: str = "activation") -> str | None:
+    """Why a site with ``blocks`` mask blocks over its whole activation must stay element-wise, or None.
+
+    Dropping every block at once zeroes the whole activation (e.g. a classifier head's input for
+    the whole batch); element-wise dropout practically never does that, so it must stay rare.
+    """
+    if blocks is None:
+        return f"the number of {unit}s is unknown (data-dependent size), so p**k cannot be bounded; left element-wise"
+    chance = p ** blocks  # each block is dropped independently with probability p
+    if chance <= bound * (1 + 1e-9):  # so that 0.1**6 counts as 1e-6
+        return None
+    need = max(blocks + 1, math.ceil(math.log(bound) / math.log(p) - 1e-9)) if p > 0 else blocks
+    return (
+        f"too few blocks: the whole {whole} is k={blocks} {unit}(s), so at p={p:g} all are dropped at once with "
+        f"probability p**k={chance:.2g} > max_drop_all={bound:g}; left element-wise. A smaller {option} "
+        f"(k >= {need} at this p) or a larger max_drop_all lets it be rewritten"
+    )

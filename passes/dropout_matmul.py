@@ -6,12 +6,20 @@ division by a Python number):
     linear(d, W, b)            -> sparsedrop::linear(x, W, b)
     addmm(b, d, W) / mm(d, W)  -> sparsedrop::linear(x, W.t(), b)      (GPT-2's Conv1D)
     matmul(d, B) / d @ B / bmm -> sparsedrop::matmul(x, B)             (e.g. attention P @ V)
+    einsum(eq, d, B)           -> either of the above, where eq provably is one (see _einsum.py)
 
 The rewrite is exactly "block dropout, then the original graph": the dropout node becomes a
 materialised block dropout of x (``apply_block_keep``) that every user keeps reading, and each
 matched consumer is then replaced by the fused op on x with the same keep-flags. Where all users
 were fused, the materialised tensor is dead and erased. Anything that cannot be shown safe keeps
 the original ops and is recorded with a reason.
+
+The fused op reads x where the matmul is and saves it for backward, so a consumer is fused only
+when nothing writes in place to the dropout output, the steps on the way, or anything sharing
+their memory, between the dropout and that consumer; and a site is refused outright when
+anything writes to x's memory anywhere after the dropout (before the consumer the fused op would
+read the new values; after it, the x saved for backward would have changed, which autograd
+refuses, eager or compiled). See _mutation.py.
 """
 from __future__ import annotations
 
@@ -26,12 +34,14 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
-from sparsedrop_compile.kernels.block_mask import dropout_scale
+from sparsedrop_compile.kernels.block_mask import dropout_scale, keep_shape
 from sparsedrop_compile.mask_ops import sample_keep
 
 from sparsedrop_compile.report import Site
 
-from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of
+from ._einsum import EinsumMatmul, einsum_as_matmul, is_einsum
+from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of, size_hint, whole_drop_refusal
+from ._mutation import MutationIndex, Write
 
 log = logging.getLogger("sparsedrop_compile")
 
@@ -68,13 +78,14 @@ class Step:
 @dataclass
 class Consumer:
     node: fx.Node
-    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm"
+    kind: str  # "linear" | "addmm" | "mm" | "matmul" | "bmm" | "einsum" | "unfused"
     path: list[Step] = field(default_factory=list)
     reason: str | None = None
+    einsum: EinsumMatmul | None = None  # what an einsum consumer computes
 
     @property
     def batched(self) -> bool:
-        return self.kind in ("matmul", "bmm")
+        return self.kind in ("matmul", "bmm") or (self.einsum is not None and self.einsum.kind == "matmul")
 
     @property
     def factor(self) -> float:
@@ -172,6 +183,8 @@ def _check_consumer(c: Consumer) -> str | None:
     for step in c.path:
         if step.kind == "view" and step.trailing < need:
             return f"a view on the way to {c.kind} changes the operand's last {need} dim(s)"
+    if c.kind == "einsum":
+        return None  # shapes checked with the equation
     act = shape_of(node.args[1] if c.kind == "addmm" else (args[0] if args else node.kwargs.get("input")))
     if act is None:
         return "no shape metadata on the matmul's operands"
@@ -205,6 +218,10 @@ def _find_consumers(d: Dropout) -> tuple[list[Consumer], list[str]]:
 
     def walk(node: fx.Node, path: list[Step]) -> None:
         for user in node.users:
+            if is_einsum(user):
+                form, reason = einsum_as_matmul(user, node)
+                consumers.append(Consumer(user, "einsum", list(path), reason, form))
+                continue
             kind, reason = _consumer_kind(user, node)
             if kind is not None:
                 consumers.append(Consumer(user, kind, list(path)))
@@ -260,6 +277,14 @@ def _fused_node(editor: GraphEditor, c: Consumer, x_in: fx.Node, keep: fx.Node, 
     br, bc = config.block_size
     node, args, kwargs = c.node, c.node.args, c.node.kwargs
     tail = (keep, scale, br, bc, config.kernel)
+    if c.einsum is not None:
+        other = c.einsum.other
+        if c.einsum.kind == "linear":
+            weight = editor.call(torch.t, (other,), before=node, like=node) if c.einsum.transpose else other
+            return editor.call(torch.ops.sparsedrop.linear.default, (x_in, weight, None, *tail), before=node, like=node)
+        if c.einsum.transpose:
+            other = editor.call(torch.transpose, (other, -2, -1), before=node, like=node)
+        return editor.call(torch.ops.sparsedrop.matmul.default, (x_in, other, *tail), before=node, like=node)
     if c.kind == "linear":
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -280,6 +305,7 @@ def _fused_node(editor: GraphEditor, c: Consumer, x_in: fx.Node, keep: fx.Node, 
 def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:
     """Rewrite every provably safe dropout -> matmul site of ``gm`` in place; return all sites."""
     editor = GraphEditor(gm, fake_mode)
+    mutations = MutationIndex(gm)
     sites: list[Site] = []
     for node in list(gm.graph.nodes):
         d = parse_dropout(node)
@@ -290,19 +316,23 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
         consumers, others = _find_consumers(d)
         site.consumers = [describe_consumer(c.kind, c.node) for c in consumers] + others
         site.kind = next((c.kind for c in consumers if c.reason is None), "none")
-        site.reason = _site_refusal(d, consumers, config, site)
+        site.reason = _site_refusal(d, consumers, others, config, site, mutations)
         site.kind = next((c.kind for c in consumers if c.reason is None), site.kind)
         if site.reason is not None:
             _count("refused")
             continue
         _rewrite_site(editor, d, [c for c in consumers if c.reason is None], config, site)
+        # Matmul users left on the materialised dropout say why (the site is still rewritten).
+        left = [f"{c.node.name} not fused: {c.reason}" for c in consumers if c.reason is not None]
+        site.reason = "; ".join(left) or None
     if any(s.rewritten for s in sites):
         gm.graph.lint()
         gm.recompile()
     return sites
 
 
-def _site_refusal(d: Dropout, consumers: list[Consumer], config: SparseDropConfig, site: Site) -> str | None:
+def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], config: SparseDropConfig, site: Site,
+                  mutations: MutationIndex) -> str | None:
     if d.training is not True:
         return "training=False: dropout is the identity" if d.training is False else "training flag is not a constant"
     if d.inplace is not False:
@@ -321,11 +351,62 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], config: SparseDropConfi
     for c in consumers:
         if c.reason is None:
             c.reason = _check_consumer(c)
+    if not any(c.reason is None for c in consumers):
+        return _no_consumer_reason(consumers, others)
+    refusal = _mutation_refusal(d, [c for c in consumers if c.reason is None], mutations)
+    if refusal is not None:
+        return refusal
     fusable = [c for c in consumers if c.reason is None]
-    if not fusable:
-        reasons = sorted({c.reason for c in consumers if c.reason})
-        return "; ".join(reasons) if reasons else "no matmul consumer (only elementwise/normalisation users)"
-    return excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+    if not fusable:  # every matmul sees a mutated dropout output
+        return _no_consumer_reason(consumers, others)
+    # The mask takes the first fusable consumer's layout (see _rewrite_site); count its blocks.
+    site.blocks = _block_count(x_val.shape, config.block_size, fusable[0].batched)
+    br, bc = config.block_size
+    too_few = whole_drop_refusal(d.p_value, site.blocks, config.max_drop_all, f"{br}x{bc} block", "block_size")
+    return too_few or excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
+
+
+def _block_count(shape, block: tuple[int, int], batched: bool) -> int | None:
+    """Mask blocks over the whole activation, at the sizes the graph was traced with."""
+    hints = [size_hint(s) for s in shape]
+    if any(h is None for h in hints):
+        return None
+    return math.prod(keep_shape(hints, block, batched))
+
+
+def _no_consumer_reason(consumers: list[Consumer], others: list[str]) -> str:
+    """Why no user can be fused, naming the users as they are."""
+    reasons = sorted({c.reason for c in consumers if c.reason})
+    names = ", ".join(dict.fromkeys(others))
+    if not reasons:
+        return f"no matmul consumer: users are {names}" if names else "no matmul consumer: the dropout output is unused"
+    return "; ".join(reasons) + (f"; other users: {names}" if names else "")
+
+
+def _mutation_refusal(d: Dropout, fusable: list[Consumer], mutations: MutationIndex) -> str | None:
+    """Refuse the site if x's memory is written after the dropout; mark each consumer whose
+    dropout output (or path) is written before it. See the module docstring."""
+    w = mutations.first_write([d.x], after=d.node)
+    if w is not None:
+        who = _written(w, {d.x: f"the dropout input {d.x.name}"}, f"shares memory with the dropout input {d.x.name}")
+        hit = next((c for c in fusable if mutations.comes_before(w.node, c.node)), None)
+        where = (f"between the dropout and {hit.kind}" if hit is not None
+                 else "after the dropout and its matmul (the fused op would save x for backward, which needs x as it was)")
+        return f"{who} {w.verb} {w.op} (node {w.node.name}) {where}"
+    for c in fusable:
+        path = [step.node for step in c.path]
+        w = mutations.first_write([d.node, *path], after=d.node, before=c.node)
+        if w is not None:
+            names = {d.node: "the dropout output", **{n: f"{n.name} (on the way to {c.kind})" for n in path}}
+            who = _written(w, names, "shares memory with the dropout output")
+            c.reason = f"{who} {w.verb} {w.op} (node {w.node.name}) between the dropout and {c.kind}"
+    return None
+
+
+def _written(w: Write, names: dict, relation: str) -> str:
+    if isinstance(w.target, fx.Node):
+        return names.get(w.target) or f"{w.target.name} ({relation})"
+    return f"an operand (may {relation.replace('shares', 'share')})"
 
 
 def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], config: SparseDropConfig, site: Site) -> None:
@@ -354,9 +435,6 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
     editor.erase_if_unused([dropped, *chain_nodes])
     site.rewritten = True
     site.block_size = config.block_size
-    remaining = [c for c in fusable if c not in same]
-    if remaining:
-        site.reason = remaining[0].reason
     log.debug("sparsedrop: fused %s (p=%s) into %d consumer(s)", site.location, site.p, len(same))
 
 

@@ -14,6 +14,7 @@ keep the original node and are listed with the reason.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.fx as fx
@@ -24,7 +25,7 @@ from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.mask_ops import sample_tile_keep
 from sparsedrop_compile.report import Site
 
-from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint
+from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, size_hint, whole_drop_refusal
 from .dropout_sdpa import HEAD_DIMS
 
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -134,6 +135,19 @@ def _refusal(a: dict, config: SparseDropConfig) -> str | None:
     return None
 
 
+def _too_few_tiles(a: dict, config: SparseDropConfig, site: Site) -> str | None:
+    """The block-count rule of the other attention sites, over (batch, heads, query tiles, key tiles)."""
+    query, key = meta_val(a["query"]), meta_val(a["key"])
+    (bq, bk), heads = config.attention_block, a["num_heads"]
+    sizes = [size_hint(n) for n in (*query.shape, *key.shape)]
+    if any(n is None for n in sizes):
+        site.blocks = None
+    else:
+        batch = sizes[1] if query.dim() == 3 else 1
+        site.blocks = batch * heads * math.ceil(sizes[0] / bq) * math.ceil(sizes[query.dim()] / bk)
+    return whole_drop_refusal(site.p, site.blocks, config.max_drop_all, f"{bq}x{bk} tile", "attention_block", "attention matrix")
+
+
 def rewrite_dropout_mha(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:
     editor = GraphEditor(gm, fake_mode)
     sites: list[Site] = []
@@ -144,7 +158,7 @@ def rewrite_dropout_mha(gm: fx.GraphModule, config: SparseDropConfig, graph_inde
         site = Site(graph_index, node.name, location(node), module_path(node), scalar_hint(a["dropout_p"]), "attention",
                     ["P @ V inside multi_head_attention_forward"])
         sites.append(site)
-        site.reason = _refusal(a, config) or excluded(config.exclude, config.filter_fn, site, [])
+        site.reason = _refusal(a, config) or _too_few_tiles(a, config, site) or excluded(config.exclude, config.filter_fn, site, [])
         if site.reason is not None:
             counters["sparsedrop"]["refused"] += 1
             continue

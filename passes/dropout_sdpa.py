@@ -4,10 +4,15 @@
 -> ``sparsedrop::attention`` with per-tile keep-flags: each (query block x key block) tile of the
 attention probabilities is kept (scaled by 1/(1-p)) or dropped whole; the flash-attention kernel
 skips the P@V work of dropped tiles. Variants the kernel does not cover stay on SDPA.
+
+In-place writes need no check here (unlike dropout -> matmul, see _mutation.py): the fused op
+reads q, k, v and the mask where SDPA stood (the keep sampling before it reads only shapes), and
+saves them for backward as SDPA's own kernels do, so a write before or after acts on both alike.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.fx as fx
@@ -19,7 +24,7 @@ from sparsedrop_compile.config import SparseDropConfig
 
 from sparsedrop_compile.report import Site
 
-from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, shape_of
+from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, shape_of, size_hint, whole_drop_refusal
 
 log = logging.getLogger("sparsedrop_compile")
 
@@ -84,6 +89,20 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
     return None
 
 
+def _too_few_tiles(a: dict, config: SparseDropConfig, site: Site) -> str | None:
+    """Every (batch, head) tile dropped at once zeroes the attention output: keep that rare.
+    Tiles that a mask hides entirely still count (the mask is data, unknown here)."""
+    from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
+
+    q, k = ([size_hint(s) for s in shape_of(a[n])] for n in ("query", "key"))
+    if any(h is None for h in q + k):
+        site.blocks = None
+    else:
+        site.blocks = math.prod(attention_keep_shape(q, k, config.attention_block))
+    bq, bk = config.attention_block
+    return whole_drop_refusal(site.p, site.blocks, config.max_drop_all, f"{bq}x{bk} tile", "attention_block", "attention matrix")
+
+
 def rewrite_dropout_sdpa(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:
     editor = GraphEditor(gm, fake_mode)
     sites: list[Site] = []
@@ -96,7 +115,7 @@ def rewrite_dropout_sdpa(gm: fx.GraphModule, config: SparseDropConfig, graph_ind
             continue  # attention without dropout is no dropout site
         site = Site(graph_index, node.name, location(node), module_path(node), p, "attention", ["P @ V inside SDPA"])
         sites.append(site)
-        site.reason = _refusal(node, a, config) or excluded(config.exclude, config.filter_fn, site, [])
+        site.reason = _refusal(node, a, config) or _too_few_tiles(a, config, site) or excluded(config.exclude, config.filter_fn, site, [])
         if site.reason is not None:
             counters["sparsedrop"]["refused"] += 1
             continue

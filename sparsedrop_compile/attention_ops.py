@@ -29,7 +29,9 @@ from torch import Tensor
 from sparsedrop_compile.kernels import flash_attention as _ref
 from sparsedrop_compile.kernels.block_mask import fit_keep
 from sparsedrop_compile.kernels.flash_attention import MODES, attention_keep_shape, sample_attention_keep
-from sparsedrop_compile.ops import LIB, _triton_attention_module, register_autocast_like_matmul, use_triton
+from sparsedrop_compile.kernels import flash_attention_triton as _tri
+from sparsedrop_compile.kernels.runtime import define_op
+from sparsedrop_compile.ops import LIB, KernelFamily, register_autocast_like_matmul, use_triton
 
 __all__ = ["sparse_dropout_attention", "DEFAULT_ATTENTION_BLOCK"]
 
@@ -80,6 +82,14 @@ def _fit_tiles(q: Tensor, k: Tensor, keep: Tensor, block: tuple[int, int], op: s
     return fitted
 
 
+ATTENTION = KernelFamily(
+    "attention",
+    triton={"forward": _tri.attention_forward, "backward": _tri.attention_backward},
+    reference={"forward": _ref.reference_attention_forward, "backward": _ref.reference_attention_backward},
+    unsupported_reason=_tri.unsupported_reason,
+)
+
+
 def _tensors(q, k, v, attn_mask):
     return (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
 
@@ -89,12 +99,11 @@ def _use_kernels(kernel, q, k, v, attn_mask, scale, block) -> bool:
     # legal for SDPA and runs on the reference.
     if scale is not None and scale <= 0 and kernel != "triton":
         return False
-    return use_triton(kernel, _tensors(q, k, v, attn_mask), block, family="attention")
+    return use_triton(kernel, _tensors(q, k, v, attn_mask), block, ATTENTION)
 
 
 # --------------------------------------------------------------------------- forward
-@torch.library.custom_op(f"{LIB}::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor, p: float,
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor, p: float,
                       is_causal: bool, scale: float | None, enable_gqa: bool, block_q: int, block_k: int, mode: str,
                       kernel: str) -> tuple[Tensor, Tensor]:
     """(out, logsumexp): out like SDPA's, logsumexp (fp32, q.shape[:-1]) of each softmax row."""
@@ -103,19 +112,20 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     keep = _fit_tiles(q, k, keep, block, "attention_forward")
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
-        return _triton_attention_module().attention_forward(*args)
+        return _tri.attention_forward(*args)
     out, lse = _ref.reference_attention_forward(*args)
     return _ref.empty_attention_out(q, v).copy_(out), lse  # the kernels' (and the fake's) layout
 
 
-@attention_forward.register_fake
-def _(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel):
+def _attention_forward_fake(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel):
     return _ref.empty_attention_out(q, v), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+attention_forward = define_op(f"{LIB}::attention_forward", _attention_forward, _attention_forward_fake)
+
+
 # --------------------------------------------------------------------------- backward
-@torch.library.custom_op(f"{LIB}::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        attn_mask: Tensor | None, keep: Tensor, p: float, is_causal: bool, scale: float | None,
                        enable_gqa: bool, block_q: int, block_k: int, mode: str, kernel: str,
                        mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -124,7 +134,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     keep = _fit_tiles(q, k, keep, block, "attention_backward")
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
-        dq, dk, dv, dmask = _triton_attention_module().attention_backward(
+        dq, dk, dv, dmask = _tri.attention_backward(
             grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
     else:
         grads = _ref.reference_attention_backward(
@@ -134,12 +144,14 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     return dq, dk, dv, dmask if want_dmask else q.new_empty((0,))
 
 
-@attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel,
+def _attention_backward_fake(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel,
       mask_grad):
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
     dmask = attn_mask.new_empty(attn_mask.shape) if want_dmask else q.new_empty((0,))
     return _ref.empty_grad_like(q), _ref.empty_grad_like(k), _ref.empty_grad_like(v), dmask
+
+
+attention_backward = define_op(f"{LIB}::attention_backward", _attention_backward, _attention_backward_fake)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -150,7 +162,7 @@ def _attention_setup(ctx, inputs, output):
     ctx.args = (p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, keep = ctx.saved_tensors
     need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
     if grad_out is None or not (need_q or need_k or need_v or need_mask):
@@ -161,7 +173,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
             dmask if need_mask else None) + (None,) * 9
 
 
-attention_forward.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 # --------------------------------------------------------------------------- attention
@@ -199,7 +211,12 @@ def sparse_dropout_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor 
         raise ValueError(f"sparse_dropout_attention: mode={mode!r}; expected one of {', '.join(map(repr, MODES))}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"sparse_dropout_attention: p={p!r}; expected a dropout probability in [0, 1]")
-    block_q, block_k = (block, block) if isinstance(block, int) else block
+    pair = (block, block) if isinstance(block, int) else block
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair)):
+        raise ValueError(f"sparse_dropout_attention: block={block!r}; expected a positive int or a (query, key) pair "
+                         f"of them, e.g. {DEFAULT_ATTENTION_BLOCK}")
+    block_q, block_k = pair
     if not training or p == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
     keep = sample_attention_keep(q, k, p, block_q, block_k)

@@ -21,6 +21,7 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
     from sparsedrop_compile.passes.regions import rewrite_regions
+    from sparsedrop_compile.passes._names import compiled_root, naming
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()
@@ -29,8 +30,10 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
         passes = (rewrite_dropout_matmul, rewrite_dropout_sdpa, rewrite_dropout_mha)
         return [site for rewrite_pass in passes for site in rewrite_pass(g, cfg, index, fake_mode)]
 
-    # The graph and every higher-order-op body in it (checkpointed regions), in program order.
-    sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]
+    # The graph and every higher-order-op body in it (checkpointed regions), in program order;
+    # sites named as in the compiled model's named_modules().
+    with naming(compiled_root()):
+        sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]
     if sites and log.isEnabledFor(logging.DEBUG):
         log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))
     report.record(sites)

@@ -17,11 +17,18 @@ class SparseDropConfig:
 
     block_size: mask block (rows, cols) of the matmul's activation operand; an int means square.
     min_p: dropouts with a smaller p keep element-wise dropout.
+    max_drop_all: a site is block-dropped only if the chance that every block of its whole
+        activation is dropped at once, p**k for k blocks (all matrices' blocks for a batched
+        matmul, all (batch, head) tiles for attention), is at most this; otherwise it keeps
+        element-wise dropout. 1e-6 by default: p = 0.1 needs 6 blocks, p = 0.3 12, p = 0.5 20.
+        With dynamic shapes, k is counted at the sizes of the call that compiled the graph.
     inner: the compiler the rewritten graph goes to: "inductor", "aot_eager" or "eager".
     kernel: "auto" (Triton on CUDA where supported, else the PyTorch reference),
         "triton" (always Triton; on CPU tensors only under TRITON_INTERPRET=1) or "reference".
     exclude: glob patterns on a site's module path (e.g. "decoder.*", "*.EncDecAttention.*")
-        or on its kind (e.g. "kind:attention"); matching sites are left as they are.
+        or on its kind (e.g. "kind:attention"); matching sites are left as they are. Paths are
+        the names of the compiled module's ``named_modules()`` (when a plain function is
+        compiled: relative to the module whose forward Dynamo compiled).
     filter_fn: called as filter_fn(site) -> bool for each candidate site; False leaves it alone.
     attention: rewrite ``scaled_dot_product_attention(dropout_p > 0)`` to tile-dropout attention.
     attention_mode: "post_softmax" (SDPA's semantics, dropout after the softmax) or
@@ -35,6 +42,7 @@ class SparseDropConfig:
 
     block_size: tuple[int, int] = (128, 128)
     min_p: float = 0.0
+    max_drop_all: float = 1e-6
     inner: str = "inductor"
     kernel: str = "auto"
     exclude: tuple[str, ...] = ()
@@ -51,6 +59,12 @@ class SparseDropConfig:
         set_("attention_block", _block_pair("attention_block", self.attention_block))
         if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             raise ValueError(f"sparsedrop option min_p={self.min_p!r}: expected a number in [0, 1]")
+        bound = self.max_drop_all
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= 1:
+            raise ValueError(
+                f"sparsedrop option max_drop_all={bound!r}: expected a probability in (0, 1], e.g. 1e-6 (the default); "
+                "1 turns the whole-activation check off, and exclude=[...] or min_p leave sites element-wise"
+            )
         for name, allowed in (("inner", INNER_COMPILERS), ("kernel", KERNELS), ("attention_mode", ATTENTION_MODES)):
             value = getattr(self, name)
             if value not in allowed:

@@ -97,11 +97,12 @@ def _source(site: Site) -> str:
     return site.location.rsplit("(", 1)[-1].rstrip(")") if site.location.endswith(")") else ""
 
 
-def _fit(site: Site, call: Call) -> tuple[int, int] | None:
-    """How well a site fits a call, lower is closer: (same source line 0 / site without one 1,
-    same module path 0 / a suffix of it 1 (the graph's frame root is a submodule) / either has no
-    path 2, e.g. explain of a function, where no module tree names the modules);
-    None if the source lines or the paths differ."""
+def _fit(site: Site, call: Call, repeat: bool) -> tuple[int, int] | None:
+    """How well a run of a site fits a call, lower is closer: (same source line 0 / site without
+    one 1, same module path 0 / a suffix of it 1 (the graph's frame root is a submodule) / either
+    has no path 2, e.g. explain of a function, where no module tree names the modules / another
+    path 3, only for a repeated run: a graph compiled for one layer and run again for the next,
+    named after the first); None if the source lines or the paths differ."""
     source = _source(site)
     if source and source != call.source:
         return None
@@ -111,6 +112,8 @@ def _fit(site: Site, call: Call) -> tuple[int, int] | None:
         path = 1
     elif not site.module_path or not call.module_path:
         path = 2
+    elif repeat and source:
+        path = 3
     else:
         return None
     if not source and (path == 2 or not site.module_path):
@@ -130,7 +133,7 @@ def merge(sites: list[Site], runs: dict[int, int], calls: list[Call], graph_brea
     copies: dict[int, list[Site]] = {}
     outside: list[Site] = []
     for call in calls:
-        fits = [(fit, i) for i, (site, _) in enumerate(free) if (fit := _fit(site, call)) is not None]
+        fits = [(fit, i) for i, (site, run) in enumerate(free) if (fit := _fit(site, call, run > 0)) is not None]
         match = free[min(fits)[1]] if fits else None
         if match is None:
             outside.append(_outside_site(call, graph_breaks))

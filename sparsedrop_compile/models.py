@@ -15,8 +15,8 @@ FAMILIES = ("t5", "t5-gated", "bert", "gpt2", "distilbert", "roberta")
 # (d_model, ffn, heads, layers) per size; "base" matches BERT-base / GPT-2 small (12 layers);
 # T5 at "base" gets 6 encoder + 6 decoder layers (see build_model).
 SIZES = {
-    "tiny": (32, 64, 4, 2),
-    "demo": (128, 512, 2, 2),  # head dim 64, so attention sites are fusable too
+    "tiny": (128, 256, 2, 2),  # head dim 64 (as "demo"), so the attention kernels cover its sites
+    "demo": (128, 512, 2, 2),
     "base": (768, 3072, 12, 12),
 }
 
@@ -67,8 +67,16 @@ def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"model path {path!r}: expected a HF model directory holding config.json, or a config.json file")
     with open(cfg_path) as f:
-        data = json.load(f)
-    config = tf.AutoConfig.for_model(**data)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); expected a HF config.json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{cfg_path} has no \"model_type\" string; expected a HF config.json (as save_pretrained writes it)")
+    try:
+        config = tf.AutoConfig.for_model(**data)
+    except (ValueError, KeyError):
+        raise ValueError(f"{cfg_path}: model_type {data['model_type']!r} is unknown to transformers {tf.__version__}") from None
     config._attn_implementation = attn
     for auto in (tf.AutoModelForSeq2SeqLM, tf.AutoModelForCausalLM, tf.AutoModelForMaskedLM, tf.AutoModel):
         try:

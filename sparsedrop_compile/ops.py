@@ -13,36 +13,36 @@ tensors to the Triton kernels, ``"triton"`` forces them (CPU tensors need TRITON
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
+from sparsedrop_compile.kernels import block_sparse_matmul_triton as _tri_matmul
 from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_shape
+from sparsedrop_compile.kernels.runtime import define_op, interpreting
 
 LIB = "sparsedrop"
 _autocast_lib = torch.library.Library(LIB, "FRAGMENT")
 
 
 # --------------------------------------------------------------------------- kernel choice
-_TRITON_MATMUL = None
+class KernelFamily:
+    """One family's implementations side by side: the Triton launchers, the plain-PyTorch
+    references with the same signatures, and the check that says whether Triton can run a call.
+    Ops ask :meth:`pick` once per call and get one table of functions back."""
+
+    def __init__(self, name: str, triton: dict[str, Callable], reference: dict[str, Callable],
+                 unsupported_reason: Callable[[Sequence[Tensor], tuple[int, int]], str | None]):
+        self.name, self.triton, self.reference, self.unsupported_reason = name, triton, reference, unsupported_reason
+
+    def pick(self, kernel: str, tensors: Sequence[Tensor], block: tuple[int, int]) -> dict[str, Callable]:
+        return self.triton if use_triton(kernel, tensors, block, self) else self.reference
 
 
-def _triton_matmul_module():
-    """The Triton launchers, imported on first use (TRITON_INTERPRET is read at import)."""
-    global _TRITON_MATMUL
-    if _TRITON_MATMUL is None:
-        from sparsedrop_compile.kernels import block_sparse_matmul_triton
-
-        _TRITON_MATMUL = block_sparse_matmul_triton
-    return _TRITON_MATMUL
-
-
-def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], family: str = "matmul") -> bool:
+def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], family: KernelFamily) -> bool:
     """Whether this call runs the Triton kernels; raises for kernel="triton" when it cannot."""
     if kernel == "reference":
         return False
@@ -51,14 +51,13 @@ def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], f
     device = tensors[0].device
     if kernel == "auto" and device.type != "cuda":
         return False
-    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1"):
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not interpreting()):
         raise RuntimeError(
             f"sparsedrop kernel='triton' got {device.type} tensors; the Triton kernels run on CUDA, or on CPU "
-            "only under Triton's interpreter: set TRITON_INTERPRET=1 before the first sparsedrop kernel call, "
+            "only under Triton's interpreter: set TRITON_INTERPRET=1 before importing sparsedrop_compile, "
             "or use kernel='reference'"
         )
-    module = _triton_attention_module() if family == "attention" else _triton_matmul_module()
-    reason = module.unsupported_reason(tensors, block)
+    reason = family.unsupported_reason(tensors, block)
     if reason is None:
         return True
     if kernel == "triton":
@@ -66,19 +65,21 @@ def use_triton(kernel: str, tensors: Sequence[Tensor], block: tuple[int, int], f
     return False
 
 
-def _triton_attention_module():
-    from sparsedrop_compile.kernels import flash_attention_triton
+def _supported(fn: Callable) -> Callable:
+    """A Triton launcher told that ``pick`` has already run its support check."""
+    def call(*args, **kwargs):
+        return fn(*args, _supported=True, **kwargs)
+    return call
 
-    return flash_attention_triton
 
-
-def _matmul_impl(name: str, kernel: str, tensors: Sequence[Tensor], block: tuple[int, int]):
-    """The launcher for this call: Triton's or the reference. ``tensors`` must be the launcher's
-    first two operands (or views of them with the same dtype, device and matrix span), since
-    use_triton's support check on them stands in for the launcher's own (``_supported``)."""
-    if use_triton(kernel, tensors, block):
-        return functools.partial(getattr(_triton_matmul_module(), name), _supported=True)
-    return getattr(_ref_matmul, "reference_" + name)
+# The tensors ``pick`` checks must be the launcher's first two operands (or views of them with
+# the same dtype, device and matrix span), since that check stands in for the launcher's own.
+MATMUL = KernelFamily(
+    "matmul",
+    triton={name: _supported(getattr(_tri_matmul, name)) for name in ("dsd", "sdd", "dsd_tn")},
+    reference={"dsd": _ref_matmul.reference_dsd, "sdd": _ref_matmul.reference_sdd, "dsd_tn": _ref_matmul.reference_dsd_tn},
+    unsupported_reason=_tri_matmul.unsupported_reason,
+)
 
 
 def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> Tensor:
@@ -105,58 +106,59 @@ def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
 
 
 # --------------------------------------------------------------------------- linear
-@torch.library.custom_op(f"{LIB}::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """y = scale * (x ⊙ m) @ weight.T + bias, m laid over x viewed as (rows, K)."""
     block = (block_rows, block_cols)
     keep = _check_keep(keep, x.shape, block, False, "linear")
     _check_same_dtype("linear", x=x, weight=weight, bias=bias)
     _, rows, k = block_layout(x.shape, False)
     a = x.reshape(1, rows, k)
-    fn = _matmul_impl("dsd", kernel, (a, weight), block)
-    out = fn(a, weight.t().unsqueeze(0), keep, scale, block, bias)
+    out = MATMUL.pick(kernel, (a, weight), block)["dsd"](a, weight.t().unsqueeze(0), keep, scale, block, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@linear.register_fake
-def _(x, weight, bias, keep, scale, block_rows, block_cols, kernel):
+def _linear_fake(x, weight, bias, keep, scale, block_rows, block_cols, kernel):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op(f"{LIB}::linear_grad_input", mutates_args=())
-def linear_grad_input(grad: Tensor, weight: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+linear = define_op(f"{LIB}::linear", _linear, _linear_fake)
+
+
+def _linear_grad_input(grad: Tensor, weight: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """dx = scale * (grad @ weight) ⊙ m, zeros in dropped blocks."""
     block = (block_rows, block_cols)
     keep = _check_keep(keep, (*grad.shape[:-1], weight.shape[1]), block, False, "linear_grad_input")
     _, rows, n = block_layout(grad.shape, False)
     g = grad.reshape(1, rows, n)
-    fn = _matmul_impl("sdd", kernel, (g, weight), block)
-    return fn(g, weight.t().unsqueeze(0), keep, scale, block).reshape(*grad.shape[:-1], weight.shape[1])
+    return MATMUL.pick(kernel, (g, weight), block)["sdd"](g, weight.t().unsqueeze(0), keep, scale, block).reshape(*grad.shape[:-1], weight.shape[1])
 
 
-@linear_grad_input.register_fake
-def _(grad, weight, keep, scale, block_rows, block_cols, kernel):
+def _linear_grad_input_fake(grad, weight, keep, scale, block_rows, block_cols, kernel):
     return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
 
 
-@torch.library.custom_op(f"{LIB}::linear_grad_weight", mutates_args=())
-def linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+linear_grad_input = define_op(f"{LIB}::linear_grad_input", _linear_grad_input, _linear_grad_input_fake)
+
+
+def _linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """dW = scale * grad.T @ (x ⊙ m), an (N, K) tensor."""
     block = (block_rows, block_cols)
     keep = _check_keep(keep, x.shape, block, False, "linear_grad_weight")
     _, rows, k = block_layout(x.shape, False)
     a = x.reshape(1, rows, k)
     g = grad.reshape(1, rows, grad.shape[-1])
-    fn = _matmul_impl("dsd_tn", kernel, (a, g), block)
+    fn = MATMUL.pick(kernel, (a, g), block)["dsd_tn"]
     # The kernel writes (K, N) tiles straight into an (N, K) row-major tensor: no transpose copy.
     dw = x.new_empty((grad.shape[-1], k))
     fn(a, g, keep, scale, block, False, out=dw.t().unsqueeze(0))
     return dw
 
 
-@linear_grad_weight.register_fake
-def _(grad, x, keep, scale, block_rows, block_cols, kernel):
+def _linear_grad_weight_fake(grad, x, keep, scale, block_rows, block_cols, kernel):
     return x.new_empty((grad.shape[-1], x.shape[-1]))
+
+
+linear_grad_weight = define_op(f"{LIB}::linear_grad_weight", _linear_grad_weight, _linear_grad_weight_fake)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -216,49 +218,48 @@ def _check_matmul(a: Tensor, b: Tensor, op: str) -> None:
         raise ValueError(f"sparsedrop::{op}: a {tuple(a.shape)} and b {tuple(b.shape)} cannot be multiplied (K differs)")
 
 
-@torch.library.custom_op(f"{LIB}::matmul", mutates_args=())
-def matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+def _matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """y = scale * (a ⊙ m) @ b with torch.matmul broadcasting; m is per matrix of a."""
     block = (block_rows, block_cols)
     _check_matmul(a, b, "matmul")
     keep = _check_keep(keep, a.shape, block, True, "matmul")
     _check_same_dtype("matmul", a=a, b=b)
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
-    fn = _matmul_impl("dsd", kernel, (a3, b3), block)
-    return fn(a3, b3, keep3, scale, block).reshape(*batch, a.shape[-2], b.shape[-1])
+    return MATMUL.pick(kernel, (a3, b3), block)["dsd"](a3, b3, keep3, scale, block).reshape(*batch, a.shape[-2], b.shape[-1])
 
 
-@matmul.register_fake
-def _(a, b, keep, scale, block_rows, block_cols, kernel):
+def _matmul_fake(a, b, keep, scale, block_rows, block_cols, kernel):
     return a.new_empty((*_broadcast_batch(a.shape, b.shape), a.shape[-2], b.shape[-1]))
 
 
-@torch.library.custom_op(f"{LIB}::matmul_grad_a", mutates_args=())
-def matmul_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+matmul = define_op(f"{LIB}::matmul", _matmul, _matmul_fake)
+
+
+def _matmul_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """da = scale * (grad @ b.T) ⊙ m, summed back to a's shape if a was broadcast."""
     block = (block_rows, block_cols)
     keep = _check_keep(keep, a.shape, block, True, "matmul_grad_a")
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
     g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
-    fn = _matmul_impl("sdd", kernel, (g3, b3), block)
-    da = fn(g3, b3, keep3, scale, block).reshape(*batch, *a.shape[-2:])
+    da = MATMUL.pick(kernel, (g3, b3), block)["sdd"](g3, b3, keep3, scale, block).reshape(*batch, *a.shape[-2:])
     return da.sum_to_size(a.shape) if tuple(a.shape[:-2]) != batch else da
 
 
-@matmul_grad_a.register_fake
-def _(grad, a, b, keep, scale, block_rows, block_cols, kernel):
+def _matmul_grad_a_fake(grad, a, b, keep, scale, block_rows, block_cols, kernel):
     return a.new_empty(a.shape)
 
 
-@torch.library.custom_op(f"{LIB}::matmul_grad_b", mutates_args=())
-def matmul_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
+matmul_grad_a = define_op(f"{LIB}::matmul_grad_a", _matmul_grad_a, _matmul_grad_a_fake)
+
+
+def _matmul_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, kernel: str) -> Tensor:
     """db = scale * (a ⊙ m).T @ grad, summed back to b's shape if b was broadcast."""
     block = (block_rows, block_cols)
     keep = _check_keep(keep, a.shape, block, True, "matmul_grad_b")
     a3, b3, keep3, batch = _matmul_operands(a, b, keep)
     g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
     shared_b = b3.shape[0] == 1 and a3.shape[0] != 1
-    fn = _matmul_impl("dsd_tn", kernel, (a3, g3), block)
+    fn = MATMUL.pick(kernel, (a3, g3), block)["dsd_tn"]
     db = fn(a3, g3, keep3, scale, block, not shared_b)
     if shared_b:
         return db.reshape(b.shape)
@@ -266,9 +267,11 @@ def matmul_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float
     return db.sum_to_size(b.shape) if tuple(b.shape[:-2]) != batch else db
 
 
-@matmul_grad_b.register_fake
-def _(grad, a, b, keep, scale, block_rows, block_cols, kernel):
+def _matmul_grad_b_fake(grad, a, b, keep, scale, block_rows, block_cols, kernel):
     return b.new_empty(b.shape)
+
+
+matmul_grad_b = define_op(f"{LIB}::matmul_grad_b", _matmul_grad_b, _matmul_grad_b_fake)
 
 
 def _matmul_setup(ctx, inputs, output):

@@ -26,6 +26,7 @@ class Site:
     rewritten: bool = False
     reason: str | None = None
     block_size: tuple[int, int] | None = None
+    blocks: int | None = None  # k: mask blocks (or attention tiles) over the whole activation
     region: str | None = None  # e.g. "activation checkpoint": the higher-order-op body it is in
 
     def row(self) -> tuple[str, ...]:

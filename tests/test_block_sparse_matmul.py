@@ -18,6 +18,7 @@ import torch
 from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
 from sparsedrop_compile.kernels import block_sparse_matmul as ref
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+from sparsedrop_compile.kernels import runtime
 from sparsedrop_compile.kernels.block_mask import cdiv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,7 +292,7 @@ def test_kept_lists_order():
 def test_candidates_lead_with_balanced():
     for kind in ("dsd", "sdd", "dsd_tn"):
         cands = tri.candidate_configs(kind, 4096, 4096, 4096, (128, 128), torch.bfloat16, tma=False)
-        if not tri._interpreting():
+        if not runtime.interpreting():
             assert cands[0].balance and len(cands) <= tri._MAX_CANDIDATES
 
 
@@ -423,21 +424,21 @@ def test_gpu_every_candidate_config(kind, M, K, N):
     block = (128, 128)
     a, b, g, keep = _gpu_problem(1, 1, M, K, N, block, 0.3)
     expected = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, 1.5, block, False)))[kind]
-    tma_possible = tri._tma_enabled(a.device)
+    tma_possible = runtime.tma_enabled(a.device)
     configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
     if tma_possible:
         configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
     for cfg in dict.fromkeys(configs):
         if kind == "dsd":
-            if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
+            if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
                 continue
             out = tri.dsd(a, b, keep, 1.5, block, config=cfg)
         elif kind == "sdd":
-            if cfg.tma and not (tri._tma_view_ok(g) and tri._tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
+            if cfg.tma and not (runtime.tma_view_ok(g) and runtime.tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
                 continue
             out = tri.sdd(g, b, keep, 1.5, block, config=cfg)
         else:
-            if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(g)):
+            if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(g)):
                 continue
             out = tri.dsd_tn(a, g, keep, 1.5, block, False, config=cfg)
         torch.cuda.synchronize()
@@ -460,22 +461,22 @@ def test_gpu_balanced_every_candidate(case, p):
     batched = B > 1
     scale = 1.5
     refs = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, scale, block, batched)))
-    tma_possible = tri._tma_enabled(a.device)
+    tma_possible = runtime.tma_enabled(a.device)
     for kind in ("dsd", "sdd", "dsd_tn"):
         configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
         if tma_possible:
             configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
         for cfg in dict.fromkeys(dataclasses.replace(c, balance=True) for c in configs):
             if kind == "dsd":
-                if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
+                if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
                     continue
                 out = tri.dsd(a, b, keep, scale, block, out=torch.full((B, M, N), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
             elif kind == "sdd":
-                if cfg.tma and not (tri._tma_view_ok(g) and tri._tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
+                if cfg.tma and not (runtime.tma_view_ok(g) and runtime.tma_view_ok(tri._b_tma_view(b)) and K % 8 == 0):
                     continue
                 out = tri.sdd(g, b, keep, scale, block, out=torch.full((B, M, K), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
             else:
-                if cfg.tma and not (tri._tma_view_ok(a) and tri._tma_view_ok(g)):
+                if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(g)):
                     continue
                 Bo = B if batched else 1
                 out = tri.dsd_tn(a, g, keep, scale, block, batched, out=torch.full((Bo, K, N), float("nan"), device="cuda", dtype=a.dtype), config=cfg)
@@ -551,7 +552,7 @@ def test_host_integer_helpers_match_triton():
     import triton
 
     for n in list(range(-5, 5000)) + [2**20 - 1, 2**20, 2**20 + 1, 2**31 + 7]:
-        assert tri._next_pow2(n) == (triton.next_power_of_2(n) if n > 0 else 0), n
+        assert runtime.next_pow2(n) == (triton.next_power_of_2(n) if n > 0 else 0), n
         for d in (1, 16, 64, 128):
             if n >= 0:
                 assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

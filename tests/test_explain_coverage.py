@@ -65,9 +65,9 @@ def test_every_dropout_of_a_graph_breaking_model_is_listed(between, monkeypatch)
     report = sd.explain(model, x, options=OPTS)
     assert len(report.sites) == _count_dropout_calls(monkeypatch, model, x) == 3
     assert all(s.rewritten and s.kind == "linear" for s in report.sites), str(report)
-    # Paths are relative where a graph's frame root is a block (module-path normalisation is
-    # separate work); each row is one block's dropout.
-    assert all(s.module_path.endswith("drop") for s in report.sites), str(report)
+    # One row per block, named as model.named_modules() names it (a graph run again for the next
+    # block gets that block's name).
+    assert [s.module_path for s in report.sites] == ["blocks.0.drop", "blocks.1.drop", "blocks.2.drop"], str(report)
 
 
 def test_dropout_outside_every_graph_is_listed_with_the_reason(monkeypatch):

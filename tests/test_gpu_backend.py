@@ -49,3 +49,35 @@ def test_hf_models_train_on_gpu_with_triton_kernels(family):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
     fused = torch._dynamo.utils.counters["sparsedrop"]
     assert fused["attention_fused"] > 0 or fused["matmul_fused"] > 0, dict(fused)
+
+
+@pytest.mark.parametrize("family", ["linear", "matmul", "attention"])
+def test_inductor_launches_the_kernels_itself(family):
+    """The rewritten sites' ops are traced into (triton_op): Inductor's generated code launches
+    our Triton kernels directly, forward and backward, and never calls back into the op."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    if family == "linear":
+        x = torch.randn(512, 256, device="cuda", dtype=dt, requires_grad=True)
+        w = torch.randn(192, 256, device="cuda", dtype=dt, requires_grad=True)
+        f = lambda: F.linear(F.dropout(x, 0.2, True), w)  # noqa: E731
+        kernels, ops = ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel"), ("sparsedrop.linear",)
+    elif family == "matmul":
+        x = torch.randn(4, 2, 256, 256, device="cuda", dtype=dt, requires_grad=True)
+        w = torch.randn(4, 2, 256, 64, device="cuda", dtype=dt, requires_grad=True)
+        f = lambda: torch.matmul(F.dropout(x, 0.2, True), w)  # noqa: E731
+        kernels, ops = ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel"), ("sparsedrop.matmul",)
+    else:
+        x = torch.randn(2, 4, 256, 64, device="cuda", dtype=dt, requires_grad=True)
+        w = torch.randn(2, 4, 256, 64, device="cuda", dtype=dt, requires_grad=True)
+        f = lambda: F.scaled_dot_product_attention(x, w, w, dropout_p=0.2)  # noqa: E731
+        kernels, ops = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"), ("sparsedrop.attention",)
+    compiled = torch.compile(f, backend="sparsedrop")
+    _, codes = run_and_get_code(lambda: compiled().float().sum().backward())
+    code = "\n".join(codes)
+    for name in kernels:
+        assert name in code, f"{name} is not launched from Inductor's code"
+    for op in ops:
+        assert f"torch.ops.{op}" not in code, f"Inductor's code calls back into {op}"

@@ -7,7 +7,8 @@ import torch
 import sparsedrop_compile as sd
 from sparsedrop_compile.models import build_model, example_batch
 
-OPTS = {"block_size": 16}
+# Small blocks and tiles, so that these small batches hold enough of them (max_drop_all).
+OPTS = {"block_size": 8, "attention_block": (16, 16)}
 
 
 def _paths(report, kind=None):
@@ -16,7 +17,7 @@ def _paths(report, kind=None):
 
 def test_t5_sites():
     model = build_model("t5", attn="eager")
-    report = sd.explain(model, **example_batch(model), options=OPTS)
+    report = sd.explain(model, **example_batch(model, seq=32), options=OPTS)  # decoder P @ V: 2 x 2 x 16 x 16
     consumers = _paths(report)
     # Every FFN's wo (2 encoder + 2 decoder layers).
     assert sum(c.endswith("DenseReluDense.wo") for c in consumers) == 4
@@ -103,7 +104,7 @@ def test_fullgraph_compile(family, inner):
 def test_sdpa_attention_sites_are_rewritten(family):
     # Head dim 64 (the "demo" size), so the tile-dropout attention kernel covers these sites.
     model = build_model(family, size="demo", attn="sdpa")
-    report = sd.explain(model, **example_batch(model, seq=32), options=OPTS)
+    report = sd.explain(model, **example_batch(model, seq=64), options=OPTS)  # T5's decoder: 32 queries
     attention = [s for s in report.sites if s.kind == "attention"]
     expected = {"bert": 2, "gpt2": 2, "t5": 6}[family]  # self (and, for T5, cross) attention per layer
     assert len(attention) == expected and all(s.rewritten for s in attention), [(s.location, s.reason) for s in attention]

@@ -18,8 +18,8 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 config = T5Config(vocab_size=64, d_model=64, d_kv=64, d_ff=128, num_layers=1, num_decoder_layers=1,
                   num_heads=1, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)
-batch = {"input_ids": torch.randint(1, 64, (2, 12)), "labels": torch.randint(1, 64, (2, 6))}
-"""
+batch = {"input_ids": torch.randint(1, 64, (8, 128)), "labels": torch.randint(1, 64, (8, 128))}
+"""  # 1024 tokens: 8 blocks of 128 rows, enough for the default max_drop_all at p = 0.1
 
 COUNT_SITES = """
 from torch._dynamo.utils import counters
@@ -49,7 +49,7 @@ def test_torch_compile_by_name_without_import():
     code = textwrap.dedent("""
         import torch
         f = torch.compile(lambda x: torch.nn.functional.dropout(x, 0.1) @ x.T, backend="sparsedrop")
-        assert f(torch.randn(8, 8)).shape == (8, 8)
+        assert f(torch.randn(1024, 128)).shape == (1024, 1024)  # 8 blocks of the default 128 x 128
         assert "sparsedrop_compile" in __import__("sys").modules
     """) + COUNT_SITES
     assert _fused(_run(code)) == 1
@@ -70,7 +70,7 @@ def test_import_first_then_compile_by_name():
         torch.compile(lambda x: x + 1, backend="aot_eager")(torch.randn(2))  # torch's registry already loaded
         import sparsedrop_compile
         f = torch.compile(lambda x: torch.nn.functional.dropout(x, 0.1) @ x.T, backend="sparsedrop")
-        f(torch.randn(8, 8))
+        f(torch.randn(1024, 128))
     """) + COUNT_SITES
     assert _fused(_run(code)) == 1
 

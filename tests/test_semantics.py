@@ -12,13 +12,15 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 
 
 def _cases():
-    """name -> (fn(drop, x, w, b), x shape, w shape, batched)."""
+    """name -> (fn(drop, x, w, b), x shape, w shape, batched). Each activation holds enough blocks
+    (at BLOCK and at the Triton test's (16, 32)) that P**k stays below max_drop_all."""
     return {
         "linear_2d_ragged": (lambda drop, x, w, b: F.linear(drop(x), w, b), (37, 40), (12, 40), False),
         "linear_3d": (lambda drop, x, w, b: F.linear(drop(x), w, b), (3, 21, 40), (12, 40), False),
+        "linear_3d_tall": (lambda drop, x, w, b: F.linear(drop(x), w, b), (3, 41, 40), (12, 40), False),
         "linear_cast_scale": (lambda drop, x, w, b: F.linear(drop(x).to(torch.float32) * 0.5, w), (3, 21, 40), (12, 40), False),
         "linear_view": (lambda drop, x, w, b: F.linear(drop(x).view(-1, 40), w, b), (3, 21, 40), (12, 40), False),
-        "addmm": (lambda drop, x, w, b: torch.addmm(b, drop(x), w.t().contiguous()), (37, 40), (12, 40), False),
+        "addmm": (lambda drop, x, w, b: torch.addmm(b, drop(x), w.t().contiguous()), (101, 40), (12, 40), False),
         "matmul_broadcast_b": (lambda drop, x, w, b: torch.matmul(drop(x), w.t()), (3, 21, 40), (12, 40), True),
         "matmul_4d_pv": (lambda drop, x, w, b: torch.matmul(drop(x), w.reshape(2, 1, 40, 6)), (2, 3, 21, 40), (12, 40), True),
         "bmm": (lambda drop, x, w, b: torch.bmm(drop(x), w.reshape(1, 40, 12).expand(3, 40, 12)), (3, 21, 40), (12, 40), True),
@@ -57,6 +59,8 @@ def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compil
             f = lambda x, w, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *block, batched), x, w, b)  # noqa: E731
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and not wide):
             out = f(x, w, b)
+        if mode == "compiled":  # else the comparison would be of element-wise dropout
+            assert sum(v for k, v in counters["sparsedrop"].items() if k.endswith("_fused")) >= 1, dict(counters["sparsedrop"])
         outs = out if isinstance(out, tuple) else (out,)
         loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).reshape(o.shape)).sum() for o in outs)
         loss.backward()
@@ -152,8 +156,8 @@ def test_same_seed_same_outputs(inner):
 
 
 def test_materialised_users_see_the_same_mask_as_the_fused_matmul():
-    x = torch.randn(48, 32)
-    w = torch.eye(32)
+    x = torch.randn(96, 64)  # 24 blocks of 16 x 16
+    w = torch.eye(64)
     f = torch.compile(lambda x: (F.linear(F.dropout(x, 0.5, True), w), None), backend="sparsedrop", options={"block_size": 16, "inner": "aot_eager"})
 
     def g(x):
@@ -164,12 +168,13 @@ def test_materialised_users_see_the_same_mask_as_the_fused_matmul():
     torch.manual_seed(1)
     fused, materialised = fg(x)
     torch.testing.assert_close(fused, materialised)  # identity weight: both are the dropped x
-    keep = expand_block_keep((materialised != 0).reshape(1, 48, 32)[:, ::16, ::16], 48, 32, 16, 16)[0]
+    assert counters["sparsedrop"]["linear_fused"] == 1
+    keep = expand_block_keep((materialised != 0).reshape(1, 96, 64)[:, ::16, ::16], 96, 64, 16, 16)[0]
     torch.testing.assert_close(materialised, torch.where(keep, x * 2, 0))
     del f
 
 
-@pytest.mark.parametrize("case", ["linear_3d", "addmm", "matmul_4d_pv", "matmul_broadcast_b"])
+@pytest.mark.parametrize("case", ["linear_3d_tall", "addmm", "matmul_4d_pv", "matmul_broadcast_b"])
 def test_triton_kernels_through_the_backend(case):
     """kernel="triton" runs the real Triton kernels (under the interpreter on CPU) in the
     compiled graph; the result is the same block dropout as the reference."""

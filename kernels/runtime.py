@@ -1,0 +1,322 @@
+"""What both Triton kernel families share on the host: one place for each of these questions.
+
+- Is Triton's CPU interpreter on (``TRITON_INTERPRET=1``, how CI runs the kernels)?
+- How is a kernel launched? Through ``torch.library.wrap_triton``, so that when an op's body is
+  traced by torch.compile, Inductor sees the kernel and launches it from its own generated code
+  (a few microseconds) instead of calling back into Python for every op.
+- How is an op defined? ``torch.library.triton_op`` (traced into, see above) where kernels run
+  on a GPU; a plain ``custom_op`` under the interpreter, whose kernels cannot be traced.
+- Facts about the device, cached per device (capability, SMs, shared memory, registers).
+- TMA (Hopper's tensor memory accelerator): whether an operand qualifies, and the strides a
+  descriptor takes. Descriptors are built inside the kernels (``tl.make_tensor_descriptor``),
+  because Inductor cannot trace host-side descriptors made inside a triton_op.
+- Tuning: one tuner that times candidate configs once per problem key. While an op is traced
+  (fake tensors: torch.compile is building the graph) it times them on stand-in tensors of the
+  same shapes and strides, so the chosen config is baked into the compiled code.
+
+Everything here is safe on fake and symbolic tensors: no data pointers, no guards on sizes
+unless a comment says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """Triton reads TRITON_INTERPRET when kernels are defined; so does this module."""
+    return INTERPRET
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (0 for n <= 0); plain int arithmetic, no Triton call."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def hint(n) -> int:
+    """An int for a size that may be symbolic (its example value), without adding a guard.
+
+    Use it only for choices that cannot change a result (tile sizes, schedules), never for one
+    that must hold for every size the compiled code will see."""
+    if isinstance(n, torch.SymInt):
+        return n.node.hint if n.node.hint is not None else 4096
+    return int(n)
+
+
+def known(expr) -> bool:
+    """True only if ``expr`` (a bool or a symbolic one) is true for every size: no guard."""
+    if isinstance(expr, bool):
+        return expr
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(expr)
+
+
+def is_traced(t: Tensor | None) -> bool:
+    """Whether ``t`` is a fake (or functional-over-fake) tensor of a graph being traced."""
+    if t is None:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+# --------------------------------------------------------------------------- ops and launches
+def define_op(name: str, body: Callable, fake: Callable | None = None):
+    """Register ``body`` as the op ``name`` (schema from its annotations, no mutated args).
+
+    On a GPU the op is a ``triton_op``: torch.compile traces its body and Inductor launches the
+    kernels itself; the body is its own fake implementation, so it must be traceable (metadata
+    only, kernels through :func:`launch`). Under the interpreter the kernels cannot be traced, so
+    the op is an opaque ``custom_op`` and ``fake`` gives its output metadata.
+    """
+    if INTERPRET:
+        op = torch.library.custom_op(name, body, mutates_args=())
+        if fake is not None:
+            op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, body, mutates_args=())
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](*args, **constexprs)``: a kernel launch that torch.compile can see.
+
+    Outside a trace this is ``kernel[grid](...)`` (Triton's own launch path); inside one it
+    records the launch for Inductor. Under the interpreter it is always the plain launch.
+    """
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def set_scratch_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need scratch memory per launch, which
+    Triton asks its allocator for. Triton keeps the allocator per thread (the autograd engine
+    runs backward on another thread), so the launchers call this before such launches. Inductor
+    sets its own before each launch of compiled code."""
+    triton.set_allocator(_torch_alloc)
+
+
+def _torch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+# --------------------------------------------------------------------------- device facts
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_SM_RESOURCES: dict[int, tuple[int, int, int]] = {}
+
+
+def cuda_index(device: torch.device) -> int:
+    """The device's index; the current device for a bare torch.device("cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, cached per device index (it cannot change)."""
+    index = cuda_index(device)
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def sm_resources(device: torch.device) -> tuple[int, int, int]:
+    """(SMs, shared memory and registers per SM) of a GPU, cached per device index."""
+    index = cuda_index(device)
+    res = _SM_RESOURCES.get(index)
+    if res is None:
+        props = torch.cuda.get_device_properties(index)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        res = _SM_RESOURCES[index] = (props.multi_processor_count, smem, regs)
+    return res
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_CTX = _NullCtx()  # stateless, so one instance serves every launch
+
+
+def device_guard(t: Tensor):
+    """Make t's GPU the current device for a launch (Triton launches on the current one).
+    Nothing to do, and no context switch, on CPU or when it already is (the usual case)."""
+    device = t.device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NULL_CTX
+
+
+# --------------------------------------------------------------------------- TMA
+def tma_enabled(device: torch.device) -> bool:
+    """TMA descriptors on this device: Hopper or newer, not interpreted, not switched off."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("SPARSEDROP_TMA", "1") == "0":
+        return False
+    return capability(device)[0] >= 9
+
+
+def tma_view_ok(t: Tensor) -> bool:
+    """Can a rank-3 TMA descriptor cover this (B, R, C) view? 16-byte aligned base and strides,
+    unit last stride, 16-bit dtype (fp32 stays on pointer loads: not the speed path).
+
+    A traced tensor has no address: its storage offset stands in, as Inductor assumes (and
+    checks at run time) that the buffers it is handed are aligned."""
+    if t.dtype not in (torch.float16, torch.bfloat16) or not known(t.stride(-1) == 1):
+        return False
+    es = t.element_size()
+    if is_traced(t):
+        if not known(t.storage_offset() * es % 16 == 0):
+            return False
+    elif t.data_ptr() % 16:
+        return False
+    # Broadcast (stride 0) dims are left to the pointer path: TMA wants real, aligned strides.
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if known(size == 1):
+            continue
+        if not (known(stride > 0) and known(stride * es % 16 == 0)):
+            return False
+    return True
+
+
+def tma_strides(t: Tensor) -> tuple:
+    """The strides to build a rank-3 descriptor of ``t`` with: a size-1 dim's stride is never
+    used by the hardware but must still be 16-byte aligned, so it gets the packed value."""
+    s0, s1, s2 = t.stride()
+    es = t.element_size()
+    if known(t.shape[1] == 1):
+        s1 = (t.shape[2] * es + 15) // 16 * 16 // es
+    if known(t.shape[0] == 1):
+        s0 = t.shape[1] * s1
+    return s0, s1, s2
+
+
+# --------------------------------------------------------------------------- configs and tuning
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of a kernel: its tiles and how it is scheduled.
+
+    The tile fields are named after the problem's dims; each kernel family's host module says
+    which tile is which. ``skip`` and ``balance`` are schedule choices that only some kernels
+    read (the attention kernels' dropped-tile handling, the matmuls' work balance).
+    """
+
+    tile_m: int
+    tile_n: int
+    tile_k: int = 0
+    stages: int = 3
+    warps: int = 4
+    group: int = 8
+    tma: bool = False
+    balance: bool = False
+    skip: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"m{self.tile_m}n{self.tile_n}k{self.tile_k}_s{self.stages}w{self.warps}g{self.group}"
+            + ("_tma" if self.tma else "_ptr")
+            + ("_bal" if self.balance else "")
+            + (f"_skip{self.skip}" if self.skip else "")
+        )
+
+
+class Tuner:
+    """Picks and caches one config per problem key by timing the candidates once.
+
+    Why not triton.autotune: the candidates depend on the mask block and on whether the operands
+    qualify for TMA, the grid and some arguments depend on the config, and tuning must be
+    skipped, not crash, while a CUDA graph is being captured. ``prefer`` may pick, among the
+    configs within ``tie`` of the fastest, one it prefers (e.g. a work-balanced schedule).
+    """
+
+    def __init__(self, tie: float = 0.0, prefer: Callable[[KernelConfig], bool] | None = None) -> None:
+        self.best: dict[tuple, KernelConfig] = {}
+        self.timings: dict[tuple, list[tuple[KernelConfig, float | str]]] = {}
+        self.tie, self.prefer = tie, prefer
+
+    def pick(self, key: tuple, candidates: Sequence[KernelConfig], run: Callable[[KernelConfig], None]) -> KernelConfig:
+        """The config for ``key``; ``run(cfg)`` launches one on real tensors (stand-ins while
+        tracing). The caller launches the chosen config on its own tensors afterwards."""
+        cfg = self.best.get(key)
+        if cfg is not None:
+            return cfg
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if len(candidates) == 1 or INTERPRET or os.environ.get("SPARSEDROP_AUTOTUNE", "1") == "0" or capturing:
+            # Untimed: the first candidate that compiles and launches. While a CUDA graph is
+            # captured nothing may run outside it, so the first candidate is used unchecked
+            # and not cached (the next uncaptured call tunes).
+            return candidates[0] if capturing else self._first_that_runs(key, candidates, run)
+        results: list[tuple[KernelConfig, float | str]] = []
+        for c in candidates:
+            try:
+                run(c)  # compile outside the timed region
+                ms = triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median")
+                results.append((c, ms))
+            except Exception as err:  # a config that does not compile or fit is skipped
+                results.append((c, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+        self.timings[key] = results
+        timed = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
+        if not timed:
+            raise RuntimeError(
+                f"sparsedrop: no kernel config could run for {key}: "
+                + "; ".join(f"{c}: {r}" for c, r in results)
+                + ". Set SPARSEDROP_TMA=0 to rule out TMA descriptors, or use kernel='reference'."
+            )
+        fastest = min(timed)[0]
+        preferred = [(ms, i) for ms, i in timed
+                     if self.prefer is not None and self.prefer(candidates[i]) and ms <= fastest * (1 + self.tie)]
+        best = candidates[min(preferred or timed)[1]]
+        self.best[key] = best
+        return best
+
+    def _first_that_runs(self, key, candidates, run) -> KernelConfig:
+        errors = []
+        for c in candidates:
+            try:
+                run(c)
+            except Exception as err:
+                errors.append(f"{c}: {type(err).__name__}: {err}")
+                continue
+            self.best[key] = c
+            return c
+        raise RuntimeError(f"sparsedrop: no kernel config could run for {key}: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def real_tensors():
+    """Run real kernels while a graph is being traced (to time configs): no fake or functional
+    mode, no proxy recording, launches go straight to Triton, no autograd."""
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), set_wrap_triton_enabled(False), torch.no_grad():
+        yield
+
+
+def standin(t: Tensor | None, fill: str = "normal") -> Tensor | None:
+    """A real tensor with ``t``'s sizes (their hints), strides, dtype and device, for timing
+    kernels while ``t`` itself is fake. Call inside :func:`real_tensors`."""
+    if t is None:
+        return None
+    size = [hint(s) for s in t.shape]
+    stride = [hint(s) for s in t.stride()]
+    out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
+    if out.is_floating_point():
+        out.normal_() if fill == "normal" else out.zero_()
+    else:
+        out.zero_()
+    return out
