@@ -35,7 +35,7 @@ from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.kernels.block_mask import dropout_scale, keep_shape
-from sparsedrop_compile.mask_ops import sample_keep
+from sparsedrop_compile.mask_ops import materialise, sample_keep
 
 from sparsedrop_compile.report import Site
 
@@ -419,8 +419,7 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
     br, bc = config.block_size
     keep = editor.call(sample_keep, (d.x, d.p, br, bc, layout.batched), before=d.node, like=d.node)
     scale0 = _scale_arg(editor, d, 1.0, d.node)
-    block_dropout = torch.ops.sparsedrop.block_dropout.default
-    dropped = editor.call(block_dropout, (d.x, keep, scale0, br, bc, layout.batched), before=d.node, like=d.node)
+    dropped = editor.call(materialise, (d.x, keep, scale0, br, bc, layout.batched), before=d.node, like=d.node)
     d.node.replace_all_uses_with(dropped)
     editor.graph.erase_node(d.node)
     chain_nodes: list[fx.Node] = []

@@ -12,6 +12,9 @@ compilers seed, and replay when a checkpoint recomputes it:
     sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
     sparsedrop::keep_from_uniform(u, p)     = u >= p
     sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy
+
+Where every size is a plain int there are no guards to avoid, and the same steps stay aten ops that
+Inductor fuses with their neighbours (``sample_keep`` / ``materialise`` choose at trace time).
 """
 from __future__ import annotations
 
@@ -63,14 +66,26 @@ def _block_dropout_backward(ctx, grad):
 block_dropout.register_autograd(_block_dropout_backward, setup_context=_block_dropout_setup)
 
 
+def _symbolic(*tensors: Tensor) -> bool:
+    return any(isinstance(n, torch.SymInt) for t in tensors for n in t.shape)
+
+
 def sample_keep(x: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """``sample_block_keep`` without guards, padded (``block_mask.padded``): the same draws, so
     the same flags for the same seed once the ops cut the padding off."""
     u = torch.rand(padded(keep_shape(x.shape, (block_rows, block_cols), batched)), device=x.device)
-    return torch.ops.sparsedrop.keep_from_uniform(u, p)
+    return torch.ops.sparsedrop.keep_from_uniform(u, p) if _symbolic(x) else u >= p
+
+
+def materialise(x: Tensor, keep: Tensor, scale, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    """Block dropout of x with a (padded) keep, for the users that read the dropped tensor."""
+    if _symbolic(x):
+        return torch.ops.sparsedrop.block_dropout(x, keep, scale, block_rows, block_cols, batched)
+    fitted = fit_keep(keep, keep_shape(x.shape, (block_rows, block_cols), batched))
+    return apply_block_keep(x, fitted, scale, block_rows, block_cols, batched)
 
 
 def sample_tile_keep(q: Tensor, k: Tensor, p, block_q: int, block_k: int) -> Tensor:
     """``sample_attention_keep`` without guards, padded like ``sample_keep``."""
     u = torch.rand(padded(attention_keep_shape(q.shape, k.shape, (block_q, block_k))), device=q.device)
-    return torch.ops.sparsedrop.keep_from_uniform(u, p)
+    return torch.ops.sparsedrop.keep_from_uniform(u, p) if _symbolic(q, k) else u >= p
