@@ -24,6 +24,7 @@ from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.report import Site
 
 from ._graph import const_number, meta_val
+from ._mutation import MutationIndex, storages
 from .dropout_matmul import feeds_a_matmul, parse_dropout
 
 # Higher-order ops whose bodies AOTAutograd traces inline: rewriting inside them is safe.
@@ -59,13 +60,14 @@ def rewrite_regions(gm: fx.GraphModule, config: SparseDropConfig, rewrite: Calla
     calls it. Bodies that are not REWRITABLE are only looked at (``change=False``): ``rewrite``
     runs with every candidate excluded, and the sites get the reason.
     """
-    if change:
-        hoist_dropouts(gm)
+    kept_out = hoist_dropouts(gm) if change else {}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     by_name = {node.name: node for node in gm.graph.nodes}
     hops = [(node, hop_name(node)) for node in gm.graph.nodes if hop_name(node)]
     out = []
     for site in rewrite(gm, config):
+        if not site.rewritten and site.node in kept_out:
+            site.reason = kept_out[site.node]
         key = order[by_name[site.node]] if site.node in by_name else len(order)
         site.node, site.region = prefix + site.node, site.region or region
         out.append(((key,), site))
@@ -101,10 +103,12 @@ def _look_only(body: fx.GraphModule, config: SparseDropConfig, rewrite, name: st
     return sites
 
 
-def hoist_dropouts(gm: fx.GraphModule) -> None:
+def hoist_dropouts(gm: fx.GraphModule) -> dict[str, str]:
     """Move each dropout whose only use is one argument of a REWRITABLE region into its body,
-    where that argument reaches a matmul the pass can fuse."""
-    changed = False
+    where that argument reaches a matmul the pass can fuse. Returns, by dropout node name, why a
+    dropout that would have been moved was left outside."""
+    kept_out: dict[str, str] = {}
+    mutations = MutationIndex(gm)
     for node in list(gm.graph.nodes):
         d = parse_dropout(node)
         if d is None or d.training is not True or d.inplace is not False or const_number(d.p) is None:
@@ -118,21 +122,40 @@ def hoist_dropouts(gm: fx.GraphModule) -> None:
             continue  # several slots, or a body shared with another call: leave it outside
         body = getattr(gm, body_attr.target)
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-        if slots[0] - 1 >= len(placeholders):
+        if slots[0] - 1 >= len(placeholders) or not feeds_a_matmul(placeholders[slots[0] - 1]):
             continue
-        ph = placeholders[slots[0] - 1]
-        if not feeds_a_matmul(ph):
+        why = _hoist_refusal(d, hop, mutations)
+        if why is not None:
+            kept_out[node.name] = f"its matmul consumers are inside the {REWRITABLE[hop_name(hop)]} region, but {why}; left outside"
             continue
-        first = next(n for n in body.graph.nodes if n.op != "placeholder")
-        with body.graph.inserting_before(first):
-            args = tuple(ph if a is d.x else a for a in node.args)
-            inner = body.graph.create_node("call_function", node.target, args, dict(node.kwargs), name=node.name)
-        inner.meta.update(node.meta)
-        ph.replace_all_uses_with(inner, delete_user_cb=lambda user: user is not inner)
-        ph.meta["example_value"] = meta_val(d.x)
-        hop.args = tuple(d.x if a is node else a for a in hop.args)
-        gm.graph.erase_node(node)
-        body.recompile()
-        changed = True
-    if changed:
-        gm.recompile()
+        _move_into(gm, d, hop, body, placeholders[slots[0] - 1])
+    return kept_out
+
+
+def _hoist_refusal(d, hop: fx.Node, mutations: MutationIndex) -> str | None:
+    """Why the dropout cannot read x at the region's call instead of where it stands."""
+    w = mutations.first_write([d.x], after=d.node)
+    if w is not None:
+        return f"its input {d.x.name} {w.verb} {w.op} (node {w.node.name}) after it"
+    x_memory = storages([d.x])
+    for arg in hop.args[1:]:
+        if arg is not d.node and isinstance(arg, fx.Node):
+            other = storages([arg])
+            if x_memory is None or other is None or x_memory & other:
+                return f"another argument of the region ({arg.name}) may share memory with its input {d.x.name}"
+    return None
+
+
+def _move_into(gm: fx.GraphModule, d, hop: fx.Node, body: fx.GraphModule, ph: fx.Node) -> None:
+    node = d.node
+    first = next(n for n in body.graph.nodes if n.op != "placeholder")
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: ph if a is d.x else a)
+    with body.graph.inserting_before(first):
+        inner = body.graph.create_node("call_function", node.target, args, kwargs, name=node.name)
+    inner.meta.update(node.meta)
+    ph.replace_all_uses_with(inner, delete_user_cb=lambda user: user is not inner)
+    ph.meta["example_value"] = meta_val(d.x)
+    hop.args = tuple(d.x if a is node else a for a in hop.args)
+    gm.graph.erase_node(node)
+    body.recompile()
+    gm.recompile()

@@ -155,6 +155,30 @@ def test_dropout_feeding_a_region_moves_into_it():
         torch.testing.assert_close(a, e, **TOL)
 
 
+def test_dropout_feeding_a_region_stays_outside_when_its_input_is_written_after_it():
+    lin = nn.Linear(32, 24)
+
+    def f(x):
+        x = x * 1
+        d = F.dropout(input=x, p=P, training=True)
+        y = checkpoint(lambda t: lin(t).relu(), d, use_reentrant=False)
+        x.add_(1)  # moving the dropout into the region would not change what it reads, but the
+        return y, x  # fused op would save x for backward, and x is written afterwards
+
+    report = sd.explain(f, torch.randn(X_SHAPE), options={"block_size": BLOCK})
+    (site,) = report.sites
+    assert not site.rewritten and site.region is None
+    assert "inside the activation checkpoint region, but its input" in site.reason and "add_" in site.reason
+
+
+def test_dropout_given_by_keyword_moves_into_the_region():
+    lin = nn.Linear(32, 24)
+    report = sd.explain(lambda x: checkpoint(lambda t: lin(t), F.dropout(input=x, p=P, training=True), use_reentrant=False),
+                        torch.randn(X_SHAPE), options={"block_size": BLOCK})
+    (site,) = report.sites
+    assert site.rewritten and site.region == "activation checkpoint"
+
+
 # --------------------------------------------------------------------------- HuggingFace
 def _enable_checkpointing(model):
     # transformers 5.x names it activation_checkpointing_enable where it exists (the old name warns).
