@@ -100,7 +100,7 @@ def _bound(node: fx.Node) -> dict | None:
     return dict(bound.arguments)
 
 
-def _refusal(a: dict, config: SparseDropConfig) -> str | None:
+def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
     p = scalar_hint(a["dropout_p"])
     if a["training"] is not True:
         return "training=False: no attention dropout" if a["training"] is False else "training flag is not a constant"
@@ -130,7 +130,10 @@ def _refusal(a: dict, config: SparseDropConfig) -> str | None:
         return "no shape metadata on query, or embed_dim / num_heads are not constants"
     if embed % heads or embed // heads not in HEAD_DIMS:
         return f"head dim {embed}/{heads}: the tile-dropout kernel covers {HEAD_DIMS}; left as it is"
-    if query.dtype == torch.float32 and query.device.type == "cuda":
+    out = meta_val(node)
+    out = out[0] if isinstance(out, (tuple, list)) and out else out
+    if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cuda":
+        # The output's dtype, not the query's: under autocast the query is fp32, the attention not.
         return "float32 attention: the Triton kernel is fp16/bf16 (use autocast); left as it is"
     return None
 
@@ -158,7 +161,7 @@ def rewrite_dropout_mha(gm: fx.GraphModule, config: SparseDropConfig, graph_inde
         site = Site(graph_index, node.name, location(node), module_path(node), scalar_hint(a["dropout_p"]), "attention",
                     ["P @ V inside multi_head_attention_forward"])
         sites.append(site)
-        site.reason = _refusal(a, config) or _too_few_tiles(a, config, site) or excluded(config.exclude, config.filter_fn, site, [])
+        site.reason = _refusal(node, a, config) or _too_few_tiles(a, config, site) or excluded(config.exclude, config.filter_fn, site, [])
         if site.reason is not None:
             counters["sparsedrop"]["refused"] += 1
             continue

@@ -1,5 +1,7 @@
 """nn.MultiheadAttention's dropout: the decomposition equals torch's, the compiled modules equal
 the reference with the same keep tiles, and explain lists each site (rewritten or why not)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,6 +101,10 @@ def _reference_patches(monkeypatch, tile=TILE, block=16):
     monkeypatch.setattr(F, "dropout", dropout)
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
 def _encoder(norm_first=False):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, 96, dropout=0.2, batch_first=True, norm_first=norm_first).train()
@@ -118,7 +124,7 @@ def _run(module, inputs, kwargs, seed, owner=None):
     return [out] + grads
 
 
-@pytest.mark.parametrize("variant", ["plain", "key_padding_mask", "causal", "norm_first"])
+@pytest.mark.parametrize("variant", ["plain", "key_padding_mask", "causal", "norm_first", "bf16_autocast"])
 def test_compiled_encoder_layer_equals_reference_with_the_same_tiles(variant, monkeypatch):
     layer = _encoder(norm_first=variant == "norm_first")
     x = torch.randn(3, 40, E)
@@ -128,12 +134,22 @@ def test_compiled_encoder_layer_equals_reference_with_the_same_tiles(variant, mo
     if variant == "causal":
         kwargs = {"src_mask": nn.Transformer.generate_square_subsequent_mask(40), "is_causal": True}
     compiled = torch.compile(layer, backend="sparsedrop", options=OPTS)
-    got = _run(compiled, [x], kwargs, seed=3)
-    assert counters["sparsedrop"]["attention_fused"] == 1 and counters["sparsedrop"]["linear_fused"] == 1
-    _reference_patches(monkeypatch)
-    expected = _run(layer, [x], kwargs, seed=3)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, **TOL)
+    bf16 = variant == "bf16_autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = _run(compiled, [x], kwargs, seed=3)
+        assert counters["sparsedrop"]["attention_fused"] == 1 and counters["sparsedrop"]["linear_fused"] == 1
+        _reference_patches(monkeypatch)
+        expected = _run(layer, [x], kwargs, seed=3)
+    if not bf16:
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, **TOL)
+        return
+    # bf16: against a float64 oracle (same tiles), no worse than twice eager bf16's error.
+    wide = _run(copy.deepcopy(layer).double(), [x.double()], kwargs, seed=3)
+    for g, e, w in zip(got, expected, wide):
+        assert g.dtype == e.dtype
+        err, eager_err = _rel(g, w), _rel(e, w)
+        assert err < 5e-2 and err <= 2 * eager_err + 1e-3, (err, eager_err, g.shape)
 
 
 def test_compiled_mha_need_weights_false_equals_reference(monkeypatch):
@@ -180,10 +196,6 @@ def test_eval_mode_mha_is_no_site_and_unchanged():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), **TOL)
     assert counters["sparsedrop"]["attention_fused"] == 0
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu
