@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -55,18 +57,12 @@ def known(expr) -> bool:
     """True only if ``expr`` (a bool or a symbolic one) is true for every size: no guard."""
     if isinstance(expr, bool):
         return expr
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     return statically_known_true(expr)
 
 
 def is_traced(t: Tensor | None) -> bool:
     """Whether ``t`` is a fake (or functional-over-fake) tensor of a graph being traced."""
-    if t is None:
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
+    return t is not None and is_fake(t)
 
 
 # --------------------------------------------------------------------------- ops and launches

@@ -112,8 +112,8 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     keep = _fit_tiles(q, k, keep, block, "attention_forward")
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
-        return _tri.attention_forward(*args)
-    out, lse = _ref.reference_attention_forward(*args)
+        return ATTENTION.triton["forward"](*args)
+    out, lse = ATTENTION.reference["forward"](*args)
     return _ref.empty_attention_out(q, v).copy_(out), lse  # the kernels' (and the fake's) layout
 
 
@@ -134,10 +134,10 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
     keep = _fit_tiles(q, k, keep, block, "attention_backward")
     want_dmask = mask_grad and attn_mask is not None and attn_mask.is_floating_point()
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
-        dq, dk, dv, dmask = _tri.attention_backward(
+        dq, dk, dv, dmask = ATTENTION.triton["backward"](
             grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
     else:
-        grads = _ref.reference_attention_backward(
+        grads = ATTENTION.reference["backward"](
             grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
         dq, dk, dv = (_ref.empty_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
         dmask = grads[3]
