@@ -28,10 +28,12 @@ made from shapes, strides and dtypes (the config too, see below), kernels are la
 ``runtime.launch``, so when an op is traced by torch.compile Inductor launches them from its
 own code, and every launcher can be captured in a CUDA graph.
 
-Tuning: each launcher picks a config from a short list (``candidate_configs``) by timing them
-once per problem key (sizes, block, dtype, layout); while traced, on stand-in tensors of the
-same shapes (``runtime.Tuner``). Environment knobs:
-    SPARSEDROP_AUTOTUNE=0   take the first (heuristic) candidate, no timing
+Tuning: each launcher picks a config from a short list (``candidate_configs``, best guess
+first): by default the first that runs; with autotuning on (``mode="max-autotune"``, the
+backend's ``autotune`` option, ``SPARSEDROP_AUTOTUNE=1``) the fastest, timed once per problem
+key (sizes, block, dtype, layout); while traced, on stand-in tensors of the same shapes
+(``runtime.Tuner``). Environment knobs:
+    SPARSEDROP_AUTOTUNE=1   time the candidates (default 0: first that runs)
     SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only)
 Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
 """
@@ -177,8 +179,10 @@ _STANDIN_P = 0.1
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
-    """The configs chosen so far in this process, by problem key (for logs and benchmarks)."""
-    return dict(_TUNER.best)
+    """The configs chosen so far in this process, by problem key (for logs and benchmarks); a
+    timed choice wins over an untimed one for the same key."""
+    chosen = sorted(_TUNER.best.items(), key=lambda item: item[0][1])  # untimed first, timed overwrite
+    return {key: cfg for (key, _timed), cfg in chosen}
 
 
 def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: KernelConfig | None,
@@ -194,7 +198,7 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         if config.tma and not tma_ok:
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         return config
-    cfg = _TUNER.best.get(key)
+    cfg = _TUNER.cached(key)
     if cfg is not None:
         return cfg
     cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok)

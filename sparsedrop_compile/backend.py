@@ -55,7 +55,11 @@ def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any)
     if mode is not None and config.mode is None:
         config = config.replace(mode=mode)
     run_passes(gm, config, example_inputs)
-    return _inner_compile(gm, example_inputs, config)
+    from sparsedrop_compile.kernels.runtime import autotuning
+
+    # Kernel configs are picked while the graph is traced, i.e. inside the inner compile.
+    with autotuning(config.autotune_kernels()):
+        return _inner_compile(gm, example_inputs, config)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig):
