@@ -72,12 +72,67 @@ def _supported(fn: Callable) -> Callable:
     return call
 
 
+# --------------------------------------------------------------------------- opaque references
+# The plain-PyTorch references as ops of their own. On a GPU the ops below are triton_ops, whose
+# bodies torch.compile traces into; a call that falls back to the reference (CPU tensors, a dtype
+# or layout the kernels do not take) would then trace the reference's mask indexing with
+# symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
+# references enter the graph as one node each, with the dense op's output metadata.
+def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                   bias: Tensor | None) -> Tensor:
+    return _ref_matmul.reference_dsd(a, b, keep, scale, (block_rows, block_cols), bias)
+
+
+def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
+    out = torch.matmul(a, b)
+    return out if bias is None else out + bias
+
+
+def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int) -> Tensor:
+    return _ref_matmul.reference_sdd(grad, b, keep, scale, (block_rows, block_cols))
+
+
+def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols):
+    return torch.matmul(grad, b.transpose(-1, -2))
+
+
+def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                      batched_out: bool) -> Tensor:
+    return _ref_matmul.reference_dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out)
+
+
+def _reference_dsd_tn_fake(a, grad, keep, scale, block_rows, block_cols, batched_out):
+    batch = a.shape[0] if batched_out else 1
+    return a.new_empty((batch, a.shape[2], grad.shape[2]), dtype=torch.result_type(a, grad))
+
+
+def opaque_reference(name: str, fn: Callable, fake: Callable):
+    """``fn`` registered as the opaque op sparsedrop::``name`` whose metadata ``fake`` gives."""
+    op = torch.library.custom_op(f"{LIB}::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+_ref_dsd = opaque_reference("reference_dsd", _reference_dsd, _reference_dsd_fake)
+_ref_sdd = opaque_reference("reference_sdd", _reference_sdd, _reference_sdd_fake)
+_ref_dsd_tn = opaque_reference("reference_dsd_tn", _reference_dsd_tn, _reference_dsd_tn_fake)
+
+
+def _dsd_tn_into(a, grad, keep, scale, block, batched_out, *, out=None):
+    result = _ref_dsd_tn(a, grad, keep, scale, block[0], block[1], batched_out)
+    return result if out is None else out.copy_(result)
+
+
 # The tensors ``pick`` checks must be the launcher's first two operands (or views of them with
 # the same dtype, device and matrix span), since that check stands in for the launcher's own.
 MATMUL = KernelFamily(
     "matmul",
     triton={name: _supported(getattr(_tri_matmul, name)) for name in ("dsd", "sdd", "dsd_tn")},
-    reference={"dsd": _ref_matmul.reference_dsd, "sdd": _ref_matmul.reference_sdd, "dsd_tn": _ref_matmul.reference_dsd_tn},
+    reference={
+        "dsd": lambda a, b, keep, scale, block, bias=None: _ref_dsd(a, b, keep, scale, block[0], block[1], bias),
+        "sdd": lambda grad, b, keep, scale, block: _ref_sdd(grad, b, keep, scale, block[0], block[1]),
+        "dsd_tn": _dsd_tn_into,
+    },
     unsupported_reason=_tri_matmul.unsupported_reason,
 )
 
