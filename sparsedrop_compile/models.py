@@ -37,7 +37,9 @@ def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: fl
         layers = 6  # 6 + 6 layers, as the benchmark issue allows
     vocab = vocab or (BASE_VOCAB[family] if size == "base" else 256)
     p = 0.1 if dropout is None else dropout
-    common: dict[str, Any] = {"attn_implementation": attn}
+    # Training models: no KV cache. (transformers 5.17's T5 builds its cache with copy.deepcopy of
+    # the config, which Dynamo cannot trace: a graph break in every forward with use_cache=True.)
+    common: dict[str, Any] = {"attn_implementation": attn, "use_cache": False}
     if family.startswith("t5"):
         cfg = tf.T5Config(
             vocab_size=vocab, d_model=d, d_kv=d // heads, d_ff=ff, num_layers=layers, num_decoder_layers=layers,
@@ -78,6 +80,7 @@ def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     except (ValueError, KeyError):
         raise ValueError(f"{cfg_path}: model_type {data['model_type']!r} is unknown to transformers {tf.__version__}") from None
     config._attn_implementation = attn
+    config.use_cache = False  # a training model (see build_model)
     for auto in (tf.AutoModelForSeq2SeqLM, tf.AutoModelForCausalLM, tf.AutoModelForMaskedLM, tf.AutoModel):
         try:
             return auto.from_config(config)

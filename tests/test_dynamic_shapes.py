@@ -83,10 +83,11 @@ def test_opcheck_mask_ops():
 
 
 # --------------------------------------------------------------------------- graph counts
-def _graphs(fn, inputs, backend):
+def _graphs(fn, inputs, backend, sparsedrop_options=None):
     torch._dynamo.reset()
     counters.clear()
-    options = {"options": {"block_size": 8, "inner": "aot_eager", "attention_block": (16, 16)}} if backend == "sparsedrop" else {}
+    opts = {"block_size": 8, "inner": "aot_eager", "attention_block": (16, 16), **(sparsedrop_options or {})}
+    options = {"options": opts} if backend == "sparsedrop" else {}
     compiled = torch.compile(fn, backend=backend, dynamic=True, **options)
     for args in inputs:
         compiled(*args)
@@ -122,7 +123,22 @@ def test_no_more_graphs_than_aot_eager(case):
     assert fused == 1 and ours == theirs == 1
 
 
-def test_hf_encoder_with_varying_sequence_length_compiles_as_often_as_aot_eager():
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_more_graphs_than_aot_eager_on_cuda(case):
+    """The same on CUDA, where the ops are traced into (triton_op): the Triton launchers' host
+    code sees the symbolic sizes and must add no guard. Blocks of 16 (the kernels' minimum);
+    max_drop_all off, since at the smallest sizes a few blocks cover the whole activation."""
+    fn, make = CASES[case]
+    inputs = [[t.cuda() for t in make(s)] for s in SIZES]
+    options = {"block_size": 16, "attention_block": (16, 16), "max_drop_all": 1.0}
+    ours, fused = _graphs(fn, inputs, "sparsedrop", options)
+    theirs, _ = _graphs(fn, inputs, "aot_eager")
+    assert fused == 1 and ours == theirs == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hf_encoder_with_varying_sequence_length_compiles_as_often_as_aot_eager(device):
     from sparsedrop_compile.models import build_model, example_batch
 
     counts = []
@@ -130,11 +146,11 @@ def test_hf_encoder_with_varying_sequence_length_compiles_as_often_as_aot_eager(
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
-        model = build_model("bert", size="demo", attn="sdpa").train()
+        model = build_model("bert", size="demo", attn="sdpa").train().to(device)
         options = {"options": {"block_size": 16, "attention_block": (16, 16), "inner": "aot_eager"}} if backend == "sparsedrop" else {}
         compiled = torch.compile(model, backend=backend, **options)
         for seq in (24, 40, 9, 57, 33):
-            compiled(**example_batch(model, batch=4, seq=seq)).loss.backward()
+            compiled(**example_batch(model, batch=4, seq=seq, device=device)).loss.backward()
         counts.append(counters["stats"]["unique_graphs"])
         if backend == "sparsedrop":
             assert counters["sparsedrop"]["attention_fused"] >= 2
@@ -142,12 +158,14 @@ def test_hf_encoder_with_varying_sequence_length_compiles_as_often_as_aot_eager(
 
 
 def test_padded_tiles_reach_the_triton_attention_kernels_through_the_backend():
-    """kernel="triton" (interpreted on CPU): the compiled graph's padded keep tiles are cut to size
-    before the kernels read them; forward and gradients equal the reference with the same tiles."""
+    """kernel="triton" (on CUDA, else interpreted on CPU): the compiled graph's padded keep tiles
+    are cut to size before the kernels read them; forward and gradients equal the reference with
+    the same tiles."""
     from sparsedrop_compile.kernels import flash_attention as fa
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 40, 64, generator=gen).half() for _ in range(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(2, 2, 40, 64, generator=gen).half().to(device) for _ in range(3))
     block = (16, 32)
     options = {"attention_block": block, "kernel": "triton", "inner": "aot_eager"}
     f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), backend="sparsedrop", options=options)

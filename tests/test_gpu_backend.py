@@ -60,7 +60,7 @@ def test_inductor_launches_the_kernels_itself(family):
     torch.manual_seed(0)
     dt = torch.bfloat16
     if family == "linear":
-        x = torch.randn(512, 256, device="cuda", dtype=dt, requires_grad=True)
+        x = torch.randn(1024, 256, device="cuda", dtype=dt, requires_grad=True)  # 16 blocks: max_drop_all holds
         w = torch.randn(192, 256, device="cuda", dtype=dt, requires_grad=True)
         f = lambda: F.linear(F.dropout(x, 0.2, True), w)  # noqa: E731
         kernels, ops = ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel"), ("sparsedrop.linear",)
