@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .block_mask import cdiv
+from .block_mask import cdiv, keep_fits
 from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _kept_lists_kernel, _sdd_kernel
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
@@ -261,6 +261,11 @@ def _fail(name: str, msg: str) -> NoReturn:
     raise ValueError(f"sparsedrop {name}: {msg}")
 
 
+def _blocks(a: Tensor, block) -> tuple:
+    """(B, nR, nC): the mask blocks over the 3-D activation ``a``."""
+    return (a.shape[0], cdiv(a.shape[1], block[0]), cdiv(a.shape[2], block[1]))
+
+
 def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int,
                   supported: bool = False) -> None:
     """Operand checks shared by the launchers. ``supported``: the caller has already found
@@ -274,8 +279,9 @@ def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: in
         if reason is not None:
             _fail(name, f"{reason}; use the reference kernels for this call")
     expected = (x.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1]))
-    if not (keep.dtype == torch.bool and tuple(keep.shape) == expected):
-        _fail(name, f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}")
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
+        _fail(name, f"keep must be a bool tensor of shape {expected} (or padded by one block in its last two dims), "
+                    f"got {keep.dtype} {tuple(keep.shape)}")
     if keep.device != x.device:
         _fail(name, f"keep is on {keep.device}, operands on {x.device}")
 
@@ -374,7 +380,7 @@ def _record_occupancy(device: torch.device, occ_key: tuple, compiled, cfg: Kerne
 
 
 # =========================================================================== kept lists
-def kept_lists(keep: Tensor, by: str, order: bool = False):
+def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None):
     """Per-line lists of kept blocks, built on the device in one launch (no host sync).
 
     by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
@@ -386,8 +392,11 @@ def kept_lists(keep: Tensor, by: str, order: bool = False):
     With ``order=True`` returns (counts, index, order): order (int32, n_lines) lists the lines
     by kept count, descending (ties by line number), computed in the same launch; order is None
     when the mask is too large for that (see _ORDER_MAX_FLAG_READS).
+
+    ``blocks`` = (B, nR, nC) when ``keep`` is padded (block_mask.padded): the flags are read
+    through keep's strides, so the extra row and column are never seen.
     """
-    B, nR, nC = keep.shape
+    B, nR, nC = keep.shape if blocks is None else blocks
     flags = keep  # bool tensors go to Triton as they are (i1 pointers): Inductor cannot lower a bool -> uint8 view
     sb, sr, sc = flags.stride()
     if by == "row":
@@ -459,7 +468,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, b, keep, bias, out) -> None:
-        counts, index, order = kept_lists(keep, "row", order=True)
+        counts, index, order = kept_lists(keep, "row", order=True, blocks=_blocks(a, block))
         n_rblk = cdiv(M, br)
         balance = cfg.balance and order is not None
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
@@ -524,7 +533,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         tiles = B * cdiv(M, cfg.tile_m) * cdiv(K, cfg.tile_k)
         masks = _masks(M, N, K, cfg, block)
         if persistent:
-            counts, index = kept_lists(keep, "row")
+            counts, index = kept_lists(keep, "row", blocks=(B, cdiv(M, block[0]), cdiv(K, block[1])))
             occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(masks.values()))
             programs = _persistent_programs(grad.device, occ_key, cfg, grad.element_size())
             grid = (max(1, min(hint(tiles), programs)),)
@@ -583,7 +592,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, grad, keep, out):
-        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True)
+        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=_blocks(a, block))
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
             grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)

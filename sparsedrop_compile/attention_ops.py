@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsedrop_compile.kernels import flash_attention as _ref
-from sparsedrop_compile.kernels.block_mask import fit_keep
+from sparsedrop_compile.kernels.block_mask import fit_keep, keep_fits
 from sparsedrop_compile.kernels.flash_attention import MODES, attention_keep_shape, sample_attention_keep
 from sparsedrop_compile.kernels import flash_attention_triton as _tri
 from sparsedrop_compile.kernels.runtime import define_op
@@ -69,17 +69,22 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep:
 
 
 def _fit_tiles(q: Tensor, k: Tensor, keep: Tensor, block: tuple[int, int], op: str) -> Tensor:
-    """keep cut to the tiles of q against k (a compiled graph's keep is padded by one tile in its
-    last two dims: see block_mask.padded); raises if it does not fit."""
+    """keep if it holds the tiles of q against k, exactly or padded by one tile in its last two
+    dims (a compiled graph's keep: see block_mask.padded); raises if it does not fit. Returned
+    uncut: the kernels read it through its strides, the opaque references cut it (see
+    block_mask.keep_fits)."""
     expected = tuple(attention_keep_shape(q.shape, k.shape, block))
-    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
-    if fitted is None:
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (tiles of {tuple(block)} over "
             f"{q.shape[-2]} queries x {k.shape[-2]} keys), got {keep.dtype} {tuple(keep.shape)}; build it with "
             "sample_attention_keep(q, k, p, block_q, block_k)"
         )
-    return fitted
+    return keep
+
+
+def _cut(q: Tensor, k: Tensor, keep: Tensor, block_q: int, block_k: int) -> Tensor:
+    return fit_keep(keep, attention_keep_shape(q.shape, k.shape, (block_q, block_k)))
 
 
 # The references as opaque ops, in the kernels' output layouts (see ops.py, "opaque references":
@@ -87,7 +92,7 @@ def _fit_tiles(q: Tensor, k: Tensor, keep: Tensor, block: tuple[int, int], op: s
 def _reference_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor, p: float,
                        is_causal: bool, scale: float | None, enable_gqa: bool, block_q: int, block_k: int,
                        mode: str) -> tuple[Tensor, Tensor]:
-    out, lse = _ref.reference_attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa,
+    out, lse = _ref.reference_attention_forward(q, k, v, attn_mask, _cut(q, k, keep, block_q, block_k), p, is_causal, scale, enable_gqa,
                                                 (block_q, block_k), mode)
     return _ref.empty_attention_out(q, v).copy_(out), lse.float().contiguous()
 
@@ -99,7 +104,7 @@ def _reference_forward_fake(q, k, v, attn_mask, keep, p, is_causal, scale, enabl
 def _reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor,
                         p: float, is_causal: bool, scale: float | None, enable_gqa: bool, block_q: int, block_k: int,
                         mode: str, want_dmask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _ref.reference_attention_backward(grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa,
+    grads = _ref.reference_attention_backward(grad_out, q, k, v, attn_mask, _cut(q, k, keep, block_q, block_k), p, is_causal, scale, enable_gqa,
                                               (block_q, block_k), mode, want_dmask)
     dq, dk, dv = (_ref.empty_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
     dmask = attn_mask.new_empty(attn_mask.shape).copy_(grads[3]) if want_dmask else q.new_empty((0,))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as _tri_matmul
-from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_shape
+from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_fits, keep_shape
 from sparsedrop_compile.kernels.runtime import define_op, interpreting
 
 LIB = "sparsedrop"
@@ -78,9 +78,14 @@ def _supported(fn: Callable) -> Callable:
 # or layout the kernels do not take) would then trace the reference's mask indexing with
 # symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
 # references enter the graph as one node each, with the dense op's output metadata.
+def _cut(keep: Tensor, a: Tensor, block_rows: int, block_cols: int) -> Tensor:
+    """A possibly padded keep cut to the blocks over the 3-D operand ``a`` (concrete tensors)."""
+    return fit_keep(keep, keep_shape(a.shape, (block_rows, block_cols), True))
+
+
 def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                    bias: Tensor | None) -> Tensor:
-    return _ref_matmul.reference_dsd(a, b, keep, scale, (block_rows, block_cols), bias)
+    return _ref_matmul.reference_dsd(a, b, _cut(keep, a, block_rows, block_cols), scale, (block_rows, block_cols), bias)
 
 
 def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
@@ -89,6 +94,8 @@ def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
 
 
 def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int) -> Tensor:
+    out_shape = (grad.shape[0], grad.shape[1], b.shape[1])
+    keep = fit_keep(keep, keep_shape(out_shape, (block_rows, block_cols), True))
     return _ref_matmul.reference_sdd(grad, b, keep, scale, (block_rows, block_cols))
 
 
@@ -98,6 +105,7 @@ def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols):
 
 def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                       batched_out: bool) -> Tensor:
+    keep = _cut(keep, a, block_rows, block_cols)
     return _ref_matmul.reference_dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out)
 
 
@@ -138,16 +146,17 @@ MATMUL = KernelFamily(
 
 
 def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> Tensor:
-    """keep cut to the blocks over an operand of ``shape`` (a compiled graph's keep is padded by
-    one block in its last two dims: see block_mask.padded); raises if it does not fit."""
+    """``keep`` if it holds the flags of the blocks over an operand of ``shape``, exactly or padded
+    by one block in its last two dims (a compiled graph's keep: see block_mask.padded); raises if
+    it does not fit. Returned uncut: the launchers read it through its strides, and the opaque
+    references cut it (block_mask.keep_fits says why)."""
     expected = tuple(keep_shape(shape, block, batched))
-    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
-    if fitted is None:
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (blocks of {block} over an "
             f"operand of shape {tuple(shape)}), got {keep.dtype} {tuple(keep.shape)}"
         )
-    return fitted
+    return keep
 
 
 def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:
