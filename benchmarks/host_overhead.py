@@ -145,12 +145,37 @@ def eager_functional(reps: int):
                    wall_ms=round(wall, 4), cuda_graph_ms=round(replay, 4), wall_over_graph=round(wall / replay, 3))
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Per-site host time by family, Inductor beside sparsedrop, from the CSV's rows."""
+    plt = harness.pyplot()
+    if plt is None:
+        return
+    sites = [r for r in rows if r.get("host_us_per_site") not in (None, "")]
+    families = list(dict.fromkeys(r["case"].split()[0] for r in sites))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for j, backend in enumerate(("inductor", "sparsedrop")):
+        values = [next(float(r["host_us_per_site"]) for r in sites if r["case"].startswith(f + " ") and r["backend"] == backend)
+                  for f in families]
+        bars = ax.bar([i + (j - 0.5) * width for i in range(len(families))], values, width, label=backend)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(families)), [f"{f} site" for f in families])
+    ax.set_ylabel("host us per site, fwd + bwd")
+    ax.set_title(f"{rows[0]['gpu']}, torch {rows[0]['torch']}, default mode", fontsize=9)
+    ax.legend(loc="lower right")
+    harness.save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv")
+    parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
+    parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(harness.read_csv(args.plot_only), args.plot_only.removesuffix(".csv") + ".png")
+        return 0
     if not torch.cuda.is_available():
         sys.exit("host_overhead.py measures launches on a CUDA GPU")
     env = harness.environment("cuda", ("torch", "triton"))
@@ -165,6 +190,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"host_overhead_{harness.slug(name)}.csv")
         harness.write_csv(path, rows)
+        plot(rows, path.removesuffix(".csv") + ".png")
         print("wrote", path)
     return 0
 
