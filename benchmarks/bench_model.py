@@ -313,7 +313,7 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
 
 
 # --------------------------------------------------------------------------- results file
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, text_fields: tuple[str, ...] = TEXT_FIELDS) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
@@ -322,7 +322,7 @@ def read_rows(path: Path) -> list[dict]:
         for k, v in r.items():
             if v in ("", None):
                 r[k] = None
-            elif k not in TEXT_FIELDS:
+            elif k not in text_fields:
                 try:
                     r[k] = float(v) if any(c in v for c in ".enN") else int(v)
                 except ValueError:
@@ -332,10 +332,10 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
+def write_rows(rows: list[dict], path: Path, fields: list[str] = FIELDS) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)  # atomic: a kill mid-write never leaves half a file

@@ -161,6 +161,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import sparsedrop_compile as sd
+    from sparsedrop_compile.models import transformer_blocks
 
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2, about in-place ops these models do not do
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -193,7 +194,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
 
         results["ddp_bert"] = _hf_train(DDP(make_bert()), rank)
         bert = make_bert()
-        for layer in bert.bert.encoder.layer:
+        for layer in transformer_blocks(bert):
             fully_shard(layer)
         fully_shard(bert)
         results["fsdp_bert"] = _hf_train(bert, rank)
