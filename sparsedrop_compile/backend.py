@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from sparsedrop_compile import distributed, report
 from sparsedrop_compile.config import SparseDropConfig
@@ -15,13 +16,13 @@ log = logging.getLogger("sparsedrop_compile")
 
 def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Sequence[Any] = ()) -> list:
     """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
-    import sparsedrop_compile.mask_ops  # noqa: F401  (registers the ops the passes emit)
+    import sparsedrop_compile.mask_ops  # registers the ops the passes emit
     import sparsedrop_compile.ops  # noqa: F401
+    from sparsedrop_compile.passes._names import compiled_root, naming
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
     from sparsedrop_compile.passes.regions import rewrite_regions
-    from sparsedrop_compile.passes._names import compiled_root, naming
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()

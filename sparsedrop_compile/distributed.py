@@ -146,7 +146,8 @@ def split_reason(gm: fx.GraphModule, module_path: str, units: list[str]) -> str:
         return ("Dynamo's DDPOptimizer (torch._dynamo.config.optimize_ddp) cut the DDP model's graph at a gradient-bucket "
                 "boundary right after this dropout, so its matmul is in the next piece; sparsedrop's DDP hook, which "
                 "rewrites the whole graph before the cut, was not active"
-                + ("" if hook_active() else " (torch's DDPOptimizer.compile_fn was not found)")
+                + (" (it acts for the sparsedrop backend, also through functools.wraps or functools.partial, not for "
+                   "other wrappers of it)" if hook_active() else " (torch's DDPOptimizer.compile_fn was not found)")
                 + ". torch._dynamo.config.optimize_ddp = False keeps the graph whole")
     broke = getattr(why, "graph_break", False)
     unit = _unit_of(module_path, units)

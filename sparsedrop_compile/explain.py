@@ -4,7 +4,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
@@ -64,7 +65,7 @@ def explain(model_or_fn: torch.nn.Module | Callable, *args: Any, options: dict |
         start.restore()
         try:
             calls = record_dropouts(model_or_fn, args, kwargs)
-        except Exception as error:  # a model that only runs compiled: report what was compiled
+        except Exception as error:  # noqa: BLE001 - a model that only runs compiled: report what was compiled
             log.warning("sparsedrop explain: the eager replay failed (%s); dropouts outside compiled graphs are not listed", error)
         else:
             result.sites = merge(result.sites, runs, calls, breaks)
