@@ -20,7 +20,9 @@ Cases:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import time
 import warnings
 
 import pytest
@@ -34,6 +36,7 @@ P = 0.3
 OPTS = {"block_size": 32, "inner": "aot_eager"}
 BERT_OPTS = {"block_size": 16, "attention_block": (16, 16), "inner": "aot_eager"}
 HF_STEPS = 3
+RANK_TIMEOUT_S = 180
 
 
 class Block(nn.Module):
@@ -164,7 +167,9 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     from sparsedrop_compile.models import transformer_blocks
 
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2, about in-place ops these models do not do
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    # A collective that waits past the timeout raises, so a rank stuck on the other fails the test, not CI.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     results = {}
     try:
         results["ddp"] = _net_step(DDP(make_net(), bucket_cap_mb=1), rank, OPTS)
@@ -210,7 +215,13 @@ def ranks(tmp_path_factory) -> list[dict]:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 3 * RANK_TIMEOUT_S
+    while not context.join(timeout=5):  # raises with a rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} gloo ranks did not finish in {3 * RANK_TIMEOUT_S} s")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
