@@ -8,7 +8,7 @@ samples per step. Each rank draws its masks from its own seed (--seed + rank).
 
 On the two-GPU machine (one call, both launches, about 8 minutes; NCCL's NVLink multicast off):
 
-    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 1 benchmarks/distributed.py --budget-min 4.5 && NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 2 benchmarks/distributed.py --budget-min 3
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 1 benchmarks/distributed.py --budget-min 5; NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 2 benchmarks/distributed.py --budget-min 3
 
 On the lent GPU machine add --out "$OUT" to both launches, so the CSV and plot come back. The
 same command again with --resume measures only what a budget left out. CPU check of this
@@ -19,8 +19,8 @@ script (gloo, tiny models, aot_eager for both backends, a temporary --out unless
 Each launch runs, for each engine (DDP: the model wrapped, then compiled, DDPOptimizer on as by
 default; FSDP2: fully_shard per transformer block, then the root, then compiled), each model and
 each backend: build the model from the same seed, compile, --warmup untimed steps (the first
-compiles), then --steps timed steps, CUDA events on every rank. A run is not started when it
-would end past --budget-min (rank 0 decides for all ranks). Rows go to
+compiles), then --steps timed steps, CUDA events on every rank. A (model, engine) pair, both
+backends, is not started when it would end past --budget-min (rank 0 decides for all ranks). Rows go to
 benchmarks/results/distributed_<gpu>.csv, keyed by (model, engine, backend, gpus); runs with
 the same settings and versions add up in it (a launch with 2 GPUs completes a file a launch with 1
 GPU started), and distributed_<gpu>.png is drawn from all its rows after every run.
