@@ -275,13 +275,13 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
 
 
 # --------------------------------------------------------------------------- results file
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, text_fields: tuple[str, ...] = TEXT_FIELDS) -> list[dict]:
     rows = harness.read_csv(path)
     for r in rows:  # numbers back to numbers, so rows from a file and from this run mix
         for k, v in r.items():
             if v in ("", None):
                 r[k] = None
-            elif k not in TEXT_FIELDS:
+            elif k not in text_fields:
                 try:
                     r[k] = float(v) if any(c in v for c in ".enN") else int(v)
                 except ValueError:
@@ -291,8 +291,8 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    harness.write_csv(path, rows, FIELDS)  # atomic: a kill mid-write never leaves half a file
+def write_rows(rows: list[dict], path: Path, fields: list[str] = FIELDS) -> None:
+    harness.write_csv(path, rows, fields)  # atomic: a kill mid-write never leaves half a file
 
 
 def ok(row: dict | None) -> bool:

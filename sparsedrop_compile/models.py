@@ -61,6 +61,21 @@ def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: fl
     return tf.DistilBertForMaskedLM(cfg)
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a model built here, in order (encoder, then decoder): the units one
+    ``fully_shard``s under FSDP2 before the root, so each layer's dropout -> matmul pairs stay in one unit."""
+    if hasattr(model, "encoder") and hasattr(model, "decoder"):  # T5
+        return [*model.encoder.block, *model.decoder.block]
+    for path in ("transformer.h", "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer"):
+        owner = model
+        for name in path.split("."):
+            owner = getattr(owner, name, None)
+        if owner is not None:
+            return list(owner)
+    raise ValueError(f"transformer_blocks: no known layer list in {type(model).__name__} "
+                     "(expected T5, GPT-2, BERT, RoBERTa or DistilBERT as build_model makes them)")
+
+
 def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     """A randomly initialised model from a local HF model directory or config.json (no weights read)."""
     import transformers as tf
