@@ -54,7 +54,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # its model, batch, timing and CSV helpers; registers the backend)
 
-from sparsedrop_compile import report
+from sparsedrop_compile import harness, report
 from sparsedrop_compile.models import transformer_blocks
 
 MODELS = ("gpt2", "t5")
@@ -119,12 +119,7 @@ def run_one(name: str, engine: str, backend: str, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if args.device == "cuda" else {}))
 
     def step() -> torch.Tensor:
-        with bm.autocast(args.device):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return harness.train_step(lambda: compiled(**batch).loss, opt, autocast=args.device)
 
     row = {"params_m": round(params_m, 1)}
     seen = report.ExplainReport()
@@ -133,11 +128,11 @@ def run_one(name: str, engine: str, backend: str, args) -> dict:
         t0 = time.perf_counter()
         with report.recording(seen):
             step()  # compiles forward and backward
-        bm.sync(args.device)
+        harness.sync(args.device)
         row["compile_s"] = round(time.perf_counter() - t0, 1)
         for _ in range(args.warmup - 1):
             step()
-        bm.sync(args.device)
+        harness.sync(args.device)
         dist.barrier()
         times, losses = bm.timed_steps(step, args, False, row)
         medians = gather_float(statistics.median(times))
