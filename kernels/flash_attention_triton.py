@@ -36,7 +36,7 @@ from .flash_attention_kernels import (
     _attn_fwd,
     _classify_mask,
 )
-from .runtime import interpreting, launch
+from .runtime import KernelConfig, interpreting, launch
 
 __all__ = [
     "BACKWARD_STRATEGY",
@@ -50,6 +50,8 @@ __all__ = [
     "SKIP_NONE",
     "SKIP_PREFETCH",
     "SUPPORTED_HEAD_DIMS",
+    "KernelConfig",
+    "as_config",
     "attention_backward",
     "attention_forward",
     "backward_strategy",
@@ -66,13 +68,16 @@ CLASSIFY_MASK_TILES = True
 
 
 # --------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode), best guess first. For "fwd" and "bwd_q"
+# A config is a ``runtime.KernelConfig``: tile_m is the kernels' BLOCK_M (queries), tile_n their
+# BLOCK_N (keys); warps, stages and skip (the SKIP_* mode) are read too, the other fields not.
+# The table below writes them as (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode) tuples, the
+# form ``config`` overrides take too (``as_config``), best guess first. For "fwd" and "bwd_q"
 # the program owns BLOCK_M queries and loops over BLOCK_N keys; for "bwd_kv" and "bwd_fused" it
 # owns BLOCK_N keys and loops over BLOCK_M queries. The first candidate whose tile fits the mask
 # tile is used. Orders start from the Triton fused-attention tutorial's H100 tiles, minus those
 # that spill registers on sm_90 (compiled offline, see benchmarks/NOTES_attention.md); only
 # `benchmarks/bench_attention.py --sweep` on the GPU can rank them, and prints the winners.
-CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
+_CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
@@ -98,6 +103,24 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
         128: [(16, 128, 8, 2, 0), (16, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 64, 8, 3, 0), (32, 32, 4, 2, 0),
               (16, 16, 4, 2, 0)],
     },
+}
+
+
+def as_config(config: KernelConfig | Sequence[int]) -> KernelConfig:
+    """A config from a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip mode]) tuple (skip mode
+    SKIP_PREFETCH when left out), or the KernelConfig itself."""
+    if isinstance(config, KernelConfig):
+        return config
+    if len(config) not in (4, 5):
+        raise ValueError(f"sparsedrop attention config {tuple(config)}: expected (BLOCK_M, BLOCK_N, num_warps, "
+                         "num_stages[, skip mode])")
+    block_m, block_n, warps, stages, *skip = config
+    return KernelConfig(tile_m=block_m, tile_n=block_n, warps=warps, stages=stages,
+                        skip=skip[0] if skip else SKIP_PREFETCH)
+
+
+CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
+    kind: {d: [as_config(c) for c in table] for d, table in by_dim.items()} for kind, by_dim in _CANDIDATE_TABLE.items()
 }
 
 # Which backward runs by default, per head dim. The single pass does 7 tile products per kept
@@ -129,20 +152,18 @@ def backward_strategy(head_dim: int, override: str | None = None) -> str:
     return strategy
 
 
-def fits(config: Sequence[int], block: tuple[int, int]) -> bool:
+def fits(config: KernelConfig, block: tuple[int, int]) -> bool:
     """Whether a config's kernel tile lies inside every (block_q, block_k) mask tile."""
-    return block[0] % config[0] == 0 and block[1] % config[1] == 0
+    return block[0] % config.tile_m == 0 and block[1] % config.tile_n == 0
 
 
-def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> tuple[int, int, int, int, int]:
+def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> KernelConfig:
     if override is not None:
-        cfg = tuple(override)
-        if len(cfg) == 4:
-            cfg = (*cfg, SKIP_PREFETCH)
+        cfg = as_config(override)
         if not fits(cfg, block):
             raise ValueError(
-                f"sparsedrop attention {kind} config {cfg}: its tile ({cfg[0]}, {cfg[1]}) must divide the mask tile "
-                f"{block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
+                f"sparsedrop attention {kind} config {override}: its tile ({cfg.tile_m}, {cfg.tile_n}) must divide "
+                f"the mask tile {block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
             )
         return cfg
     for cfg in CANDIDATES[kind][head_dim]:
@@ -290,19 +311,26 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     return out
 
 
-def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+def _tiled(pb: _Problem, cfg: KernelConfig, cls: _TileClasses) -> dict:
+    """The constexprs and launch options shared by the kernels that loop over tiles (forward,
+    dK/dV, dQ): the problem's, the config's and whether tile classes are passed."""
+    return {
+        "HEAD_DIM": pb.D, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n, "MASK_KIND": pb.mask_kind,
+        "MASK_SHARED": pb.mask_shared, "TILE_CLS": cls.enabled, "CAUSAL": pb.causal, "DROPKEY": pb.dropkey,
+        "SKIP": cfg.skip, "INTERPRET": pb.interpret, "num_warps": cfg.warps, "num_stages": cfg.stages,
+    }
+
+
+def _launch_forward(pb: _Problem, cfg: KernelConfig, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     out = empty_attention_out(pb.q, pb.v)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
-    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
     launch(_attn_fwd)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
+        **_tiled(pb, cfg, cls),
     )
     return out, lse
 
@@ -319,24 +347,20 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     return delta
 
 
-def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, atomic_dq: bool = False,
-                 mask_grad: bool = False, cls: _TileClasses | None = None):
+def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: KernelConfig,
+                 atomic_dq: bool = False, mask_grad: bool = False, cls: _TileClasses | None = None):
     """dK, dV (and, with atomic_dq, dQ and dMask too); returns (dk, dv, dq or None, dmask or None)."""
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     dk, dv = empty_grad_like(pb.k), empty_grad_like(pb.v)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
+    grid = (cdiv(pb.Sk, cfg.tile_n), pb.B * pb.H_kv)
     launch(_attn_bwd_dkdv)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
-        num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
     )
     dq = empty_grad_like(pb.q).copy_(dq_acc.mul_(pb.sm_scale * pb.out_scale)) if atomic_dq else None
     return dk, dv, dq, (dmask if mask_grad else None)
@@ -360,29 +384,26 @@ def _dmask_buffer(pb: _Problem) -> Tensor:
     return alloc(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=dtype)
 
 
-def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool,
+def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: KernelConfig, mask_grad: bool,
                cls: _TileClasses | None = None):
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     dq = empty_grad_like(pb.q)
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
     launch(_attn_bwd_dq)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
-        num_warps=warps, num_stages=stages,
+        MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
     )
     return dq, (dmask if mask_grad else None)
 
 
 def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, config=None):
     """(O, logsumexp) like ``flash_attention.reference_attention_forward``; ``config`` may map
-    "fwd" to a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override the choice."""
+    "fwd" to a KernelConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override
+    the choice."""
     pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     cfg = _pick_config("fwd", pb.D, pb.block, (config or {}).get("fwd"))
     out, lse = _launch_forward(pb, cfg)
@@ -409,7 +430,7 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
         q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
         # One read of the mask classifies it for both passes' tiles.
-        kv_cls, q_cls = _tile_classes(pb, [kv_cfg[:2], q_cfg[:2]])
+        kv_cls, q_cls = _tile_classes(pb, [(kv_cfg.tile_m, kv_cfg.tile_n), (q_cfg.tile_m, q_cfg.tile_n)])
         dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
         dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls)
     if pb.squeeze:
