@@ -78,14 +78,14 @@ def _supported(fn: Callable) -> Callable:
 # or layout the kernels do not take) would then trace the reference's mask indexing with
 # symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
 # references enter the graph as one node each, with the dense op's output metadata.
-def _cut(keep: Tensor, a: Tensor, block_rows: int, block_cols: int) -> Tensor:
-    """A possibly padded keep cut to the blocks over the 3-D operand ``a`` (concrete tensors)."""
-    return fit_keep(keep, keep_shape(a.shape, (block_rows, block_cols), True))
+def _cut(keep: Tensor, shape, block_rows: int, block_cols: int) -> Tensor:
+    """A possibly padded keep cut to the blocks over a 3-D operand of ``shape`` (concrete tensors)."""
+    return fit_keep(keep, keep_shape(shape, (block_rows, block_cols), True))
 
 
 def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                    bias: Tensor | None) -> Tensor:
-    return _ref_matmul.reference_dsd(a, b, _cut(keep, a, block_rows, block_cols), scale, (block_rows, block_cols), bias)
+    return _ref_matmul.reference_dsd(a, b, _cut(keep, a.shape, block_rows, block_cols), scale, (block_rows, block_cols), bias)
 
 
 def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
@@ -94,8 +94,7 @@ def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
 
 
 def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int) -> Tensor:
-    out_shape = (grad.shape[0], grad.shape[1], b.shape[1])
-    keep = fit_keep(keep, keep_shape(out_shape, (block_rows, block_cols), True))
+    keep = _cut(keep, (grad.shape[0], grad.shape[1], b.shape[1]), block_rows, block_cols)  # over the output
     return _ref_matmul.reference_sdd(grad, b, keep, scale, (block_rows, block_cols))
 
 
@@ -105,7 +104,7 @@ def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols):
 
 def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                       batched_out: bool) -> Tensor:
-    keep = _cut(keep, a, block_rows, block_cols)
+    keep = _cut(keep, a.shape, block_rows, block_cols)
     return _ref_matmul.reference_dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out)
 
 
