@@ -261,11 +261,6 @@ def _fail(name: str, msg: str) -> NoReturn:
     raise ValueError(f"sparsedrop {name}: {msg}")
 
 
-def _blocks(a: Tensor, block) -> tuple:
-    """(B, nR, nC): the mask blocks over the 3-D activation ``a``."""
-    return (a.shape[0], cdiv(a.shape[1], block[0]), cdiv(a.shape[2], block[1]))
-
-
 def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int,
                   supported: bool = False) -> None:
     """Operand checks shared by the launchers. ``supported``: the caller has already found
@@ -468,8 +463,8 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, b, keep, bias, out) -> None:
-        counts, index, order = kept_lists(keep, "row", order=True, blocks=_blocks(a, block))
         n_rblk = cdiv(M, br)
+        counts, index, order = kept_lists(keep, "row", order=True, blocks=(B, n_rblk, cdiv(K, bc)))
         balance = cfg.balance and order is not None
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
             grid = (B * n_rblk * (br // cfg.tile_m) * cdiv(N, cfg.tile_n),)
@@ -533,7 +528,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         tiles = B * cdiv(M, cfg.tile_m) * cdiv(K, cfg.tile_k)
         masks = _masks(M, N, K, cfg, block)
         if persistent:
-            counts, index = kept_lists(keep, "row", blocks=(B, cdiv(M, block[0]), cdiv(K, block[1])))
+            counts, index = kept_lists(keep, "row", blocks=(B, n_rblk, n_cblk))
             occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(masks.values()))
             programs = _persistent_programs(grad.device, occ_key, cfg, grad.element_size())
             grid = (max(1, min(hint(tiles), programs)),)
@@ -592,7 +587,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, grad, keep, out):
-        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=_blocks(a, block))
+        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=(B, n_rblk, n_cblk))
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
             grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)
