@@ -187,31 +187,24 @@ def test_padded_tiles_reach_the_triton_attention_kernels_through_the_backend():
 
 
 _TRACED_OPS_SCRIPT = r"""
-import torch, torch.nn.functional as F
+import sys
+import torch
 from torch._dynamo.utils import counters
-import sparsedrop_compile
 from sparsedrop_compile.kernels import runtime
 assert not runtime.INTERPRET  # the ops are triton_ops, traced into as on a CUDA machine
-SIZES = (8, 13, 3, 32, 64, 17, 5, 2)
-lin = lambda x, w: F.linear(F.dropout(x, 0.2, True), w)
-cases = {
-    "linear_rows": (lin, lambda s: (torch.randn(s, 256), torch.randn(24, 256))),
-    "linear_k": (lin, lambda s: (torch.randn(128, s), torch.randn(24, s))),
-    "batched_pv": (lambda p, v: F.dropout(p, 0.2, True) @ v, lambda s: (torch.randn(4, 4, s, s), torch.randn(4, 4, s, 16))),
-    "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2),
-                  lambda s: tuple(torch.randn(4, 4, s, 64) for _ in range(3))),
-}
+sys.path.insert(0, sys.argv[1])
+from test_dynamic_shapes import CASES, SIZES  # the cases of the tests above
 def graphs(fn, make, backend):
     torch._dynamo.reset()
     counters.clear()
     opts = {"options": {"block_size": 8, "inner": "aot_eager", "attention_block": (16, 16)}} if backend == "sparsedrop" else {}
     compiled = torch.compile(fn, backend=backend, dynamic=True, **opts)
-    for s in SIZES:
+    for s in SIZES:  # forward and backward: the gradient ops are traced into too
         compiled(*[t.requires_grad_() for t in make(s)]).sum().backward()
     return counters["stats"]["unique_graphs"], sum(v for k, v in counters["sparsedrop"].items() if k.endswith("_fused"))
-for name, (fn, make) in cases.items():
-    ours, fused = graphs(fn, make, "sparsedrop")
-    theirs, _ = graphs(fn, make, "aot_eager")
+for name in sorted(CASES):
+    ours, fused = graphs(*CASES[name], "sparsedrop")
+    theirs, _ = graphs(*CASES[name], "aot_eager")
     print(name, ours, theirs, fused)
 """
 
@@ -226,9 +219,10 @@ def test_no_more_graphs_than_aot_eager_when_the_ops_are_traced_into():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _TRACED_OPS_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _TRACED_OPS_SCRIPT, tests_dir], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    assert [r[0] for r in rows] == ["linear_rows", "linear_k", "batched_pv", "attention"], out.stdout
+    assert [r[0] for r in rows] == sorted(CASES), out.stdout
     for name, ours, theirs, fused in rows:
         assert int(fused) == 1 and int(ours) == int(theirs) == 1, (name, ours, theirs, fused)
