@@ -296,6 +296,93 @@ def test_candidates_lead_with_balanced():
             assert cands[0].balance and len(cands) <= tri._MAX_CANDIDATES
 
 
+# --------------------------------------------------------------------------- second masks: dropout on the output
+def _out_side_inputs(B, Bb, M, K, N, block, dtype, seed):
+    """A matmul y = x @ wᵀ (+ bias) with block dropout on y (keep_out over (M, N)) and, for both
+    sides, on x (keep_in over (M, K)): x (B, M, K), w (Bb, N, K) as sdd's b, g = dOut (B, M, N)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, K, generator=gen).to(dtype)
+    w = torch.randn(Bb, N, K, generator=gen).to(dtype)
+    g = torch.randn(B, M, N, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    keep_out = _keep(B, M, N, block, 0.4, gen)
+    keep_in = _keep(B, M, K, block, 0.4, gen)
+    return [t.to(DEVICE) for t in (x, w, g, bias, keep_out, keep_in)]
+
+
+def _check_output_side(B, Bb, M, K, N, block, dtype, both, bias_on, config=None, seed=20):
+    x, w, g, bias, keep_out, keep_in = _out_side_inputs(B, Bb, M, K, N, block, dtype, seed)
+    keep_in = keep_in if both else None
+    bias = bias if bias_on else None
+    scale, bias_scale = (1.5 * 1.25, 1.5) if both else (1.5, 1.5)
+    x_read = _poison_dropped(x, keep_in, block) if both else x  # the kernels never read dropped blocks
+    g_read = _poison_dropped(g, keep_out, block)
+    dropped_out = ~ref.expand_block_keep(keep_out, M, N, *block)
+    # forward: y' = (scale * (x [⊙ m_in]) wᵀ + bias_scale * bias) ⊙ m_out
+    y = tri.sdd(x_read, w, keep_out, scale, block, bias, bias_scale=bias_scale, reduce_keep=keep_in,
+                out=_nan_like((B, M, N), x), config=config)
+    _assert_close(y, ref.reference_sdd(*_d(x, w), keep_out, scale, block, *_d(bias), bias_scale=bias_scale,
+                                       reduce_keep=keep_in), dtype)
+    assert (y[dropped_out] == 0).all(), "dropped output tiles must be exact zeros, bias included"
+    # dX = scale * ((g ⊙ m_out) w) [⊙ m_in]
+    dx = tri.dsd(g_read, w, keep_out, scale, block, out_keep=keep_in, out=_nan_like((B, M, K), x), config=config)
+    _assert_close(dx, ref.reference_dsd(*_d(g, w), keep_out, scale, block, out_keep=keep_in), dtype)
+    if both:
+        assert (dx[~ref.expand_block_keep(keep_in, M, K, *block)] == 0).all()
+    # dW = scale * (g ⊙ m_out)ᵀ (x [⊙ m_in]), summed over the batch when w is shared
+    batched = Bb == B and B > 1
+    dw = tri.dsd_tn(g_read, x_read, keep_out, scale, block, batched, grad_keep=keep_in,
+                    out=_nan_like((B if batched else 1, N, K), x), config=config)
+    _assert_close(dw, ref.reference_dsd_tn(*_d(g, x), keep_out, scale, block, batched, grad_keep=keep_in), dtype)
+
+
+# (shape, sides, bias): every dtype runs each; shared and per-batch b, 1-3 tiles per block.
+OUTPUT_SIDE_CASES = [(SHAPES[0], False, True), (SHAPES[1], True, True), (SHAPES[2], True, False), (SHAPES[3], False, False)]
+
+
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+@pytest.mark.parametrize("shape,both,bias_on", OUTPUT_SIDE_CASES,
+                         ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}" if isinstance(v, tuple)
+                         else None)
+def test_output_side_kernels(shape, dtype, both, bias_on):
+    """The three kernels with the second mask and sdd's bias against the oracle, ragged shapes."""
+    _check_output_side(*shape, dtype, both, bias_on)
+
+
+@pytest.mark.parametrize("shape,both", [(BALANCED_SHAPES[0], False)] + [(s, True) for s in BALANCED_SHAPES],
+                         ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}_t{v[6]}x{v[7]}"
+                         if isinstance(v, tuple) else None)
+def test_output_side_balanced_schedule(shape, both, monkeypatch):
+    """The persistent sdd (bias added in kept tiles of every round and of the split tail, never in
+    the dropped ones) and cost-ordered dsd / dsd_tn with the second mask."""
+    monkeypatch.setattr(tri, "_INTERPRETER_PROGRAMS", 3)
+    B, Bb, M, K, N, block, tm, tk = shape
+    _check_output_side(B, Bb, M, K, N, block, torch.float16, both, True, config=_balanced_cfg(tm, tk), seed=21)
+
+
+def test_second_mask_needs_tile_n_dividing_the_block():
+    x, w, _, _, keep_out, keep_in = _out_side_inputs(1, 1, 32, 32, 32, (16, 16), torch.float32, 22)
+    with pytest.raises(ValueError, match="tile_n dividing block cols 16"):
+        tri.sdd(x, w, keep_out, 1.0, (16, 16), reduce_keep=keep_in, config=tri.KernelConfig(16, 32, 16, 1, 4))
+    with pytest.raises(ValueError, match=r"reduce_keep must be a bool tensor of shape \(1, 2, 2\)"):
+        tri.sdd(x, w, keep_out, 1.0, (16, 16), reduce_keep=keep_in[:, :1])
+    assert tri.unsupported_reason((x, w), (16, 16)) is None
+    cands = tri.candidate_configs("sdd", 4096, 4096, 4096, (128, 64), torch.bfloat16, second_keep=True)
+    assert all(64 % c.tile_n == 0 for c in cands)
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["keep_all", "drop_all"])
+def test_output_side_keep_all_and_drop_all(fill):
+    """All kept: the dense matmul plus bias, scaled. All dropped: exact zeros, no bias."""
+    x, w, g, bias, keep_out, keep_in = _out_side_inputs(2, 1, 40, 48, 36, (16, 16), torch.float16, 23)
+    keep_out = torch.full_like(keep_out, fill)
+    y = tri.sdd(x, w, keep_out, 2.0, (16, 16), bias)
+    if fill:
+        _assert_close(y, (x.double() @ w.double().transpose(1, 2) + bias.double()) * 2, torch.float16)
+    else:
+        assert torch.equal(y, torch.zeros_like(y))
+        assert torch.equal(tri.dsd(g, w, keep_out, 2.0, (16, 16), out_keep=keep_in), torch.zeros(2, 40, 48, dtype=g.dtype, device=g.device))
+
 # --------------------------------------------------------------------------- through the registered ops
 def _op_grads(fn, inputs):
     inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
