@@ -17,9 +17,11 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
     import sparsedrop_compile.mask_ops  # noqa: F401  (registers the ops the passes emit)
     import sparsedrop_compile.ops  # noqa: F401
+    import sparsedrop_compile.output_ops  # noqa: F401
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
+    from sparsedrop_compile.passes.matmul_dropout import rewrite_matmul_dropout
     from sparsedrop_compile.passes.regions import rewrite_regions
     from sparsedrop_compile.passes._names import compiled_root, naming
 
@@ -27,8 +29,10 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     index = report.next_graph_index()
 
     def rewrite(g: fx.GraphModule, cfg: SparseDropConfig) -> list:
-        passes = (rewrite_dropout_matmul, rewrite_dropout_sdpa, rewrite_dropout_mha)
-        return [site for rewrite_pass in passes for site in rewrite_pass(g, cfg, index, fake_mode)]
+        # The output side completes the input side's rows (a dropout is one row, fused on either
+        # side or refused with both reasons) and fuses the matmuls it already made input-sparse.
+        sites = rewrite_matmul_dropout(g, cfg, index, fake_mode, rewrite_dropout_matmul(g, cfg, index, fake_mode))
+        return sites + [site for rewrite_pass in (rewrite_dropout_sdpa, rewrite_dropout_mha) for site in rewrite_pass(g, cfg, index, fake_mode)]
 
     # The graph and every higher-order-op body in it (checkpointed regions), in program order;
     # sites named as in the compiled model's named_modules().

@@ -186,8 +186,17 @@ def _broadcast_batch(a_shape, b_shape):
     return tuple(torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
 
 
-def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
-    """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul)."""
+def matmul_output_shape(a_shape, b_shape, batched: bool) -> tuple:
+    """The shape of ``linear(a, b)`` (batched=False: b is the (N, K) weight) or of
+    ``torch.matmul(a, b)`` (batched=True; both at least 2-D)."""
+    if not batched:
+        return (*a_shape[:-1], b_shape[0])
+    return (*_broadcast_batch(a_shape, b_shape), a_shape[-2], b_shape[-1])
+
+
+def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor | None):
+    """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul);
+    ``keep`` lies over a's matrices (None: no mask over a)."""
     a_batch = tuple(a.shape[:-2])
     # The usual cases, a 2-D b or equal batch dims, skip torch.broadcast_shapes (~20 us a call).
     if b.dim() == 2 or tuple(b.shape[:-2]) == a_batch:
@@ -202,8 +211,10 @@ def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
     else:
         # a is broadcast: every copy of an entry shares that entry's mask.
         a3 = a.expand(*batch, m, k).reshape(n_batch, m, k)
-        keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
-        keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
+        keep3 = None
+        if keep is not None:
+            keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
+            keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
     if math.prod(b.shape[:-2]) == 1:
         b3 = b.reshape(1, k, n)
     else:
@@ -229,7 +240,7 @@ def _matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, b
 
 
 def _matmul_fake(a, b, keep, scale, block_rows, block_cols, kernel):
-    return a.new_empty((*_broadcast_batch(a.shape, b.shape), a.shape[-2], b.shape[-1]))
+    return a.new_empty(matmul_output_shape(a.shape, b.shape, True))
 
 
 matmul = define_op(f"{LIB}::matmul", _matmul, _matmul_fake)
