@@ -90,10 +90,15 @@ class Consumer:
 
     @property
     def factor(self) -> float:
-        out = 1.0
-        for step in self.path:
-            out *= step.factor
-        return out
+        return path_factor(self.path)
+
+
+def path_factor(path: list[Step]) -> float:
+    """The product of the constants the steps multiply by."""
+    out = 1.0
+    for step in path:
+        out *= step.factor
+    return out
 
 
 # --------------------------------------------------------------------------- matching

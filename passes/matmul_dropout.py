@@ -61,6 +61,7 @@ from .dropout_matmul import (
     block_count,
     dropout_refusal,
     parse_dropout,
+    path_factor,
     replay_path,
     scale_arg,
 )
@@ -69,6 +70,7 @@ log = logging.getLogger("sparsedrop_compile")
 
 _MATMULS = {torch.mm: "mm", torch.bmm: "bmm", torch.matmul: "matmul", operator.matmul: "matmul"}
 _MATMUL_METHODS = {"mm": "mm", "bmm": "bmm", "matmul": "matmul", "__matmul__": "matmul"}
+NO_PRODUCER = "no matmul producer"
 
 
 @dataclass
@@ -84,10 +86,7 @@ class Producer:
 
     @property
     def factor(self) -> float:
-        out = 1.0
-        for step in self.path:
-            out *= step.factor
-        return out
+        return path_factor(self.path)
 
 
 # --------------------------------------------------------------------------- matching
@@ -123,7 +122,7 @@ def _find_producer(d: Dropout) -> tuple[Producer | None, str | None]:
             step = (Step(node, "view", trailing=0), sources[0])  # refused with the reason in _check_producer
         if step is None:
             what = "a graph input" if node.op == "placeholder" else "a parameter or buffer" if node.op == "get_attr" else _user_name(node)
-            return None, f"no matmul producer: its input comes from {what}"
+            return None, f"{NO_PRODUCER}: its input comes from {what}"
         path.insert(0, step[0])
         node = step[1]
 
@@ -205,7 +204,10 @@ def rewrite_matmul_dropout(gm: fx.GraphModule, config: SparseDropConfig, graph_i
             continue
         pr, reason = _site_refusal(d, config, site, mutations)
         if reason is not None:
-            site.reason = _both_reasons(site.reason, reason)
+            # A dropout that feeds a matmul (kind set by the input side) and has none before it: the
+            # input side's reason says it all.
+            if not (reason.startswith(NO_PRODUCER) and site.kind != "none"):
+                site.reason = _both_reasons(site.reason, reason)
             counters["sparsedrop"]["refused_output_side"] += 1
             continue
         _rewrite(editor, d, pr, config, site, by_node)

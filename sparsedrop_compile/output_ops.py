@@ -148,13 +148,18 @@ def _matmul_out_fake(a, b, keep, scale, block_rows, block_cols, kernel, keep_in=
 matmul_out = define_op(f"{LIB}::matmul_out", _matmul_out, _matmul_out_fake)
 
 
+def _grad_operands(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, keep_in: Tensor | None, block, op: str):
+    """The backward ops' 3-D operands: (keep, keep_in folded like a, a3, b3, grad3, batch)."""
+    keep, keep_in = _keeps(keep, keep_in, grad.shape, a.shape, block, True, op)
+    a3, b3, keep_in3, batch = _matmul_operands(a, b, keep_in)
+    return keep, keep_in3, a3, b3, grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1]), batch
+
+
 def _matmul_out_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                        kernel: str, keep_in: Tensor | None = None) -> Tensor:
     """da = scale * ((grad ⊙ m) @ b.T) ⊙ m_in, summed back to a's shape if a was broadcast."""
     block = (block_rows, block_cols)
-    keep, keep_in = _keeps(keep, keep_in, grad.shape, a.shape, block, True, "matmul_out_grad_a")
-    a3, b3, keep_in3, batch = _matmul_operands(a, b, keep_in)
-    g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
+    keep, keep_in3, a3, b3, g3, batch = _grad_operands(grad, a, b, keep, keep_in, block, "matmul_out_grad_a")
     bt = b3.transpose(1, 2)
     da = MATMUL.pick(kernel, (g3, bt), block)["dsd"](g3, bt, keep, scale, block, out_keep=keep_in3)
     da = da.reshape(*batch, *a.shape[-2:])
@@ -172,9 +177,7 @@ def _matmul_out_grad_b(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: 
                        kernel: str, keep_in: Tensor | None = None) -> Tensor:
     """db = scale * (a ⊙ m_in).T @ (grad ⊙ m), summed back to b's shape if b was broadcast."""
     block = (block_rows, block_cols)
-    keep, keep_in = _keeps(keep, keep_in, grad.shape, a.shape, block, True, "matmul_out_grad_b")
-    a3, b3, keep_in3, batch = _matmul_operands(a, b, keep_in)
-    g3 = grad.reshape(a3.shape[0], a3.shape[1], b3.shape[-1])
+    keep, keep_in3, a3, b3, g3, batch = _grad_operands(grad, a, b, keep, keep_in, block, "matmul_out_grad_b")
     shared_b = b3.shape[0] == 1 and a3.shape[0] != 1
     k, n = b3.shape[-2:]
     # dsd_tn gives (g ⊙ m)ᵀ (a ⊙ m_in), an (N, K) product: write it through a transposed view of db.
