@@ -336,20 +336,22 @@ def _check_output_side(B, Bb, M, K, N, block, dtype, both, bias_on, config=None,
     _assert_close(dw, ref.reference_dsd_tn(*_d(g, x), keep_out, scale, block, batched, grad_keep=keep_in), dtype)
 
 
-# (shape, sides, bias): every dtype runs each; shared and per-batch b, 1-3 tiles per block.
-OUTPUT_SIDE_CASES = [(SHAPES[0], False, True), (SHAPES[1], True, True), (SHAPES[2], True, False), (SHAPES[3], False, False)]
+# (shape, sides, bias, dtype): shared and per-batch b, 1-3 tiles per block; the first two in
+# every dtype.
+OUTPUT_SIDE_CASES = [(SHAPES[0], False, True, dt) for dt, _, _ in TOLERANCES] + [
+    (SHAPES[2], True, True, dt) for dt, _, _ in TOLERANCES] + [
+    (SHAPES[1], True, False, torch.float16), (SHAPES[3], False, False, torch.float32)]
 
 
-@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
-@pytest.mark.parametrize("shape,both,bias_on", OUTPUT_SIDE_CASES,
+@pytest.mark.parametrize("shape,both,bias_on,dtype", OUTPUT_SIDE_CASES,
                          ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}" if isinstance(v, tuple)
-                         else None)
-def test_output_side_kernels(shape, dtype, both, bias_on):
+                         else str(v).replace("torch.", ""))
+def test_output_side_kernels(shape, both, bias_on, dtype):
     """The three kernels with the second mask and sdd's bias against the oracle, ragged shapes."""
     _check_output_side(*shape, dtype, both, bias_on)
 
 
-@pytest.mark.parametrize("shape,both", [(BALANCED_SHAPES[0], False)] + [(s, True) for s in BALANCED_SHAPES],
+@pytest.mark.parametrize("shape,both", [(BALANCED_SHAPES[0], False), (BALANCED_SHAPES[2], True)],
                          ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}_t{v[6]}x{v[7]}"
                          if isinstance(v, tuple) else None)
 def test_output_side_balanced_schedule(shape, both, monkeypatch):
@@ -632,6 +634,55 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     expected = ref.reference_dsd(x.detach().float().unsqueeze(0), w.detach().float().t().unsqueeze(0), keep, 1 / 0.7, (128, 128))[0]
     _assert_close_big(y.detach(), expected)
+
+
+@gpu
+@pytest.mark.parametrize("both", [False, True], ids=["output", "both_sides"])
+@pytest.mark.parametrize("M,K,N", [(4096, 4096, 4096), (1000, 1096, 520), (999, 1100, 521)],
+                         ids=["aligned", "ragged_tma_ok", "unaligned_pointer_only"])
+def test_gpu_output_side_every_candidate(M, K, N, both):
+    """Dropout on a linear's output (and on both sides): sdd with bias (and a reduction mask),
+    dsd with an output mask, dsd_tn with a grad mask, for every config the tuner may pick (TMA
+    and pointer, grid order and balanced), against fp32 references."""
+    block = (128, 128)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(1, N, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = torch.randn(1, M, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", generator=gen, dtype=torch.bfloat16)
+    keep = torch.rand(1, cdiv(M, 128), cdiv(N, 128), device="cuda", generator=gen) >= 0.3
+    keep_in = torch.rand(1, cdiv(M, 128), cdiv(K, 128), device="cuda", generator=gen) >= 0.3 if both else None
+    s, bs = (1 / 0.49, 1 / 0.7) if both else (1 / 0.7, 1 / 0.7)
+    refs = {
+        "sdd": ref.reference_sdd(x.float(), w.float(), keep, s, block, bias.float(), bias_scale=bs, reduce_keep=keep_in),
+        "dsd": ref.reference_dsd(g.float(), w.float(), keep, s, block, out_keep=keep_in),
+        "dsd_tn": ref.reference_dsd_tn(g.float(), x.float(), keep, s, block, False, grad_keep=keep_in),
+    }
+    # (launcher call, candidate_configs' (M, N, K) of that kernel)
+    calls = {
+        "sdd": (lambda cfg: tri.sdd(x, w, keep, s, block, bias, bias_scale=bs, reduce_keep=keep_in, config=cfg), (M, K, N)),
+        "dsd": (lambda cfg: tri.dsd(g, w, keep, s, block, out_keep=keep_in, config=cfg), (M, K, N)),
+        "dsd_tn": (lambda cfg: tri.dsd_tn(g, x, keep, s, block, False, grad_keep=keep_in, config=cfg), (M, K, N)),
+    }
+    tested = 0
+    for kind, (run, (m, n, k)) in calls.items():
+        configs = tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=False, second_keep=both)
+        if runtime.tma_enabled(x.device):
+            configs += tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=True, second_keep=both)
+        for cfg in dict.fromkeys(configs + [dataclasses.replace(c, balance=not c.balance) for c in configs]):
+            try:
+                out = run(cfg)
+            except ValueError as err:
+                if cfg.tma and "asks for TMA" in str(err):  # these operands cannot take a descriptor
+                    continue
+                raise
+            torch.cuda.synchronize()
+            try:
+                _assert_close_big(out, refs[kind])
+            except AssertionError as err:
+                raise AssertionError(f"{kind} config {cfg}: {err}") from None
+            tested += 1
+    assert tested >= 6
 
 
 def test_host_integer_helpers_match_triton():

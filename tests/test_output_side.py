@@ -62,8 +62,7 @@ def test_opcheck_linear_out_family(bias, both):
 
 
 @pytest.mark.parametrize("both", [False, True], ids=["output", "both_sides"])
-@pytest.mark.parametrize("a_shape,b_shape", [((3, 21, 40), (40, 9)), ((2, 1, 21, 40), (1, 3, 40, 9))],
-                         ids=["shared_b", "broadcast_both"])
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 1, 21, 40), (1, 3, 40, 9))], ids=["broadcast_both"])
 def test_opcheck_and_values_matmul_out_family(a_shape, b_shape, both):
     a = torch.randn(a_shape, dtype=torch.float64, requires_grad=True)
     b = torch.randn(b_shape, dtype=torch.float64, requires_grad=True)
@@ -115,9 +114,7 @@ def _assert_close(actual, expected, dtype):
 
 # Every dtype on linear with bias; the other variants on one dtype each (test_block_sparse_matmul
 # runs each kernel's second mask in every dtype).
-TRITON_OP_CASES = [("linear_bias", dt) for dt in TOL] + [
-    ("linear_2d_no_bias", torch.float16), ("linear_both_sides", torch.bfloat16),
-    ("matmul_shared_b", torch.float32), ("matmul_batched_both", torch.float16)]
+TRITON_OP_CASES = [("linear_bias", dt) for dt in TOL] + [("linear_both_sides", torch.bfloat16), ("matmul_batched_both", torch.float16)]
 
 
 @pytest.mark.parametrize("case,dtype", TRITON_OP_CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -220,7 +217,7 @@ def test_backend_matches_plain_block_dropout_of_the_output(case):
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["linear_3d", "addmm_conv1d", "matmul_4d"])
+@pytest.mark.parametrize("case", ["linear_3d", "matmul_4d"])
 def test_backend_under_bf16_autocast(case):
     """Under bf16 autocast the fused op returns the dtype the dense op would, and its error
     against the same computation without autocast is bf16-sized."""
@@ -236,7 +233,7 @@ def test_backend_under_bf16_autocast(case):
         assert err < 1e-2 and err <= 2 * ref_err + 1e-3, (err, ref_err)
 
 
-@pytest.mark.parametrize("case", ["mm", "addmm_conv1d", "matmul_broadcast_b"])
+@pytest.mark.parametrize("case", ["addmm_conv1d", "matmul_broadcast_b"])
 def test_triton_kernels_through_the_backend(case):
     """kernel="triton": the real kernels (interpreted on CPU) in the compiled graph, with the
     graph's padded keep; blocks of 16 (tensor-core tiles), still >= 12 blocks per output."""
