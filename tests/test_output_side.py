@@ -472,3 +472,27 @@ def test_p_zero_leaves_the_graph_unchanged_and_matches_inductor_to_the_bit():
             run.append(loss.item())
         losses.append(run)
     assert losses[0] == losses[1] and losses[0][-1] < losses[0][0], losses
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_zero_size_operands_behave_as_the_dense_ops(kernel):
+    """With a zero among rows, K and N no element of x reaches a non-empty output, so the op equals
+    plain block dropout of the dense linear (the bias alone where K = 0), gradients included."""
+    device = DEVICE if kernel == "triton" else "cpu"
+    for x_shape, n in (((0, 20), 3), ((5, 0), 3), ((5, 20), 0), ((2, 0, 20), 3)):
+        gen = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(x_shape, generator=gen), torch.randn(n, x_shape[-1], generator=gen), torch.randn(n, generator=gen)]
+        y_shape = (*x_shape[:-1], n)
+        keep = sample_block_keep(torch.empty(y_shape), P, 16, 16, False).to(device)
+        results = []
+        for ours in (True, False):
+            leaves = [t.to(device).requires_grad_() for t in tensors]
+            if ours:
+                out = OPS.linear_out(*leaves, keep, 2.0, 16, 16, kernel)
+            else:
+                out = apply_block_keep(F.linear(*leaves), keep, 2.0, 16, 16, False)
+            out.backward(torch.ones_like(out))
+            results.append([out] + [t.grad for t in leaves])
+        for a, b in zip(*results):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
