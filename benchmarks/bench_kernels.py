@@ -129,7 +129,7 @@ def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch
         return y, dx, dw
 
     if side == "output":
-        return dict(dense=dense, **output_side_steps(x, w, dy, p, grads))
+        return {"dense": dense, **output_side_steps(x, w, dy, p, grads)}
     return dict(dense=dense, eager=eager, compiled=compiled, ours=ours, ours_launchers=ours_launchers)
 
 
@@ -151,8 +151,8 @@ def output_side_steps(x, w, dy, p: float, grads) -> dict[str, Callable]:
         keep = sample_block_keep(y_like, p, *BLOCK, batched=False)
         return tri.sdd(x3, w3, keep, scale, BLOCK), tri.dsd(g3, w3, keep, scale, BLOCK), tri.dsd_tn(g3, x3, keep, scale, BLOCK, False)
 
-    return dict(eager=lambda: grads(F.dropout(F.linear(x, w), p, training=True)), compiled=lambda: grads(compiled_fn(x, w)),
-                ours=ours, ours_launchers=ours_launchers)
+    return {"eager": lambda: grads(F.dropout(F.linear(x, w), p, training=True)), "compiled": lambda: grads(compiled_fn(x, w)),
+            "ours": ours, "ours_launchers": ours_launchers}
 
 
 def attention_steps(B, H, S, D, p, device="cuda", dtype=torch.bfloat16) -> dict[str, Callable]:
