@@ -236,6 +236,8 @@ def _site_refusal(d: Dropout, config: SparseDropConfig, site: Site, mutations: M
     refusal = _check_producer(pr) or _chain_refusal(d, pr, mutations)
     if refusal is not None:
         return None, refusal
+    if isinstance(d.p, fx.Node) and not mutations.comes_before(d.p, pr.node):
+        return None, f"p (node {d.p.name}) is computed after {pr.kind}, where the mask would be drawn"
     y = meta_val(pr.node)
     if not isinstance(y, torch.Tensor):
         return None, "no shape metadata on the matmul's output"
