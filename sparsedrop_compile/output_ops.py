@@ -159,7 +159,7 @@ def _matmul_out_grad_a(grad: Tensor, a: Tensor, b: Tensor, keep: Tensor, scale: 
                        kernel: str, keep_in: Tensor | None = None) -> Tensor:
     """da = scale * ((grad ⊙ m) @ b.T) ⊙ m_in, summed back to a's shape if a was broadcast."""
     block = (block_rows, block_cols)
-    keep, keep_in3, a3, b3, g3, batch = _grad_operands(grad, a, b, keep, keep_in, block, "matmul_out_grad_a")
+    keep, keep_in3, _, b3, g3, batch = _grad_operands(grad, a, b, keep, keep_in, block, "matmul_out_grad_a")
     bt = b3.transpose(1, 2)
     da = MATMUL.pick(kernel, (g3, bt), block)["dsd"](g3, bt, keep, scale, block, out_keep=keep_in3)
     da = da.reshape(*batch, *a.shape[-2:])

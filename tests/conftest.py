@@ -27,8 +27,10 @@ def eager_block_dropout(monkeypatch):
     ``batched(x)`` choosing the layout, each mask drawn with ``sample_block_keep`` as the compiled
     graph draws it; ``restore()`` puts F.dropout back. The reference for whole models."""
     import torch.nn.functional as F
-
-    from sparsedrop_compile.kernels.block_mask import apply_block_keep, sample_block_keep
+    from sparsedrop_compile.kernels.block_mask import (
+        apply_block_keep,
+        sample_block_keep,
+    )
 
     original = F.dropout
 
