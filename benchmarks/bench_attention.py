@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -37,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 import sparsedrop_compile  # noqa: E402,F401  (registers the ops)
+from sparsedrop_compile import harness
 from sparsedrop_compile.attention_ops import sparse_dropout_attention  # noqa: E402
+from sparsedrop_compile.harness import capture_cuda_graph, do_bench, time_calls
 from sparsedrop_compile.kernels import flash_attention as fa  # noqa: E402
 
 # (name, batch, heads, seq, head_dim, causal, mask kind)
@@ -74,44 +74,22 @@ DEVICE = "cuda"
 # --------------------------------------------------------------------------- timing
 def time_graph(fn, reps: int) -> float:
     """Median ms of replaying one captured call of fn; raises if fn cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile kernels, settle the allocator before capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)  # 3 calls first: compile kernels, settle the allocator
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
+    times, _ = time_calls(graph.replay, reps, "cuda")
     del graph
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return statistics.median(times)
 
 
 def time_eager(fn, reps: int) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=max(50, reps), return_mode="median")
+    return do_bench(fn, warmup=25, rep=max(50, reps))
 
 
 def time_wall(fn, reps: int) -> float:
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, reps, "cpu")[0])
 
 
 def timed(fn, reps: int) -> tuple[float, str]:
@@ -212,11 +190,8 @@ def fwd_only(fwd):
 
 # --------------------------------------------------------------------------- main benchmark
 def env_info():
-    import triton
-
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}, slug
+    info = harness.environment(DEVICE, ("torch", "triton"), cpu="cpu-interpreter")
+    return info, harness.slug(info["gpu"])
 
 
 def run_benchmark(args) -> list[dict]:
@@ -255,7 +230,7 @@ def run_benchmark(args) -> list[dict]:
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
-                write_csv(rows, args.csv_path)  # after every row: a run cut short keeps its data
+                harness.write_csv(args.csv_path, rows)  # after every row: a run cut short keeps its data
                 print(f"  {name:24s} p={p:.1f} {method:20s} {row['median_ms']:8.3f} ms (fwd {row['fwd_ms']:.3f})",
                       flush=True)
     # Ratios against SDPA at the same p and at p = 0, from the same run.
@@ -268,24 +243,9 @@ def run_benchmark(args) -> list[dict]:
     return rows
 
 
-def write_csv(rows, path: Path):
-    fields = []
-    for r in rows:
-        fields += [f for f in r if f not in fields]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows, path: Path, title: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
@@ -307,8 +267,7 @@ def plot(rows, path: Path, title: str):
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    harness.save_figure(fig, path)
     print(f"plot: {path}")
 
 
@@ -323,8 +282,6 @@ def print_table(rows):
 # --------------------------------------------------------------------------- config sweep
 def run_sweep(args) -> list[dict]:
     """Time every candidate kernel config, pass by pass, and report the best per mask tile."""
-    import triton.testing
-
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
     info, _ = env_info()
@@ -350,7 +307,7 @@ def run_sweep(args) -> list[dict]:
         def bench(fn):
             if DEVICE == "cpu":
                 return time_wall(fn, 1)
-            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+            return do_bench(fn, warmup=10, rep=40)
 
         def record(kind, cfg, fn, check):
             row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "num_warps": cfg[2],
@@ -365,7 +322,7 @@ def run_sweep(args) -> list[dict]:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             row["wall_s"] = round(time.time() - t0, 1)
             rows.append(row)
-            write_csv(rows, args.csv_path)  # after every config: a run cut short keeps its data
+            harness.write_csv(args.csv_path, rows)  # after every config: a run cut short keeps its data
             flag = "" if row["max_err"] < 0.05 else "  <-- WRONG RESULT"
             print(f"  {kind:6s} {str(cfg):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
                   f"({row['wall_s']} s){flag}{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
@@ -457,12 +414,12 @@ def main(argv=None):
     if args.sweep:
         args.csv_path = path = out_dir / f"attention_sweep_{slug}.csv"
         rows = run_sweep(args)
-        write_csv(rows, path)
+        harness.write_csv(path, rows)
         print(f"\nsweep results: {path}")
         return
     args.csv_path = path = out_dir / f"attention_{slug}.csv"
     rows = run_benchmark(args)
-    write_csv(rows, path)
+    harness.write_csv(path, rows)
     plot(rows, out_dir / f"attention_{slug}.png", f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16")
     print(f"results: {path}")
     print_table(rows)

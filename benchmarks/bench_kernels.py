@@ -33,7 +33,6 @@ import argparse
 import csv
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -44,6 +43,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from sparsedrop_compile import harness
+from sparsedrop_compile.harness import capture_cuda_graph, do_bench
 
 LINEAR_SHAPES = [(4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336)]  # rows, N, K
 PS = [0.0, 0.1, 0.3, 0.5, 0.7]
@@ -58,23 +59,12 @@ CSV_FIELDS = [
 
 # =========================================================================== timing
 def _bench(fn: Callable[[], object], quick: bool) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100)
 
 
 def time_graph(step: Callable[[], object], quick: bool) -> float:
     """Median ms of replaying one captured ``step`` (warm-up and tuning happen before capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        keep_alive = step()  # noqa: F841  (outputs live in the graph's pool)
+    graph, keep_alive = capture_cuda_graph(step)  # the outputs live in the graph's pool until the end
     try:
         return _bench(graph.replay, quick)
     finally:
@@ -232,24 +222,14 @@ class Results:
         )
 
 
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
-
-
 def write_csv(results: Results, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in results.rows:
-            w.writerow(results.csv_row(r))
+    harness.write_csv(path, [results.csv_row(r) for r in results.rows], CSV_FIELDS)
 
 
 def plot(results: Results, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     shapes = []
     for r in results.rows:
         if r.shape not in shapes:
@@ -281,9 +261,7 @@ def plot(results: Results, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"SparseDrop block-sparse kernels vs dense, bf16 — {results.gpu}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def print_table(results: Results) -> None:
@@ -461,7 +439,7 @@ def run_sweep(args, gpu: str, versions) -> None:
     cublas = {kind: time_graph(step, True) for kind, step in prob.cublas_steps.items()}
     rows: list[list] = []
     t0 = time.time()
-    path = os.path.join(args.out, f"kernels_sweep_{gpu_slug(gpu)}.csv")
+    path = os.path.join(args.out, f"kernels_sweep_{harness.slug(gpu)}.csv")
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["gpu", "torch", "triton", "kernel", "config", "ms_p0", "cublas_ms", "eff_vs_cublas", "ms_p0.5", "vs_half_cublas", "note"])
@@ -553,13 +531,11 @@ def main(argv=None) -> int:
         print("bench_kernels.py needs a CUDA GPU (use --dry-run to check the plumbing without one)", file=sys.stderr)
         return 2
 
-    import triton
-
     import sparsedrop_compile  # noqa: F401  (registers torch.ops.sparsedrop)
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    gpu = torch.cuda.get_device_name()
-    versions = (torch.__version__, triton.__version__)
+    gpu = harness.device_name("cuda")
+    versions = tuple(harness.versions("torch", "triton").values())
     print(f"{gpu} | torch {versions[0]} | triton {versions[1]} | SPARSEDROP_TMA={os.environ.get('SPARSEDROP_TMA', '1')}", flush=True)
     if args.sweep:
         run_sweep(args, gpu, versions)
@@ -567,7 +543,7 @@ def main(argv=None) -> int:
         return 0
 
     results = Results(gpu, versions)
-    csv_path = os.path.join(args.out, f"kernels_{'output_' if args.side == 'output' else ''}{gpu_slug(gpu)}.csv")
+    csv_path = os.path.join(args.out, f"kernels_{'output_' if args.side == 'output' else ''}{harness.slug(gpu)}.csv")
     partial = csv_path.replace(".csv", ".partial.csv")  # row by row, survives a timeout
     with open(partial, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

@@ -49,11 +49,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -74,6 +72,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import sparsedrop_compile as sd  # noqa: E402  (registers the backend and its ops)
+from sparsedrop_compile import harness
+from sparsedrop_compile.harness import time_calls, train_step
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
 MODELS = ("t5", "bert", "gpt2")
@@ -113,19 +113,8 @@ def log(*args) -> None:
 
 # --------------------------------------------------------------------------- environment
 def env_info(device: str) -> tuple[dict, str]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    info = {"gpu": name, "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda or "none"}
-    return info, slug
+    info = harness.environment(device, ("torch", "transformers", "triton", "cuda"), cpu="cpu-smoke")
+    return info, harness.slug(info["gpu"])
 
 
 def file_stem(slug: str, mode: str) -> str:
@@ -155,11 +144,6 @@ def host_phase(exclusive: bool):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def free_memory(device: str) -> None:
@@ -196,10 +180,6 @@ def shape_str(shape: tuple) -> str:
     return f"{batch_size}x{seq}" + (f"/{dec_seq}" if dec_seq else "")
 
 
-def autocast(device: str):
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-
 def sparsedrop_options(args) -> dict:
     return {"block_size": args.block_size, "inner": args.inner}
 
@@ -212,7 +192,7 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> di
     # No "inner": explain then runs the rewritten graph eagerly; the decisions are the same.
     options = {"block_size": args.block_size}
     try:
-        with host_phase(exclusive=False), autocast(args.device):  # it traces: host work like a compile
+        with host_phase(exclusive=False), harness.bf16_autocast(args.device):  # it traces: host work like a compile
             report = sd.explain(model, **batch, options=options)
     finally:
         del model, batch
@@ -231,27 +211,15 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> di
 
 def timed_steps(step, args, cudagraphs: bool, row: dict) -> tuple[list[float], list[torch.Tensor]]:
     """Run args.steps timed steps: (step times in ms, losses); GPU memory fields go into row."""
-    losses, times = [], []
     if args.device == "cuda":
         row["base_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20)
         torch.cuda.reset_peak_memory_stats()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
-        for start, end in events:
-            start.record()
-            losses.append(step())
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-        if not cudagraphs:
-            # Under CUDA graphs the replays allocate nothing (their buffers were taken from the
-            # graphs' private pool while recording), so a peak over replayed steps would leave
-            # the activations out (2-3 GB read for T5/BERT/GPT-2 on an H200): no figure at all.
-            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            losses.append(step())
-            times.append((time.perf_counter() - t) * 1e3)
+    times, losses = time_calls(step, args.steps, args.device)  # CUDA events on the GPU
+    if args.device == "cuda" and not cudagraphs:
+        # Under CUDA graphs the replays allocate nothing (their buffers were taken from the
+        # graphs' private pool while recording), so a peak over replayed steps would leave
+        # the activations out (2-3 GB read for T5/BERT/GPT-2 on an H200): no figure at all.
+        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return times, losses
 
 
@@ -276,17 +244,11 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
         compiled = torch.compile(model, backend=args.baseline, **mode_kw)
 
     def step() -> torch.Tensor:
-        if cudagraphs:
-            # Each step is a new iteration: the outputs of the last replay may be overwritten now.
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        # bf16 autocast, fwd + bwd + AdamW; under CUDA graphs each step marks a new iteration.
+        loss = train_step(lambda: compiled(**batch).loss, opt, autocast=device, cudagraphs=cudagraphs)
         # A CUDA-graph output lives in the graph's memory pool, which the next replay overwrites;
         # the copy keeps the recorded loss. Without CUDA graphs no copy, as before.
-        return loss.detach().clone() if cudagraphs else loss.detach()
+        return loss.clone() if cudagraphs else loss
 
     row = {"params_m": round(params_m, 1)}
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
@@ -295,11 +257,11 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
         with host_phase(exclusive=False):
             t0 = time.perf_counter()
             first = step()  # compiles forward and backward
-            sync(device)
+            harness.sync(device)
             row["compile_s"] = round(time.perf_counter() - t0, 1)
             for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
                 step()
-            sync(device)
+            harness.sync(device)
         row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         with host_phase(exclusive=True):
             times, losses = timed_steps(step, args, cudagraphs, row)
@@ -313,16 +275,13 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
 
 
 # --------------------------------------------------------------------------- results file
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+def read_rows(path: Path, text_fields: tuple[str, ...] = TEXT_FIELDS) -> list[dict]:
+    rows = harness.read_csv(path)
     for r in rows:  # numbers back to numbers, so rows from a file and from this run mix
         for k, v in r.items():
             if v in ("", None):
                 r[k] = None
-            elif k not in TEXT_FIELDS:
+            elif k not in text_fields:
                 try:
                     r[k] = float(v) if any(c in v for c in ".enN") else int(v)
                 except ValueError:
@@ -332,13 +291,8 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)  # atomic: a kill mid-write never leaves half a file
+def write_rows(rows: list[dict], path: Path, fields: list[str] = FIELDS) -> None:
+    harness.write_csv(path, rows, fields)  # atomic: a kill mid-write never leaves half a file
 
 
 def ok(row: dict | None) -> bool:
@@ -370,13 +324,8 @@ def set_ratios(row: dict, base: dict | None) -> None:
 
 # --------------------------------------------------------------------------- plots and table
 def plot(rows: list[dict], out_dir: Path, stem: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no plots")
+    plt = harness.pyplot()
+    if plt is None:
         return
     models = [m for m in MODELS if any(r["model"] == m and ok(r) for r in rows)]
     if not models:
@@ -403,9 +352,7 @@ def plot(rows: list[dict], out_dir: Path, stem: str, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}_time.png", dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, out_dir / f"{stem}_time.png")
 
     # Peak memory at the default p (the headline setting), one pair of bars per model.
     if not any(ok(r) and r.get("peak_mem_mb") is not None for r in rows):
@@ -426,9 +373,7 @@ def plot(rows: list[dict], out_dir: Path, stem: str, title: str) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}_memory.png", dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, out_dir / f"{stem}_memory.png")
 
 
 def short(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from sparsedrop_compile import harness
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
 VARIANTS = {
@@ -48,11 +49,7 @@ def family(name: str) -> str:
 
 
 def train_step(compiled, batch, opt):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = compiled(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    harness.train_step(lambda: compiled(**batch).loss, opt, autocast="cuda")
 
 
 def time_steps(compiled, batch, opt, steps):
@@ -106,7 +103,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also print kernel time by family")
     parser.add_argument("--out", default=None, help="folder for the full per-kernel tables")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; {args.model} base, batch {args.batch}x{args.seq}, "
+    print(f"{harness.device_name('cuda')} torch {torch.__version__}; {args.model} base, batch {args.batch}x{args.seq}, "
           f"p={args.p}", flush=True)
     summary = []
     for name in args.variants:

@@ -23,7 +23,6 @@ from Python, wall time per call against its CUDA-graph replay, at three shapes f
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -33,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsedrop_compile as sd
+from sparsedrop_compile import harness
+from sparsedrop_compile.harness import capture_cuda_graph, do_bench
 
 SITES = 8
 
@@ -116,8 +117,6 @@ def site_costs(calls: int, reps: int):
 
 def eager_functional(reps: int):
     """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay."""
-    import triton
-
     for rows, n, k in ((4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336)):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -140,33 +139,48 @@ def eager_functional(reps: int):
             walls.append((time.perf_counter() - t0) / 20 * 1e3)
         wall = statistics.median(walls)
         x.grad = w.grad = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        replay = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+        graph, _ = capture_cuda_graph(step, warmup_calls=2)
+        replay = do_bench(graph.replay, warmup=10, rep=50)
         yield dict(case=f"eager sparse_dropout_linear fwd+bwd {rows}x{n}x{k}", backend="sparsedrop",
                    wall_ms=round(wall, 4), cuda_graph_ms=round(replay, 4), wall_over_graph=round(wall / replay, 3))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Per-site host time by family, Inductor beside sparsedrop, from the CSV's rows."""
+    plt = harness.pyplot()
+    if plt is None:
+        return
+    sites = [r for r in rows if r.get("host_us_per_site") not in (None, "")]
+    families = list(dict.fromkeys(r["case"].split()[0] for r in sites))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for j, backend in enumerate(("inductor", "sparsedrop")):
+        values = [next(float(r["host_us_per_site"]) for r in sites if r["case"].startswith(f + " ") and r["backend"] == backend)
+                  for f in families]
+        bars = ax.bar([i + (j - 0.5) * width for i in range(len(families))], values, width, label=backend)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(families)), [f"{f} site" for f in families])
+    ax.set_ylabel("host us per site, fwd + bwd")
+    ax.set_title(f"{rows[0]['gpu']}, torch {rows[0]['torch']}, default mode", fontsize=9)
+    ax.legend(loc="lower right")
+    harness.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv")
+    parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
+    parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(harness.read_csv(args.plot_only), args.plot_only.removesuffix(".csv") + ".png")
+        return 0
     if not torch.cuda.is_available():
         sys.exit("host_overhead.py measures launches on a CUDA GPU")
-    import triton
-
-    name = torch.cuda.get_device_name()
-    env = dict(gpu=name, torch=torch.__version__, triton=triton.__version__)
-    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}")
+    env = harness.environment("cuda", ("torch", "triton"))
+    name = env["gpu"]
+    print(f"{name}, torch {env['torch']}, triton {env['triton']}")
     rows = []
     for row in list(site_costs(args.calls, args.reps)) + list(eager_functional(args.reps)):
         row = {**env, **row}
@@ -174,12 +188,9 @@ def main(argv=None) -> int:
         print(", ".join(f"{k}={v}" for k, v in row.items() if k not in env), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"host_overhead_{name.lower().replace(' ', '-')}.csv")
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        path = os.path.join(args.out, f"host_overhead_{harness.slug(name)}.csv")
+        harness.write_csv(path, rows)
+        plot(rows, path.removesuffix(".csv") + ".png")
         print("wrote", path)
     return 0
 

@@ -8,6 +8,7 @@ import pstats
 
 import torch
 
+from sparsedrop_compile.harness import train_step
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
 
@@ -28,11 +29,7 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(lambda: compiled(**batch).loss, opt, autocast="cuda")
 
     for _ in range(3):
         step()

@@ -101,13 +101,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import fcntl
 import functools
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -129,6 +127,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import sparsedrop_compile as sd
+from sparsedrop_compile import harness
+from sparsedrop_compile.harness import bf16_autocast, train_step
 
 TASKS = ("digits-mlp", "digits-vit", "gpt")
 CLASSIFICATION = ("digits-mlp", "digits-vit")
@@ -460,9 +460,13 @@ def task_config(task: str, ctx: Context) -> TaskConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def autocast(device: str):
+def amp_device(device: str) -> str | None:
     """bf16 autocast on CUDA (as the report's 16-mixed); fp32 on CPU."""
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
+    return device if device == "cuda" else None
+
+
+def autocast(device: str):
+    return bf16_autocast(amp_device(device))
 
 
 def sparsedrop_options(cfg: TaskConfig, inner: str, mode: str = "default", extra: tuple = ()) -> dict:
@@ -484,11 +488,6 @@ def begin_step(mode: str) -> None:
     gradients) have been consumed and may be overwritten."""
     if mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @contextlib.contextmanager
@@ -571,15 +570,9 @@ def train_run(task: str, model: nn.Module, compiled, cfg: TaskConfig, ctx: Conte
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        begin_step(mode)
-        with autocast(device):
-            loss = loss_of(task, compiled(x), y)
-        loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        loss = train_step(lambda x=x, y=y: loss_of(task, compiled(x), y), opt, autocast=amp_device(device), clip=cfg.clip,
+                          cudagraphs=mode == "reduce-overhead")
+        loss_sum += loss
         loss_count += 1
         if cuda:
             end.record()
@@ -589,7 +582,7 @@ def train_run(task: str, model: nn.Module, compiled, cfg: TaskConfig, ctx: Conte
         else:
             step_ms.append((step, (time.perf_counter() - t0) * 1e3))
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            sync(device)
+            harness.sync(device)
             train_s += time.perf_counter() - seg_start
             train_loss = loss_sum.item() / loss_count
             val_loss, val_acc = evaluate(task, model, cfg, ctx)
@@ -678,7 +671,7 @@ def _attempt(job: Job, ctx: Context, mode: str) -> tuple[list[dict], list[dict]]
                 with autocast(ctx.device):
                     loss_of(job.task, compiled(x), y).backward()
                 model.zero_grad(set_to_none=True)
-            sync(ctx.device)
+            harness.sync(ctx.device)
             compile_s = round(time.perf_counter() - t0, 2)
         _TUNED.add((job.task, arm.backend))
     except Exception as err:  # noqa: BLE001  (recorded, the study goes on)
@@ -801,10 +794,7 @@ NUMBER_FIELDS = ("p", "seed", "best_val_acc", "best_val_loss", "best_step", "bes
 
 
 def read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = harness.read_csv(path)
     for row in rows:
         for k in NUMBER_FIELDS:
             if row.get(k) not in (None, ""):
@@ -812,26 +802,10 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path, fields: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def env_info(device: str) -> tuple[dict, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") if device == "cuda" else "cpu"
-    return {"device": device, "device_name": name, "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version()}, slug
+    name = harness.device_name(device, cpu=f"cpu ({platform.machine()}, {os.cpu_count()} cores)")
+    slug = harness.slug(name) if device == "cuda" else "cpu"
+    return {"device": device, "device_name": name, **harness.versions("torch", "triton", "python")}, slug
 
 
 # --------------------------------------------------------------------------- summary
@@ -967,11 +941,9 @@ def step_time_text(rows: list[dict], task: str) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Best validation metric against p, mean ± std over seeds, one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
+    if plt is None:
+        return
     tasks = [t for t in TASKS if any(r["task"] == t for r in ok_rows(rows))]
     if not tasks:
         return
@@ -996,9 +968,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(title, 75 * len(tasks))), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def write_summary(rows: list[dict], arms: list[str], stem: Path, title: str) -> str:
@@ -1183,8 +1153,8 @@ def main(argv=None) -> int:
                 r["sites_rewritten"], r["sites_total"] = site_counts[job.task]
         rows.extend(new_rows)
         curves.extend(new_curves)
-        write_csv(rows, csv_path, RUN_FIELDS)
-        write_csv(curves, curve_path, CURVE_FIELDS)
+        harness.write_csv(csv_path, rows, RUN_FIELDS)
+        harness.write_csv(curve_path, curves, CURVE_FIELDS)
         good = [r for r in new_rows if not r.get("error")]
         if good:
             vals = [primary(job.task, r) * (100 if job.task in CLASSIFICATION else 1) for r in good]

@@ -44,9 +44,19 @@ def padded(shape):
     return (*shape[:-2], shape[-2] + 1, shape[-1] + 1)
 
 
+def keep_fits(keep: Tensor, expected) -> bool:
+    """Whether ``keep`` is ``expected``-shaped flags, or padded ones (see :func:`padded`). Reading
+    a padded keep through its strides at the expected block indices gives the same flags as
+    cutting it, without a slice: slicing a symbolic-shaped tensor asks whether each new size is
+    1 (a guard per block count: the recompiles the padding exists to avoid)."""
+    shape = tuple(keep.shape)
+    return shape == tuple(expected) or shape == tuple(padded(expected))
+
+
 def fit_keep(keep: Tensor, expected) -> Tensor | None:
     """``keep`` as ``expected``-shaped flags: itself, or a padded keep without its extra last row
-    and column of blocks; None if it is neither."""
+    and column of blocks; None if it is neither. Only on concrete tensors (eager, inside opaque
+    ops): on traced ones the slice adds guards (see :func:`keep_fits`)."""
     shape = tuple(keep.shape)
     if shape == tuple(expected):
         return keep

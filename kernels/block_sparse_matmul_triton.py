@@ -28,10 +28,12 @@ made from shapes, strides and dtypes (the config too, see below), kernels are la
 ``runtime.launch``, so when an op is traced by torch.compile Inductor launches them from its
 own code, and every launcher can be captured in a CUDA graph.
 
-Tuning: each launcher picks a config from a short list (``candidate_configs``) by timing them
-once per problem key (sizes, block, dtype, layout); while traced, on stand-in tensors of the
-same shapes (``runtime.Tuner``). Environment knobs:
-    SPARSEDROP_AUTOTUNE=0   take the first (heuristic) candidate, no timing
+Tuning: each launcher picks a config from a short list (``candidate_configs``, best guess
+first): by default the first that runs; with autotuning on (``mode="max-autotune"``, the
+backend's ``autotune`` option, ``SPARSEDROP_AUTOTUNE=1``) the fastest, timed once per problem
+key (sizes, block, dtype, layout); while traced, on stand-in tensors of the same shapes
+(``runtime.Tuner``). Environment knobs:
+    SPARSEDROP_AUTOTUNE=1   time the candidates (default 0: first that runs)
     SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only)
 Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
 """
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .block_mask import cdiv, expand_block_keep
+from .block_mask import cdiv, expand_block_keep, keep_fits
 from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _kept_lists_kernel, _sdd_kernel
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
@@ -181,8 +183,10 @@ _STANDIN_P = 0.1
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
-    """The configs chosen so far in this process, by problem key (for logs and benchmarks)."""
-    return dict(_TUNER.best)
+    """The configs chosen so far in this process, by problem key (for logs and benchmarks); a
+    timed choice wins over an untimed one for the same key."""
+    chosen = sorted(_TUNER.best.items(), key=lambda item: item[0][1])  # untimed first, timed overwrite
+    return {key: cfg for (key, _timed), cfg in chosen}
 
 
 def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: KernelConfig | None,
@@ -201,7 +205,7 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         if config.tma and not tma_ok:
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         return config
-    cfg = _TUNER.best.get(key)
+    cfg = _TUNER.cached(key)
     if cfg is not None:
         return cfg
     cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok, second_keep=second_keep)
@@ -264,6 +268,11 @@ def _fail(name: str, msg: str) -> NoReturn:
     raise ValueError(f"sparsedrop {name}: {msg}")
 
 
+def _blocks(a: Tensor, block) -> tuple:
+    """(B, nR, nC): the mask blocks over the 3-D activation ``a``."""
+    return (a.shape[0], cdiv(a.shape[1], block[0]), cdiv(a.shape[2], block[1]))
+
+
 def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: int, cols: int,
                   supported: bool = False) -> None:
     """Operand checks shared by the launchers. ``supported``: the caller has already found
@@ -277,20 +286,22 @@ def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: in
         if reason is not None:
             _fail(name, f"{reason}; use the reference kernels for this call")
     expected = (x.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1]))
-    if not (keep.dtype == torch.bool and tuple(keep.shape) == expected):
-        _fail(name, f"keep must be a bool tensor of shape {expected}, got {keep.dtype} {tuple(keep.shape)}")
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
+        _fail(name, f"keep must be a bool tensor of shape {expected} (or padded by one block in its last two dims), "
+                    f"got {keep.dtype} {tuple(keep.shape)}")
     if keep.device != x.device:
         _fail(name, f"keep is on {keep.device}, operands on {x.device}")
 
 
 def _check_second_keep(name: str, arg: str, keep: Tensor | None, like: Tensor, rows, cols, block) -> None:
-    """A second mask over (B, rows, cols) of ``like`` in blocks of ``block``, as _check_common checks the first."""
+    """A second mask over (B, rows, cols) of ``like`` in blocks of ``block``, as _check_common checks
+    the first (padded by one block in its last two dims too: it is read through its strides)."""
     if keep is None:
         return
     expected = (like.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1]))
-    if not (keep.dtype == torch.bool and tuple(keep.shape) == expected and keep.device == like.device):
-        _fail(name, f"{arg} must be a bool tensor of shape {expected} on {like.device}, got {keep.dtype} "
-                    f"{tuple(keep.shape)} on {keep.device}")
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected) and keep.device == like.device):
+        _fail(name, f"{arg} must be a bool tensor of shape {expected} (or padded by one block in its last two dims) "
+                    f"on {like.device}, got {keep.dtype} {tuple(keep.shape)} on {keep.device}")
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -392,7 +403,7 @@ def _record_occupancy(device: torch.device, occ_key: tuple, compiled, cfg: Kerne
 
 
 # =========================================================================== kept lists
-def kept_lists(keep: Tensor, by: str, order: bool = False):
+def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None):
     """Per-line lists of kept blocks, built on the device in one launch (no host sync).
 
     by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
@@ -404,8 +415,11 @@ def kept_lists(keep: Tensor, by: str, order: bool = False):
     With ``order=True`` returns (counts, index, order): order (int32, n_lines) lists the lines
     by kept count, descending (ties by line number), computed in the same launch; order is None
     when the mask is too large for that (see _ORDER_MAX_FLAG_READS).
+
+    ``blocks`` = (B, nR, nC) when ``keep`` is padded (block_mask.padded): the flags are read
+    through keep's strides, so the extra row and column are never seen.
     """
-    B, nR, nC = keep.shape
+    B, nR, nC = keep.shape if blocks is None else blocks
     flags = keep  # bool tensors go to Triton as they are (i1 pointers): Inductor cannot lower a bool -> uint8 view
     sb, sr, sc = flags.stride()
     if by == "row":
@@ -483,7 +497,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, b, keep, bias, out, out_keep) -> None:
-        counts, index, order = kept_lists(keep, "row", order=True)
+        counts, index, order = kept_lists(keep, "row", order=True, blocks=_blocks(a, block))
         n_rblk = cdiv(M, br)
         balance = cfg.balance and order is not None
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
@@ -561,14 +575,17 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         tiles = B * cdiv(M, cfg.tile_m) * cdiv(K, cfg.tile_k)
         masks = _masks(M, N, K, cfg, block)
         if persistent:
-            counts, index = kept_lists(keep, "row")
+            counts, index = kept_lists(keep, "row", blocks=(B, cdiv(M, block[0]), cdiv(K, block[1])))
             occ_key = (grad.device.index, cfg, grad.dtype, b_k_contig, tuple(masks.values()))
             programs = _persistent_programs(grad.device, occ_key, cfg, grad.element_size())
             grid = (max(1, min(hint(tiles), programs)),)
         else:
             counts, index = flags, flags  # unused
             grid = (tiles,)
-        red_counts, red_index = kept_lists(reduce_keep, "row") if reduce_keep is not None else (counts, index)
+        if reduce_keep is not None:
+            red_counts, red_index = kept_lists(reduce_keep, "row", blocks=_blocks(grad, block))
+        else:
+            red_counts, red_index = counts, index  # unused
         if cfg.tma:
             runtime.set_scratch_allocator()
         with runtime.device_guard(grad):
@@ -628,7 +645,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, grad, keep, out, grad_keep):
-        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True)
+        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=_blocks(a, block))
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
             grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)

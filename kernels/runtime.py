@@ -10,9 +10,13 @@
 - TMA (Hopper's tensor memory accelerator): whether an operand qualifies, and the strides a
   descriptor takes. Descriptors are built inside the kernels (``tl.make_tensor_descriptor``),
   because Inductor cannot trace host-side descriptors made inside a triton_op.
-- Tuning: one tuner that times candidate configs once per problem key. While an op is traced
-  (fake tensors: torch.compile is building the graph) it times them on stand-in tensors of the
-  same shapes and strides, so the chosen config is baked into the compiled code.
+- Tuning: one tuner, with Inductor's policy. By default it takes the first candidate that runs
+  (the candidate lists are ordered best guess first), so building a graph compiles one config
+  per kernel and problem; with autotuning on (``mode="max-autotune"``, the backend's
+  ``autotune`` option, or ``SPARSEDROP_AUTOTUNE=1``) it times the candidates once per problem
+  key. While an op is traced (fake tensors: torch.compile is building the graph) it runs them on
+  stand-in tensors of the same shapes and strides, so the chosen config is baked into the
+  compiled code.
 
 Everything here is safe on fake and symbolic tensors: no data pointers, no guards on sizes
 unless a comment says why.
@@ -20,6 +24,7 @@ unless a comment says why.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 from typing import Callable, Sequence
@@ -230,8 +235,34 @@ class KernelConfig:
         )
 
 
+_AUTOTUNE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("sparsedrop_autotune", default=None)
+
+
+def autotune_enabled() -> bool:
+    """Whether configs are chosen by timing the candidates (else: the first one that runs).
+
+    Set for one compile by the backend (:func:`autotuning`), else ``SPARSEDROP_AUTOTUNE=1``.
+    Off by default, as Inductor's own matmul autotuning is: timing eight configs of three
+    kernels per problem made building a graph several times slower than Inductor's."""
+    forced = _AUTOTUNE.get()
+    if forced is not None:
+        return forced
+    return os.environ.get("SPARSEDROP_AUTOTUNE", "0") == "1"
+
+
+@contextlib.contextmanager
+def autotuning(enabled: bool | None):
+    """Turn timing of candidate configs on or off for the code inside (None: the default)."""
+    token = _AUTOTUNE.set(enabled)
+    try:
+        yield
+    finally:
+        _AUTOTUNE.reset(token)
+
+
 class Tuner:
-    """Picks and caches one config per problem key by timing the candidates once.
+    """Picks and caches one config per problem key: the first candidate that runs, or with
+    :func:`autotune_enabled` the fastest, by timing the candidates once.
 
     Why not triton.autotune: the candidates depend on the mask block and on whether the operands
     qualify for TMA, the grid and some arguments depend on the config, and tuning must be
@@ -244,18 +275,27 @@ class Tuner:
         self.timings: dict[tuple, list[tuple[KernelConfig, float | str]]] = {}
         self.tie, self.prefer = tie, prefer
 
+    @staticmethod
+    def _timed(n_candidates: int) -> bool:
+        return autotune_enabled() and n_candidates > 1 and not INTERPRET
+
+    def cached(self, key: tuple, n_candidates: int = 2) -> KernelConfig | None:
+        """The config already picked for ``key`` under the current policy, if any."""
+        return self.best.get((key, self._timed(n_candidates)))
+
     def pick(self, key: tuple, candidates: Sequence[KernelConfig], run: Callable[[KernelConfig], None]) -> KernelConfig:
         """The config for ``key``; ``run(cfg)`` launches one on real tensors (stand-ins while
         tracing). The caller launches the chosen config on its own tensors afterwards."""
-        cfg = self.best.get(key)
+        timed = self._timed(len(candidates))
+        cfg = self.best.get((key, timed))
         if cfg is not None:
             return cfg
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if len(candidates) == 1 or INTERPRET or os.environ.get("SPARSEDROP_AUTOTUNE", "1") == "0" or capturing:
-            # Untimed: the first candidate that compiles and launches. While a CUDA graph is
-            # captured nothing may run outside it, so the first candidate is used unchecked
-            # and not cached (the next uncaptured call tunes).
-            return candidates[0] if capturing else self._first_that_runs(key, candidates, run)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # While a CUDA graph is captured nothing may run outside it: the first candidate,
+            # unchecked and not cached (the next uncaptured call picks properly).
+            return candidates[0]
+        if not timed:
+            return self._first_that_runs((key, timed), candidates, run)
         results: list[tuple[KernelConfig, float | str]] = []
         for c in candidates:
             try:
@@ -265,21 +305,21 @@ class Tuner:
             except Exception as err:  # a config that does not compile or fit is skipped
                 results.append((c, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
         self.timings[key] = results
-        timed = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
-        if not timed:
+        ok = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
+        if not ok:
             raise RuntimeError(
                 f"sparsedrop: no kernel config could run for {key}: "
                 + "; ".join(f"{c}: {r}" for c, r in results)
                 + ". Set SPARSEDROP_TMA=0 to rule out TMA descriptors, or use kernel='reference'."
             )
-        fastest = min(timed)[0]
-        preferred = [(ms, i) for ms, i in timed
+        fastest = min(ok)[0]
+        preferred = [(ms, i) for ms, i in ok
                      if self.prefer is not None and self.prefer(candidates[i]) and ms <= fastest * (1 + self.tie)]
-        best = candidates[min(preferred or timed)[1]]
-        self.best[key] = best
+        best = candidates[min(preferred or ok)[1]]
+        self.best[(key, True)] = best
         return best
 
-    def _first_that_runs(self, key, candidates, run) -> KernelConfig:
+    def _first_that_runs(self, cache_key, candidates, run) -> KernelConfig:
         errors = []
         for c in candidates:
             try:
@@ -287,9 +327,9 @@ class Tuner:
             except Exception as err:
                 errors.append(f"{c}: {type(err).__name__}: {err}")
                 continue
-            self.best[key] = c
+            self.best[cache_key] = c
             return c
-        raise RuntimeError(f"sparsedrop: no kernel config could run for {key}: " + "; ".join(errors))
+        raise RuntimeError(f"sparsedrop: no kernel config could run for {cache_key[0]}: " + "; ".join(errors))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from sparsedrop_compile import ops  # noqa: F401  (registers the sparsedrop:: op
 from sparsedrop_compile import attention_ops  # noqa: F401  (registers sparsedrop::attention)
 from sparsedrop_compile import mask_ops  # noqa: F401  (registers the keep-mask ops)
 from sparsedrop_compile import output_ops  # noqa: F401  (registers the output-side ops)
+from sparsedrop_compile import distributed
 from sparsedrop_compile.backend import sparsedrop
 from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.explain import explain
@@ -42,3 +43,4 @@ def _register_backend() -> None:
 
 
 _register_backend()
+distributed.install_ddp_hook()  # under DDP, rewrite each graph whole before DDPOptimizer splits it

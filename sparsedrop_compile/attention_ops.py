@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsedrop_compile.kernels import flash_attention as _ref
-from sparsedrop_compile.kernels.block_mask import fit_keep
+from sparsedrop_compile.kernels.block_mask import fit_keep, keep_fits
 from sparsedrop_compile.kernels.flash_attention import MODES, attention_keep_shape, sample_attention_keep
 from sparsedrop_compile.kernels import flash_attention_triton as _tri
 from sparsedrop_compile.kernels.runtime import define_op
-from sparsedrop_compile.ops import LIB, KernelFamily, register_autocast_like_matmul, use_triton
+from sparsedrop_compile.ops import LIB, KernelFamily, opaque_reference, register_autocast_like_matmul, use_triton
 
 __all__ = ["sparse_dropout_attention", "DEFAULT_ATTENTION_BLOCK"]
 
@@ -69,23 +69,61 @@ def _check_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep:
 
 
 def _fit_tiles(q: Tensor, k: Tensor, keep: Tensor, block: tuple[int, int], op: str) -> Tensor:
-    """keep cut to the tiles of q against k (a compiled graph's keep is padded by one tile in its
-    last two dims: see block_mask.padded); raises if it does not fit."""
+    """keep if it holds the tiles of q against k, exactly or padded by one tile in its last two
+    dims (a compiled graph's keep: see block_mask.padded); raises if it does not fit. Returned
+    uncut: the kernels read it through its strides, the opaque references cut it (see
+    block_mask.keep_fits)."""
     expected = tuple(attention_keep_shape(q.shape, k.shape, block))
-    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
-    if fitted is None:
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (tiles of {tuple(block)} over "
             f"{q.shape[-2]} queries x {k.shape[-2]} keys), got {keep.dtype} {tuple(keep.shape)}; build it with "
             "sample_attention_keep(q, k, p, block_q, block_k)"
         )
-    return fitted
+    return keep
+
+
+def _cut(q: Tensor, k: Tensor, keep: Tensor, block_q: int, block_k: int) -> Tensor:
+    return fit_keep(keep, attention_keep_shape(q.shape, k.shape, (block_q, block_k)))
+
+
+# The references as opaque ops, in the kernels' output layouts (see ops.py, "opaque references":
+# traced as one node each, so a fallback adds no guards on symbolic sizes).
+def _reference_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor, p: float,
+                       is_causal: bool, scale: float | None, enable_gqa: bool, block_q: int, block_k: int,
+                       mode: str) -> tuple[Tensor, Tensor]:
+    out, lse = _ref.reference_attention_forward(q, k, v, attn_mask, _cut(q, k, keep, block_q, block_k), p, is_causal, scale, enable_gqa,
+                                                (block_q, block_k), mode)
+    return _ref.empty_attention_out(q, v).copy_(out), lse.float().contiguous()
+
+
+def _reference_forward_fake(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode):
+    return _ref.empty_attention_out(q, v), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor,
+                        p: float, is_causal: bool, scale: float | None, enable_gqa: bool, block_q: int, block_k: int,
+                        mode: str, want_dmask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _ref.reference_attention_backward(grad_out, q, k, v, attn_mask, _cut(q, k, keep, block_q, block_k), p, is_causal, scale, enable_gqa,
+                                              (block_q, block_k), mode, want_dmask)
+    dq, dk, dv = (_ref.empty_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
+    dmask = attn_mask.new_empty(attn_mask.shape).copy_(grads[3]) if want_dmask else q.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+def _reference_backward_fake(grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k,
+                             mode, want_dmask):
+    dmask = attn_mask.new_empty(attn_mask.shape) if want_dmask else q.new_empty((0,))
+    return _ref.empty_grad_like(q), _ref.empty_grad_like(k), _ref.empty_grad_like(v), dmask
 
 
 ATTENTION = KernelFamily(
     "attention",
     triton={"forward": _tri.attention_forward, "backward": _tri.attention_backward},
-    reference={"forward": _ref.reference_attention_forward, "backward": _ref.reference_attention_backward},
+    reference={
+        "forward": opaque_reference("reference_attention_forward", _reference_forward, _reference_forward_fake),
+        "backward": opaque_reference("reference_attention_backward", _reference_backward, _reference_backward_fake),
+    },
     unsupported_reason=_tri.unsupported_reason,
 )
 
@@ -113,8 +151,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     args = (q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     if _use_kernels(kernel, q, k, v, attn_mask, scale, block):
         return ATTENTION.triton["forward"](*args)
-    out, lse = ATTENTION.reference["forward"](*args)
-    return _ref.empty_attention_out(q, v).copy_(out), lse  # the kernels' (and the fake's) layout
+    return ATTENTION.reference["forward"](q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, *block, mode)
 
 
 def _attention_forward_fake(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block_q, block_k, mode, kernel):
@@ -137,10 +174,8 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
         dq, dk, dv, dmask = ATTENTION.triton["backward"](
             grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
     else:
-        grads = ATTENTION.reference["backward"](
-            grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, want_dmask)
-        dq, dk, dv = (_ref.empty_grad_like(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
-        dmask = grads[3]
+        dq, dk, dv, dmask = ATTENTION.reference["backward"](
+            grad_out, q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, *block, mode, want_dmask)
     return dq, dk, dv, dmask if want_dmask else q.new_empty((0,))
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
-from sparsedrop_compile import report
+from sparsedrop_compile import distributed, report
 from sparsedrop_compile.config import SparseDropConfig
 
 log = logging.getLogger("sparsedrop_compile")
@@ -15,33 +16,54 @@ log = logging.getLogger("sparsedrop_compile")
 
 def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Sequence[Any] = ()) -> list:
     """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
-    import sparsedrop_compile.mask_ops  # noqa: F401  (registers the ops the passes emit)
+    import sparsedrop_compile.mask_ops  # registers the ops the passes emit
     import sparsedrop_compile.ops  # noqa: F401
     import sparsedrop_compile.output_ops  # noqa: F401
+    from sparsedrop_compile.passes._names import compiled_root, naming
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
     from sparsedrop_compile.passes.matmul_dropout import rewrite_matmul_dropout
     from sparsedrop_compile.passes.regions import rewrite_regions
-    from sparsedrop_compile.passes._names import compiled_root, naming
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()
+    root = compiled_root()
 
     def rewrite(g: fx.GraphModule, cfg: SparseDropConfig) -> list:
+        sites = rewrite_dropout_matmul(g, cfg, index, fake_mode)
+        if g is gm:  # the input side's reason, then why its matmul may be in another graph
+            _explain_graph_outputs(gm, sites, root)
         # The output side completes the input side's rows (a dropout is one row, fused on either
         # side or refused with both reasons) and fuses the matmuls it already made input-sparse.
-        sites = rewrite_matmul_dropout(g, cfg, index, fake_mode, rewrite_dropout_matmul(g, cfg, index, fake_mode))
+        sites = rewrite_matmul_dropout(g, cfg, index, fake_mode, sites)
         return sites + [site for rewrite_pass in (rewrite_dropout_sdpa, rewrite_dropout_mha) for site in rewrite_pass(g, cfg, index, fake_mode)]
 
     # The graph and every higher-order-op body in it (checkpointed regions), in program order;
     # sites named as in the compiled model's named_modules().
-    with naming(compiled_root()):
+    with naming(root):
         sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]
+    distributed.mark_rewritten(gm, index)  # DDPOptimizer's pieces of this graph are not rewritten again
     if sites and log.isEnabledFor(logging.DEBUG):
         log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))
     report.record(sites)
     return sites
+
+
+def _explain_graph_outputs(gm: fx.GraphModule, sites: list, root) -> None:
+    """A dropout whose output leaves the graph may have its matmul in another graph (a graph
+    break, an FSDP2 unit boundary, a DDPOptimizer piece): say which, instead of only "no matmul".
+    ``sites`` are the input side's rows of gm itself (not of a body); the output side adds its
+    reason after this."""
+    units = None
+    for site in sites:
+        if site.rewritten or "graph output" not in site.consumers:
+            continue
+        if not (site.reason or "").startswith("no matmul consumer"):
+            continue
+        if units is None:
+            units = distributed.fsdp_units(root)
+        site.reason = f"{site.reason}; {distributed.split_reason(gm, site.module_path, units)}"
 
 
 def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
@@ -58,8 +80,18 @@ def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any)
     config = SparseDropConfig.from_options(options)
     if mode is not None and config.mode is None:
         config = config.replace(mode=mode)
-    run_passes(gm, config, example_inputs)
-    return _inner_compile(gm, example_inputs, config)
+    if distributed.piece_of(gm) is None:  # else DDPOptimizer's piece of a graph rewritten whole
+        run_passes(gm, config, example_inputs)
+    if distributed.whole_graph_pass():  # the DDP hook: rewrite before the split, compile the pieces later
+        return gm.forward
+    from sparsedrop_compile.kernels.runtime import autotuning
+
+    # Kernel configs are picked while the graph is traced, i.e. inside the inner compile.
+    with autotuning(config.autotune_kernels()):
+        return _inner_compile(gm, example_inputs, config)
+
+
+sparsedrop._sparsedrop_backend = True  # the DDP hook looks for this (distributed.is_sparsedrop_backend)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sparsedrop_compile.harness import bf16_autocast, train_step
+
 BENCHMARKS = {"kernels": "bench_kernels.py", "attention": "bench_attention.py", "model": "bench_model.py",
               "regularisation": "regularisation.py"}
 
@@ -78,9 +80,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     batch = example_batch(model, batch=args.batch, seq=args.seq, device=device)
     print(f"sparsedrop demo: {args.model} ({args.size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}, "
           f"inner={inner}, block_size={block}, {args.steps} steps on one fixed batch of {args.batch}x{args.seq}")
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=gpu)
+    amp = device.type if gpu else None  # bf16 autocast on the GPU
     print("finding the dropout sites (sparsedrop_compile.explain)...", flush=True)
-    with torch.autocast(**amp):
+    with bf16_autocast(amp):
         report = sd.explain(model, **batch, options=options)
     print(report)
 
@@ -104,11 +106,7 @@ def _train(model, batch, backend, options, steps, amp, tqdm):
     print(f"{backend}: compiling (first step)...", flush=True)
     for step in tqdm(range(steps), desc=backend, leave=False, disable=steps == 1):
         start = time.perf_counter()
-        with torch.autocast(**amp):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(lambda: compiled(**batch).loss, opt, autocast=amp)
         losses.append(loss.item())  # .item() synchronises, so the wall time is the step's
         times.append(time.perf_counter() - start)
         if step == 0:

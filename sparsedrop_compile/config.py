@@ -41,6 +41,10 @@ class SparseDropConfig:
     mode: Inductor's compile mode ("default", "reduce-overhead", "max-autotune",
         "max-autotune-no-cudagraphs"). torch.compile refuses ``mode=`` together with ``options=``,
         so with options pass it here.
+    autotune: time the block-sparse matmul's candidate kernel configs while the graph is built
+        (True) or take the first that runs, the best guess for the shape (False). None (the
+        default) follows Inductor: on in the "max-autotune" modes, else off unless
+        SPARSEDROP_AUTOTUNE=1. Timing makes the first compile several times slower.
     """
 
     block_size: tuple[int, int] = (128, 128)
@@ -56,6 +60,7 @@ class SparseDropConfig:
     attention_block: tuple[int, int] = (64, 128)
     inductor_options: Mapping[str, Any] = field(default_factory=dict, compare=False)
     mode: str | None = None
+    autotune: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -87,6 +92,8 @@ class SparseDropConfig:
                 raise ValueError(f"sparsedrop option {name}={getattr(self, name)!r}: expected True or False")
         if self.mode is not None and self.mode not in INDUCTOR_MODES:
             raise ValueError(f"sparsedrop option mode={self.mode!r}: expected one of {', '.join(map(repr, INDUCTOR_MODES))}")
+        if self.autotune is not None and not isinstance(self.autotune, bool):
+            raise ValueError(f"sparsedrop option autotune={self.autotune!r}: expected True, False or None (follow the mode)")
         if not isinstance(self.inductor_options, Mapping):
             raise ValueError(
                 f"sparsedrop option inductor_options={self.inductor_options!r}: expected a dict of "
@@ -106,6 +113,12 @@ class SparseDropConfig:
         if unknown:
             raise ValueError(f"unknown sparsedrop option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}")
         return cls(**options)
+
+    def autotune_kernels(self) -> bool | None:
+        """Whether to time kernel configs during this compile; None leaves it to the environment."""
+        if self.autotune is not None:
+            return self.autotune
+        return True if self.mode is not None and self.mode.startswith("max-autotune") else None
 
     def replace(self, **changes: Any) -> "SparseDropConfig":
         return dataclasses.replace(self, **changes)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
@@ -13,6 +14,7 @@ from sparsedrop_compile import report as _report
 from sparsedrop_compile.backend import sparsedrop
 from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.coverage import merge, record_dropouts
+from sparsedrop_compile.distributed import piece_of, whole_graph_pass
 from sparsedrop_compile.report import ExplainReport
 
 log = logging.getLogger("sparsedrop_compile")
@@ -36,14 +38,19 @@ def explain(model_or_fn: torch.nn.Module | Callable, *args: Any, options: dict |
     runs: collections.Counter = collections.Counter()
 
     def backend(gm, example_inputs, **kw):
-        index = result.graphs  # the index run_passes gives this graph
+        piece = piece_of(gm)  # a DDPOptimizer piece of a graph rewritten whole: (its index, holds its first op)
+        index = result.graphs if piece is None else piece[0]  # the index run_passes gives this graph
         compiled = sparsedrop(gm, example_inputs, options=config)
+        if whole_graph_pass() or (piece is not None and not piece[1]):
+            return compiled  # a graph's runs are counted once: in its (first) piece
 
         def run(*graph_args):
             runs[index] += 1
             return compiled(*graph_args)
 
         return run
+
+    backend._sparsedrop_backend = True  # under DDP, the hook rewrites the whole graph through it too
 
     torch._dynamo.reset()
     breaks_before = dict(counters["graph_break"])
@@ -58,7 +65,7 @@ def explain(model_or_fn: torch.nn.Module | Callable, *args: Any, options: dict |
         start.restore()
         try:
             calls = record_dropouts(model_or_fn, args, kwargs)
-        except Exception as error:  # a model that only runs compiled: report what was compiled
+        except Exception as error:  # noqa: BLE001 - a model that only runs compiled: report what was compiled
             log.warning("sparsedrop explain: the eager replay failed (%s); dropouts outside compiled graphs are not listed", error)
         else:
             result.sites = merge(result.sites, runs, calls, breaks)

@@ -37,7 +37,9 @@ def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: fl
         layers = 6  # 6 + 6 layers, as the benchmark issue allows
     vocab = vocab or (BASE_VOCAB[family] if size == "base" else 256)
     p = 0.1 if dropout is None else dropout
-    common: dict[str, Any] = {"attn_implementation": attn}
+    # Training models: no KV cache. (transformers 5.17's T5 builds its cache with copy.deepcopy of
+    # the config, which Dynamo cannot trace: a graph break in every forward with use_cache=True.)
+    common: dict[str, Any] = {"attn_implementation": attn, "use_cache": False}
     if family.startswith("t5"):
         cfg = tf.T5Config(
             vocab_size=vocab, d_model=d, d_kv=d // heads, d_ff=ff, num_layers=layers, num_decoder_layers=layers,
@@ -59,6 +61,21 @@ def build_model(family: str, size: str = "tiny", attn: str = "sdpa", dropout: fl
     return tf.DistilBertForMaskedLM(cfg)
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a model built here, in order (encoder, then decoder): the units one
+    ``fully_shard``s under FSDP2 before the root, so each layer's dropout -> matmul pairs stay in one unit."""
+    if hasattr(model, "encoder") and hasattr(model, "decoder"):  # T5
+        return [*model.encoder.block, *model.decoder.block]
+    for path in ("transformer.h", "bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer"):
+        owner = model
+        for name in path.split("."):
+            owner = getattr(owner, name, None)
+        if owner is not None:
+            return list(owner)
+    raise ValueError(f"transformer_blocks: no known layer list in {type(model).__name__} "
+                     "(expected T5, GPT-2, BERT, RoBERTa or DistilBERT as build_model makes them)")
+
+
 def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     """A randomly initialised model from a local HF model directory or config.json (no weights read)."""
     import transformers as tf
@@ -78,6 +95,7 @@ def load_model(path: str, attn: str = "sdpa") -> torch.nn.Module:
     except (ValueError, KeyError):
         raise ValueError(f"{cfg_path}: model_type {data['model_type']!r} is unknown to transformers {tf.__version__}") from None
     config._attn_implementation = attn
+    config.use_cache = False  # a training model (see build_model)
     for auto in (tf.AutoModelForSeq2SeqLM, tf.AutoModelForCausalLM, tf.AutoModelForMaskedLM, tf.AutoModel):
         try:
             return auto.from_config(config)

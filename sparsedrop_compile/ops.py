@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as _tri_matmul
-from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_shape
+from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_fits, keep_shape
 from sparsedrop_compile.kernels.runtime import define_op, interpreting
 
 LIB = "sparsedrop"
@@ -72,27 +72,103 @@ def _supported(fn: Callable) -> Callable:
     return call
 
 
+# --------------------------------------------------------------------------- opaque references
+# The plain-PyTorch references as ops of their own. On a GPU the ops below are triton_ops, whose
+# bodies torch.compile traces into; a call that falls back to the reference (CPU tensors, a dtype
+# or layout the kernels do not take) would then trace the reference's mask indexing with
+# symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
+# references enter the graph as one node each, with the dense op's output metadata.
+def _cut(keep: Tensor | None, a: Tensor, block_rows: int, block_cols: int) -> Tensor | None:
+    """A possibly padded keep cut to the blocks over the 3-D operand ``a`` (concrete tensors)."""
+    return None if keep is None else fit_keep(keep, keep_shape(a.shape, (block_rows, block_cols), True))
+
+
+def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                   bias: Tensor | None, out_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    out_shape = (a.shape[0], a.shape[1], b.shape[2])
+    out_keep = None if out_keep is None else fit_keep(out_keep, keep_shape(out_shape, block, True))
+    return _ref_matmul.reference_dsd(a, b, _cut(keep, a, *block), scale, block, bias, out_keep=out_keep)
+
+
+def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias, out_keep=None):
+    out = torch.matmul(a, b)
+    return out if bias is None else out + bias
+
+
+def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                   bias: Tensor | None = None, bias_scale: float | None = None, reduce_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    out_shape = (grad.shape[0], grad.shape[1], b.shape[1])
+    keep = fit_keep(keep, keep_shape(out_shape, block, True))
+    return _ref_matmul.reference_sdd(grad, b, keep, scale, block, bias, bias_scale=bias_scale,
+                                     reduce_keep=_cut(reduce_keep, grad, *block))
+
+
+def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols, bias=None, bias_scale=None, reduce_keep=None):
+    return torch.matmul(grad, b.transpose(-1, -2))
+
+
+def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                      batched_out: bool, grad_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    return _ref_matmul.reference_dsd_tn(a, grad, _cut(keep, a, *block), scale, block, batched_out,
+                                        grad_keep=_cut(grad_keep, grad, *block))
+
+
+def _reference_dsd_tn_fake(a, grad, keep, scale, block_rows, block_cols, batched_out, grad_keep=None):
+    batch = a.shape[0] if batched_out else 1
+    return a.new_empty((batch, a.shape[2], grad.shape[2]), dtype=torch.result_type(a, grad))
+
+
+def opaque_reference(name: str, fn: Callable, fake: Callable):
+    """``fn`` registered as the opaque op sparsedrop::``name`` whose metadata ``fake`` gives."""
+    op = torch.library.custom_op(f"{LIB}::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+_ref_dsd = opaque_reference("reference_dsd", _reference_dsd, _reference_dsd_fake)
+_ref_sdd = opaque_reference("reference_sdd", _reference_sdd, _reference_sdd_fake)
+_ref_dsd_tn = opaque_reference("reference_dsd_tn", _reference_dsd_tn, _reference_dsd_tn_fake)
+
+
+# The launchers' signatures (the output side's second masks and sdd's bias included) over the ops.
+def _dsd_ref(a, b, keep, scale, block, bias=None, *, out_keep=None):
+    return _ref_dsd(a, b, keep, scale, block[0], block[1], bias, out_keep)
+
+
+def _sdd_ref(grad, b, keep, scale, block, bias=None, *, bias_scale=None, reduce_keep=None):
+    return _ref_sdd(grad, b, keep, scale, block[0], block[1], bias, bias_scale, reduce_keep)
+
+
+def _dsd_tn_into(a, grad, keep, scale, block, batched_out, *, grad_keep=None, out=None):
+    result = _ref_dsd_tn(a, grad, keep, scale, block[0], block[1], batched_out, grad_keep)
+    return result if out is None else out.copy_(result)
+
+
 # The tensors ``pick`` checks must be the launcher's first two operands (or views of them with
 # the same dtype, device and matrix span), since that check stands in for the launcher's own.
 MATMUL = KernelFamily(
     "matmul",
     triton={name: _supported(getattr(_tri_matmul, name)) for name in ("dsd", "sdd", "dsd_tn")},
-    reference={"dsd": _ref_matmul.reference_dsd, "sdd": _ref_matmul.reference_sdd, "dsd_tn": _ref_matmul.reference_dsd_tn},
+    reference={"dsd": _dsd_ref, "sdd": _sdd_ref, "dsd_tn": _dsd_tn_into},
     unsupported_reason=_tri_matmul.unsupported_reason,
 )
 
 
 def _check_keep(keep: Tensor, shape, block: tuple[int, int], batched: bool, op: str) -> Tensor:
-    """keep cut to the blocks over an operand of ``shape`` (a compiled graph's keep is padded by
-    one block in its last two dims: see block_mask.padded); raises if it does not fit."""
+    """``keep`` if it holds the flags of the blocks over an operand of ``shape``, exactly or padded
+    by one block in its last two dims (a compiled graph's keep: see block_mask.padded); raises if
+    it does not fit. Returned uncut: the launchers read it through its strides, and the opaque
+    references cut it (block_mask.keep_fits says why)."""
     expected = tuple(keep_shape(shape, block, batched))
-    fitted = fit_keep(keep, expected) if keep.dtype == torch.bool else None
-    if fitted is None:
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
         raise ValueError(
             f"sparsedrop::{op}: keep must be a bool tensor of shape {expected} (blocks of {block} over an "
             f"operand of shape {tuple(shape)}), got {keep.dtype} {tuple(keep.shape)}"
         )
-    return fitted
+    return keep
 
 
 def _check_same_dtype(op: str, **tensors: Tensor | None) -> None:

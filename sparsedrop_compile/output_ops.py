@@ -37,7 +37,8 @@ from sparsedrop_compile.ops import (
 
 
 def _keeps(keep: Tensor, keep_in: Tensor | None, y_shape, x_shape, block, batched: bool, op: str):
-    """Both masks cut to size: keep over the output, keep_in (if any) over the activation."""
+    """Both masks checked (keep over the output, keep_in, if any, over the activation) and returned
+    uncut: a compiled graph's padded keeps go to the launchers as they are (ops._check_keep)."""
     keep = _check_keep(keep, y_shape, block, batched, op)
     return keep, None if keep_in is None else _check_keep(keep_in, x_shape, block, batched, f"{op} (keep_in)")
 

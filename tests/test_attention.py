@@ -240,6 +240,7 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
     raise ValueError(kind)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
 def test_triton_matches_reference(case, monkeypatch):
     _, sq, sk, hq, hkv, d, dtype, block, causal, mask_kind, mode, strategy = case
@@ -258,6 +259,7 @@ def test_triton_matches_reference(case, monkeypatch):
         assert_close_scaled(a, b, dtype, name)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
 @pytest.mark.parametrize("kept", [True, False])
 def test_triton_keep_all_true_and_all_false(mode, kept):
@@ -295,6 +297,7 @@ def _expected_classes(mask, b, h, sq, sk, tile):
     return cls
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("kind", ["bool_b11", "bool_pad_full", "bool_causal_pad"])
 def test_tile_classes_match_the_definition(kind):
     q, k, v, _, g = make_inputs(b=2, hq=2, sq=77, sk=300)
@@ -323,6 +326,7 @@ HF_MASK_CASES = [
 ]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("case", HF_MASK_CASES, ids=[c[0] for c in HF_MASK_CASES])
 def test_triton_hf_masks_match_reference(case, monkeypatch):
     _, sq, sk, hq, hkv, d, dtype, causal, mask_kind, mode, strategy = case
@@ -363,6 +367,7 @@ def test_float_masks_are_not_classified(kind):
     assert not any(c.enabled for c in fat._tile_classes(pb, [(32, 64), (64, 16)]))
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("mask_kind,strategy", [("bool_pad_full", "two_pass"), ("bool_pad_full", "atomic")])
 def test_triton_hidden_tiles_are_never_read(mask_kind, strategy, monkeypatch):
     """Keys 256..299 are hidden for every query (of batch 0 at least) and fill whole kernel tiles
@@ -387,6 +392,7 @@ def test_triton_hidden_tiles_are_never_read(mask_kind, strategy, monkeypatch):
     assert got[2][poisoned].abs().max() == 0 and got[3][poisoned].abs().max() == 0
 
 
+@pytest.mark.interpret
 def test_triton_tile_classes_off_gives_the_same_result(monkeypatch):
     q, k, v, grad, g = make_inputs(b=2, hq=2, sq=77, sk=77)
     mask = _mask("bool_causal_pad", 2, 2, 77, 77, torch.float16, g)
@@ -410,6 +416,7 @@ SPLIT_CONFIGS = [
 ]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("cfg", range(len(SPLIT_CONFIGS)))
 def test_triton_block_splitting_and_skip_modes(cfg, causal):
@@ -430,6 +437,7 @@ def test_triton_block_splitting_and_skip_modes(cfg, causal):
         assert_close_scaled(a, b, torch.float16, name)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("mode", ["post_softmax", "dropkey"])
 def test_triton_atomic_backward_with_gqa_mask_grad_and_causal(mode):
     q, k, v, grad, g = make_inputs(hq=4, hkv=2, sq=77, sk=45)
@@ -455,6 +463,7 @@ def test_atomic_backward_is_not_used_under_deterministic_algorithms():
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.interpret
 def test_triton_three_dim_inputs():
     q, k, v, grad, g = make_inputs(b=1, hq=3, hkv=3, sq=40, sk=40)
     q, k, v, grad = (t[0] for t in (q, k, v, grad))
@@ -466,6 +475,7 @@ def test_triton_three_dim_inputs():
         assert_close_scaled(a, b, torch.float16)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("kernel,strategy", [("reference", "two_pass"), ("triton", "two_pass"), ("triton", "atomic")])
 def test_head_split_views_keep_their_layout(kernel, strategy, monkeypatch):
     """q, k, v as HF makes them (a projection's (B, S, H*D) output viewed as (B, H, S, D)): the
@@ -550,6 +560,7 @@ def test_mask_broadcast_check_agrees_with_torch(shape):
     assert fat._broadcasts_to(shape, target) == expected
 
 
+@pytest.mark.interpret
 def test_unsupported_calls_fall_back_or_raise():
     q, k, v, grad, g = make_inputs(sq=30, sk=30, d=32)
     keep = random_keep(q, k, 0.3, (16, 16), g)
@@ -573,6 +584,7 @@ def test_bad_arguments_are_rejected_with_what_to_do():
 
 
 # --------------------------------------------------------------------------- ops: opcheck, autocast, functional
+@pytest.mark.interpret
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
 def test_opcheck_attention_ops(kernel):
     q, k, v, grad, g = make_inputs(b=1, hq=2, sq=20, sk=36, dtype=torch.float16)

@@ -212,7 +212,7 @@ def test_bad_arguments_name_the_problem():
     a = torch.zeros(1, 32, 32, device=DEVICE)
     b = torch.zeros(1, 32, 16, device=DEVICE)
     with pytest.raises(ValueError, match="keep must be a bool tensor of shape"):
-        tri.dsd(a, b, torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE), 1.0, (32, 32))
+        tri.dsd(a, b, torch.ones(1, 3, 2, dtype=torch.bool, device=DEVICE), 1.0, (32, 32))
     with pytest.raises(ValueError, match="b must be"):
         tri.dsd(a, torch.zeros(1, 31, 16, device=DEVICE), torch.ones(1, 1, 1, dtype=torch.bool, device=DEVICE), 1.0, (32, 32))
     with pytest.raises(ValueError, match="tile_m dividing"):
@@ -231,6 +231,29 @@ BALANCED_SHAPES = [
 
 def _balanced_cfg(tile_m, tile_k):
     return tri.KernelConfig(tile_m=tile_m, tile_n=16, tile_k=tile_k, stages=1, warps=4, group=2, balance=True)
+
+
+def test_padded_keep_reads_only_the_operands_blocks():
+    """A compiled graph's keep has one spare block per matrix dim (block_mask.padded); the
+    launchers read it through its strides, so whatever the spare flags hold is never seen."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 40, 48, generator=g).to(DEVICE)
+    b = torch.randn(2, 48, 24, generator=g).to(DEVICE)
+    grad = torch.randn(2, 40, 24, generator=g).to(DEVICE)
+    block = (16, 16)
+    keep = torch.rand(2, 3, 3, generator=g).to(DEVICE) > 0.4
+    for spare, cfg in ((False, None), (True, None), (True, _balanced_cfg(16, 16))):  # grid order and work-balanced
+        padded = torch.full((2, 4, 4), spare, dtype=torch.bool, device=DEVICE)
+        padded[:, :3, :3] = keep
+        kw = {"config": cfg}
+        pairs = [
+            (tri.dsd(a, b, padded, 1.5, block, **kw), tri.dsd(a, b, keep, 1.5, block, **kw)),
+            (tri.sdd(grad, b, padded, 1.5, block, **kw), tri.sdd(grad, b, keep, 1.5, block, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, True, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, True, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, False, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, False, **kw)),
+        ]
+        for got, expected in pairs:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def _check_all_three(B, Bb, M, K, N, block, cfg, keep, seed):

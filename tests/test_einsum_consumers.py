@@ -122,10 +122,12 @@ def test_refused_einsum_runs_the_original_graph():
 
 
 # --------------------------------------------------------------------------- reason texts
+# A dropout returned from the graph: its matmul, if any, is in another graph (here: none at all).
+RETURNED = "; the compiled function returns it; a matmul that reads it later is in another graph and cannot be fused"
 USERS = {
     "cat": (lambda d, x, w: torch.cat([d, x]), "no matmul consumer: users are cat"),
-    "graph_output": (lambda d, x, w: d, "no matmul consumer: users are graph output"),
-    "cat_and_output": (lambda d, x, w: (torch.cat([d, x]), d), "no matmul consumer: users are cat, graph output"),
+    "graph_output": (lambda d, x, w: d, "no matmul consumer: users are graph output" + RETURNED),
+    "cat_and_output": (lambda d, x, w: (torch.cat([d, x]), d), "no matmul consumer: users are cat, graph output" + RETURNED),
     "add_through_cast": (lambda d, x, w: d.double() + 1, "no matmul consumer: users are add"),
     "refused_einsum_and_add": (lambda d, x, w: (torch.einsum("sk,nk->ns", d, w), d + x),
                                "einsum 'sk,nk->ns': output order 'ns' is not the matmul's 'sn'; other users: add"),

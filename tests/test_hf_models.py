@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sparsedrop_compile as sd
+from sparsedrop_compile.harness import train_step
 from sparsedrop_compile.models import build_model, example_batch
 
 # Small blocks and tiles, so that these small batches hold enough of them (max_drop_all).
@@ -77,15 +78,8 @@ def _train(family, attn, dtype, inner="aot_eager", steps=8, fullgraph=False):
     batch = example_batch(model, batch=4, seq=24)
     compiled = torch.compile(model, backend="sparsedrop", options={**OPTS, "inner": inner}, fullgraph=fullgraph)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    amp = "cpu" if dtype == torch.bfloat16 else None
+    return [train_step(lambda: compiled(**batch).loss, opt, autocast=amp).item() for _ in range(steps)]
 
 
 @pytest.mark.parametrize(
@@ -135,13 +129,7 @@ def test_sdpa_models_train_with_tile_dropout_attention(family):
     batch = example_batch(model, batch=2, seq=40)
     compiled = torch.compile(model, backend="sparsedrop", options={**OPTS, "inner": "aot_eager"})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(5):
-        loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = [train_step(lambda: compiled(**batch).loss, opt).item() for _ in range(5)]
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
     assert torch._dynamo.utils.counters["sparsedrop"]["attention_fused"] == 2
 

@@ -117,7 +117,7 @@ def _run(module, inputs, kwargs, seed, owner=None):
     torch.manual_seed(seed)
     out = module(*leaves, **kwargs)
     out = out[0] if isinstance(out, tuple) else out
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum().backward()
     owner = owner or module
     grads = [t.grad for t in leaves if t.is_floating_point()] + [p.grad for p in owner.parameters()]
     owner.zero_grad(set_to_none=True)

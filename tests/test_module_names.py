@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 import sparsedrop_compile as sd
 from sparsedrop_compile import report as _report
+from sparsedrop_compile.harness import train_step
 from sparsedrop_compile.passes._names import tidy_source
 
 OPTS = {"block_size": 8, "attention_block": (16, 16)}  # enough blocks at these sizes (max_drop_all)
@@ -90,14 +91,12 @@ def test_peft_lora_model_trains_with_the_rewritten_site():
     ids = torch.randint(0, 64, (4, 16))
     compiled = torch.compile(model, backend="sparsedrop", options={**OPTS, "inner": "aot_eager"})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
+
+    def loss():
         logits = compiled(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    losses = [train_step(loss, opt).item() for _ in range(6)]
     assert counters["sparsedrop"]["linear_fused"] >= 1
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 

@@ -160,3 +160,59 @@ def test_inductor_mode_comes_from_options_or_the_mode_keyword(monkeypatch):
     assert seen == ["reduce-overhead", "max-autotune"]
     with pytest.raises(ValueError, match="mode='fast'"):
         sd.SparseDropConfig.from_options({"mode": "fast"})
+
+
+def test_kernel_configs_are_timed_only_when_autotuning_is_asked_for(monkeypatch):
+    """Default: the first candidate that runs (one compile per kernel); timed with
+    mode="max-autotune", autotune=True or SPARSEDROP_AUTOTUNE=1, and the backend sets the policy
+    for exactly the inner compile, where the kernels' configs are picked."""
+    import sparsedrop_compile.backend as backend
+    from sparsedrop_compile.kernels import runtime
+
+    monkeypatch.delenv("SPARSEDROP_AUTOTUNE", raising=False)
+    assert sd.SparseDropConfig().autotune_kernels() is None
+    assert sd.SparseDropConfig(mode="max-autotune-no-cudagraphs").autotune_kernels() is True
+    assert sd.SparseDropConfig(mode="max-autotune", autotune=False).autotune_kernels() is False
+    assert sd.SparseDropConfig(mode="reduce-overhead").autotune_kernels() is None
+    with pytest.raises(ValueError, match="autotune='yes'"):
+        sd.SparseDropConfig(autotune="yes")
+
+    assert not runtime.autotune_enabled()
+    monkeypatch.setenv("SPARSEDROP_AUTOTUNE", "1")
+    assert runtime.autotune_enabled()
+    with runtime.autotuning(False):
+        assert not runtime.autotune_enabled()
+    monkeypatch.delenv("SPARSEDROP_AUTOTUNE")
+
+    # The tuner (as on a GPU: not interpreting, timing stubbed by a fixed cost per config).
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(runtime.triton.testing, "do_bench", lambda fn, **kw: cost[fn()])
+    cands = [runtime.KernelConfig(16, 16, 16, stages=s) for s in (1, 2, 3)]
+    names = dict(zip(cands, "abc"))
+    ran = []
+
+    def run(cfg):
+        ran.append(names[cfg])
+        if names[cfg] == "a" and not runtime.autotune_enabled():
+            raise RuntimeError("does not fit")  # the first candidate fails to launch
+        return names[cfg]
+
+    tuner = runtime.Tuner()
+    assert names[tuner.pick("k", cands, run)] == "b" and ran == ["a", "b"]  # first that runs, untimed
+    assert names[tuner.pick("k", cands, run)] == "b" and ran == ["a", "b"]  # cached
+    with runtime.autotuning(True):
+        assert tuner.cached("k") is None
+        assert names[tuner.pick("k", cands, run)] == "b"  # the fastest
+        assert [r for r, _ in tuner.timings["k"]] == cands and names[tuner.cached("k")] == "b"
+
+    seen = []
+    monkeypatch.setattr(backend, "_inner_compile", lambda gm, ex, config: seen.append(runtime.autotune_enabled()) or gm.forward)
+    x = torch.randn(4, 4)
+    torch.compile(lambda x: x + 1, backend="sparsedrop", mode="max-autotune")(x)
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 2, backend="sparsedrop")(x)
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 3, backend="sparsedrop", options={"autotune": True})(x)
+    assert seen == [True, False, True]
+    assert not runtime.autotune_enabled()

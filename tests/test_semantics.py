@@ -33,7 +33,7 @@ def _cases():
     }
 
 
-def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compiled", "reference"), block=BLOCK):
+def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compiled", "reference"), block=BLOCK, device="cpu"):
     """Outputs and (x, w, b) grads of each mode, from the same inputs and the same mask.
 
     "compiled": the sparsedrop backend on F.dropout; "reference": block dropout by hand, then
@@ -41,9 +41,9 @@ def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compil
     """
     fn, x_shape, w_shape, batched = _cases()[case]
     gen = torch.Generator().manual_seed(1234)
-    x0 = torch.randn(x_shape, generator=gen)
-    w0 = torch.randn(w_shape, generator=gen) / w_shape[1] ** 0.5
-    b0 = torch.randn(w_shape[0], generator=gen)
+    x0 = torch.randn(x_shape, generator=gen).to(device)
+    w0 = (torch.randn(w_shape, generator=gen) / w_shape[1] ** 0.5).to(device)
+    b0 = torch.randn(w_shape[0], generator=gen).to(device)
     results = []
     for mode in modes:
         wide = mode == "reference64"
@@ -57,12 +57,12 @@ def _run(case, inner, dtype=torch.float32, seed=0, kernel="auto", modes=("compil
         else:
             keep = sample_block_keep(x, P, *block, batched)
             f = lambda x, w, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *block, batched), x, w, b)  # noqa: E731
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and not wide):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and not wide):
             out = f(x, w, b)
         if mode == "compiled":  # else the comparison would be of element-wise dropout
             assert sum(v for k, v in counters["sparsedrop"].items() if k.endswith("_fused")) >= 1, dict(counters["sparsedrop"])
         outs = out if isinstance(out, tuple) else (out,)
-        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).reshape(o.shape)).sum() for o in outs)
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64, device=o.device).reshape(o.shape)).sum() for o in outs)
         loss.backward()
         results.append((outs, (x.grad, w.grad, b.grad)))
     return results
@@ -176,10 +176,12 @@ def test_materialised_users_see_the_same_mask_as_the_fused_matmul():
 
 @pytest.mark.parametrize("case", ["linear_3d_tall", "addmm", "matmul_4d_pv", "matmul_broadcast_b"])
 def test_triton_kernels_through_the_backend(case):
-    """kernel="triton" runs the real Triton kernels (under the interpreter on CPU) in the
-    compiled graph; the result is the same block dropout as the reference."""
+    """kernel="triton" runs the real Triton kernels (on CUDA where there is one, else under the
+    interpreter on CPU) in the compiled graph; the result is the same block dropout as the
+    reference."""
     # Tensor-core tiles are at least 16 wide, so the Triton path takes blocks in multiples of 16.
-    (out, grads), (ref_out, ref_grads) = _run(case, "aot_eager", kernel="triton", block=(16, 32))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (out, grads), (ref_out, ref_grads) = _run(case, "aot_eager", kernel="triton", block=(16, 32), device=device)
     for o, r in zip(out + grads, ref_out + ref_grads):
         if r is not None:
             torch.testing.assert_close(o, r, **TOL[torch.float32])
