@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
+from sparsedrop_compile import ops  # (importing it registers torch.ops.sparsedrop)
 from sparsedrop_compile.kernels import block_sparse_matmul as ref
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
 from sparsedrop_compile.kernels import runtime
@@ -233,27 +233,57 @@ def _balanced_cfg(tile_m, tile_k):
     return tri.KernelConfig(tile_m=tile_m, tile_n=16, tile_k=tile_k, stages=1, warps=4, group=2, balance=True)
 
 
+def _padded(keep, spare):
+    """``keep`` with one spare block in each of its last two dims (block_mask.padded), set to ``spare``."""
+    B, nr, nc = keep.shape
+    out = torch.full((B, nr + 1, nc + 1), spare, dtype=torch.bool, device=keep.device)
+    out[:, :nr, :nc] = keep
+    return out
+
+
 def test_padded_keep_reads_only_the_operands_blocks():
     """A compiled graph's keep has one spare block per matrix dim (block_mask.padded); the
-    launchers read it through its strides, so whatever the spare flags hold is never seen."""
+    launchers read it through its strides, so whatever the spare flags hold is never seen. The
+    same for the output side's second masks (dsd's out_keep, sdd's reduce_keep, dsd_tn's
+    grad_keep), each read with its operand's block counts."""
     g = torch.Generator().manual_seed(5)
     a = torch.randn(2, 40, 48, generator=g).to(DEVICE)
     b = torch.randn(2, 48, 24, generator=g).to(DEVICE)
     grad = torch.randn(2, 40, 24, generator=g).to(DEVICE)
+    bias = torch.randn(48, generator=g).to(DEVICE)
     block = (16, 16)
-    keep = torch.rand(2, 3, 3, generator=g).to(DEVICE) > 0.4
+    keep = torch.rand(2, 3, 3, generator=g).to(DEVICE) > 0.4  # over a (and sdd's output)
+    keep_mn = torch.rand(2, 3, 2, generator=g).to(DEVICE) > 0.4  # over grad / dsd's output: the second masks
     for spare, cfg in ((False, None), (True, None), (True, _balanced_cfg(16, 16))):  # grid order and work-balanced
-        padded = torch.full((2, 4, 4), spare, dtype=torch.bool, device=DEVICE)
-        padded[:, :3, :3] = keep
+        padded, padded_mn = _padded(keep, spare), _padded(keep_mn, spare)
         kw = {"config": cfg}
         pairs = [
             (tri.dsd(a, b, padded, 1.5, block, **kw), tri.dsd(a, b, keep, 1.5, block, **kw)),
             (tri.sdd(grad, b, padded, 1.5, block, **kw), tri.sdd(grad, b, keep, 1.5, block, **kw)),
             (tri.dsd_tn(a, grad, padded, 1.5, block, True, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, True, **kw)),
             (tri.dsd_tn(a, grad, padded, 1.5, block, False, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, False, **kw)),
+            # the second masks (and sdd's bias, added in kept tiles only)
+            (tri.dsd(a, b, padded, 1.5, block, out_keep=padded_mn, **kw), tri.dsd(a, b, keep, 1.5, block, out_keep=keep_mn, **kw)),
+            (tri.sdd(grad, b, padded, 1.5, block, bias, bias_scale=0.5, reduce_keep=padded_mn, **kw),
+             tri.sdd(grad, b, keep, 1.5, block, bias, bias_scale=0.5, reduce_keep=keep_mn, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, True, grad_keep=padded_mn, **kw),
+             tri.dsd_tn(a, grad, keep, 1.5, block, True, grad_keep=keep_mn, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, False, grad_keep=padded_mn, **kw),
+             tri.dsd_tn(a, grad, keep, 1.5, block, False, grad_keep=keep_mn, **kw)),
         ]
         for got, expected in pairs:
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # the references (opaque ops) cut them: the same results from padded masks
+    dsd_ref, sdd_ref, tn_ref = (ops.MATMUL.reference[k] for k in ("dsd", "sdd", "dsd_tn"))
+    for spare in (False, True):
+        padded, padded_mn = _padded(keep, spare), _padded(keep_mn, spare)
+        torch.testing.assert_close(dsd_ref(a, b, padded, 1.5, block, out_keep=padded_mn),
+                                   ref.reference_dsd(a, b, keep, 1.5, block, out_keep=keep_mn), rtol=0, atol=0)
+        torch.testing.assert_close(sdd_ref(grad, b, padded, 1.5, block, bias, bias_scale=0.5, reduce_keep=padded_mn),
+                                   ref.reference_sdd(grad, b, keep, 1.5, block, bias, bias_scale=0.5, reduce_keep=keep_mn),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(tn_ref(a, grad, padded, 1.5, block, False, grad_keep=padded_mn),
+                                   ref.reference_dsd_tn(a, grad, keep, 1.5, block, False, grad_keep=keep_mn), rtol=0, atol=0)
 
 
 def _check_all_three(B, Bb, M, K, N, block, cfg, keep, seed):

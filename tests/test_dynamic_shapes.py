@@ -109,6 +109,10 @@ CASES = {
     "linear_rows_and_k": (lambda x, w: F.linear(F.dropout(x, 0.2, True), w), lambda s: (torch.randn(16 * s, s + 3), torch.randn(24, s + 3))),
     "batched_pv": (lambda p, v: F.dropout(p, 0.2, True) @ v, _pv),
     "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), _qkv),
+    # the output side: the mask over linear's (rows, N) output
+    "linear_out_rows": (lambda x, w, b: F.dropout(F.linear(x, w, b), 0.2, True),
+                        lambda s: (torch.randn(s, 64), torch.randn(256, 64), torch.randn(256))),
+    "linear_out_n": (lambda x, w: F.dropout(F.linear(x, w), 0.2, True), lambda s: (torch.randn(128, 64), torch.randn(s, 64))),
 }
 # Sizes on both sides of one block (8 for matmuls, 16 for attention tiles), in a mixed order.
 SIZES = (8, 13, 3, 32, 64, 17, 5, 2)
@@ -200,6 +204,13 @@ cases = {
     "batched_pv": (lambda p, v: F.dropout(p, 0.2, True) @ v, lambda s: (torch.randn(4, 4, s, s), torch.randn(4, 4, s, 16))),
     "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2),
                   lambda s: tuple(torch.randn(4, 4, s, 64) for _ in range(3))),
+    # the output side: masks over the (rows, N) output, and a second mask (both sides)
+    "linear_out_rows": (lambda x, w, b: F.dropout(F.linear(x, w, b), 0.2, True),
+                        lambda s: (torch.randn(s, 64), torch.randn(256, 64), torch.randn(256))),
+    "linear_out_n": (lambda x, w: F.dropout(F.linear(x, w), 0.2, True), lambda s: (torch.randn(128, 64), torch.randn(s, 64))),
+    "matmul_out": (lambda a, b: F.dropout(a @ b, 0.2, True), lambda s: (torch.randn(4, 4, s, s), torch.randn(4, 4, s, 16))),
+    "both_sides": (lambda x, w: F.dropout(F.linear(F.dropout(x, 0.2, True), w), 0.2, True),
+                   lambda s: (torch.randn(s, 256), torch.randn(256, 256))),
 }
 def graphs(fn, make, backend):
     torch._dynamo.reset()
@@ -229,6 +240,8 @@ def test_no_more_graphs_than_aot_eager_when_the_ops_are_traced_into():
     out = subprocess.run([sys.executable, "-c", _TRACED_OPS_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    assert [r[0] for r in rows] == ["linear_rows", "linear_k", "batched_pv", "attention"], out.stdout
+    names = ["linear_rows", "linear_k", "batched_pv", "attention", "linear_out_rows", "linear_out_n", "matmul_out", "both_sides"]
+    assert [r[0] for r in rows] == names, out.stdout
     for name, ours, theirs, fused in rows:
-        assert int(fused) == 1 and int(ours) == int(theirs) == 1, (name, ours, theirs, fused)
+        # both sides: the input side's linear, the output side's linear_out and both_sides_fused
+        assert int(fused) == (3 if name == "both_sides" else 1) and int(ours) == int(theirs) == 1, (name, ours, theirs, fused)
