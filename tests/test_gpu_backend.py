@@ -94,7 +94,7 @@ def test_inductor_launches_the_kernels_itself(family):
         f = lambda: torch.matmul(F.dropout(x, 0.2, True), w)  # noqa: E731
         kernels, ops = ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel"), ("sparsedrop.matmul",)
     elif family.startswith("linear_"):
-        x = torch.randn(512, 256, device="cuda", dtype=dt, requires_grad=True)
+        x = torch.randn(1024, 256, device="cuda", dtype=dt, requires_grad=True)  # 16 blocks on each side: max_drop_all holds
         w = torch.randn(192, 256, device="cuda", dtype=dt, requires_grad=True)
         drop_in = (lambda t: F.dropout(t, 0.2, True)) if family == "linear_both_sides" else (lambda t: t)
         f = lambda: F.dropout(F.linear(drop_in(x), w), 0.2, True)  # noqa: E731

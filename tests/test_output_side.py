@@ -186,11 +186,12 @@ def _cases():
     }
 
 
-def _run(case, inner="aot_eager", dtype=torch.float32, kernel="auto", block=BLOCK, seed=0):
+def _run(case, inner="aot_eager", dtype=torch.float32, kernel="auto", block=BLOCK, seed=0, device="cpu"):
     """Outputs and (x, w, b) grads: the backend on F.dropout, and plain PyTorch with the same mask."""
     fn, x_shape, w_shape, y_shape, batched = _cases()[case]
     gen = torch.Generator().manual_seed(1234)
-    x0, w0, b0 = torch.randn(x_shape, generator=gen), torch.randn(w_shape, generator=gen) / 6, torch.randn(w_shape[0], generator=gen)
+    x0, w0, b0 = (t.to(device) for t in (torch.randn(x_shape, generator=gen), torch.randn(w_shape, generator=gen) / 6,
+                                          torch.randn(w_shape[0], generator=gen)))
     results = []
     for mode in ("compiled", "reference"):
         x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
@@ -199,12 +200,13 @@ def _run(case, inner="aot_eager", dtype=torch.float32, kernel="auto", block=BLOC
             f = torch.compile(lambda x, w, b: fn(lambda t: F.dropout(t, P, True), x, w, b), backend="sparsedrop",
                               options={"block_size": block, "inner": inner, "kernel": kernel}, fullgraph=True)
         else:
-            keep = sample_block_keep(torch.empty(y_shape), P, *block, batched)
+            keep = sample_block_keep(torch.empty(y_shape, device=device), P, *block, batched)
             f = lambda x, w, b: fn(lambda t: apply_block_keep(t, keep, 1 / (1 - P), *block, batched), x, w, b)  # noqa: E731
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = f(x, w, b)
         outs = out if isinstance(out, tuple) else (out,)
-        sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).reshape(o.shape)).sum() for o in outs).backward()
+        sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64, device=o.device).reshape(o.shape)).sum()
+            for o in outs).backward()
         results.append((outs, (x.grad, w.grad, b.grad)))
     return results
 
@@ -239,9 +241,10 @@ def test_backend_under_bf16_autocast(case):
 
 @pytest.mark.parametrize("case", ["addmm_conv1d", "matmul_broadcast_b"])
 def test_triton_kernels_through_the_backend(case):
-    """kernel="triton": the real kernels (interpreted on CPU) in the compiled graph, with the
-    graph's padded keep; blocks of 16 (tensor-core tiles), still >= 12 blocks per output."""
-    (out, grads), (ref_out, ref_grads) = _run(case, kernel="triton", block=(16, 16))
+    """kernel="triton": the real kernels (on CUDA where there is one, else interpreted on CPU) in
+    the compiled graph, with the graph's padded keep; blocks of 16 (tensor-core tiles), still >= 12
+    blocks per output."""
+    (out, grads), (ref_out, ref_grads) = _run(case, kernel="triton", block=(16, 16), device=DEVICE)
     assert _fused() == 1, dict(counters["sparsedrop"])
     for o, r in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
