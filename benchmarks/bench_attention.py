@@ -310,8 +310,9 @@ def run_sweep(args) -> list[dict]:
             return do_bench(fn, warmup=10, rep=40)
 
         def record(kind, cfg, fn, check):
-            row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "num_warps": cfg[2],
-                   "num_stages": cfg[3], "skip_mode": cfg[4]}
+            row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n,
+                   "num_warps": cfg.warps, "num_stages": cfg.stages, "skip_mode": cfg.skip}
+            as_tuple = (cfg.tile_m, cfg.tile_n, cfg.warps, cfg.stages, cfg.skip)  # as the candidate table writes it
             t0 = time.time()
             try:
                 result = fn()
@@ -324,7 +325,7 @@ def run_sweep(args) -> list[dict]:
             rows.append(row)
             harness.write_csv(args.csv_path, rows)  # after every config: a run cut short keeps its data
             flag = "" if row["max_err"] < 0.05 else "  <-- WRONG RESULT"
-            print(f"  {kind:6s} {str(cfg):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
+            print(f"  {kind:6s} {str(as_tuple):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
                   f"({row['wall_s']} s){flag}{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
             return row
 
@@ -346,12 +347,12 @@ def run_sweep(args) -> list[dict]:
         for kind, (make, check) in passes.items():
             # Tiles under 32 x 32 are there for small mask tiles, not speed: not timed.
             timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][d]
-                          if cfg[0] * cfg[1] >= 32 * 32]
+                          if cfg.tile_m * cfg.tile_n >= 32 * 32]
             ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
                         key=lambda r: r["median_ms"])
             for r in ok[:2]:  # the other ways of skipping a tile, on the two fastest tiles
                 for skip in (fat.SKIP_LAZY_LOAD, fat.SKIP_NONE):
-                    cfg = (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], skip)
+                    cfg = fat.as_config((r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], skip))
                     timed_rows.append(record(kind, cfg, make(cfg), check))
             best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
         t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
@@ -381,7 +382,7 @@ def run_sweep(args) -> list[dict]:
                              "median_ms": total, "configs": str(cfgs)})
                 print(f"  mask tile {tile[0]:3d}x{tile[1]:<3d} {strategy:8s}: {total:.4f} ms "
                       f"(x{base['sdpa_p'] / total:.2f} vs SDPA p, x{base['sdpa_p0'] / total:.2f} vs SDPA p=0)  {cfgs}")
-        print(f"\n  to adopt: put each pass's winner first in CANDIDATES[...][{d}] and the faster strategy in "
+        print(f"\n  to adopt: put each pass's winner first in _CANDIDATE_TABLE[...][{d}] and the faster strategy in "
               f"BACKWARD_STRATEGY[{d}] in kernels/flash_attention_triton.py")
     return rows
 

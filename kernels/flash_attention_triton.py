@@ -1,811 +1,83 @@
-"""Flash attention with tile dropout (SparseDrop on P) in Triton: forward and backward.
+"""Flash attention with tile dropout (SparseDrop on P) in Triton, host side: support checks,
+configs, the backward strategy, mask tile classification and the launchers. The kernels are in
+``flash_attention_kernels.py`` (their docstring has the cost model and the scaling); semantics
+are those of ``flash_attention.reference_attention`` (read its docstring first).
 
-Semantics are those of ``flash_attention.reference_attention`` (read its docstring first). The
-kernels follow the usual flash-attention structure: an online softmax in the forward that saves
-only the row logsumexp, and a backward that recomputes P tile by tile. The backward has two
-strategies (``BACKWARD_STRATEGY``): "two_pass", one kernel that owns a key block and accumulates
-dK, dV (summed over a GQA group in registers) and one that owns a query block and accumulates dQ
-(and dMask when a float mask needs a gradient), deterministic; and "atomic", the first kernel
-alone, adding each chunk's dQ into an fp32 buffer with atomics (fewer FLOPs, not bitwise
-reproducible, so never used under ``torch.use_deterministic_algorithms``).
-
-What a dropped tile costs (see benchmarks/NOTES_attention.md for the FLOP model):
-    post_softmax, forward   q kᵀ and exp (the normaliser runs over all keys); no P V.
-    post_softmax, backward  q kᵀ, exp and both dS products (dS = -P·Δ there, not zero);
-                            no dO Vᵀ and no dV product.
-    dropkey                 nothing at all, forward or backward.
+The backward has two strategies (``BACKWARD_STRATEGY``): "two_pass", one kernel that owns a key
+block and accumulates dK, dV (summed over a GQA group in registers) and one that owns a query
+block and accumulates dQ (and dMask when a float mask needs a gradient), deterministic; and
+"atomic", the first kernel alone, adding each chunk's dQ into an fp32 buffer with atomics (fewer
+FLOPs, not bitwise reproducible, so never used under ``torch.use_deterministic_algorithms``).
 
 Kernel tiles are independent of the mask tile (block splitting): every kernel tile lies inside
-one mask tile, so the keep flag of a kernel tile is a single scalar load. That needs the mask
-tile's sides to be multiples of the kernel tile's; ``_pick_config`` chooses the fastest
-candidate that fits, and any mask tile that is a multiple of 16 fits the smallest.
-
-Scaling: scores are kept in base-2 units (q kᵀ · scale · log2 e) so the softmax uses exp2;
-the saved logsumexp is in natural units. In the backward Δ = rowsum(dO ⊙ O) is stored divided
-by the dropout scale s = 1/(1-p), so a kept tile computes P ⊙ (dO Vᵀ - Δ/s) and a dropped one
--P ⊙ Δ/s, and s is applied once to the dQ, dK, dV accumulators at the end.
+one mask tile. That needs the mask tile's sides to be multiples of the kernel tile's;
+``_pick_config`` chooses the first candidate that fits, and any mask tile that is a multiple of
+16 fits the smallest.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from .runtime import interpreting, launch
 from .block_mask import cdiv, dropout_scale
 from .flash_attention import default_scale, empty_attention_out, empty_grad_like
+from .flash_attention_kernels import (
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    SKIP_LAZY_LOAD,
+    SKIP_NONE,
+    SKIP_PREFETCH,
+    _attn_bwd_delta,
+    _attn_bwd_dkdv,
+    _attn_bwd_dq,
+    _attn_fwd,
+    _classify_mask,
+)
+from .runtime import KernelConfig, interpreting, launch
+
+__all__ = [
+    "BACKWARD_STRATEGY",
+    "CANDIDATES",
+    "CLASSIFY_MASK_TILES",
+    "DEFAULT_BLOCK",
+    "MASK_BOOL",
+    "MASK_FLOAT",
+    "MASK_NONE",
+    "SKIP_LAZY_LOAD",
+    "SKIP_NONE",
+    "SKIP_PREFETCH",
+    "SUPPORTED_HEAD_DIMS",
+    "KernelConfig",
+    "as_config",
+    "attention_backward",
+    "attention_forward",
+    "backward_strategy",
+    "fits",
+    "unsupported_reason",
+]
 
 LOG2E = 1.4426950408889634
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-
-# How a kept/dropped decision is applied (a config field, so the sweep can compare them):
-#   0: branch on the flag; V / dO are loaded before the branch, so the pipeliner can prefetch them.
-#   1: branch on the flag; V / dO are loaded inside the branch (dropped tiles read less).
-#   2: no branch: P (or dP) is multiplied by the flag and every product runs (dense cost).
-SKIP_PREFETCH, SKIP_LAZY_LOAD, SKIP_NONE = 0, 1, 2
-# The same values as constexpr globals, the only globals a @triton.jit function may read.
-_LAZY, _DENSE = tl.constexpr(SKIP_LAZY_LOAD), tl.constexpr(SKIP_NONE)
-_NO_MASK, _BOOL_MASK, _FLOAT_MASK = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL), tl.constexpr(MASK_FLOAT)
-
-
-# --------------------------------------------------------------------------- jit helpers
-# Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) returns garbage
-# from tl.dot on bf16 operands and raises on bf16 scalar arithmetic. So INTERPRET (read from the
-# environment at launch) makes every product upcast its operands to fp32 (numpy has no fast
-# fp16 matmul either), and every scalar argument is an fp32 or int; on GPU the tensor cores
-# take the bf16/fp16 tiles as they are.
-@triton.jit
-def _dot(a, b, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
-
-
-# --------------------------------------------------------------------------- mask tile classes
-# Before the attention kernels run, ``_classify_mask`` reads the mask once and writes, for each
-# kernel tile of a pass, one int8 class (see ``_tile_classes``):
-#   0 (TILE_HIDDEN)   every element hidden (bool False / float -inf): P = 0 there, no work at all;
-#   1 (TILE_PLAIN)    every element visible with nothing to add (bool True / float 0.0): the
-#                     kernels need not read the mask;
-#   2 (TILE_MIXED)    anything else: the mask is read element by element, as without classes.
-# The kernels use the classes in two ways. (a) Each program scans its row (forward, dQ) or column
-# (dK/dV) of classes and trims its loop to [first, last] non-hidden tile: that removes the causal
-# upper triangle of a materialised causal mask and the padded key (or query) blocks while the
-# loops keep the shape the software pipeliner prefetches through. Hidden tiles *between* visible
-# ones (rare: sliding windows, block-sparse masks) stay in the loop and are computed with their
-# mask, which gives exact zeros; skipping them would need a branch around the K/Q loads, which
-# stops the pipeliner from prefetching them for every tile. (b) Inside the loop a plain tile's
-# mask load is predicated off (no memory traffic; the values it stands for are filled in).
-TILE_HIDDEN, TILE_PLAIN, TILE_MIXED = 0, 1, 2
 # Off: kernels read the mask for every tile and visit every tile (the A/B baseline for benchmarks).
+# What the classes are and how the kernels use them: flash_attention_kernels.py, "mask tile classes".
 CLASSIFY_MASK_TILES = True
-# Entries of a class row scanned per step when a program looks for its live range.
-_SCAN_CHUNK = tl.constexpr(64)
-
-
-@triton.jit
-def _store_classes(vis, mixed, Cls, stride_cb, stride_ch, stride_cm, stride_cn, off_b, off_h, pid_m, pid_n,
-                   n_m, n_n, REGION_M: tl.constexpr, REGION_N: tl.constexpr, TILE_M: tl.constexpr,
-                   TILE_N: tl.constexpr):
-    """Reduce (REGION_M, REGION_N) element flags to the classes of its (TILE_M, TILE_N) tiles."""
-    RM: tl.constexpr = REGION_M // TILE_M
-    RN: tl.constexpr = REGION_N // TILE_N
-    any_vis = tl.max(tl.max(tl.reshape(vis, [RM, TILE_M, RN, TILE_N]), 3), 1)
-    any_mixed = tl.max(tl.max(tl.reshape(mixed, [RM, TILE_M, RN, TILE_N]), 3), 1)
-    cls = tl.where(any_vis == 0, 0, tl.where(any_mixed != 0, 2, 1)).to(tl.int8)
-    rows = pid_m * RM + tl.arange(0, RM)
-    cols = pid_n * RN + tl.arange(0, RN)
-    tl.store(Cls + off_b * stride_cb + off_h * stride_ch + rows[:, None] * stride_cm + cols[None, :] * stride_cn, cls,
-             mask=(rows < n_m)[:, None] & (cols < n_n)[None, :])
-
-
-@triton.jit
-def _classify_mask(
-    Mask, ClsA, ClsB,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ab, stride_ah, stride_am, stride_an,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    Hm, Sqm, Skm, nqa, nka, nqb, nkb,
-    MASK_KIND: tl.constexpr, REGION_M: tl.constexpr, REGION_N: tl.constexpr,
-    A_M: tl.constexpr, A_N: tl.constexpr, B_M: tl.constexpr, B_N: tl.constexpr, HAS_B: tl.constexpr,
-):
-    """Classes of one (REGION_M, REGION_N) region of the mask for one or two tilings.
-
-    The mask is read in its own (Bm, Hm, Sqm, Skm) extent (broadcast dims have size 1), once,
-    however many passes need classes. Elements past Sqm / Skm belong to no tile's decision.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    off_b = (pid_bh // Hm).to(tl.int64)
-    off_h = (pid_bh % Hm).to(tl.int64)
-    offs_m = pid_m * REGION_M + tl.arange(0, REGION_M)
-    offs_n = pid_n * REGION_N + tl.arange(0, REGION_N)
-    valid = (offs_m < Sqm)[:, None] & (offs_n < Skm)[None, :]
-    x = tl.load(Mask + off_b * stride_mb + off_h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
-                + offs_n[None, :] * stride_mn, mask=valid, other=0)
-    if MASK_KIND == _BOOL_MASK:
-        vis = valid & (x != 0)
-        mixed = valid & (x == 0)
-    else:
-        xf = x.to(tl.float32)
-        vis = valid & (xf != float("-inf"))
-        # -inf is != 0 too: a tile with hidden and visible elements is mixed. NaN counts as
-        # visible and mixed, so it still reaches the output as it would without classes.
-        mixed = valid & (xf != 0.0)
-    vis = vis.to(tl.int8)
-    mixed = mixed.to(tl.int8)
-    _store_classes(vis, mixed, ClsA, stride_ab, stride_ah, stride_am, stride_an, off_b, off_h, pid_m, pid_n, nqa, nka,
-                   REGION_M, REGION_N, A_M, A_N)
-    if HAS_B:
-        _store_classes(vis, mixed, ClsB, stride_bb, stride_bh, stride_bm, stride_bn, off_b, off_h, pid_m, pid_n,
-                       nqb, nkb, REGION_M, REGION_N, B_M, B_N)
-
-
-@triton.jit
-def _live_range(cls_base, stride, n):
-    """[first, last + 1) of the non-hidden entries among n classes (first >= last + 1 if none)."""
-    lo = n + 0
-    hi = n * 0
-    for c in range(0, n, _SCAN_CHUNK):
-        idx = c + tl.arange(0, _SCAN_CHUNK)
-        live = tl.load(cls_base + idx * stride, mask=idx < n, other=0) != 0
-        lo = tl.minimum(lo, tl.min(tl.where(live, idx, n), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(live, idx + 1, 0), 0))
-    return lo, hi
-
-
-@triton.jit
-def _load_mask(ptrs, need, MASK_KIND: tl.constexpr, TILE_CLS: tl.constexpr):
-    """The mask values at ptrs; with tile classes, a plain tile (need False) reads nothing and
-    gets the values a plain tile holds (True / 0.0). The scalar predicate is splat by an add
-    and a compare: the interpreter rejects a broadcast scalar (or a `full & scalar`, which it
-    computes as int8) as a load mask; on the GPU this folds to one predicate."""
-    if TILE_CLS:
-        pred = (tl.zeros(ptrs.shape, tl.int32) + need.to(tl.int32)) != 0
-        if MASK_KIND == _BOOL_MASK:
-            return tl.load(ptrs, mask=pred, other=1)
-        else:
-            return tl.load(ptrs, mask=pred, other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-# A classified bool mask read per element (not one shared row) is read under a branch on the
-# tile's class, `MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED` below: a plain tile
-# (every element True, almost all of them in HF's materialised padding and causal masks) then
-# skips the tile of addresses, the load and the select; the predicated load of `_load_mask`
-# still computed every address. A shared (one row for every query) mask is a single vector and
-# keeps the predicated load, and float masks are never classified (see `_tile_classes`).
-
-
-@triton.jit
-def _need_mask(cls_base, tile, stride, TILE_CLS: tl.constexpr):
-    """Whether a tile must read its mask: all but plain tiles (hidden ones inside a live range too)."""
-    if TILE_CLS:
-        return tl.load(cls_base + tile * stride) != 1
-    else:
-        return True
-
-
-# --------------------------------------------------------------------------- forward
-@triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need_mask, start_n, offs_m,
-    Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """One key tile of the online softmax. MASKED tiles may hold keys past Sk or the diagonal."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Sk
-    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        kt = tl.load(kt_ptrs)
-    if SKIP != _LAZY:
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-    s = _dot(q, kt, INTERPRET)
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        # Only tiles whose class says so read the mask (see the note above _need_mask).
-        if need_mask:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
-            s = tl.where(mv != 0, s, float("-inf"))
-    elif MASK_KIND != _NO_MASK:
-        # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
-        if MASK_SHARED:
-            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                            TILE_CLS)[None, :]
-        else:
-            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
-                            MASK_KIND, TILE_CLS)
-        if MASK_KIND == _BOOL_MASK:
-            s = tl.where(mv != 0, s, float("-inf"))
-        else:
-            s = s * qk_scale + mv.to(tl.float32) * 1.4426950408889634
-    if MASKED:
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(ok, s, float("-inf"))
-    if MASK_KIND == _FLOAT_MASK:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:
-        # Scores are still raw q·k here: scale the row max (scale > 0) and fold the scale into
-        # the exponent's multiply-add, one FMA per element as in the Triton tutorial.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    # A row with no visible key so far has m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if MASK_KIND == _FLOAT_MASK:
-        prob = tl.exp2(s - m_use[:, None])
-    else:
-        prob = tl.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    # The normaliser sums every tile, dropped or kept: dropout comes after the softmax.
-    l_i = l_i * alpha + tl.sum(prob, 1)
-    acc = acc * alpha[:, None]
-    if SKIP == _DENSE:
-        acc = _dot_acc((prob * kept.to(tl.float32)).to(v.dtype), v, acc, INTERPRET)
-    else:
-        if kept:
-            if SKIP == _LAZY:
-                if MASKED:
-                    v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-                else:
-                    v = tl.load(v_ptrs)
-            acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _attn_fwd(
-    Q, K, V, Mask, Keep, Cls, Out, Lse,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_eb, stride_eh, stride_em, stride_en,
-    stride_cb, stride_ch, stride_cm, stride_cn,
-    stride_ob, stride_oh, stride_om,
-    H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    out_scale = tl.cast(out_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        # The last query blocks see the most keys: start them first for a better tail.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hk = off_h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    if MASK_SHARED:
-        # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
-        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
-    else:
-        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
-    keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # Key tiles [0, full_hi) need no bounds or causal mask; [full_hi, hi) do.
-    if CAUSAL:
-        hi = tl.minimum(Sk, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Sk
-        full_hi = Sk // BLOCK_N * BLOCK_N
-    # With tile classes both loops are trimmed to the row's non-hidden key tiles [n_lo, n_hi).
-    if TILE_CLS:
-        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
-        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
-        n_lo = t_lo * BLOCK_N
-        n_hi = t_hi * BLOCK_N
-        lo1 = n_lo
-        hi1 = tl.minimum(full_hi, n_hi)
-        lo2 = tl.maximum(full_hi, n_lo)
-        hi2 = tl.minimum(hi, n_hi)
-    else:
-        cls_row = Cls
-        lo1 = 0
-        hi1 = full_hi
-        lo2 = full_hi
-        hi2 = hi
-    for start_n in range(lo1, hi1, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, _LAZY,
-                                          INTERPRET)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, SKIP,
-                                      INTERPRET)
-    for start_n in range(lo2, hi2, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, _LAZY,
-                                          INTERPRET)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, SKIP,
-                                      INTERPRET)
-
-    # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
-    # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
-    l_ok = l_i > 0.0
-    l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc * (out_scale / l_safe)[:, None]
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
-
-
-# --------------------------------------------------------------------------- backward
-@triton.jit
-def _attn_bwd_delta(
-    Out, dOut, Delta,
-    stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
-    H, Sq, delta_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Δ = rowsum(dO ⊙ O) · delta_scale (= (1-p), see the module docstring), fp32 (B*H, Sq)."""
-    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
-    delta_scale = tl.cast(delta_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
-    tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
-
-
-@triton.jit
-def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, need_mask, start_m,
-    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """One query chunk against the program's key block, in the transposed (keys x queries) frame.
-
-    Rows past Sq are read from row Sq - 1 (clamped, so no load needs a predicate) and get
-    lse = +inf, which makes their P exactly 0: the ragged end needs no loop of its own, which
-    keeps one loop body fewer alive in a kernel that is short of registers. MASKED only adds
-    the causal mask for chunks that straddle the diagonal.
-    """
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = tl.minimum(offs_m, Sq - 1)
-    qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
-    do_ptrs = do_base + rows[:, None] * stride_gm + offs_d[None, :]
-    qt = tl.load(qt_ptrs)
-    lse = tl.where(offs_m < Sq, tl.load(lse_base + rows), float("inf"))
-    delta = tl.load(delta_base + rows)
-    if SKIP != _LAZY:
-        do = tl.load(do_ptrs)
-    st = _dot(k, qt, INTERPRET) * qk_scale
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        pass  # read below, under a branch on the tile's class
-    elif MASK_KIND != _NO_MASK:
-        if MASK_SHARED:
-            mv = _load_mask(mask_cols, need_mask, MASK_KIND, TILE_CLS)[:, None]
-        else:
-            mv = _load_mask(mask_cols[:, None] + rows[None, :] * stride_mm, need_mask, MASK_KIND, TILE_CLS)
-        if MASK_KIND == _FLOAT_MASK:
-            st = st + mv.to(tl.float32) * 1.4426950408889634
-    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
-    pt = tl.exp2(st - (lse * 1.4426950408889634)[None, :])
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        if need_mask:
-            mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
-            pt = tl.where(mv != 0, pt, 0.0)
-    elif MASK_KIND == _BOOL_MASK:
-        pt = tl.where(mv != 0, pt, 0.0)
-    if MASKED:
-        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-    if SKIP == _DENSE:
-        keepf = kept.to(tl.float32)
-        dv = _dot_acc((pt * keepf).to(do.dtype), do, dv, INTERPRET)
-        dpt = _dot(v, tl.trans(do), INTERPRET)
-        dst = pt * (dpt * keepf - delta[None, :])
-    else:
-        if kept:
-            if SKIP == _LAZY:
-                do = tl.load(do_ptrs)
-            dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
-            dpt = _dot(v, tl.trans(do), INTERPRET)
-            dst = pt * (dpt - delta[None, :])
-        else:
-            # Dropped tile: dP = 0 but dS = -P Δ is not, so dK still gets a product.
-            dst = -pt * delta[None, :]
-    dst_lo = dst.to(qt.dtype)
-    dk = _dot_acc(dst_lo, tl.trans(qt), dk, INTERPRET)
-    if ATOMIC_DQ:
-        # Single-pass backward: this chunk's share of dQ = dS K goes straight into an fp32
-        # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
-        dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
-        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                      mask=(offs_m < Sq)[:, None], sem="relaxed")
-    if MASK_GRAD:
-        tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None],
-                 (dst * dmask_scale).to(dmask_base.dtype.element_ty), mask=(offs_m < Sq)[None, :] & (offs_n < Sk)[:, None])
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_range(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, cls_col, lo, hi,
-    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    for start_m in range(lo, hi, BLOCK_M):
-        kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
-        need = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                    dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
-                                    CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, _LAZY, INTERPRET)
-        else:
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
-                                CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dK, dV, dQacc, dMask,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_eb, stride_eh, stride_em, stride_en,
-    stride_cb, stride_ch, stride_cm, stride_cn,
-    stride_gb, stride_gh, stride_gm,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
-
-    With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) and,
-    with MASK_GRAD, writes dS into dMask (B, H, Sq, Sk): the whole backward in one pass.
-    """
-    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    dk_scale = tl.cast(dk_scale, tl.float32)
-    dv_scale = tl.cast(dv_scale, tl.float32)
-    dmask_scale = tl.cast(dmask_scale, tl.float32)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_KV).to(tl.int64)
-    off_hk = (pid_bh % H_KV).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Sk
-    # Keys past Sk are zero rows: whatever their scores, they only touch their own rows of
-    # dK and dV, which are never stored.
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    keep_n = (start_n // block_k) * stride_en
-
-    # Query chunks [lo, diag_hi) straddle the causal diagonal and need its mask; from diag_hi
-    # (0 without causal) to Sq every query sees every key of the block.
-    if CAUSAL:
-        lo = start_n // BLOCK_M * BLOCK_M
-        diag_hi = (start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        diag_end = tl.minimum(diag_hi, (Sq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-    else:
-        diag_hi = 0
-
-    for g in range(0, GROUP):
-        off_h = off_hk * GROUP + g
-        bh = off_b * H + off_h
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = dOut + off_b * stride_gb + off_h * stride_gh
-        lse_base = Lse + bh * Sq
-        delta_base = Delta + bh * Sq
-        mask_cols = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_n, Sk - 1) * stride_mn
-        keep_col = Keep + off_b * stride_eb + off_h * stride_eh + keep_n
-        dq_base = dQacc + bh * Sq * HEAD_DIM
-        dmask_base = dMask + bh.to(tl.int64) * Sq * Sk  # B*H*Sq*Sk may pass 2**31
-        # With tile classes both ranges are trimmed to this key block's non-hidden query
-        # chunks [m_lo, m_hi) of this head's mask.
-        if TILE_CLS:
-            cls_col = Cls + off_b * stride_cb + off_h * stride_ch + pid_n * stride_cn
-            t_lo, t_hi = _live_range(cls_col, stride_cm, tl.cdiv(Sq, BLOCK_M))
-            m_lo = t_lo * BLOCK_M
-            m_hi = t_hi * BLOCK_M
-            main_lo = tl.maximum(diag_hi, m_lo)
-            main_hi = tl.minimum(Sq, m_hi)
-        else:
-            cls_col = Cls
-            main_lo = diag_hi
-            main_hi = Sq
-        if CAUSAL:
-            if TILE_CLS:
-                diag_lo = tl.maximum(lo, m_lo)
-                diag_stop = tl.minimum(diag_end, m_hi)
-            else:
-                diag_lo = lo
-                diag_stop = diag_end
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                                 keep_col, cls_col, diag_lo, diag_stop, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                 stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
-                                 MASK_SHARED, TILE_CLS, CAUSAL, True, DROPKEY,
-                                 ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                             keep_col, cls_col, main_lo, main_hi, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                             stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
-                             MASK_SHARED, TILE_CLS, CAUSAL, False, DROPKEY,
-                             ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
-
-    dk = dk * dk_scale
-    dv = dv * dv_scale
-    tl.store(dK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(dK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _dq_tile(
-    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need_mask, start_n, offs_m, row_ok,
-    Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Sk
-    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-    vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        kt = tl.load(kt_ptrs)
-    if SKIP != _LAZY:
-        if MASKED:
-            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            vt = tl.load(vt_ptrs)
-    s = _dot(q, kt, INTERPRET) * qk_scale
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        pass  # read below, under a branch on the tile's class
-    elif MASK_KIND != _NO_MASK:
-        if MASK_SHARED:
-            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                            TILE_CLS)[None, :]
-        else:
-            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
-                            MASK_KIND, TILE_CLS)
-        if MASK_KIND == _FLOAT_MASK:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
-    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
-    prob = tl.exp2(s - lse2[:, None])
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        if need_mask:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
-            prob = tl.where(mv != 0, prob, 0.0)
-    elif MASK_KIND == _BOOL_MASK:
-        prob = tl.where(mv != 0, prob, 0.0)
-    if MASKED:
-        # Keys past Sk must give exact zeros: exp2(0 - lse) of a zero key can overflow.
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        prob = tl.where(ok, prob, 0.0)
-    if SKIP == _DENSE:
-        dp = _dot(do, vt, INTERPRET)
-        ds = prob * (dp * kept.to(tl.float32) - delta[:, None])
-    else:
-        if kept:
-            if SKIP == _LAZY:
-                if MASKED:
-                    vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
-                else:
-                    vt = tl.load(vt_ptrs)
-            dp = _dot(do, vt, INTERPRET)
-            ds = prob * (dp - delta[:, None])
-        else:
-            ds = -prob * delta[:, None]
-    dq = _dot_acc(ds.to(q.dtype), tl.trans(kt), dq, INTERPRET)
-    if MASK_GRAD:
-        # dMask = dS (S = q kᵀ scale + mask); written per element, summed over broadcast dims later.
-        tl.store(dmask_rows[:, None] + offs_n[None, :], (ds * dmask_scale).to(dmask_rows.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(
-    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dQ, dMask,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_eb, stride_eh, stride_em, stride_en,
-    stride_cb, stride_ch, stride_cm, stride_cn,
-    stride_gb, stride_gh, stride_gm,
-    stride_dqb, stride_dqh, stride_dqm,
-    H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """dQ of one query block (and its rows of dMask), looping over key chunks."""
-    # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    dq_scale = tl.cast(dq_scale, tl.float32)
-    dmask_scale = tl.cast(dmask_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hk = off_h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-    bh = pid_bh.to(tl.int64)
-
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    # Rows past Sq get lse = +inf, so their P is exactly 0.
-    lse2 = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    if MASK_SHARED:
-        # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
-        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
-    else:
-        mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
-    dmask_rows = dMask + bh.to(tl.int64) * Sq * Sk + offs_m.to(tl.int64) * Sk
-    keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    if CAUSAL:
-        hi = tl.minimum(Sk, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Sk
-        full_hi = Sk // BLOCK_N * BLOCK_N
-    # Trimmed to the row's non-hidden key tiles, as in the forward.
-    if TILE_CLS:
-        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
-        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
-        n_lo = t_lo * BLOCK_N
-        n_hi = t_hi * BLOCK_N
-        lo1 = n_lo
-        hi1 = tl.minimum(full_hi, n_hi)
-        lo2 = tl.maximum(full_hi, n_lo)
-        hi2 = tl.minimum(hi, n_hi)
-    else:
-        cls_row = Cls
-        lo1 = 0
-        hi1 = full_hi
-        lo2 = full_hi
-        hi2 = hi
-    for start_n in range(lo1, hi1, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
-                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, _LAZY,
-                              INTERPRET)
-        else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
-                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, SKIP,
-                          INTERPRET)
-    for start_n in range(lo2, hi2, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
-                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, _LAZY,
-                              INTERPRET)
-        else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
-                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, SKIP,
-                          INTERPRET)
-
-    dq = dq * dq_scale
-    tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode), best guess first. For "fwd" and "bwd_q"
+# A config is a ``runtime.KernelConfig``: tile_m is the kernels' BLOCK_M (queries), tile_n their
+# BLOCK_N (keys); warps, stages and skip (the SKIP_* mode) are read too, the other fields not.
+# The table below writes them as (BLOCK_M, BLOCK_N, num_warps, num_stages, skip mode) tuples, the
+# form ``config`` overrides take too (``as_config``), best guess first. For "fwd" and "bwd_q"
 # the program owns BLOCK_M queries and loops over BLOCK_N keys; for "bwd_kv" and "bwd_fused" it
 # owns BLOCK_N keys and loops over BLOCK_M queries. The first candidate whose tile fits the mask
 # tile is used. Orders start from the Triton fused-attention tutorial's H100 tiles, minus those
 # that spill registers on sm_90 (compiled offline, see benchmarks/NOTES_attention.md); only
 # `benchmarks/bench_attention.py --sweep` on the GPU can rank them, and prints the winners.
-CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
+_CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
@@ -831,6 +103,24 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
         128: [(16, 128, 8, 2, 0), (16, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 64, 8, 3, 0), (32, 32, 4, 2, 0),
               (16, 16, 4, 2, 0)],
     },
+}
+
+
+def as_config(config: KernelConfig | Sequence[int]) -> KernelConfig:
+    """A config from a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip mode]) tuple (skip mode
+    SKIP_PREFETCH when left out), or the KernelConfig itself."""
+    if isinstance(config, KernelConfig):
+        return config
+    if len(config) not in (4, 5):
+        raise ValueError(f"sparsedrop attention config {tuple(config)}: expected (BLOCK_M, BLOCK_N, num_warps, "
+                         "num_stages[, skip mode])")
+    block_m, block_n, warps, stages, *skip = config
+    return KernelConfig(tile_m=block_m, tile_n=block_n, warps=warps, stages=stages,
+                        skip=skip[0] if skip else SKIP_PREFETCH)
+
+
+CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
+    kind: {d: [as_config(c) for c in table] for d, table in by_dim.items()} for kind, by_dim in _CANDIDATE_TABLE.items()
 }
 
 # Which backward runs by default, per head dim. The single pass does 7 tile products per kept
@@ -862,20 +152,18 @@ def backward_strategy(head_dim: int, override: str | None = None) -> str:
     return strategy
 
 
-def fits(config: Sequence[int], block: tuple[int, int]) -> bool:
+def fits(config: KernelConfig, block: tuple[int, int]) -> bool:
     """Whether a config's kernel tile lies inside every (block_q, block_k) mask tile."""
-    return block[0] % config[0] == 0 and block[1] % config[1] == 0
+    return block[0] % config.tile_m == 0 and block[1] % config.tile_n == 0
 
 
-def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> tuple[int, int, int, int, int]:
+def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> KernelConfig:
     if override is not None:
-        cfg = tuple(override)
-        if len(cfg) == 4:
-            cfg = (*cfg, SKIP_PREFETCH)
+        cfg = as_config(override)
         if not fits(cfg, block):
             raise ValueError(
-                f"sparsedrop attention {kind} config {cfg}: its tile ({cfg[0]}, {cfg[1]}) must divide the mask tile "
-                f"{block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
+                f"sparsedrop attention {kind} config {override}: its tile ({cfg.tile_m}, {cfg.tile_n}) must divide "
+                f"the mask tile {block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
             )
         return cfg
     for cfg in CANDIDATES[kind][head_dim]:
@@ -1023,19 +311,26 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     return out
 
 
-def _launch_forward(pb: _Problem, cfg, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+def _tiled(pb: _Problem, cfg: KernelConfig, cls: _TileClasses) -> dict:
+    """The constexprs and launch options shared by the kernels that loop over tiles (forward,
+    dK/dV, dQ): the problem's, the config's and whether tile classes are passed."""
+    return {
+        "HEAD_DIM": pb.D, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n, "MASK_KIND": pb.mask_kind,
+        "MASK_SHARED": pb.mask_shared, "TILE_CLS": cls.enabled, "CAUSAL": pb.causal, "DROPKEY": pb.dropkey,
+        "SKIP": cfg.skip, "INTERPRET": pb.interpret, "num_warps": cfg.warps, "num_stages": cfg.stages,
+    }
+
+
+def _launch_forward(pb: _Problem, cfg: KernelConfig, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     out = empty_attention_out(pb.q, pb.v)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
-    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
     launch(_attn_fwd)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, SKIP=skip, INTERPRET=pb.interpret, num_warps=warps, num_stages=stages,
+        **_tiled(pb, cfg, cls),
     )
     return out, lse
 
@@ -1052,24 +347,20 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     return delta
 
 
-def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, atomic_dq: bool = False,
-                 mask_grad: bool = False, cls: _TileClasses | None = None):
+def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: KernelConfig,
+                 atomic_dq: bool = False, mask_grad: bool = False, cls: _TileClasses | None = None):
     """dK, dV (and, with atomic_dq, dQ and dMask too); returns (dk, dv, dq or None, dmask or None)."""
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     dk, dv = empty_grad_like(pb.k), empty_grad_like(pb.v)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (cdiv(pb.Sk, block_n), pb.B * pb.H_kv)
+    grid = (cdiv(pb.Sk, cfg.tile_n), pb.B * pb.H_kv)
     launch(_attn_bwd_dkdv)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.out_scale, pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
-        num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
     )
     dq = empty_grad_like(pb.q).copy_(dq_acc.mul_(pb.sm_scale * pb.out_scale)) if atomic_dq else None
     return dk, dv, dq, (dmask if mask_grad else None)
@@ -1093,29 +384,26 @@ def _dmask_buffer(pb: _Problem) -> Tensor:
     return alloc(pb.B, pb.H, pb.Sq, pb.Sk, device=pb.q.device, dtype=dtype)
 
 
-def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg, mask_grad: bool,
+def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: KernelConfig, mask_grad: bool,
                cls: _TileClasses | None = None):
-    block_m, block_n, warps, stages, skip = cfg
-    cls = cls or _tile_classes(pb, [(block_m, block_n)])[0]
+    cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     dq = empty_grad_like(pb.q)
     dmask = _dmask_buffer(pb) if mask_grad else lse
-    grid = (cdiv(pb.Sq, block_m), pb.B * pb.H)
+    grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
     launch(_attn_bwd_dq)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.block[0], pb.block[1],
-        HEAD_DIM=pb.D, BLOCK_M=block_m, BLOCK_N=block_n, MASK_KIND=pb.mask_kind, MASK_SHARED=pb.mask_shared,
-        TILE_CLS=cls.enabled, CAUSAL=pb.causal,
-        DROPKEY=pb.dropkey, MASK_GRAD=mask_grad, SKIP=skip, INTERPRET=pb.interpret,
-        num_warps=warps, num_stages=stages,
+        MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
     )
     return dq, (dmask if mask_grad else None)
 
 
 def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, config=None):
     """(O, logsumexp) like ``flash_attention.reference_attention_forward``; ``config`` may map
-    "fwd" to a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override the choice."""
+    "fwd" to a KernelConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override
+    the choice."""
     pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     cfg = _pick_config("fwd", pb.D, pb.block, (config or {}).get("fwd"))
     out, lse = _launch_forward(pb, cfg)
@@ -1142,7 +430,7 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"))
         q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
         # One read of the mask classifies it for both passes' tiles.
-        kv_cls, q_cls = _tile_classes(pb, [kv_cfg[:2], q_cfg[:2]])
+        kv_cls, q_cls = _tile_classes(pb, [(kv_cfg.tile_m, kv_cfg.tile_n), (q_cfg.tile_m, q_cfg.tile_n)])
         dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
         dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls)
     if pb.squeeze:

@@ -158,3 +158,18 @@ def whole_drop_refusal(p: float, blocks: int | None, bound: float, unit: str, op
         f"probability p**k={chance:.2g} > max_drop_all={bound:g}; left element-wise. A smaller {option} "
         f"(k >= {need} at this p) or a larger max_drop_all lets it be rewritten"
     )
+
+
+def attention_tiles_refusal(site, config, q_shape, k_shape) -> str | None:
+    """Every (batch, head) tile of an attention dropped at once zeroes its output: keep that rare.
+    ``q_shape`` / ``k_shape`` in SDPA's layout (*batch, heads, L, E) / (*batch, heads, S, E), as
+    size hints (None where unknown); sets ``site.blocks`` to the tile count. Tiles that a mask
+    hides entirely still count (the mask is data, unknown here)."""
+    from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
+
+    if any(n is None for n in (*q_shape, *k_shape)):
+        site.blocks = None
+    else:
+        site.blocks = math.prod(attention_keep_shape(q_shape, k_shape, config.attention_block))
+    bq, bk = config.attention_block
+    return whole_drop_refusal(site.p, site.blocks, config.max_drop_all, f"{bq}x{bk} tile", "attention_block", "attention matrix")

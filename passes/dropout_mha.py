@@ -14,7 +14,6 @@ keep the original node and are listed with the reason.
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 import torch.fx as fx
@@ -25,7 +24,7 @@ from sparsedrop_compile.config import SparseDropConfig
 from sparsedrop_compile.mask_ops import sample_tile_keep
 from sparsedrop_compile.report import Site
 
-from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, size_hint, whole_drop_refusal
+from ._graph import GraphEditor, attention_tiles_refusal, excluded, location, meta_val, module_path, scalar_hint, size_hint
 from .dropout_sdpa import HEAD_DIMS
 
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -139,16 +138,14 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
 
 
 def _too_few_tiles(a: dict, config: SparseDropConfig, site: Site) -> str | None:
-    """The block-count rule of the other attention sites, over (batch, heads, query tiles, key tiles)."""
+    """The rule of the other attention sites; MHA's query is (L, N, E) or, unbatched, (L, E)."""
     query, key = meta_val(a["query"]), meta_val(a["key"])
-    (bq, bk), heads = config.attention_block, a["num_heads"]
+    heads = a["num_heads"]
     sizes = [size_hint(n) for n in (*query.shape, *key.shape)]
-    if any(n is None for n in sizes):
-        site.blocks = None
-    else:
-        batch = sizes[1] if query.dim() == 3 else 1
-        site.blocks = batch * heads * math.ceil(sizes[0] / bq) * math.ceil(sizes[query.dim()] / bk)
-    return whole_drop_refusal(site.p, site.blocks, config.max_drop_all, f"{bq}x{bk} tile", "attention_block", "attention matrix")
+    batch = sizes[1] if query.dim() == 3 else 1
+    q = (batch, heads, sizes[0], 1)
+    k = (batch, heads, sizes[query.dim()], 1)
+    return attention_tiles_refusal(site, config, q, k)
 
 
 def rewrite_dropout_mha(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:

@@ -12,7 +12,6 @@ saves them for backward as SDPA's own kernels do, so a write before or after act
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.fx as fx
@@ -24,7 +23,7 @@ from sparsedrop_compile.config import SparseDropConfig
 
 from sparsedrop_compile.report import Site
 
-from ._graph import GraphEditor, excluded, location, meta_val, module_path, scalar_hint, shape_of, size_hint, whole_drop_refusal
+from ._graph import GraphEditor, attention_tiles_refusal, excluded, location, meta_val, module_path, scalar_hint, shape_of, size_hint
 
 log = logging.getLogger("sparsedrop_compile")
 
@@ -90,17 +89,8 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
 
 
 def _too_few_tiles(a: dict, config: SparseDropConfig, site: Site) -> str | None:
-    """Every (batch, head) tile dropped at once zeroes the attention output: keep that rare.
-    Tiles that a mask hides entirely still count (the mask is data, unknown here)."""
-    from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
-
     q, k = ([size_hint(s) for s in shape_of(a[n])] for n in ("query", "key"))
-    if any(h is None for h in q + k):
-        site.blocks = None
-    else:
-        site.blocks = math.prod(attention_keep_shape(q, k, config.attention_block))
-    bq, bk = config.attention_block
-    return whole_drop_refusal(site.p, site.blocks, config.max_drop_all, f"{bq}x{bk} tile", "attention_block", "attention matrix")
+    return attention_tiles_refusal(site, config, q, k)
 
 
 def rewrite_dropout_sdpa(gm: fx.GraphModule, config: SparseDropConfig, graph_index: int = 0, fake_mode=None) -> list[Site]:

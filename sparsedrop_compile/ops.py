@@ -78,17 +78,17 @@ def _supported(fn: Callable) -> Callable:
 # or layout the kernels do not take) would then trace the reference's mask indexing with
 # symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
 # references enter the graph as one node each, with the dense op's output metadata.
-def _cut(keep: Tensor | None, a: Tensor, block_rows: int, block_cols: int) -> Tensor | None:
-    """A possibly padded keep cut to the blocks over the 3-D operand ``a`` (concrete tensors)."""
-    return None if keep is None else fit_keep(keep, keep_shape(a.shape, (block_rows, block_cols), True))
+def _cut(keep: Tensor | None, shape, block_rows: int, block_cols: int) -> Tensor | None:
+    """A possibly padded keep cut to the blocks over a 3-D operand of ``shape`` (concrete tensors);
+    None stays None (an absent second mask)."""
+    return None if keep is None else fit_keep(keep, keep_shape(shape, (block_rows, block_cols), True))
 
 
 def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                    bias: Tensor | None, out_keep: Tensor | None = None) -> Tensor:
     block = (block_rows, block_cols)
-    out_shape = (a.shape[0], a.shape[1], b.shape[2])
-    out_keep = None if out_keep is None else fit_keep(out_keep, keep_shape(out_shape, block, True))
-    return _ref_matmul.reference_dsd(a, b, _cut(keep, a, *block), scale, block, bias, out_keep=out_keep)
+    out_keep = _cut(out_keep, (a.shape[0], a.shape[1], b.shape[2]), *block)  # over the output
+    return _ref_matmul.reference_dsd(a, b, _cut(keep, a.shape, *block), scale, block, bias, out_keep=out_keep)
 
 
 def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias, out_keep=None):
@@ -99,10 +99,9 @@ def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias, out_kee
 def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                    bias: Tensor | None = None, bias_scale: float | None = None, reduce_keep: Tensor | None = None) -> Tensor:
     block = (block_rows, block_cols)
-    out_shape = (grad.shape[0], grad.shape[1], b.shape[1])
-    keep = fit_keep(keep, keep_shape(out_shape, block, True))
+    keep = _cut(keep, (grad.shape[0], grad.shape[1], b.shape[1]), *block)  # over the output
     return _ref_matmul.reference_sdd(grad, b, keep, scale, block, bias, bias_scale=bias_scale,
-                                     reduce_keep=_cut(reduce_keep, grad, *block))
+                                     reduce_keep=_cut(reduce_keep, grad.shape, *block))
 
 
 def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols, bias=None, bias_scale=None, reduce_keep=None):
@@ -112,8 +111,8 @@ def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols, bias=None,
 def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                       batched_out: bool, grad_keep: Tensor | None = None) -> Tensor:
     block = (block_rows, block_cols)
-    return _ref_matmul.reference_dsd_tn(a, grad, _cut(keep, a, *block), scale, block, batched_out,
-                                        grad_keep=_cut(grad_keep, grad, *block))
+    return _ref_matmul.reference_dsd_tn(a, grad, _cut(keep, a.shape, *block), scale, block, batched_out,
+                                        grad_keep=_cut(grad_keep, grad.shape, *block))
 
 
 def _reference_dsd_tn_fake(a, grad, keep, scale, block_rows, block_cols, batched_out, grad_keep=None):
