@@ -13,12 +13,17 @@ Side by side in one process, per shape (rows x N x K) and drop rate p:
 
 plus attention P @ V (B=8, H=16, S=1024, D=64, p=0.1): matmul(dropout(P), V) vs sparsedrop::matmul.
 
+``--side output`` times dropout on the linear's OUTPUT instead: eager / compiled are
+F.dropout(F.linear(x, w), p), ours is sparsedrop::linear_out (keep over the (rows, N) output),
+ours_launchers its three kernels (sdd forward, dsd for dX, dsd_tn for dW); results go to
+kernels_output_<gpu>.csv / .png.
+
 Every method is timed as a CUDA-graph replay of one whole fwd + bwd step (captured after warm-up)
 with triton.testing.do_bench (median), so Python overhead does not count; ``ours`` and ``dense``
 are also timed plainly (``*_nograph``). Results: benchmarks/results/kernels_<gpu>.csv and .png,
 and a compact table at the end of stdout.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--budget SECONDS] [--skip-compiled]
+    python benchmarks/bench_kernels.py [--out DIR] [--quick] [--budget SECONDS] [--skip-compiled] [--side output]
     python benchmarks/bench_kernels.py --sweep      # per-kernel config sweep at 4096^3 vs cuBLAS
     python benchmarks/bench_kernels.py --dry-run    # no GPU: exercise CSV / table / plot code
 """
@@ -74,7 +79,7 @@ def time_plain(step: Callable[[], object], quick: bool) -> float:
 
 
 # =========================================================================== steps
-def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch.bfloat16) -> dict[str, Callable]:
+def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch.bfloat16, side: str = "input") -> dict[str, Callable]:
     from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
     from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep
 
@@ -113,7 +118,31 @@ def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch
         tri.dsd_tn(a3, g3, keep, scale, BLOCK, False, out=dw.t().unsqueeze(0))
         return y, dx, dw
 
+    if side == "output":
+        return {"dense": dense, **output_side_steps(x, w, dy, p, grads)}
     return dict(dense=dense, eager=eager, compiled=compiled, ours=ours, ours_launchers=ours_launchers)
+
+
+def output_side_steps(x, w, dy, p: float, grads) -> dict[str, Callable]:
+    """The methods for dropout on the linear's output, y = dropout(x @ wᵀ)."""
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+    from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep
+
+    scale = dropout_scale(p)
+    y_like = torch.empty(x.shape[0], w.shape[0], device=x.device)
+    compiled_fn = torch.compile(lambda x, w: F.dropout(F.linear(x, w), p, training=True), dynamic=False)
+    x3, w3, g3 = x.detach().unsqueeze(0), w.detach().unsqueeze(0), dy.unsqueeze(0)
+
+    def ours():
+        keep = sample_block_keep(y_like, p, *BLOCK, batched=False)
+        return grads(torch.ops.sparsedrop.linear_out(x, w, None, keep, scale, *BLOCK, "triton"))
+
+    def ours_launchers():
+        keep = sample_block_keep(y_like, p, *BLOCK, batched=False)
+        return tri.sdd(x3, w3, keep, scale, BLOCK), tri.dsd(g3, w3, keep, scale, BLOCK), tri.dsd_tn(g3, x3, keep, scale, BLOCK, False)
+
+    return {"eager": lambda: grads(F.dropout(F.linear(x, w), p, training=True)), "compiled": lambda: grads(compiled_fn(x, w)),
+            "ours": ours, "ours_launchers": ours_launchers}
 
 
 def attention_steps(B, H, S, D, p, device="cuda", dtype=torch.bfloat16) -> dict[str, Callable]:
@@ -305,7 +334,7 @@ def run_all(args, results: Results, writer) -> None:
                 print(f"--budget {args.budget}s spent: skipping linear {shape} p={p}", flush=True)
                 continue
             t0 = time.time()
-            steps = linear_steps(rows_, n, k, p)
+            steps = linear_steps(rows_, n, k, p, side=args.side)
             methods = ["dense", "eager", "compiled", "ours", "ours_launchers"] if p == ps[0] else ["eager", "compiled", "ours", "ours_launchers"]
             if args.skip_compiled:
                 methods.remove("compiled")
@@ -489,6 +518,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile baseline (saves compile time)")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds after which no new linear (shape, p) is started (0: no limit); attention always runs, after the first shape")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: write a fake CSV/plot/table to check the plumbing")
+    ap.add_argument("--side", choices=("input", "output"), default="input",
+                    help="dropout on the linear's input (default) or on its output (sparsedrop::linear_out)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     # `timeout` sends SIGTERM: turn it into an exception so the CSV, plot and table still get written.
@@ -512,7 +543,7 @@ def main(argv=None) -> int:
         return 0
 
     results = Results(gpu, versions)
-    csv_path = os.path.join(args.out, f"kernels_{harness.slug(gpu)}.csv")
+    csv_path = os.path.join(args.out, f"kernels_{'output_' if args.side == 'output' else ''}{harness.slug(gpu)}.csv")
     partial = csv_path.replace(".csv", ".partial.csv")  # row by row, survives a timeout
     with open(partial, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

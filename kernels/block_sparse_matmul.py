@@ -9,7 +9,20 @@ Shapes (all launchers take 3-D operands; the ops fold batch dims first):
     sdd    : out = scale * (grad @ bᵀ) ⊙ m                        sparse out (zeros in dropped blocks)
     dsd_tn : out = scale * (a ⊙ m)ᵀ @ grad, summed over B if Bb == 1
 
-For ``linear`` (Y = X Wᵀ), b is ``weight.t()`` as a view: forward is dsd, dX is sdd, dW is dsd_tn.
+For ``linear`` (Y = X Wᵀ) with dropout on its input X, b is ``weight.t()`` as a view: forward is
+dsd, dX is sdd, dW is dsd_tn.
+
+Dropout on a matmul's output Y (mask m over Y's blocks) uses the same three shapes the other way
+round, with g = dOut the incoming gradient:
+
+    forward: sdd(grad=X, b=W, keep=m, bias=b)     Y' = (X Wᵀ + b) ⊙ m / (1-p), only kept tiles
+    dX:      dsd(a=g, b=W, keep=m)                (g ⊙ m) W / (1-p), reduction over kept N-blocks
+    dW:      dsd_tn(a=g, grad=X, keep=m)          (g ⊙ m)ᵀ X / (1-p), reduction over kept row blocks
+
+and with dropout on both sides (m_in over X as well) each takes m_in as its second mask:
+sdd(reduce_keep=m_in) skips X's dropped K-blocks, dsd(out_keep=m_in) skips dX's dropped tiles,
+dsd_tn(grad_keep=m_in) reads X's dropped blocks as zeros.
+
 The ``reference_*`` functions are the plain-PyTorch oracle with the same signatures.
 """
 from __future__ import annotations
@@ -25,17 +38,26 @@ def _masked(a: Tensor, keep: Tensor, block: tuple[int, int]) -> Tensor:
     return torch.where(mask, a, a.new_zeros(()))
 
 
-def reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None) -> Tensor:
+def reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
+                  *, out_keep: Tensor | None = None) -> Tensor:
     out = torch.matmul(_masked(a, keep, block), b) * scale
-    return out if bias is None else out + bias
+    out = out if bias is None else out + bias
+    return out if out_keep is None else _masked(out, out_keep, block)
 
 
-def reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]) -> Tensor:
-    return _masked(torch.matmul(grad, b.transpose(-1, -2)) * scale, keep, block)
+def reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
+                  *, bias_scale: float | None = None, reduce_keep: Tensor | None = None) -> Tensor:
+    g = grad if reduce_keep is None else _masked(grad, reduce_keep, block)
+    out = torch.matmul(g, b.transpose(-1, -2)) * scale
+    if bias is not None:
+        out = out + bias * (scale if bias_scale is None else bias_scale)
+    return _masked(out, keep, block)
 
 
-def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool, *, out: Tensor | None = None) -> Tensor:
+def reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool, *,
+                     grad_keep: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     am = _masked(a, keep, block)
+    grad = grad if grad_keep is None else _masked(grad, grad_keep, block)
     if batched_out:
         result = torch.matmul(am.transpose(-1, -2), grad) * scale
     else:

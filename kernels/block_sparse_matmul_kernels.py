@@ -3,8 +3,14 @@ configs and launchers are in ``block_sparse_matmul_triton.py``, the plain-PyTorc
 ``block_sparse_matmul.py``).
 
     _dsd_kernel     out = scale * (a ⊙ m) @ b (+ bias)        dense out, sparse lhs
-    _sdd_kernel     out = scale * (g @ bᵀ) ⊙ m                 sparse out
-    _dsd_tn_kernel  out = scale * (a ⊙ m)ᵀ @ g                 dense out, sparse (transposed) lhs
+                    [⊙ m_out: OUT_KEEP, dropped output tiles skipped]
+    _sdd_kernel     out = (scale * (g [⊙ m_red]) @ bᵀ [+ bias_scale * bias]) ⊙ m     sparse out
+                    [m_red: RED_KEEP, the reduction visits only g's kept blocks]
+    _dsd_tn_kernel  out = scale * (a ⊙ m)ᵀ @ (g [⊙ m_g])      dense out, sparse (transposed) lhs
+                    [m_g: GRAD_KEEP, g's dropped blocks read as zeros]
+
+The bracketed second masks serve a matmul with block dropout on its output (and on both sides):
+see ``block_sparse_matmul.py``. All masks of one call share the block size.
     _kept_lists_kernel  per-line lists of kept blocks, built on the device
 
 With ``USE_TMA`` the kernels build rank-3 TMA descriptors over their operands on the device
@@ -67,6 +73,13 @@ def _mma(acc, x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _keep_block(t, keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Tile ``t`` (inside one mask block, at row r0 and column c0) or zeros if that block is dropped."""
+    flag = tl.load(keep_ptr + bat.to(tl.int64) * stride_b + (r0 // BLOCK_ROWS) * stride_r + (c0 // BLOCK_COLS) * stride_c)
+    return tl.where(flag != 0, t, tl.zeros_like(t))
+
+
+@triton.jit
 def _kept_lists_kernel(
     keep_ptr, count_ptr, index_ptr, order_ptr,
     n_lines, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
@@ -119,18 +132,19 @@ def _kept_lists_kernel(
 
 @triton.jit
 def _dsd_kernel(
-    a, b, bias_ptr, out_ptr, row_count_ptr, row_index_ptr, order_ptr,
+    a, b, bias_ptr, out_ptr, row_count_ptr, row_index_ptr, order_ptr, out_keep_ptr,
     B, M, N, K, Bb, n_rblk, n_cblk, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_bias,
     stride_ob, stride_om, stride_on,
+    stride_okb, stride_okr, stride_okc,
     scale,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, OUT_KEEP: tl.constexpr,
 ):
     """out[bat] = scale * (a[bat] ⊙ m) @ b[bat % Bb] (+ bias); one program per (bat, M tile, N tile).
 
@@ -143,6 +157,10 @@ def _dsd_kernel(
     to whichever SM slot frees up first, so this is longest-job-first list scheduling: the last
     wave holds the cheapest tiles and the tail shrinks from "one expensive tile" to "one cheap
     one". Groups of GROUP row tiles still run side by side for L2 reuse.
+
+    OUT_KEEP: ``out_keep`` (B, cdiv(M, BLOCK_ROWS), cdiv(N, BLOCK_COLS)) masks the output too
+    (TILE_N divides BLOCK_COLS, so a tile lies in one block): a dropped tile runs no iterations
+    and stores zeros (no bias).
     """
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
@@ -168,6 +186,10 @@ def _dsd_kernel(
         count = tl.load(row_count_ptr + line)
     bat_b = bat % Bb
     n0 = pid_n * TILE_N
+    if OUT_KEEP:
+        tile_kept = tl.load(out_keep_ptr + bat.to(tl.int64) * stride_okb + (m0 // BLOCK_ROWS) * stride_okr
+                            + (n0 // BLOCK_COLS) * stride_okc, mask=(m0 < M) & (n0 < N), other=0) != 0
+        count = tl.where(tile_kept, count, 0)
     kept_blocks = row_index_ptr + line.to(tl.int64) * n_cblk
     TILES_PER_BLOCK: tl.constexpr = BLOCK_COLS // TILE_K
 
@@ -206,6 +228,8 @@ def _dsd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
+    if OUT_KEEP:
+        acc = tl.where(tile_kept, acc, 0.0)
     val = acc.to(out_ptr.dtype.element_ty)
     if OUT_DESC:
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[B, M, N], strides=[stride_ob, stride_om, 1],
@@ -218,27 +242,43 @@ def _dsd_kernel(
 
 @triton.jit
 def _sdd_tile(
-    g, b, out_ptr, out_desc, bat, bat_b, m0, k0, n_iter,
-    M, N, K,
+    g, b, out_ptr, out_desc, bias_ptr, red_count_ptr, red_index_ptr, bat, bat_b, m0, k0, kept,
+    M, N, K, n_rblk, n_red_blk,
     stride_gb, stride_gm, stride_gn,
     stride_bb, stride_bk, stride_bn,
     stride_ob, stride_om, stride_ok,
-    scale,
+    stride_bias,
+    scale, bias_scale,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RED_KEEP: tl.constexpr,
 ):
-    """One TILE_M x TILE_K output tile of sdd at (bat, m0, k0): n_iter reduction steps over N
-    (0 for a dropped block: the tile is stored as zeros). With USE_TMA ``g`` and ``b`` are
-    descriptors (built by _sdd_kernel), with OUT_DESC ``out_desc`` too; else pointers."""
+    """One TILE_M x TILE_K output tile of sdd at (bat, m0, k0). A dropped tile (``kept`` false)
+    runs no reduction step and is stored as zeros. A kept one reduces over N: every TILE_N step,
+    or with RED_KEEP only the steps inside g's kept column blocks of its row block (the per-row-
+    block lists ``red_count`` / ``red_index``; TILE_N divides BLOCK_COLS), then adds
+    ``bias_scale * bias``. With USE_TMA ``g`` and ``b`` are descriptors (built by _sdd_kernel),
+    with OUT_DESC ``out_desc`` too; else pointers."""
     offs_m = m0 + tl.arange(0, TILE_M)
     offs_k = k0 + tl.arange(0, TILE_K)
     offs_n = tl.arange(0, TILE_N)
     acc = tl.zeros((TILE_M, TILE_K), dtype=tl.float32)
+    RED_TPB: tl.constexpr = BLOCK_COLS // TILE_N
+    if RED_KEEP:
+        line = bat * n_rblk + m0 // BLOCK_ROWS
+        n_iter = tl.where(kept, tl.load(red_count_ptr + line), 0) * RED_TPB
+        red_blocks = red_index_ptr + line.to(tl.int64) * n_red_blk
+    else:
+        n_iter = tl.where(kept, tl.cdiv(N, TILE_N), 0)
+        red_blocks = red_index_ptr
     if USE_TMA:
         for it in range(0, n_iter):
-            n_start = it * TILE_N
+            if RED_KEEP:
+                n_start = tl.load(red_blocks + it // RED_TPB).to(tl.int32) * BLOCK_COLS + (it % RED_TPB) * TILE_N
+            else:
+                n_start = it * TILE_N
             g_t = g.load([bat, m0, n_start]).reshape(TILE_M, TILE_N)
             if B_K_CONTIG:  # b stored as (N, K) rows: bᵀ tiles load directly
                 bt_t = b.load([bat_b, n_start, k0]).reshape(TILE_N, TILE_K)
@@ -249,12 +289,19 @@ def _sdd_tile(
         g_rows = g + bat.to(tl.int64) * stride_gb + offs_m[:, None] * stride_gm
         bt_cols = b + bat_b.to(tl.int64) * stride_bb + offs_k[None, :] * stride_bk
         for it in range(0, n_iter):
-            ns = it * TILE_N + offs_n
+            if RED_KEEP:
+                ns = tl.load(red_blocks + it // RED_TPB).to(tl.int32) * BLOCK_COLS + (it % RED_TPB) * TILE_N + offs_n
+            else:
+                ns = it * TILE_N + offs_n
             g_t = _load_tile(g_rows + ns[None, :] * stride_gn, offs_m, ns, M, N, MASK_M, MASK_N)
             bt_t = _load_tile(bt_cols + ns[:, None] * stride_bn, ns, offs_k, N, K, MASK_N, MASK_K)
             acc = _mma(acc, g_t, bt_t, PRECISION, UPCAST)
 
-    val = (acc * scale).to(out_ptr.dtype.element_ty)
+    acc = acc * scale
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_k * stride_bias, mask=offs_k < K, other=0.0)
+        acc = acc + tl.where(kept, bias.to(tl.float32) * bias_scale, 0.0)[None, :]
+    val = acc.to(out_ptr.dtype.element_ty)
     if OUT_DESC:
         out_desc.store([bat, m0, k0], val.reshape(1, TILE_M, TILE_K))
     else:
@@ -300,28 +347,33 @@ def _sdd_b_desc(b_ptr, Bb, N, K, stride_bb, stride_bk, stride_bn, TILE_N: tl.con
 
 @triton.jit
 def _sdd_kernel(
-    g_ptr, b_ptr, out_ptr, keep_ptr, count_ptr, index_ptr,
-    B, M, N, K, Bb, n_rblk, n_cblk, n_lines,
+    g_ptr, b_ptr, out_ptr, keep_ptr, count_ptr, index_ptr, bias_ptr, red_count_ptr, red_index_ptr,
+    B, M, N, K, Bb, n_rblk, n_cblk, n_lines, n_red_blk,
     stride_gb, stride_gm, stride_gn,
     stride_bb, stride_bk, stride_bn,
     stride_ob, stride_om, stride_ok,
     stride_keep_b, stride_keep_r, stride_keep_c,
-    scale,
+    stride_bias,
+    scale, bias_scale,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     PERSISTENT: tl.constexpr, SPLIT_TAIL: tl.constexpr, LINES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RED_KEEP: tl.constexpr,
 ):
-    """out[bat] = scale * (g[bat] @ b[bat % Bb]ᵀ) ⊙ m.
+    """out[bat] = (scale * (g[bat] [⊙ m_red]) @ b[bat % Bb]ᵀ [+ bias_scale * bias]) ⊙ m.
+
+    HAS_BIAS adds the bias (over out's columns) in kept tiles only; RED_KEEP skips g's dropped
+    blocks in the reduction (see _sdd_tile). Without either it is dY·W's sparse gradient.
 
     Not PERSISTENT: one program per (bat, M tile, K tile). A tile lies inside one mask block. A
     dropped block gets a zero trip count, so its programs skip every load and store zeros: the
     output needs no separate zero fill.
 
     PERSISTENT (grid = the number of CTAs that fit on the GPU at once, S): every kept tile costs
-    the same full reduction over N, so what matters is how many of them each slot runs. The S
+    the same full reduction over N (with RED_KEEP, its row block's kept share of it), so what matters is how many of them each slot runs. The S
     programs deal the kept tiles out round-robin (kept-first order, row-major over the kept
     blocks, so tiles running side by side share g rows and b columns in L2): F = kept // S full
     rounds, then R = kept % S tiles left. Those R would take a whole tile time on R slots while
@@ -332,6 +384,7 @@ def _sdd_kernel(
     """
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
+    bias_scale = tl.cast(bias_scale, tl.float32)
     # Descriptors are built once per program (a persistent program reuses them for all its tiles).
     # The persistent schedule stores through pointers: its tiles include split halves.
     if USE_TMA:
@@ -357,15 +410,15 @@ def _sdd_kernel(
         kept = tl.sum(tl.load(count_ptr + lanes, mask=lanes < n_lines, other=0), 0) * TPB
         rounds = kept // S
         rest = kept - rounds * S
-        n_full = tl.cdiv(N, TILE_N)
         for i in range(0, rounds):
             bat, m0, k0 = _sdd_kept_unit(pid + i * S, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
                                          BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
             # Tiles of a ragged last block that lie wholly past M or K: nothing to compute.
-            n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
-            _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+            _sdd_tile(g, b, out_ptr, out_desc, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, (m0 < M) & (k0 < K),
+                      M, N, K, n_rblk, n_red_blk,
                       stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                      scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST)
+                      stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K,
+                      USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
         split = False
         if SPLIT_TAIL:
             split = 2 * rest <= S
@@ -374,20 +427,20 @@ def _sdd_kernel(
                 bat, m0, k0 = _sdd_kept_unit(rounds * S + pid // 2, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
                                              BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
                 k0 = k0 + (pid % 2) * (TILE_K // 2)
-                n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
-                _sdd_tile(g, b_half, out_ptr, out_ptr, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                _sdd_tile(g, b_half, out_ptr, out_ptr, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, (m0 < M) & (k0 < K),
+                          M, N, K, n_rblk, n_red_blk,
                           stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                          scale, TILE_M, TILE_N, TILE_K // 2, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
-                          PRECISION, UPCAST)
+                          stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K // 2, MASK_M, MASK_N, MASK_K,
+                          USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
         else:
             if pid < rest:
                 bat, m0, k0 = _sdd_kept_unit(rounds * S + pid, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
                                              BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
-                n_iter = tl.where((m0 < M) & (k0 < K), n_full, 0)
-                _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+                _sdd_tile(g, b, out_ptr, out_desc, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, (m0 < M) & (k0 < K),
+                          M, N, K, n_rblk, n_red_blk,
                           stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                          scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
-                          PRECISION, UPCAST)
+                          stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K,
+                          USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
         # Dropped tiles, in plain grid order (a flag read each; the kept ones are skipped).
         grid_m = tl.cdiv(M, TILE_M)
         grid_k = tl.cdiv(K, TILE_K)
@@ -398,10 +451,11 @@ def _sdd_kernel(
             flag = tl.load(keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r
                            + (k0 // BLOCK_COLS) * stride_keep_c)
             if flag == 0:
-                _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, 0, M, N, K,
+                _sdd_tile(g, b, out_ptr, out_desc, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, False,
+                          M, N, K, n_rblk, n_red_blk,
                           stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                          scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, False,
-                          PRECISION, UPCAST)
+                          stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K,
+                          USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
     else:
         grid_m = tl.cdiv(M, TILE_M)
         grid_k = tl.cdiv(K, TILE_K)
@@ -414,25 +468,27 @@ def _sdd_kernel(
         flag = tl.load(
             keep_ptr + bat.to(tl.int64) * stride_keep_b + (m0 // BLOCK_ROWS) * stride_keep_r + (k0 // BLOCK_COLS) * stride_keep_c
         )
-        n_iter = tl.where(flag != 0, tl.cdiv(N, TILE_N), 0)
-        _sdd_tile(g, b, out_ptr, out_desc, bat, bat % Bb, m0, k0, n_iter, M, N, K,
+        _sdd_tile(g, b, out_ptr, out_desc, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, flag != 0,
+                  M, N, K, n_rblk, n_red_blk,
                   stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                  scale, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K, USE_TMA, B_K_CONTIG, OUT_DESC, PRECISION, UPCAST)
+                  stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K, MASK_M, MASK_N, MASK_K,
+                  USE_TMA, B_K_CONTIG, OUT_DESC, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
 
 
 @triton.jit
 def _dsd_tn_kernel(
-    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr,
+    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr, g_keep_ptr,
     B, Bo, M, N, K, n_rblk, n_cblk, list_len, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_gb, stride_gm, stride_gn,
     stride_ob, stride_ok, stride_on,
+    stride_gkb, stride_gkr, stride_gkc,
     scale,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, GRAD_KEEP: tl.constexpr,
 ):
     """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile).
 
@@ -441,6 +497,11 @@ def _dsd_tn_kernel(
     pair, so summing over the batch is the same single flat loop.
 
     BALANCE: column blocks (lines) in ``order``, most kept row blocks first, as in _dsd_kernel.
+
+    GRAD_KEEP: ``g_keep`` (B, cdiv(M, BLOCK_ROWS), cdiv(N, BLOCK_COLS)) masks g too (TILE_N
+    divides BLOCK_COLS): a visited row block whose g block is dropped is read as zeros. Those
+    steps still run (a per-step branch would stall the pipelined loop); only a's dropped row
+    blocks are skipped.
     """
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
@@ -480,6 +541,8 @@ def _dsd_tn_kernel(
             m_start = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M
             a_t = a_desc.load([bat, m_start, k0]).reshape(TILE_M, TILE_K)
             g_t = g_desc.load([bat, m_start, n0]).reshape(TILE_M, TILE_N)
+            if GRAD_KEEP:
+                g_t = _keep_block(g_t, g_keep_ptr, bat, m_start, n0, stride_gkb, stride_gkr, stride_gkc, BLOCK_ROWS, BLOCK_COLS)
             acc = _mma(acc, a_t.T, g_t, PRECISION, False)
     else:
         a_cols = a + offs_k[None, :] * stride_ak
@@ -490,6 +553,9 @@ def _dsd_tn_kernel(
             ms = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M + offs_m
             a_t = _load_tile(a_cols + bat * stride_ab + ms[:, None] * stride_am, ms, offs_k, M, K, MASK_M, MASK_K)
             g_t = _load_tile(g_cols + bat * stride_gb + ms[:, None] * stride_gm, ms, offs_n, M, N, MASK_M, MASK_N)
+            if GRAD_KEEP:
+                g_t = _keep_block(g_t, g_keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, n0, stride_gkb, stride_gkr, stride_gkc,
+                                  BLOCK_ROWS, BLOCK_COLS)
             acc = _mma(acc, tl.trans(a_t), g_t, PRECISION, UPCAST)
 
     val = (acc * scale).to(out_ptr.dtype.element_ty)

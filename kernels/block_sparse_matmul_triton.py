@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import runtime
-from .block_mask import cdiv, keep_fits
+from .block_mask import cdiv, expand_block_keep, keep_fits
 from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _kept_lists_kernel, _sdd_kernel
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
@@ -126,18 +126,22 @@ def _fit_dim(extent: int, tile: int, floor: int = 16) -> int:
     return max(floor, min(tile, next_pow2(max(extent, 1))))
 
 
-def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False) -> list[KernelConfig]:
+def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False,
+                      second_keep: bool = False) -> list[KernelConfig]:
     """The short, shape-pruned config list for one kernel and problem, best guess first.
 
     Tiles are clamped so tile_m divides the block rows and tile_k the block columns, and shrunk
-    toward small problem extents; duplicates are dropped.
+    toward small problem extents; duplicates are dropped. ``second_keep``: the call has a second
+    mask over the N dim (sdd's ``reduce_keep``, dsd's ``out_keep``, dsd_tn's ``grad_keep``), so
+    tile_n must divide the block columns too.
     """
     if kind not in _BASE_CONFIGS_16:
         raise ValueError(f"candidate_configs: kind={kind!r}, expected one of {sorted(_BASE_CONFIGS_16)}")
     br, bc = block
     if interpreting():
         # The interpreter runs numpy per program: one small config keeps the tests fast.
-        return [KernelConfig(_pow2_divisor(br, 32), _fit_dim(N, 32), _pow2_divisor(bc, 32), 1, 4, 4, False)]
+        tn = min(_fit_dim(N, 32), _pow2_divisor(bc, 32)) if second_keep else _fit_dim(N, 32)
+        return [KernelConfig(_pow2_divisor(br, 32), tn, _pow2_divisor(bc, 32), 1, 4, 4, False)]
     base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
     out_rows, out_cols = {"dsd": (M, N), "sdd": (M, K), "dsd_tn": (K, N)}[kind]
     # With at least ~2 waves of 128 x 128 output tiles, smaller tiles only lose reuse.
@@ -146,7 +150,7 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
     for tm, tn, tk, stages, warps in base:
         tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
         tk = min(_pow2_divisor(bc, tk), _fit_dim(K, tk))
-        tn = _fit_dim(N, tn)
+        tn = min(_fit_dim(N, tn), _pow2_divisor(bc, tn)) if second_keep else _fit_dim(N, tn)
         # Two warpgroups only pay on a 128 x 128 output tile or larger (each wgmma takes 64 rows).
         out_tile = {"dsd": tm * tn, "sdd": tm * tk, "dsd_tn": tk * tn}[kind]
         if out_tile < 128 * 128 and warps > 4:
@@ -186,8 +190,9 @@ def tuned_configs() -> dict[tuple, KernelConfig]:
 
 
 def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: KernelConfig | None,
-            run: Callable[..., None], operands: tuple) -> KernelConfig:
-    """The config to launch: ``config`` if given (checked), else the tuned one for ``key``.
+            run: Callable[..., None], operands: tuple, second_keep: bool = False) -> KernelConfig:
+    """The config to launch: ``config`` if given (checked), else the tuned one for ``key``
+    (which must tell calls with a ``second_keep`` apart: see candidate_configs).
 
     ``run(cfg, *operands)`` launches one config; while the operands are traced the candidates
     are timed on real stand-ins of them instead (``runtime.standin``).
@@ -195,13 +200,15 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
     if config is not None:
         if not (config.tile_m > 0 and block[0] % config.tile_m == 0 and block[1] % config.tile_k == 0):
             _fail(kind, f"config {config} must have tile_m dividing block rows {block[0]} and tile_k dividing block cols {block[1]}")
+        if second_keep and block[1] % config.tile_n:
+            _fail(kind, f"config {config} must have tile_n dividing block cols {block[1]} (a second mask lies over N)")
         if config.tma and not tma_ok:
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         return config
     cfg = _TUNER.cached(key)
     if cfg is not None:
         return cfg
-    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok)
+    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok, second_keep=second_keep)
     if not any(runtime.is_traced(t) for t in operands):
         return _TUNER.pick(key, cands, lambda c: run(c, *operands))
     with runtime.real_tensors():
@@ -281,6 +288,17 @@ def _check_common(name: str, x: Tensor, y: Tensor, keep: Tensor, block, rows: in
         _fail(name, f"keep is on {keep.device}, operands on {x.device}")
 
 
+def _check_second_keep(name: str, arg: str, keep: Tensor | None, like: Tensor, rows, cols, block) -> None:
+    """A second mask over (B, rows, cols) of ``like`` in blocks of ``block``, as _check_common checks
+    the first (padded by one block in its last two dims too: it is read through its strides)."""
+    if keep is None:
+        return
+    expected = (like.shape[0], cdiv(rows, block[0]), cdiv(cols, block[1]))
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected) and keep.device == like.device):
+        _fail(name, f"{arg} must be a bool tensor of shape {expected} (or padded by one block in its last two dims) "
+                    f"on {like.device}, got {keep.dtype} {tuple(keep.shape)} on {keep.device}")
+
+
 def _precision(dtype: torch.dtype) -> str:
     """Follow torch's fp32 matmul setting: 'highest' (the default) means IEEE fp32."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -322,6 +340,11 @@ def _b_tma_view(b: Tensor) -> Tensor:
 
 def _k_contig(b: Tensor) -> bool:
     return known(b.stride(1) == 1) and not known(b.stride(2) == 1)
+
+
+def _block_masked(t: Tensor, keep: Tensor, block) -> Tensor:
+    """(B, R, C) ``t`` with the blocks ``keep`` drops set to zero (for the degenerate, no-launch cases)."""
+    return torch.where(expand_block_keep(keep, t.shape[1], t.shape[2], *block), t, t.new_zeros(()))
 
 
 def _output(out: Tensor | None, shape: tuple, like: Tensor, name: str) -> Tensor:
@@ -438,8 +461,12 @@ _SDD_MAX_LINES = 4096
 
 # =========================================================================== launchers
 def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
-        *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
+        *, out_keep: Tensor | None = None, out: Tensor | None = None, config: KernelConfig | None = None,
+        _supported: bool = False) -> Tensor:
     """out (B, M, N) = scale * (a ⊙ m) @ b (+ bias); a (B, M, K), b (Bb, K, N) with Bb in {1, B}.
+
+    ``out_keep`` (B, cdiv(M, br), cdiv(N, bc)): the output is block-dropped too (``⊙ m_out``,
+    bias included); its dropped tiles are not computed.
 
     ``_supported=True``: the caller has found ``unsupported_reason((a, b), block)`` to be None
     (the registered ops do, to choose the kernel), so the launcher does not run it again.
@@ -451,18 +478,20 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         _fail("dsd", f"b must be (1 or {B}, {K}, N), got {tuple(b.shape)} for a {tuple(a.shape)}")
     if bias is not None and not (tuple(bias.shape) == (N,) and bias.dtype == a.dtype and bias.device == a.device):
         _fail("dsd", f"bias must be a {a.dtype} vector of {N} on {a.device}, got {bias.dtype} {tuple(bias.shape)}")
+    _check_second_keep("dsd", "out_keep", out_keep, a, M, N, block)
     out = _output(out, (B, M, N), a, "dsd")
     if known(out.numel() == 0):
         return out
     if known(K == 0):
-        return out.copy_((bias if bias is not None else out.new_zeros(())).expand(B, M, N))
+        full = (bias if bias is not None else out.new_zeros(())).expand(B, M, N)
+        return out.copy_(full if out_keep is None else _block_masked(full, out_keep, block))
     br, bc = block
     b_k_contig = _k_contig(b)
     tma_ok = runtime.tma_enabled(a.device) and runtime.tma_view_ok(a) and runtime.tma_view_ok(_b_tma_view(b)) \
         and runtime.tma_view_ok(out)
     precision = _precision(a.dtype)
 
-    def run(cfg: KernelConfig, a, b, keep, bias, out) -> None:
+    def run(cfg: KernelConfig, a, b, keep, bias, out, out_keep) -> None:
         n_rblk = cdiv(M, br)
         counts, index, order = kept_lists(keep, "row", order=True, blocks=(B, n_rblk, cdiv(K, bc)))
         balance = cfg.balance and order is not None
@@ -475,27 +504,34 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         with runtime.device_guard(a):
             launch(_dsd_kernel)[grid](
                 a, b, bias if bias is not None else out, out, counts, index, order if balance else counts,
+                out_keep if out_keep is not None else keep,
                 B, M, N, K, Bb, n_rblk, cdiv(K, bc), B * n_rblk,
                 *_strides(a, cfg.tma), *_b_strides(b, cfg.tma, b_k_contig), bias.stride(0) if bias is not None else 0,
-                *_strides(out, cfg.tma),
+                *_strides(out, cfg.tma), *(out_keep if out_keep is not None else keep).stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 HAS_BIAS=bias is not None, **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
+                OUT_KEEP=out_keep is not None,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 
+    second = out_keep is not None
     key = ("dsd", hint(B), hint(Bb), hint(M), hint(N), hint(K), tuple(block), a.dtype, b_k_contig, tma_ok, precision,
-           a.device.index)
-    cfg = _choose("dsd", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, b, keep, bias, out))
-    run(cfg, a, b, keep, bias, out)
+           a.device.index, second)
+    cfg = _choose("dsd", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, b, keep, bias, out, out_keep), second)
+    run(cfg, a, b, keep, bias, out, out_keep)
     return out
 
 
-def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int],
-        *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
-    """out (B, M, K) = scale * (grad @ bᵀ) ⊙ m; grad (B, M, N), b (Bb, K, N). Dropped blocks are 0.
+def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
+        *, bias_scale: float | None = None, reduce_keep: Tensor | None = None, out: Tensor | None = None,
+        config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
+    """out (B, M, K) = (scale * (grad @ bᵀ) + bias_scale * bias) ⊙ m; grad (B, M, N), b (Bb, K, N).
+    Dropped blocks are 0 (bias included). ``bias`` (K,) is optional; ``bias_scale`` defaults to
+    ``scale``. ``reduce_keep`` (B, cdiv(M, br), cdiv(N, bc)): grad is block-dropped too (``grad ⊙
+    m_red``), and the reduction skips its dropped blocks.
 
     ``_supported``: as for ``dsd``, on (grad, b).
     """
@@ -504,11 +540,17 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
     _check_common("sdd", grad, b, keep, block, M, K, _supported)
     if not (Nb == N and (Bb == 1 or Bb == B)):
         _fail("sdd", f"b must be (1 or {B}, K, {N}), got {tuple(b.shape)} for grad {tuple(grad.shape)}")
+    if bias is not None and not (tuple(bias.shape) == (K,) and bias.dtype == grad.dtype and bias.device == grad.device):
+        _fail("sdd", f"bias must be a {grad.dtype} vector of {K} on {grad.device}, got {bias.dtype} {tuple(bias.shape)}")
+    _check_second_keep("sdd", "reduce_keep", reduce_keep, grad, M, N, block)
+    bias_scale = scale if bias_scale is None else bias_scale
     out = _output(out, (B, M, K), grad, "sdd")
     if known(out.numel() == 0):
         return out
     if known(N == 0):
-        return out.zero_()
+        if bias is None:
+            return out.zero_()
+        return out.copy_(_block_masked((bias * bias_scale).expand(B, M, K), keep, block))
     br, bc = block
     n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
     n_lines = B * n_rblk
@@ -520,7 +562,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
     # a bound on n_lines that holds for every size the code will see.
     lines_bound = known(n_lines <= _SDD_MAX_LINES)
 
-    def run(cfg: KernelConfig, grad, b, keep, out):
+    def run(cfg: KernelConfig, grad, b, keep, out, bias, reduce_keep):
         flags = keep
         persistent = cfg.balance and lines_bound
         # The tail split halves tile_k; keep the halves at least 16 wide (one mma column step).
@@ -535,35 +577,45 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         else:
             counts, index = flags, flags  # unused
             grid = (tiles,)
+        if reduce_keep is not None:
+            red_counts, red_index = kept_lists(reduce_keep, "row", blocks=(B, n_rblk, cdiv(N, bc)))
+        else:
+            red_counts, red_index = counts, index  # unused
         if cfg.tma:
             runtime.set_scratch_allocator()
         with runtime.device_guard(grad):
             compiled = launch(_sdd_kernel)[grid](
-                grad, b, out, flags, counts, index,
-                B, M, N, K, Bb, n_rblk, n_cblk, n_lines,
+                grad, b, out, flags, counts, index, bias if bias is not None else out, red_counts, red_index,
+                B, M, N, K, Bb, n_rblk, n_cblk, n_lines, cdiv(N, bc),
                 *_strides(grad, cfg.tma), *_b_strides(b, cfg.tma, b_k_contig), *_strides(out, cfg.tma),
-                *flags.stride(),
-                float(scale),
+                *flags.stride(), bias.stride(0) if bias is not None else 0,
+                float(scale), float(bias_scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **masks,
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and grad.dtype == torch.bfloat16,
                 PERSISTENT=persistent, SPLIT_TAIL=split, LINES=max(16, next_pow2(hint(n_lines))) if persistent else 16,
+                HAS_BIAS=bias is not None, RED_KEEP=reduce_keep is not None,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
         if persistent:
             _record_occupancy(grad.device, occ_key, compiled, cfg)
 
+    second = reduce_keep is not None
     key = ("sdd", hint(B), hint(Bb), hint(M), hint(N), hint(K), tuple(block), grad.dtype, b_k_contig, tma_ok, precision,
-           grad.device.index)
-    cfg = _choose("sdd", key, M, N, K, block, grad.dtype, tma_ok, config, run, (grad, b, keep, out))
-    run(cfg, grad, b, keep, out)
+           grad.device.index, second)
+    cfg = _choose("sdd", key, M, N, K, block, grad.dtype, tma_ok, config, run, (grad, b, keep, out, bias, reduce_keep), second)
+    run(cfg, grad, b, keep, out, bias, reduce_keep)
     return out
 
 
 def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool,
-           *, out: Tensor | None = None, config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
-    """out = scale * (a ⊙ m)ᵀ @ grad: (B, K, N) if batched_out, else (1, K, N) summed over B.
+           *, grad_keep: Tensor | None = None, out: Tensor | None = None, config: KernelConfig | None = None,
+           _supported: bool = False) -> Tensor:
+    """out = scale * (a ⊙ m)ᵀ @ (grad [⊙ m_g]): (B, K, N) if batched_out, else (1, K, N) summed over B.
+
+    ``grad_keep`` (B, cdiv(M, br), cdiv(N, bc)): grad is block-dropped too (its dropped blocks are
+    read as zeros; only a's dropped row blocks are skipped).
 
     ``out`` may be any strided (B|1, K, N) view, e.g. ``w.new_empty(N, K).t().unsqueeze(0)`` so
     that linear's weight gradient lands in (N, K) row-major order without a transpose copy.
@@ -574,6 +626,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     if tuple(grad.shape[:2]) != tuple(a.shape[:2]):
         _fail("dsd_tn", f"grad must be ({B}, {M}, N), got {tuple(grad.shape)}")
     N = grad.shape[2]
+    _check_second_keep("dsd_tn", "grad_keep", grad_keep, grad, M, N, block)
     Bo = B if batched_out else 1
     out = _output(out, (Bo, K, N), a, "dsd_tn")
     if known(out.numel() == 0):
@@ -586,7 +639,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     out_desc_ok = tma_ok and runtime.tma_view_ok(out)
     precision = _precision(a.dtype)
 
-    def run(cfg: KernelConfig, a, grad, keep, out):
+    def run(cfg: KernelConfig, a, grad, keep, out, grad_keep):
         counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=(B, n_rblk, n_cblk))
         balance = cfg.balance and order is not None
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
@@ -598,19 +651,22 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
             runtime.set_scratch_allocator()
         with runtime.device_guard(a):
             launch(_dsd_tn_kernel)[grid](
-                a, grad, out, counts, index, order if balance else counts,
+                a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
                 B, Bo, M, N, K, n_rblk, n_cblk, index.shape[1], Bo * n_cblk,
                 *_strides(a, cfg.tma), *_strides(grad, cfg.tma), *_strides(out, out_desc),
+                *(grad_keep if grad_keep is not None else keep).stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, OUT_DESC=out_desc,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
+                GRAD_KEEP=grad_keep is not None,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 
+    second = grad_keep is not None
     key = ("dsd_tn", hint(B), Bo if isinstance(Bo, int) else hint(Bo), hint(M), hint(N), hint(K), tuple(block), a.dtype,
-           known(out.stride(-1) == 1), tma_ok, precision, a.device.index)
-    cfg = _choose("dsd_tn", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, grad, keep, out))
-    run(cfg, a, grad, keep, out)
+           known(out.stride(-1) == 1), tma_ok, precision, a.device.index, second)
+    cfg = _choose("dsd_tn", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, grad, keep, out, grad_keep), second)
+    run(cfg, a, grad, keep, out, grad_keep)
     return out

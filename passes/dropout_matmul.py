@@ -53,6 +53,7 @@ MUL_FUNCTIONS = (operator.mul, torch.mul)
 DIV_FUNCTIONS = (operator.truediv, torch.div)
 LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 MATMUL_FUNCTIONS = (torch.matmul, operator.matmul)
+INPUT_SITE = "sparsedrop_input_site"  # node meta of a fused op: the name of the dropout it fused
 
 
 @dataclass
@@ -89,10 +90,15 @@ class Consumer:
 
     @property
     def factor(self) -> float:
-        out = 1.0
-        for step in self.path:
-            out *= step.factor
-        return out
+        return path_factor(self.path)
+
+
+def path_factor(path: list[Step]) -> float:
+    """The product of the constants the steps multiply by."""
+    out = 1.0
+    for step in path:
+        out *= step.factor
+    return out
 
 
 # --------------------------------------------------------------------------- matching
@@ -253,21 +259,22 @@ def _same_layout(x_shape, a: Consumer, b: Consumer) -> bool:
     return len(x_shape) >= 2 and known_equal(math.prod(x_shape[:-2]), 1)
 
 
-def _replay_path(editor: GraphEditor, x: fx.Node, c: Consumer) -> fx.Node:
-    """Apply the consumer's casts and views to x (views as reshape: x may be non-contiguous)."""
+def replay_path(editor: GraphEditor, x: fx.Node, path: list[Step], before: fx.Node) -> fx.Node:
+    """Apply the casts and views of ``path`` to x (views as reshape: x may be non-contiguous);
+    scale steps are left to the fused op's scale."""
     cur = x
-    for step in c.path:
+    for step in path:
         if step.kind == "scale":
             continue
         node = step.node
         if node.op == "call_method" and node.target == "contiguous":
             continue
         target = "reshape" if node.op == "call_method" and node.target == "view" else node.target
-        cur = editor.call(target, (cur, *node.args[1:]), dict(node.kwargs), before=c.node, like=node, op=node.op)
+        cur = editor.call(target, (cur, *node.args[1:]), dict(node.kwargs), before=before, like=node, op=node.op)
     return cur
 
 
-def _scale_arg(editor: GraphEditor, d: Dropout, factor: float, before: fx.Node):
+def scale_arg(editor: GraphEditor, d: Dropout, factor: float, before: fx.Node):
     if isinstance(d.p, fx.Node):
         return editor.call(dropout_scale, (d.p, factor), before=before, like=d.node)
     return dropout_scale(float(d.p), factor)
@@ -331,8 +338,8 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
     return sites
 
 
-def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], config: SparseDropConfig, site: Site,
-                  mutations: MutationIndex) -> str | None:
+def dropout_refusal(d: Dropout, config: SparseDropConfig) -> str | None:
+    """Why this dropout is no candidate on either side of a matmul (eval, p, min_p, ...), or None."""
     if d.training is not True:
         return "training=False: dropout is the identity" if d.training is False else "training flag is not a constant"
     if d.inplace is not False:
@@ -348,6 +355,15 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], conf
     x_val = meta_val(d.x)
     if not isinstance(x_val, torch.Tensor) or not x_val.is_floating_point():
         return "dropout input has no floating-point tensor metadata"
+    return None
+
+
+def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], config: SparseDropConfig, site: Site,
+                  mutations: MutationIndex) -> str | None:
+    refusal = dropout_refusal(d, config)
+    if refusal is not None:
+        return refusal
+    x_val = meta_val(d.x)
     for c in consumers:
         if c.reason is None:
             c.reason = _check_consumer(c)
@@ -360,13 +376,13 @@ def _site_refusal(d: Dropout, consumers: list[Consumer], others: list[str], conf
     if not fusable:  # every matmul sees a mutated dropout output
         return _no_consumer_reason(consumers, others)
     # The mask takes the first fusable consumer's layout (see _rewrite_site); count its blocks.
-    site.blocks = _block_count(x_val.shape, config.block_size, fusable[0].batched)
+    site.blocks = block_count(x_val.shape, config.block_size, fusable[0].batched)
     br, bc = config.block_size
     too_few = whole_drop_refusal(d.p_value, site.blocks, config.max_drop_all, f"{br}x{bc} block", "block_size")
     return too_few or excluded(config.exclude, config.filter_fn, site, [module_path(c.node) for c in fusable])
 
 
-def _block_count(shape, block: tuple[int, int], batched: bool) -> int | None:
+def block_count(shape, block: tuple[int, int], batched: bool) -> int | None:
     """Mask blocks over the whole activation, at the sizes the graph was traced with."""
     hints = [size_hint(s) for s in shape]
     if any(h is None for h in hints):
@@ -418,21 +434,23 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
             c.reason = "views the activation with another block layout than the first consumer; reads the materialised mask"
     br, bc = config.block_size
     keep = editor.call(sample_keep, (d.x, d.p, br, bc, layout.batched), before=d.node, like=d.node)
-    scale0 = _scale_arg(editor, d, 1.0, d.node)
+    scale0 = scale_arg(editor, d, 1.0, d.node)
     dropped = editor.call(materialise, (d.x, keep, scale0, br, bc, layout.batched), before=d.node, like=d.node)
     d.node.replace_all_uses_with(dropped)
     editor.graph.erase_node(d.node)
     chain_nodes: list[fx.Node] = []
     for c in same:
-        x_in = _replay_path(editor, d.x, c)
-        scale = _scale_arg(editor, d, c.factor, c.node)
+        x_in = replay_path(editor, d.x, c.path, c.node)
+        scale = scale_arg(editor, d, c.factor, c.node)
         fused = _fused_node(editor, c, x_in, keep, scale, config)
+        fused.meta[INPUT_SITE] = d.node.name  # the output side may fuse this matmul's output too
         c.node.replace_all_uses_with(fused)
         editor.graph.erase_node(c.node)
         chain_nodes.extend(step.node for step in c.path)
         _count(f"{c.kind}_fused")
     editor.erase_if_unused([dropped, *chain_nodes])
     site.rewritten = True
+    site.side = "input"
     site.block_size = config.block_size
     log.debug("sparsedrop: fused %s (p=%s) into %d consumer(s)", site.location, site.p, len(same))
 

@@ -91,15 +91,18 @@ def _look_only(body: fx.GraphModule, config: SparseDropConfig, rewrite, name: st
     """The sites of a body the passes must not change: every candidate excluded, with the reason."""
     reason = (f"inside the body of higher-order op {name}: rewriting there is not proven safe (only "
               f"{' and '.join(REWRITABLE)} bodies are); left as it is")
-    blocked = config.replace(exclude=(), filter_fn=lambda site: False)
-    sites = rewrite_regions(body, blocked, rewrite, region, prefix, change=False)
+    sites = rewrite_regions(body, config.replace(exclude=(), filter_fn=lambda site: False), rewrite, region, prefix, change=False)
+    blocked = "excluded by option filter_fn"
     for _, site in sites:
         if site.rewritten:  # cannot happen: every candidate was excluded
             raise AssertionError(f"sparsedrop: a site inside a {name} body was rewritten")
-        if site.reason in (None, "excluded by option filter_fn"):
-            site.reason = reason
+        # A reason may hold both sides' (input; output): the stand-in filter's part means "would be rewritten".
+        parts = [r for r in (site.reason or "").split("; ") if r]
+        rest = "; ".join(r for r in parts if r != blocked)
+        if not parts or blocked in parts:
+            site.reason = reason + (f"; {rest}" if rest else "")
         else:
-            site.reason = f"{site.reason} (and it is inside the body of higher-order op {name})"
+            site.reason = f"{rest} (and it is inside the body of higher-order op {name})"
     return sites
 
 

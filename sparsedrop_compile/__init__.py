@@ -7,6 +7,7 @@ block-sparse kernels that skip the dropped blocks.
 from sparsedrop_compile import ops  # noqa: F401  (registers the sparsedrop:: ops)
 from sparsedrop_compile import attention_ops  # noqa: F401  (registers sparsedrop::attention)
 from sparsedrop_compile import mask_ops  # noqa: F401  (registers the keep-mask ops)
+from sparsedrop_compile import output_ops  # noqa: F401  (registers the output-side ops)
 from sparsedrop_compile import distributed
 from sparsedrop_compile.backend import sparsedrop
 from sparsedrop_compile.config import SparseDropConfig

@@ -18,25 +18,31 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     """Apply every pass to a Dynamo graph in place and return the sites they looked at."""
     import sparsedrop_compile.mask_ops  # registers the ops the passes emit
     import sparsedrop_compile.ops  # noqa: F401
+    import sparsedrop_compile.output_ops  # noqa: F401
     from sparsedrop_compile.passes._names import compiled_root, naming
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
+    from sparsedrop_compile.passes.matmul_dropout import rewrite_matmul_dropout
     from sparsedrop_compile.passes.regions import rewrite_regions
 
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     index = report.next_graph_index()
+    root = compiled_root()
 
     def rewrite(g: fx.GraphModule, cfg: SparseDropConfig) -> list:
-        passes = (rewrite_dropout_matmul, rewrite_dropout_sdpa, rewrite_dropout_mha)
-        return [site for rewrite_pass in passes for site in rewrite_pass(g, cfg, index, fake_mode)]
+        sites = rewrite_dropout_matmul(g, cfg, index, fake_mode)
+        if g is gm:  # the input side's reason, then why its matmul may be in another graph
+            _explain_graph_outputs(gm, sites, root)
+        # The output side completes the input side's rows (a dropout is one row, fused on either
+        # side or refused with both reasons) and fuses the matmuls it already made input-sparse.
+        sites = rewrite_matmul_dropout(g, cfg, index, fake_mode, sites)
+        return sites + [site for rewrite_pass in (rewrite_dropout_sdpa, rewrite_dropout_mha) for site in rewrite_pass(g, cfg, index, fake_mode)]
 
     # The graph and every higher-order-op body in it (checkpointed regions), in program order;
     # sites named as in the compiled model's named_modules().
-    root = compiled_root()
     with naming(root):
         sites = [site for _, site in sorted(rewrite_regions(gm, config, rewrite), key=lambda pair: pair[0])]
-    _explain_graph_outputs(gm, sites, root)
     distributed.mark_rewritten(gm, index)  # DDPOptimizer's pieces of this graph are not rewritten again
     if sites and log.isEnabledFor(logging.DEBUG):
         log.debug("sparsedrop: graph %d\n%s", index, report.format_sites(sites))
@@ -46,10 +52,12 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
 
 def _explain_graph_outputs(gm: fx.GraphModule, sites: list, root) -> None:
     """A dropout whose output leaves the graph may have its matmul in another graph (a graph
-    break, an FSDP2 unit boundary, a DDPOptimizer piece): say which, instead of only "no matmul"."""
+    break, an FSDP2 unit boundary, a DDPOptimizer piece): say which, instead of only "no matmul".
+    ``sites`` are the input side's rows of gm itself (not of a body); the output side adds its
+    reason after this."""
     units = None
     for site in sites:
-        if site.rewritten or site.region is not None or "graph output" not in site.consumers:
+        if site.rewritten or "graph output" not in site.consumers:
             continue
         if not (site.reason or "").startswith("no matmul consumer"):
             continue

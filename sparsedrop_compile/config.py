@@ -17,6 +17,9 @@ class SparseDropConfig:
 
     block_size: mask block (rows, cols) of the matmul's activation operand; an int means square.
     min_p: dropouts with a smaller p keep element-wise dropout.
+    output_side: also rewrite a dropout of a matmul's output (``dropout(linear(x))``, the
+        residual dropout of most transformer layers): only its kept output tiles are computed.
+        On by default; False rewrites dropouts only where they feed a matmul.
     max_drop_all: a site is block-dropped only if the chance that every block of its whole
         activation is dropped at once, p**k for k blocks (all matrices' blocks for a batched
         matmul, all (batch, head) tiles for attention), is at most this; otherwise it keeps
@@ -46,6 +49,7 @@ class SparseDropConfig:
 
     block_size: tuple[int, int] = (128, 128)
     min_p: float = 0.0
+    output_side: bool = True
     max_drop_all: float = 1e-6
     inner: str = "inductor"
     kernel: str = "auto"
@@ -83,8 +87,9 @@ class SparseDropConfig:
         set_("exclude", tuple(exclude))
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError(f"sparsedrop option filter_fn={self.filter_fn!r}: expected a callable site -> bool")
-        if not isinstance(self.attention, bool):
-            raise ValueError(f"sparsedrop option attention={self.attention!r}: expected True or False")
+        for name in ("attention", "output_side"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"sparsedrop option {name}={getattr(self, name)!r}: expected True or False")
         if self.mode is not None and self.mode not in INDUCTOR_MODES:
             raise ValueError(f"sparsedrop option mode={self.mode!r}: expected one of {', '.join(map(repr, INDUCTOR_MODES))}")
         if self.autotune is not None and not isinstance(self.autotune, bool):

@@ -10,6 +10,7 @@ last two dims (``block_mask.padded``; the ops cut it off), so even tracing's own
 compilers seed, and replay when a checkpoint recomputes it:
 
     sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
+    sample_output_keep(x, w, p, ...)        = the same over the shape of linear(x, w) / matmul(x, w)
     sparsedrop::keep_from_uniform(u, p)     = u >= p
     sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from sparsedrop_compile.kernels.block_mask import apply_block_keep, fit_keep, keep_shape, padded
 from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
-from sparsedrop_compile.ops import LIB
+from sparsedrop_compile.ops import LIB, matmul_output_shape
 
 
 @torch.library.custom_op(f"{LIB}::keep_from_uniform", mutates_args=())
@@ -70,11 +71,23 @@ def _symbolic(*tensors: Tensor) -> bool:
     return any(isinstance(n, torch.SymInt) for t in tensors for n in t.shape)
 
 
+def _draw(shape, device, p, block_rows: int, block_cols: int, batched: bool, symbolic: bool) -> Tensor:
+    u = torch.rand(padded(keep_shape(shape, (block_rows, block_cols), batched)), device=device)
+    return torch.ops.sparsedrop.keep_from_uniform(u, p) if symbolic else u >= p
+
+
 def sample_keep(x: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """``sample_block_keep`` without guards, padded (``block_mask.padded``): the same draws, so
     the same flags for the same seed once the ops cut the padding off."""
-    u = torch.rand(padded(keep_shape(x.shape, (block_rows, block_cols), batched)), device=x.device)
-    return torch.ops.sparsedrop.keep_from_uniform(u, p) if _symbolic(x) else u >= p
+    return _draw(x.shape, x.device, p, block_rows, block_cols, batched, _symbolic(x))
+
+
+def sample_output_keep(x: Tensor, other: Tensor, p, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    """Keep-flags over the output of ``linear(x, other)`` (batched=False, other the (N, K)
+    weight: blocks over (rows, N)) or ``torch.matmul(x, other)`` (batched=True: per matrix),
+    drawn as ``sample_keep`` draws them over a tensor of that shape."""
+    shape = matmul_output_shape(x.shape, other.shape, batched)
+    return _draw(shape, x.device, p, block_rows, block_cols, batched, _symbolic(x, other))
 
 
 def materialise(x: Tensor, keep: Tensor, scale, block_rows: int, block_cols: int, batched: bool) -> Tensor:

@@ -78,37 +78,44 @@ def _supported(fn: Callable) -> Callable:
 # or layout the kernels do not take) would then trace the reference's mask indexing with
 # symbolic sizes, adding guards (recompiles) the dense ops never had. As opaque ops the
 # references enter the graph as one node each, with the dense op's output metadata.
-def _cut(keep: Tensor, shape, block_rows: int, block_cols: int) -> Tensor:
-    """A possibly padded keep cut to the blocks over a 3-D operand of ``shape`` (concrete tensors)."""
-    return fit_keep(keep, keep_shape(shape, (block_rows, block_cols), True))
+def _cut(keep: Tensor | None, shape, block_rows: int, block_cols: int) -> Tensor | None:
+    """A possibly padded keep cut to the blocks over a 3-D operand of ``shape`` (concrete tensors);
+    None stays None (an absent second mask)."""
+    return None if keep is None else fit_keep(keep, keep_shape(shape, (block_rows, block_cols), True))
 
 
 def _reference_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
-                   bias: Tensor | None) -> Tensor:
-    return _ref_matmul.reference_dsd(a, b, _cut(keep, a.shape, block_rows, block_cols), scale, (block_rows, block_cols), bias)
+                   bias: Tensor | None, out_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    out_keep = _cut(out_keep, (a.shape[0], a.shape[1], b.shape[2]), *block)  # over the output
+    return _ref_matmul.reference_dsd(a, b, _cut(keep, a.shape, *block), scale, block, bias, out_keep=out_keep)
 
 
-def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias):
+def _reference_dsd_fake(a, b, keep, scale, block_rows, block_cols, bias, out_keep=None):
     out = torch.matmul(a, b)
     return out if bias is None else out + bias
 
 
-def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int) -> Tensor:
-    keep = _cut(keep, (grad.shape[0], grad.shape[1], b.shape[1]), block_rows, block_cols)  # over the output
-    return _ref_matmul.reference_sdd(grad, b, keep, scale, (block_rows, block_cols))
+def _reference_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                   bias: Tensor | None = None, bias_scale: float | None = None, reduce_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    keep = _cut(keep, (grad.shape[0], grad.shape[1], b.shape[1]), *block)  # over the output
+    return _ref_matmul.reference_sdd(grad, b, keep, scale, block, bias, bias_scale=bias_scale,
+                                     reduce_keep=_cut(reduce_keep, grad.shape, *block))
 
 
-def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols):
+def _reference_sdd_fake(grad, b, keep, scale, block_rows, block_cols, bias=None, bias_scale=None, reduce_keep=None):
     return torch.matmul(grad, b.transpose(-1, -2))
 
 
 def _reference_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
-                      batched_out: bool) -> Tensor:
-    keep = _cut(keep, a.shape, block_rows, block_cols)
-    return _ref_matmul.reference_dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out)
+                      batched_out: bool, grad_keep: Tensor | None = None) -> Tensor:
+    block = (block_rows, block_cols)
+    return _ref_matmul.reference_dsd_tn(a, grad, _cut(keep, a.shape, *block), scale, block, batched_out,
+                                        grad_keep=_cut(grad_keep, grad.shape, *block))
 
 
-def _reference_dsd_tn_fake(a, grad, keep, scale, block_rows, block_cols, batched_out):
+def _reference_dsd_tn_fake(a, grad, keep, scale, block_rows, block_cols, batched_out, grad_keep=None):
     batch = a.shape[0] if batched_out else 1
     return a.new_empty((batch, a.shape[2], grad.shape[2]), dtype=torch.result_type(a, grad))
 
@@ -125,8 +132,17 @@ _ref_sdd = opaque_reference("reference_sdd", _reference_sdd, _reference_sdd_fake
 _ref_dsd_tn = opaque_reference("reference_dsd_tn", _reference_dsd_tn, _reference_dsd_tn_fake)
 
 
-def _dsd_tn_into(a, grad, keep, scale, block, batched_out, *, out=None):
-    result = _ref_dsd_tn(a, grad, keep, scale, block[0], block[1], batched_out)
+# The launchers' signatures (the output side's second masks and sdd's bias included) over the ops.
+def _dsd_ref(a, b, keep, scale, block, bias=None, *, out_keep=None):
+    return _ref_dsd(a, b, keep, scale, block[0], block[1], bias, out_keep)
+
+
+def _sdd_ref(grad, b, keep, scale, block, bias=None, *, bias_scale=None, reduce_keep=None):
+    return _ref_sdd(grad, b, keep, scale, block[0], block[1], bias, bias_scale, reduce_keep)
+
+
+def _dsd_tn_into(a, grad, keep, scale, block, batched_out, *, grad_keep=None, out=None):
+    result = _ref_dsd_tn(a, grad, keep, scale, block[0], block[1], batched_out, grad_keep)
     return result if out is None else out.copy_(result)
 
 
@@ -135,11 +151,7 @@ def _dsd_tn_into(a, grad, keep, scale, block, batched_out, *, out=None):
 MATMUL = KernelFamily(
     "matmul",
     triton={name: _supported(getattr(_tri_matmul, name)) for name in ("dsd", "sdd", "dsd_tn")},
-    reference={
-        "dsd": lambda a, b, keep, scale, block, bias=None: _ref_dsd(a, b, keep, scale, block[0], block[1], bias),
-        "sdd": lambda grad, b, keep, scale, block: _ref_sdd(grad, b, keep, scale, block[0], block[1]),
-        "dsd_tn": _dsd_tn_into,
-    },
+    reference={"dsd": _dsd_ref, "sdd": _sdd_ref, "dsd_tn": _dsd_tn_into},
     unsupported_reason=_tri_matmul.unsupported_reason,
 )
 
@@ -249,8 +261,17 @@ def _broadcast_batch(a_shape, b_shape):
     return tuple(torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
 
 
-def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
-    """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul)."""
+def matmul_output_shape(a_shape, b_shape, batched: bool) -> tuple:
+    """The shape of ``linear(a, b)`` (batched=False: b is the (N, K) weight) or of
+    ``torch.matmul(a, b)`` (batched=True; both at least 2-D)."""
+    if not batched:
+        return (*a_shape[:-1], b_shape[0])
+    return (*_broadcast_batch(a_shape, b_shape), a_shape[-2], b_shape[-1])
+
+
+def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor | None):
+    """Fold a (*ba, M, K) @ b (*bb, K, N) into 3-D launcher operands (see block_sparse_matmul);
+    ``keep`` lies over a's matrices (None: no mask over a)."""
     a_batch = tuple(a.shape[:-2])
     # The usual cases, a 2-D b or equal batch dims, skip torch.broadcast_shapes (~20 us a call).
     if b.dim() == 2 or tuple(b.shape[:-2]) == a_batch:
@@ -265,8 +286,10 @@ def _matmul_operands(a: Tensor, b: Tensor, keep: Tensor):
     else:
         # a is broadcast: every copy of an entry shares that entry's mask.
         a3 = a.expand(*batch, m, k).reshape(n_batch, m, k)
-        keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
-        keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
+        keep3 = None
+        if keep is not None:
+            keep_b = keep.reshape(*a_batch, *keep.shape[-2:])
+            keep3 = keep_b.expand(*batch, *keep.shape[-2:]).reshape(n_batch, *keep.shape[-2:])
     if math.prod(b.shape[:-2]) == 1:
         b3 = b.reshape(1, k, n)
     else:
@@ -292,7 +315,7 @@ def _matmul(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, b
 
 
 def _matmul_fake(a, b, keep, scale, block_rows, block_cols, kernel):
-    return a.new_empty((*_broadcast_batch(a.shape, b.shape), a.shape[-2], b.shape[-1]))
+    return a.new_empty(matmul_output_shape(a.shape, b.shape, True))
 
 
 matmul = define_op(f"{LIB}::matmul", _matmul, _matmul_fake)

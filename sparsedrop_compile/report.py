@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 from dataclasses import dataclass, field
 
-HEADER = ("graph", "location", "p", "kind", "consumers", "rewritten", "reason")
+HEADER = ("graph", "location", "p", "kind", "producer", "consumers", "rewritten", "reason")
 
 
 @dataclass
@@ -28,13 +28,18 @@ class Site:
     block_size: tuple[int, int] | None = None
     blocks: int | None = None  # k: mask blocks (or attention tiles) over the whole activation
     region: str | None = None  # e.g. "activation checkpoint": the higher-order-op body it is in
+    # Which side of a matmul the dropout was fused on: "input" (it feeds the matmul), "output" (the
+    # matmul feeds it), "both" (its matmul is block-sparse on both sides: T5's dropout -> wo ->
+    # dropout, either dropout's row); None where not rewritten, or inside attention.
+    side: str | None = None
+    producer: str | None = None  # the matmul whose output the dropout drops, e.g. "linear layer.0.output.dense"
 
     def row(self) -> tuple[str, ...]:
         p = "sym" if self.p is None else f"{self.p:g}"
-        status = "yes" if self.rewritten else "no"
+        status = ("yes" if self.side is None else f"yes ({self.side})") if self.rewritten else "no"
         where = f"{self.location} [in {self.region}]" if self.region else self.location
         graph = "-" if self.graph is None else str(self.graph)
-        return (graph, where, p, self.kind, ", ".join(self.consumers) or "-", status, self.reason or "")
+        return (graph, where, p, self.kind, self.producer or "-", ", ".join(self.consumers) or "-", status, self.reason or "")
 
 
 def format_sites(sites) -> str:

@@ -25,6 +25,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interpret)
 
 
+@pytest.fixture
+def eager_block_dropout(monkeypatch):
+    """``patch(block, batched)``: F.dropout becomes block dropout with blocks of ``block``,
+    ``batched(x)`` choosing the layout, each mask drawn with ``sample_block_keep`` as the compiled
+    graph draws it; ``restore()`` puts F.dropout back. The reference for whole models."""
+    import torch.nn.functional as F
+    from sparsedrop_compile.kernels.block_mask import (
+        apply_block_keep,
+        sample_block_keep,
+    )
+
+    original = F.dropout
+
+    class Patch:
+        def __call__(self, block, batched):
+            def block_dropout(x, p=0.5, training=True, inplace=False):
+                if not training or p == 0:
+                    return x
+                layout = batched(x)
+                return apply_block_keep(x, sample_block_keep(x, p, *block, layout), 1 / (1 - p), *block, layout)
+
+            monkeypatch.setattr(torch.nn.functional, "dropout", block_dropout)
+
+        def restore(self):
+            monkeypatch.setattr(torch.nn.functional, "dropout", original)
+
+    return Patch()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: no cached graphs or counters leak between tests."""

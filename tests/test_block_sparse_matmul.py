@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
+from sparsedrop_compile import ops  # (importing it registers torch.ops.sparsedrop)
 from sparsedrop_compile.kernels import block_sparse_matmul as ref
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
 from sparsedrop_compile.kernels import runtime
@@ -233,27 +233,57 @@ def _balanced_cfg(tile_m, tile_k):
     return tri.KernelConfig(tile_m=tile_m, tile_n=16, tile_k=tile_k, stages=1, warps=4, group=2, balance=True)
 
 
+def _padded(keep, spare):
+    """``keep`` with one spare block in each of its last two dims (block_mask.padded), set to ``spare``."""
+    B, nr, nc = keep.shape
+    out = torch.full((B, nr + 1, nc + 1), spare, dtype=torch.bool, device=keep.device)
+    out[:, :nr, :nc] = keep
+    return out
+
+
 def test_padded_keep_reads_only_the_operands_blocks():
     """A compiled graph's keep has one spare block per matrix dim (block_mask.padded); the
-    launchers read it through its strides, so whatever the spare flags hold is never seen."""
+    launchers read it through its strides, so whatever the spare flags hold is never seen. The
+    same for the output side's second masks (dsd's out_keep, sdd's reduce_keep, dsd_tn's
+    grad_keep), each read with its operand's block counts."""
     g = torch.Generator().manual_seed(5)
     a = torch.randn(2, 40, 48, generator=g).to(DEVICE)
     b = torch.randn(2, 48, 24, generator=g).to(DEVICE)
     grad = torch.randn(2, 40, 24, generator=g).to(DEVICE)
+    bias = torch.randn(48, generator=g).to(DEVICE)
     block = (16, 16)
-    keep = torch.rand(2, 3, 3, generator=g).to(DEVICE) > 0.4
+    keep = torch.rand(2, 3, 3, generator=g).to(DEVICE) > 0.4  # over a (and sdd's output)
+    keep_mn = torch.rand(2, 3, 2, generator=g).to(DEVICE) > 0.4  # over grad / dsd's output: the second masks
     for spare, cfg in ((False, None), (True, None), (True, _balanced_cfg(16, 16))):  # grid order and work-balanced
-        padded = torch.full((2, 4, 4), spare, dtype=torch.bool, device=DEVICE)
-        padded[:, :3, :3] = keep
+        padded, padded_mn = _padded(keep, spare), _padded(keep_mn, spare)
         kw = {"config": cfg}
         pairs = [
             (tri.dsd(a, b, padded, 1.5, block, **kw), tri.dsd(a, b, keep, 1.5, block, **kw)),
             (tri.sdd(grad, b, padded, 1.5, block, **kw), tri.sdd(grad, b, keep, 1.5, block, **kw)),
             (tri.dsd_tn(a, grad, padded, 1.5, block, True, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, True, **kw)),
             (tri.dsd_tn(a, grad, padded, 1.5, block, False, **kw), tri.dsd_tn(a, grad, keep, 1.5, block, False, **kw)),
+            # the second masks (and sdd's bias, added in kept tiles only)
+            (tri.dsd(a, b, padded, 1.5, block, out_keep=padded_mn, **kw), tri.dsd(a, b, keep, 1.5, block, out_keep=keep_mn, **kw)),
+            (tri.sdd(grad, b, padded, 1.5, block, bias, bias_scale=0.5, reduce_keep=padded_mn, **kw),
+             tri.sdd(grad, b, keep, 1.5, block, bias, bias_scale=0.5, reduce_keep=keep_mn, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, True, grad_keep=padded_mn, **kw),
+             tri.dsd_tn(a, grad, keep, 1.5, block, True, grad_keep=keep_mn, **kw)),
+            (tri.dsd_tn(a, grad, padded, 1.5, block, False, grad_keep=padded_mn, **kw),
+             tri.dsd_tn(a, grad, keep, 1.5, block, False, grad_keep=keep_mn, **kw)),
         ]
         for got, expected in pairs:
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # the references (opaque ops) cut them: the same results from padded masks
+    dsd_ref, sdd_ref, tn_ref = (ops.MATMUL.reference[k] for k in ("dsd", "sdd", "dsd_tn"))
+    for spare in (False, True):
+        padded, padded_mn = _padded(keep, spare), _padded(keep_mn, spare)
+        torch.testing.assert_close(dsd_ref(a, b, padded, 1.5, block, out_keep=padded_mn),
+                                   ref.reference_dsd(a, b, keep, 1.5, block, out_keep=keep_mn), rtol=0, atol=0)
+        torch.testing.assert_close(sdd_ref(grad, b, padded, 1.5, block, bias, bias_scale=0.5, reduce_keep=padded_mn),
+                                   ref.reference_sdd(grad, b, keep, 1.5, block, bias, bias_scale=0.5, reduce_keep=keep_mn),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(tn_ref(a, grad, padded, 1.5, block, False, grad_keep=padded_mn),
+                                   ref.reference_dsd_tn(a, grad, keep, 1.5, block, False, grad_keep=keep_mn), rtol=0, atol=0)
 
 
 def _check_all_three(B, Bb, M, K, N, block, cfg, keep, seed):
@@ -318,6 +348,95 @@ def test_candidates_lead_with_balanced():
         if not runtime.interpreting():
             assert cands[0].balance and len(cands) <= tri._MAX_CANDIDATES
 
+
+# --------------------------------------------------------------------------- second masks: dropout on the output
+def _out_side_inputs(B, Bb, M, K, N, block, dtype, seed):
+    """A matmul y = x @ wᵀ (+ bias) with block dropout on y (keep_out over (M, N)) and, for both
+    sides, on x (keep_in over (M, K)): x (B, M, K), w (Bb, N, K) as sdd's b, g = dOut (B, M, N)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M, K, generator=gen).to(dtype)
+    w = torch.randn(Bb, N, K, generator=gen).to(dtype)
+    g = torch.randn(B, M, N, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    keep_out = _keep(B, M, N, block, 0.4, gen)
+    keep_in = _keep(B, M, K, block, 0.4, gen)
+    return [t.to(DEVICE) for t in (x, w, g, bias, keep_out, keep_in)]
+
+
+def _check_output_side(B, Bb, M, K, N, block, dtype, both, bias_on, config=None, seed=20):
+    x, w, g, bias, keep_out, keep_in = _out_side_inputs(B, Bb, M, K, N, block, dtype, seed)
+    keep_in = keep_in if both else None
+    bias = bias if bias_on else None
+    scale, bias_scale = (1.5 * 1.25, 1.5) if both else (1.5, 1.5)
+    x_read = _poison_dropped(x, keep_in, block) if both else x  # the kernels never read dropped blocks
+    g_read = _poison_dropped(g, keep_out, block)
+    dropped_out = ~ref.expand_block_keep(keep_out, M, N, *block)
+    # forward: y' = (scale * (x [⊙ m_in]) wᵀ + bias_scale * bias) ⊙ m_out
+    y = tri.sdd(x_read, w, keep_out, scale, block, bias, bias_scale=bias_scale, reduce_keep=keep_in,
+                out=_nan_like((B, M, N), x), config=config)
+    _assert_close(y, ref.reference_sdd(*_d(x, w), keep_out, scale, block, *_d(bias), bias_scale=bias_scale,
+                                       reduce_keep=keep_in), dtype)
+    assert (y[dropped_out] == 0).all(), "dropped output tiles must be exact zeros, bias included"
+    # dX = scale * ((g ⊙ m_out) w) [⊙ m_in]
+    dx = tri.dsd(g_read, w, keep_out, scale, block, out_keep=keep_in, out=_nan_like((B, M, K), x), config=config)
+    _assert_close(dx, ref.reference_dsd(*_d(g, w), keep_out, scale, block, out_keep=keep_in), dtype)
+    if both:
+        assert (dx[~ref.expand_block_keep(keep_in, M, K, *block)] == 0).all()
+    # dW = scale * (g ⊙ m_out)ᵀ (x [⊙ m_in]), summed over the batch when w is shared
+    batched = Bb == B and B > 1
+    dw = tri.dsd_tn(g_read, x_read, keep_out, scale, block, batched, grad_keep=keep_in,
+                    out=_nan_like((B if batched else 1, N, K), x), config=config)
+    _assert_close(dw, ref.reference_dsd_tn(*_d(g, x), keep_out, scale, block, batched, grad_keep=keep_in), dtype)
+
+
+# (shape, sides, bias, dtype): shared and per-batch b, 1-3 tiles per block; the first two in
+# every dtype.
+OUTPUT_SIDE_CASES = [(SHAPES[0], False, True, dt) for dt, _, _ in TOLERANCES] + [
+    (SHAPES[2], True, True, dt) for dt, _, _ in TOLERANCES] + [
+    (SHAPES[1], True, False, torch.float16), (SHAPES[3], False, False, torch.float32)]
+
+
+@pytest.mark.parametrize("shape,both,bias_on,dtype", OUTPUT_SIDE_CASES,
+                         ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}" if isinstance(v, tuple)
+                         else str(v).replace("torch.", ""))
+def test_output_side_kernels(shape, both, bias_on, dtype):
+    """The three kernels with the second mask and sdd's bias against the oracle, ragged shapes."""
+    _check_output_side(*shape, dtype, both, bias_on)
+
+
+@pytest.mark.parametrize("shape,both", [(BALANCED_SHAPES[0], False), (BALANCED_SHAPES[2], True)],
+                         ids=lambda v: f"B{v[0]}Bb{v[1]}_{v[2]}x{v[3]}x{v[4]}_blk{v[5][0]}x{v[5][1]}_t{v[6]}x{v[7]}"
+                         if isinstance(v, tuple) else None)
+def test_output_side_balanced_schedule(shape, both, monkeypatch):
+    """The persistent sdd (bias added in kept tiles of every round and of the split tail, never in
+    the dropped ones) and cost-ordered dsd / dsd_tn with the second mask."""
+    monkeypatch.setattr(tri, "_INTERPRETER_PROGRAMS", 3)
+    B, Bb, M, K, N, block, tm, tk = shape
+    _check_output_side(B, Bb, M, K, N, block, torch.float16, both, True, config=_balanced_cfg(tm, tk), seed=21)
+
+
+def test_second_mask_needs_tile_n_dividing_the_block():
+    x, w, _, _, keep_out, keep_in = _out_side_inputs(1, 1, 32, 32, 32, (16, 16), torch.float32, 22)
+    with pytest.raises(ValueError, match="tile_n dividing block cols 16"):
+        tri.sdd(x, w, keep_out, 1.0, (16, 16), reduce_keep=keep_in, config=tri.KernelConfig(16, 32, 16, 1, 4))
+    with pytest.raises(ValueError, match=r"reduce_keep must be a bool tensor of shape \(1, 2, 2\)"):
+        tri.sdd(x, w, keep_out, 1.0, (16, 16), reduce_keep=keep_in[:, :1])
+    assert tri.unsupported_reason((x, w), (16, 16)) is None
+    cands = tri.candidate_configs("sdd", 4096, 4096, 4096, (128, 64), torch.bfloat16, second_keep=True)
+    assert all(64 % c.tile_n == 0 for c in cands)
+
+
+@pytest.mark.parametrize("fill", [True, False], ids=["keep_all", "drop_all"])
+def test_output_side_keep_all_and_drop_all(fill):
+    """All kept: the dense matmul plus bias, scaled. All dropped: exact zeros, no bias."""
+    x, w, g, bias, keep_out, keep_in = _out_side_inputs(2, 1, 40, 48, 36, (16, 16), torch.float16, 23)
+    keep_out = torch.full_like(keep_out, fill)
+    y = tri.sdd(x, w, keep_out, 2.0, (16, 16), bias)
+    if fill:
+        _assert_close(y, (x.double() @ w.double().transpose(1, 2) + bias.double()) * 2, torch.float16)
+    else:
+        assert torch.equal(y, torch.zeros_like(y))
+        assert torch.equal(tri.dsd(g, w, keep_out, 2.0, (16, 16), out_keep=keep_in), torch.zeros(2, 40, 48, dtype=g.dtype, device=g.device))
 
 # --------------------------------------------------------------------------- through the registered ops
 def _op_grads(fn, inputs):
@@ -568,6 +687,55 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     expected = ref.reference_dsd(x.detach().float().unsqueeze(0), w.detach().float().t().unsqueeze(0), keep, 1 / 0.7, (128, 128))[0]
     _assert_close_big(y.detach(), expected)
+
+
+@gpu
+@pytest.mark.parametrize("both", [False, True], ids=["output", "both_sides"])
+@pytest.mark.parametrize("M,K,N", [(4096, 4096, 4096), (1000, 1096, 520), (999, 1100, 521)],
+                         ids=["aligned", "ragged_tma_ok", "unaligned_pointer_only"])
+def test_gpu_output_side_every_candidate(M, K, N, both):
+    """Dropout on a linear's output (and on both sides): sdd with bias (and a reduction mask),
+    dsd with an output mask, dsd_tn with a grad mask, for every config the tuner may pick (TMA
+    and pointer, grid order and balanced), against fp32 references."""
+    block = (128, 128)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(1, N, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = torch.randn(1, M, N, device="cuda", generator=gen, dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", generator=gen, dtype=torch.bfloat16)
+    keep = torch.rand(1, cdiv(M, 128), cdiv(N, 128), device="cuda", generator=gen) >= 0.3
+    keep_in = torch.rand(1, cdiv(M, 128), cdiv(K, 128), device="cuda", generator=gen) >= 0.3 if both else None
+    s, bs = (1 / 0.49, 1 / 0.7) if both else (1 / 0.7, 1 / 0.7)
+    refs = {
+        "sdd": ref.reference_sdd(x.float(), w.float(), keep, s, block, bias.float(), bias_scale=bs, reduce_keep=keep_in),
+        "dsd": ref.reference_dsd(g.float(), w.float(), keep, s, block, out_keep=keep_in),
+        "dsd_tn": ref.reference_dsd_tn(g.float(), x.float(), keep, s, block, False, grad_keep=keep_in),
+    }
+    # (launcher call, candidate_configs' (M, N, K) of that kernel)
+    calls = {
+        "sdd": (lambda cfg: tri.sdd(x, w, keep, s, block, bias, bias_scale=bs, reduce_keep=keep_in, config=cfg), (M, K, N)),
+        "dsd": (lambda cfg: tri.dsd(g, w, keep, s, block, out_keep=keep_in, config=cfg), (M, K, N)),
+        "dsd_tn": (lambda cfg: tri.dsd_tn(g, x, keep, s, block, False, grad_keep=keep_in, config=cfg), (M, K, N)),
+    }
+    tested = 0
+    for kind, (run, (m, n, k)) in calls.items():
+        configs = tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=False, second_keep=both)
+        if runtime.tma_enabled(x.device):
+            configs += tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=True, second_keep=both)
+        for cfg in dict.fromkeys(configs + [dataclasses.replace(c, balance=not c.balance) for c in configs]):
+            try:
+                out = run(cfg)
+            except ValueError as err:
+                if cfg.tma and "asks for TMA" in str(err):  # these operands cannot take a descriptor
+                    continue
+                raise
+            torch.cuda.synchronize()
+            try:
+                _assert_close_big(out, refs[kind])
+            except AssertionError as err:
+                raise AssertionError(f"{kind} config {cfg}: {err}") from None
+            tested += 1
+    assert tested >= 6
 
 
 def test_host_integer_helpers_match_triton():

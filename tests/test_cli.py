@@ -104,8 +104,8 @@ def test_readme_logging_lines_print_the_site_table():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"graph\s+location\s+p\s+kind\s+consumers\s+rewritten\s+reason", proc.stderr), proc.stderr[-3000:]
-    assert re.search(r"linear\s+yes", proc.stderr)
+    assert re.search(r"graph\s+location\s+p\s+kind\s+producer\s+consumers\s+rewritten\s+reason", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"linear\s+yes \(input\)", proc.stderr)
 
 
 def test_readme_trainer_error_text_is_what_accelerate_raises():

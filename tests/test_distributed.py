@@ -40,7 +40,8 @@ RANK_TIMEOUT_S = 180
 
 
 class Block(nn.Module):
-    """Pre-LN MLP block: the dropout feeds fc2 inside the block; the output dropout feeds the residual add."""
+    """Pre-LN MLP block: the dropout feeds fc2 inside the block; the output dropout drops fc2's output
+    on its way to the residual add (so fc2 is fused on both sides)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -283,11 +284,16 @@ def _rewritten(rows) -> list[str]:
     return [location.split(" ")[0] for location, _, rewritten, _ in rows if rewritten]
 
 
+# Net's sites: each block's dropout into fc2 (input side) and its dropout of fc2's output (output side)
+NET_SITES = [f"blocks.{i}.{name}" for i in (0, 1) for name in ("drop", "out_drop")]
+NET_SITES_DDP = [f"module.{site}" for site in NET_SITES]
+
+
 # --------------------------------------------------------------------------- tests
 def test_ddp_rewrites_the_pairs_ddpoptimizer_cuts(ranks):
     ddp = ranks[0]["ddp"]
     assert ddp["pieces"] >= 3, "1 MB buckets should make DDPOptimizer cut the graph before each fc2"
-    assert _rewritten(ddp["sites"]) == ["module.blocks.0.drop", "module.blocks.1.drop"]
+    assert _rewritten(ddp["sites"]) == NET_SITES_DDP
     assert ranks[1]["ddp"]["sites"] == ddp["sites"]  # nothing in the report differs between ranks
 
 
@@ -306,14 +312,14 @@ def test_ddp_without_the_hook_lists_the_cut_sites_with_the_reason(ranks):
 
 def test_explain_of_a_ddp_model_lists_the_sites_rewritten(ranks):
     rows = ranks[0]["ddp_explain"]
-    assert _rewritten(rows) == ["module.blocks.0.drop", "module.blocks.1.drop"]
-    assert len(rows) == 4  # and the two output dropouts, which feed adds
+    assert _rewritten(rows) == NET_SITES_DDP  # the output dropouts too (fc2's output, both sides)
+    assert len(rows) == 4
     assert ranks[1]["ddp_explain"] == rows
 
 
 def test_fsdp2_per_block_rewrites_inside_the_blocks(ranks):
     rows = ranks[0]["fsdp"]["sites"]
-    assert _rewritten(rows) == ["blocks.0.drop", "blocks.1.drop"]
+    assert _rewritten(rows) == NET_SITES
     assert ranks[1]["fsdp"]["sites"] == rows
 
 
@@ -339,11 +345,13 @@ def test_hf_bert_trains_under_ddp_and_fsdp2_like_one_process(ranks):
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[rank]), msg=lambda m, c=case, r=rank: f"{c} rank {r}: {m}")
         assert ranks[1][case]["sites"] == ranks[0][case]["sites"]
     ddp_rows, fsdp_rows = ranks[0]["ddp_bert"]["sites"], ranks[0]["fsdp_bert"]["sites"]
-    # DDP: one graph; the embedding dropout -> layer 0's q, k, v, and both layers' attention
-    assert _rewritten(ddp_rows) == ["module.bert.embeddings.dropout", "module.bert.encoder.layer.0.attention.self",
-                                    "module.bert.encoder.layer.1.attention.self"]
-    # FSDP2: a graph per unit; layer 1 runs layer 0's graph (recorded once), whose attention is rewritten
-    assert _rewritten(fsdp_rows) == ["bert.encoder.layer.0.attention.self"]
+    # DDP: one graph; the embedding dropout -> layer 0's q, k, v, both layers' attention and (output
+    # side) both layers' dropouts of the attention output and FFN output projections
+    layer_sites = ["attention.self", "attention.output.dropout", "output.dropout"]
+    assert _rewritten(ddp_rows) == ["module.bert.embeddings.dropout",
+                                    *(f"module.bert.encoder.layer.{i}.{site}" for i in (0, 1) for site in layer_sites)]
+    # FSDP2: a graph per unit; layer 1 runs layer 0's graph (recorded once), all of whose sites are rewritten
+    assert _rewritten(fsdp_rows) == [f"bert.encoder.layer.0.{site}" for site in layer_sites]
     embedding = [r for r in fsdp_rows if r[0].startswith("bert.embeddings.dropout ")]
     assert embedding and not embedding[0][2] and "FSDP2 unit" in embedding[0][3]
 
@@ -351,7 +359,7 @@ def test_hf_bert_trains_under_ddp_and_fsdp2_like_one_process(ranks):
 def test_ddp_with_inductor(ranks):
     for rank, result in enumerate(ranks):
         step = result["ddp_inductor"]
-        assert _rewritten(step["sites"]) == ["module.blocks.0.drop", "module.blocks.1.drop"]
+        assert _rewritten(step["sites"]) == NET_SITES_DDP
         assert torch.isfinite(step["loss"])
         assert all(torch.isfinite(g).all() for g in step["grads"].values())
     for name, grad in ranks[0]["ddp_inductor"]["grads"].items():

@@ -32,6 +32,36 @@ def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_side_site_under_inductor_and_cuda_graphs(mode, dtype):
+    """dropout(linear(x, W, b)) with x, W, b > 0: y > 0 everywhere, so the output is zero exactly
+    in dropped blocks. Output and every gradient equal plain block dropout with that mask."""
+    torch.manual_seed(0)
+    rows, k, n, block = 1000, 1100, 300, (128, 128)
+    x = (torch.rand(rows, k, device="cuda", dtype=dtype) + 0.1).requires_grad_()
+    w = ((torch.rand(n, k, device="cuda", dtype=dtype) + 0.1) / k**0.5).requires_grad_()
+    b = (torch.rand(n, device="cuda", dtype=dtype) + 0.1).requires_grad_()
+    f = torch.compile(lambda x, w, b: F.dropout(F.linear(x, w, b), 0.3, True), backend="sparsedrop",
+                      options={"block_size": block, "mode": mode})
+    for _ in range(3):  # warm-up and cudagraph recording steps
+        for t in (x, w, b):
+            t.grad = None
+        y = f(x, w, b)
+        dy = torch.linspace(-1, 1, y.numel(), device="cuda", dtype=dtype).reshape(y.shape)
+        y.backward(dy)
+    assert torch._dynamo.utils.counters["sparsedrop"]["linear_out_fused"] >= 1
+    keep = (y.detach() != 0).reshape(1, rows, n)[:, ::128, ::128]
+    assert 0 < keep.float().mean() < 1
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    ref = apply_block_keep(F.linear(*leaves), keep, 1 / 0.7, *block, False)
+    ref.backward(dy.float())
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    for t, r in zip((x, w, b), leaves):
+        scale = r.grad.abs().max().item()
+        torch.testing.assert_close(t.grad.float(), r.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
 @pytest.mark.parametrize("family", ["t5", "bert", "gpt2"])
 def test_hf_models_train_on_gpu_with_triton_kernels(family):
     torch.manual_seed(0)
@@ -45,7 +75,7 @@ def test_hf_models_train_on_gpu_with_triton_kernels(family):
     assert fused["attention_fused"] > 0 or fused["matmul_fused"] > 0, dict(fused)
 
 
-@pytest.mark.parametrize("family", ["linear", "matmul", "attention"])
+@pytest.mark.parametrize("family", ["linear", "matmul", "attention", "linear_out", "linear_both_sides"])
 def test_inductor_launches_the_kernels_itself(family):
     """The rewritten sites' ops are traced into (triton_op): Inductor's generated code launches
     our Triton kernels directly, forward and backward, and never calls back into the op."""
@@ -63,6 +93,12 @@ def test_inductor_launches_the_kernels_itself(family):
         w = torch.randn(4, 2, 256, 64, device="cuda", dtype=dt, requires_grad=True)
         f = lambda: torch.matmul(F.dropout(x, 0.2, True), w)  # noqa: E731
         kernels, ops = ("_dsd_kernel", "_sdd_kernel", "_dsd_tn_kernel"), ("sparsedrop.matmul",)
+    elif family.startswith("linear_"):
+        x = torch.randn(1024, 256, device="cuda", dtype=dt, requires_grad=True)  # 16 blocks on each side: max_drop_all holds
+        w = torch.randn(192, 256, device="cuda", dtype=dt, requires_grad=True)
+        drop_in = (lambda t: F.dropout(t, 0.2, True)) if family == "linear_both_sides" else (lambda t: t)
+        f = lambda: F.dropout(F.linear(drop_in(x), w), 0.2, True)  # noqa: E731
+        kernels, ops = ("_sdd_kernel", "_dsd_kernel", "_dsd_tn_kernel"), ("sparsedrop.linear_out", "sparsedrop.linear")
     else:
         x = torch.randn(2, 4, 256, 64, device="cuda", dtype=dt, requires_grad=True)
         w = torch.randn(2, 4, 256, 64, device="cuda", dtype=dt, requires_grad=True)

@@ -27,8 +27,16 @@ def test_t5_sites():
     # Encoder output dropout -> every cross-attention k and v (one shared mask), decoder output -> lm_head.
     assert sum(".EncDecAttention.k" in c or ".EncDecAttention.v" in c for c in consumers) == 4
     assert "linear lm_head" in consumers
-    # Residual dropouts only feed adds: not rewritten, with a reason.
-    assert all(s.reason for s in report.sites if not s.rewritten)
+    # Residual dropouts drop a matmul's output: each attention's o (output side), each FFN's wo,
+    # whose input dropout is fused into the same op (both sides, and so says the input's row).
+    producers = [s.producer for s in report.sites if s.rewritten and s.producer]
+    assert sum(p.endswith((".SelfAttention.o", ".EncDecAttention.o")) for p in producers) == 6
+    sides = [(s.side, (s.producer or s.consumers[0]).rsplit(".", 1)[-1]) for s in report.sites if s.rewritten]
+    assert sides.count(("both", "wo")) == 8 and sides.count(("output", "o")) == 6 and sides.count(("input", "SelfAttention")) == 4
+    # Only the embedding dropouts (they feed a norm and the residual stream) stay, with both reasons.
+    left = [s for s in report.sites if not s.rewritten]
+    assert [s.module_path for s in left] == ["encoder.dropout", "decoder.dropout"]
+    assert all("no matmul consumer" in s.reason and "no matmul producer: its input comes from embedding" in s.reason for s in left)
 
 
 def test_t5_gated_ffn_site():
@@ -45,13 +53,23 @@ def test_bert_like_sites(family):
     # The embedding dropout feeds layer 0's q, k and v (and the residual add, materialised).
     assert sum(c.rsplit(".", 1)[-1] in ("query", "key", "value", "q_lin", "k_lin", "v_lin") for c in linear) == 3
     assert len([s for s in report.sites if s.rewritten and s.kind == "matmul"]) == 2  # P @ V per layer
+    # Every other dropout drops a dense layer's output on its way to the residual add.
+    outputs = [s.producer.rsplit(".", 2)[-2:] for s in report.sites if s.side == "output"]
+    expected = {"bert": [["output", "dense"]] * 4, "distilbert": [["ffn", "lin2"]] * 2}[family]  # DistilBERT: no dropout after out_lin
+    assert outputs == expected, outputs
+    assert all(s.rewritten for s in report.sites), [s.row() for s in report.sites if not s.rewritten]
 
 
 def test_gpt2_sites():
     model = build_model("gpt2", attn="eager")
     report = sd.explain(model, **example_batch(model), options=OPTS)
     assert len([s for s in report.sites if s.rewritten and s.kind == "matmul"]) == 2
-    assert not _paths(report, "linear")  # GPT-2's other dropouts feed residual adds only
+    assert not _paths(report, "linear")  # no dropout feeds a linear (Conv1D)
+    # resid_dropout(c_proj(x)) in attention and MLP: GPT-2's Conv1D is an addmm.
+    assert [s.producer.split(".", 2)[-1] for s in report.sites if s.side == "output"] == [
+        "0.attn.c_proj", "0.mlp.c_proj", "1.attn.c_proj", "1.mlp.c_proj"]
+    (left,) = [s for s in report.sites if not s.rewritten]  # the embedding dropout: no matmul on either side
+    assert left.module_path == "transformer.drop" and "no matmul producer: its input comes from add" in left.reason
 
 
 def _train(family, attn, dtype, inner="aot_eager", steps=8, fullgraph=False):
@@ -114,3 +132,31 @@ def test_sdpa_models_train_with_tile_dropout_attention(family):
     losses = [train_step(lambda: compiled(**batch).loss, opt).item() for _ in range(5)]
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
     assert torch._dynamo.utils.counters["sparsedrop"]["attention_fused"] == 2
+
+
+def test_bert_all_sites_match_block_dropout_with_the_same_masks(eager_block_dropout):
+    """Tiny BERT under aot_eager, every dropout rewritten (input side: embeddings, P @ V; output
+    side: the four residual dropouts) equals the eager model with each dropout replaced by block
+    dropout of its input with the same keep flags (drawn in the same order): the output side's
+    mask over (rows, hidden) is the input's non-batched layout. Loss and every gradient."""
+    torch.manual_seed(0)
+    model = build_model("bert", attn="eager").train()
+    ref_model = build_model("bert", attn="eager").train()
+    ref_model.load_state_dict(model.state_dict())
+    batch = example_batch(model, batch=2, seq=48)
+    compiled = torch.compile(model, backend="sparsedrop", options={"block_size": 16, "inner": "aot_eager"})
+    torch.manual_seed(11)
+    loss = compiled(**batch).loss
+    loss.backward()
+    fused = torch._dynamo.utils.counters["sparsedrop"]
+    assert fused["linear_fused"] == 3 and fused["matmul_fused"] == 2 and fused["linear_out_fused"] == 4, dict(fused)
+
+    eager_block_dropout((16, 16), lambda x: x.dim() == 4)  # attention probabilities: per (batch, head) matrix
+    torch.manual_seed(11)
+    ref_loss = ref_model(**batch).loss
+    ref_loss.backward()
+    eager_block_dropout.restore()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -225,7 +225,7 @@ def test_hf_gradient_checkpointing_rewrites_the_same_sites(family):
     assert all(s.region == "activation checkpoint" for s in ckpt.sites if s.rewritten)
 
 
-def test_checkpointed_hf_model_matches_reference_with_the_same_masks(monkeypatch):
+def test_checkpointed_hf_model_matches_reference_with_the_same_masks(eager_block_dropout):
     """Tiny BERT (attention dropout only, so every dropout is a rewritten P @ V site) with gradient
     checkpointing under aot_eager equals the uncheckpointed model run eagerly with block dropout of
     the same keep tiles (drawn in the same order): loss and every parameter gradient."""
@@ -247,19 +247,11 @@ def test_checkpointed_hf_model_matches_reference_with_the_same_masks(monkeypatch
     loss.backward()
     assert counters["sparsedrop"]["matmul_fused"] == 2
 
-    original = F.dropout
-
-    def block_dropout(x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return x
-        keep = sample_block_keep(x, p, 16, 16, True)
-        return apply_block_keep(x, keep, 1 / (1 - p), 16, 16, True)
-
-    monkeypatch.setattr(torch.nn.functional, "dropout", block_dropout)
+    eager_block_dropout((16, 16), lambda x: True)
     torch.manual_seed(11)
     ref_loss = ref_model(**batch).loss
     ref_loss.backward()
-    monkeypatch.setattr(torch.nn.functional, "dropout", original)
+    eager_block_dropout.restore()
     torch.testing.assert_close(loss, ref_loss, **TOL)
     ref_params = dict(ref_model.named_parameters())
     for name, p in model.named_parameters():
