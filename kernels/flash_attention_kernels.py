@@ -9,6 +9,10 @@ plain-PyTorch oracle in ``flash_attention.py``: read ``reference_attention``'s d
                      through fp32 atomics, and dMask: the single-pass backward)
     _attn_bwd_dq     dQ (and dMask) of one query block
 
+Each of the last three walks its tiles through an inner-loop helper (``_fwd_inner``,
+``_dkdv_inner``, ``_dq_inner``: one loop over one tile range, which it works out itself), called
+once per range; see "loop ranges" below.
+
 The kernels follow the usual flash-attention structure: an online softmax in the forward that
 saves only the row logsumexp, and a backward that recomputes P tile by tile.
 
@@ -189,80 +193,170 @@ def _need_mask(cls_base, tile, stride, TILE_CLS: tl.constexpr):
         return True
 
 
-# --------------------------------------------------------------------------- forward
+# --------------------------------------------------------------------------- loop ranges
+# Every kernel walks its tiles in two loops: the tiles that need neither the causal nor a bounds
+# mask (MASKED=False) and the others (MASKED=True: the diagonal band of a causal program, and in
+# the forward and dQ the keys past the last whole tile). Each loop is one call of the kernel's
+# inner-loop helper (``_fwd_inner``, ``_dkdv_inner``, ``_dq_inner``), which works out its own
+# range from MASKED, as the ``_attn_fwd_inner`` of Triton's fused-attention tutorial does from its
+# STAGE. A helper is one `for` loop whose bounds are computed just before it, so the software
+# pipeliner sees the same loop bodies as when each kernel spelled its loops out. The kernels make
+# the two calls through tl.static_range, which unrolls at compile time: MASKED stays a constant
+# and each loop is compiled on its own.
+
+
 @triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need_mask, start_n, offs_m,
-    Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+def _live_span(classes, stride, n, BLOCK: tl.constexpr, TILE_CLS: tl.constexpr):
+    """[lo, hi), in elements, the span of the non-hidden tiles on a program's line of classes,
+    whose tiles cover a loop over n elements in steps of BLOCK; without classes (0, n), nothing
+    is trimmed (and ``classes`` is not read)."""
+    if TILE_CLS:
+        t_lo, t_hi = _live_range(classes, stride, tl.cdiv(n, BLOCK))
+        lo = t_lo * BLOCK
+        hi = t_hi * BLOCK
+    else:
+        lo = 0
+        hi = n
+    return lo, hi
+
+
+@triton.jit
+def _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               TILE_CLS: tl.constexpr, MASKED: tl.constexpr):
+    """[lo, hi) of the keys one loop of a query block (the forward's, dQ's) visits.
+
+    Key tiles [0, full_hi) need no bounds or causal mask (MASKED=False); [full_hi, hi) do
+    (MASKED=True). With tile classes both are trimmed to the block's live keys [n_lo, n_hi)."""
+    if CAUSAL:
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Sk
+        full_hi = Sk // BLOCK_N * BLOCK_N
+    if MASKED:
+        lo = full_hi
+    else:
+        lo = 0
+        hi = full_hi
+    if TILE_CLS:
+        lo = tl.maximum(lo, n_lo) if MASKED else n_lo  # n_lo >= 0
+        hi = tl.minimum(hi, n_hi)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, Sq, m_lo, m_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 TILE_CLS: tl.constexpr, MASKED: tl.constexpr):
+    """[lo, hi) of the queries one loop of a key block (dK/dV's) visits.
+
+    With CAUSAL the query chunks from start_n's chunk to diag_hi straddle the diagonal and need
+    its mask (MASKED=True, used only with CAUSAL); from diag_hi (0 without CAUSAL) to Sq every
+    query sees every key of the block (MASKED=False; rows past Sq are clamped, see
+    ``_dkdv_inner``). With tile classes both are trimmed to the block's live queries [m_lo, m_hi)."""
+    if CAUSAL:
+        diag_hi = (start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        diag_hi = 0
+    if MASKED:
+        lo = start_n // BLOCK_M * BLOCK_M
+        hi = tl.minimum(diag_hi, (Sq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    else:
+        lo = diag_hi
+        hi = Sq
+    if TILE_CLS:
+        lo = tl.maximum(lo, m_lo)
+        hi = tl.minimum(hi, m_hi)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- forward
+# In dropkey mode a dropped tile is hidden before the softmax, so it is not visited at all: the
+# inner loops run a tile under `if kept` and load V / dO only inside it (SKIP_LAZY_LOAD).
+# Otherwise every tile runs, and SKIP says how a dropped one is handled. `visit` below is the
+# constant True then, so no branch is emitted, exactly as when the kernels branched on DROPKEY.
+@triton.jit
+def _fwd_inner(
+    m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
+    Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """One key tile of the online softmax. MASKED tiles may hold keys past Sk or the diagonal."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Sk
-    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        kt = tl.load(kt_ptrs)
-    if SKIP != _LAZY:
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-    s = _dot(q, kt, INTERPRET)
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        # Only tiles whose class says so read the mask (see the note above _need_mask).
-        if need_mask:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
-            s = tl.where(mv != 0, s, float("-inf"))
-    elif MASK_KIND != _NO_MASK:
-        # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
-        if MASK_SHARED:
-            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                            TILE_CLS)[None, :]
-        else:
-            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
-                            MASK_KIND, TILE_CLS)
-        if MASK_KIND == _BOOL_MASK:
-            s = tl.where(mv != 0, s, float("-inf"))
-        else:
-            s = s * qk_scale + mv.to(tl.float32) * 1.4426950408889634
-    if MASKED:
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(ok, s, float("-inf"))
-    if MASK_KIND == _FLOAT_MASK:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:
-        # Scores are still raw q·k here: scale the row max (scale > 0) and fold the scale into
-        # the exponent's multiply-add, one FMA per element as in the Triton tutorial.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    # A row with no visible key so far has m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if MASK_KIND == _FLOAT_MASK:
-        prob = tl.exp2(s - m_use[:, None])
-    else:
-        prob = tl.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    # The normaliser sums every tile, dropped or kept: dropout comes after the softmax.
-    l_i = l_i * alpha + tl.sum(prob, 1)
-    acc = acc * alpha[:, None]
-    if SKIP == _DENSE:
-        acc = _dot_acc((prob * kept.to(tl.float32)).to(v.dtype), v, acc, INTERPRET)
-    else:
-        if kept:
-            if SKIP == _LAZY:
+    """The online softmax of a query block over one of its two key ranges (``_key_range``);
+    MASKED tiles may hold keys past Sk or the diagonal."""
+    lo, hi = _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above
+    for start_n in range(lo, hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
+        visit = kept if DROPKEY else True
+        if visit:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM)
+            col_ok = offs_n < Sk
+            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if MASKED:
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if TILE_SKIP != _LAZY:
                 if MASKED:
                     v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
                 else:
                     v = tl.load(v_ptrs)
-            acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
-    return acc, l_i, m_new
+            s = _dot(q, kt, INTERPRET)
+            if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
+                # Only tiles whose class says so read the mask (see the note above _need_mask).
+                if need_mask:
+                    mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+                    s = tl.where(mv != 0, s, float("-inf"))
+            elif MASK_KIND != _NO_MASK:
+                # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
+                if MASK_SHARED:
+                    mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
+                                    TILE_CLS)[None, :]
+                else:
+                    mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn,
+                                    need_mask, MASK_KIND, TILE_CLS)
+                if MASK_KIND == _BOOL_MASK:
+                    s = tl.where(mv != 0, s, float("-inf"))
+                else:
+                    s = s * qk_scale + mv.to(tl.float32) * 1.4426950408889634
+            if MASKED:
+                ok = col_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (offs_m[:, None] >= offs_n[None, :])
+                s = tl.where(ok, s, float("-inf"))
+            if MASK_KIND == _FLOAT_MASK:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+            else:
+                # Scores are still raw q·k here: scale the row max (scale > 0) and fold the scale
+                # into the exponent's multiply-add, one FMA per element as in the Triton tutorial.
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            # A row with no visible key so far has m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if MASK_KIND == _FLOAT_MASK:
+                prob = tl.exp2(s - m_use[:, None])
+            else:
+                prob = tl.exp2(s * qk_scale - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            # The normaliser sums every tile, dropped or kept: dropout comes after the softmax.
+            l_i = l_i * alpha + tl.sum(prob, 1)
+            acc = acc * alpha[:, None]
+            if TILE_SKIP == _DENSE:
+                acc = _dot_acc((prob * kept.to(tl.float32)).to(v.dtype), v, acc, INTERPRET)
+            else:
+                if kept:
+                    if TILE_SKIP == _LAZY:
+                        if MASKED:
+                            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+                        else:
+                            v = tl.load(v_ptrs)
+                    acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
+            m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -311,57 +405,15 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # Key tiles [0, full_hi) need no bounds or causal mask; [full_hi, hi) do.
-    if CAUSAL:
-        hi = tl.minimum(Sk, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Sk
-        full_hi = Sk // BLOCK_N * BLOCK_N
     # With tile classes both loops are trimmed to the row's non-hidden key tiles [n_lo, n_hi).
-    if TILE_CLS:
-        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
-        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
-        n_lo = t_lo * BLOCK_N
-        n_hi = t_hi * BLOCK_N
-        lo1 = n_lo
-        hi1 = tl.minimum(full_hi, n_hi)
-        lo2 = tl.maximum(full_hi, n_lo)
-        hi2 = tl.minimum(hi, n_hi)
-    else:
-        cls_row = Cls
-        lo1 = 0
-        hi1 = full_hi
-        lo2 = full_hi
-        hi2 = hi
-    for start_n in range(lo1, hi1, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, _LAZY,
-                                          INTERPRET)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, SKIP,
-                                      INTERPRET)
-    for start_n in range(lo2, hi2, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                          Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, _LAZY,
-                                          INTERPRET)
-        else:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_rows, kept, need, start_n, offs_m,
-                                      Sk, stride_kn, stride_vn, stride_mn, qk_scale,
-                                      BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, SKIP,
-                                      INTERPRET)
+    cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
+    n_lo, n_hi = _live_span(cls_row, stride_cn, Sk, BLOCK_N, TILE_CLS)
+    # Stage 0: the key tiles that need no mask; stage 1: the diagonal band and the ragged end.
+    for stage in tl.static_range(2):
+        m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo,
+                                   n_hi, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
+                                   stage == 1, SKIP, INTERPRET)
 
     # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
     # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
@@ -401,103 +453,87 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, kept, need_mask, start_m,
-    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, qk_scale, dmask_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, cls_col,
+    start_n, offs_n, m_lo, m_hi, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, stride_cm, qk_scale, dmask_scale,
+    block_q,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """One query chunk against the program's key block, in the transposed (keys x queries) frame.
+    """One of a key block's two query ranges (``_query_range``) against the block, one head of
+    its group, in the transposed (keys x queries) frame.
 
     Rows past Sq are read from row Sq - 1 (clamped, so no load needs a predicate) and get
     lse = +inf, which makes their P exactly 0: the ragged end needs no loop of its own, which
     keeps one loop body fewer alive in a kernel that is short of registers. MASKED only adds
     the causal mask for chunks that straddle the diagonal.
     """
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = tl.minimum(offs_m, Sq - 1)
-    qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
-    do_ptrs = do_base + rows[:, None] * stride_gm + offs_d[None, :]
-    qt = tl.load(qt_ptrs)
-    lse = tl.where(offs_m < Sq, tl.load(lse_base + rows), float("inf"))
-    delta = tl.load(delta_base + rows)
-    if SKIP != _LAZY:
-        do = tl.load(do_ptrs)
-    st = _dot(k, qt, INTERPRET) * qk_scale
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        pass  # read below, under a branch on the tile's class
-    elif MASK_KIND != _NO_MASK:
-        if MASK_SHARED:
-            mv = _load_mask(mask_cols, need_mask, MASK_KIND, TILE_CLS)[:, None]
-        else:
-            mv = _load_mask(mask_cols[:, None] + rows[None, :] * stride_mm, need_mask, MASK_KIND, TILE_CLS)
-        if MASK_KIND == _FLOAT_MASK:
-            st = st + mv.to(tl.float32) * 1.4426950408889634
-    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
-    pt = tl.exp2(st - (lse * 1.4426950408889634)[None, :])
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        if need_mask:
-            mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
-            pt = tl.where(mv != 0, pt, 0.0)
-    elif MASK_KIND == _BOOL_MASK:
-        pt = tl.where(mv != 0, pt, 0.0)
-    if MASKED:
-        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-    if SKIP == _DENSE:
-        keepf = kept.to(tl.float32)
-        dv = _dot_acc((pt * keepf).to(do.dtype), do, dv, INTERPRET)
-        dpt = _dot(v, tl.trans(do), INTERPRET)
-        dst = pt * (dpt * keepf - delta[None, :])
-    else:
-        if kept:
-            if SKIP == _LAZY:
-                do = tl.load(do_ptrs)
-            dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
-            dpt = _dot(v, tl.trans(do), INTERPRET)
-            dst = pt * (dpt - delta[None, :])
-        else:
-            # Dropped tile: dP = 0 but dS = -P Δ is not, so dK still gets a product.
-            dst = -pt * delta[None, :]
-    dst_lo = dst.to(qt.dtype)
-    dk = _dot_acc(dst_lo, tl.trans(qt), dk, INTERPRET)
-    if ATOMIC_DQ:
-        # Single-pass backward: this chunk's share of dQ = dS K goes straight into an fp32
-        # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
-        dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
-        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                      mask=(offs_m < Sq)[:, None], sem="relaxed")
-    if MASK_GRAD:
-        tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None],
-                 (dst * dmask_scale).to(dmask_base.dtype.element_ty), mask=(offs_m < Sq)[None, :] & (offs_n < Sk)[:, None])
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_range(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, cls_col, lo, hi,
-    offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
-):
+    lo, hi = _query_range(start_n, Sq, m_lo, m_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
+    TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner
     for start_m in range(lo, hi, BLOCK_M):
         kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
-        need = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                    dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                    qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
-                                    CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, _LAZY, INTERPRET)
-        else:
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base,
-                                dmask_base, kept, need, start_m, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                qk_scale, dmask_scale, BLOCK_M, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS,
-                                CAUSAL, MASKED, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
+        need_mask = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
+        visit = kept if DROPKEY else True
+        if visit:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM)
+            rows = tl.minimum(offs_m, Sq - 1)
+            qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
+            do_ptrs = do_base + rows[:, None] * stride_gm + offs_d[None, :]
+            qt = tl.load(qt_ptrs)
+            lse = tl.where(offs_m < Sq, tl.load(lse_base + rows), float("inf"))
+            delta = tl.load(delta_base + rows)
+            if TILE_SKIP != _LAZY:
+                do = tl.load(do_ptrs)
+            st = _dot(k, qt, INTERPRET) * qk_scale
+            if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
+                pass  # read below, under a branch on the tile's class
+            elif MASK_KIND != _NO_MASK:
+                if MASK_SHARED:
+                    mv = _load_mask(mask_cols, need_mask, MASK_KIND, TILE_CLS)[:, None]
+                else:
+                    mv = _load_mask(mask_cols[:, None] + rows[None, :] * stride_mm, need_mask, MASK_KIND, TILE_CLS)
+                if MASK_KIND == _FLOAT_MASK:
+                    st = st + mv.to(tl.float32) * 1.4426950408889634
+            # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
+            pt = tl.exp2(st - (lse * 1.4426950408889634)[None, :])
+            if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
+                if need_mask:
+                    mv = tl.load(mask_cols[:, None] + rows[None, :] * stride_mm)
+                    pt = tl.where(mv != 0, pt, 0.0)
+            elif MASK_KIND == _BOOL_MASK:
+                pt = tl.where(mv != 0, pt, 0.0)
+            if MASKED:
+                pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+            if TILE_SKIP == _DENSE:
+                keepf = kept.to(tl.float32)
+                dv = _dot_acc((pt * keepf).to(do.dtype), do, dv, INTERPRET)
+                dpt = _dot(v, tl.trans(do), INTERPRET)
+                dst = pt * (dpt * keepf - delta[None, :])
+            else:
+                if kept:
+                    if TILE_SKIP == _LAZY:
+                        do = tl.load(do_ptrs)
+                    dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
+                    dpt = _dot(v, tl.trans(do), INTERPRET)
+                    dst = pt * (dpt - delta[None, :])
+                else:
+                    # Dropped tile: dP = 0 but dS = -P Δ is not, so dK still gets a product.
+                    dst = -pt * delta[None, :]
+            dst_lo = dst.to(qt.dtype)
+            dk = _dot_acc(dst_lo, tl.trans(qt), dk, INTERPRET)
+            if ATOMIC_DQ:
+                # Single-pass backward: this chunk's share of dQ = dS K goes straight into an fp32
+                # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
+                dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
+                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
+                              mask=(offs_m < Sq)[:, None], sem="relaxed")
+            if MASK_GRAD:
+                tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None],
+                         (dst * dmask_scale).to(dmask_base.dtype.element_ty),
+                         mask=(offs_m < Sq)[None, :] & (offs_n < Sk)[:, None])
     return dk, dv
 
 
@@ -547,15 +583,6 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     keep_n = (start_n // block_k) * stride_en
 
-    # Query chunks [lo, diag_hi) straddle the causal diagonal and need its mask; from diag_hi
-    # (0 without causal) to Sq every query sees every key of the block.
-    if CAUSAL:
-        lo = start_n // BLOCK_M * BLOCK_M
-        diag_hi = (start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        diag_end = tl.minimum(diag_hi, (Sq + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-    else:
-        diag_hi = 0
-
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         bh = off_b * H + off_h
@@ -569,34 +596,16 @@ def _attn_bwd_dkdv(
         dmask_base = dMask + bh.to(tl.int64) * Sq * Sk  # B*H*Sq*Sk may pass 2**31
         # With tile classes both ranges are trimmed to this key block's non-hidden query
         # chunks [m_lo, m_hi) of this head's mask.
-        if TILE_CLS:
-            cls_col = Cls + off_b * stride_cb + off_h * stride_ch + pid_n * stride_cn
-            t_lo, t_hi = _live_range(cls_col, stride_cm, tl.cdiv(Sq, BLOCK_M))
-            m_lo = t_lo * BLOCK_M
-            m_hi = t_hi * BLOCK_M
-            main_lo = tl.maximum(diag_hi, m_lo)
-            main_hi = tl.minimum(Sq, m_hi)
-        else:
-            cls_col = Cls
-            main_lo = diag_hi
-            main_hi = Sq
-        if CAUSAL:
-            if TILE_CLS:
-                diag_lo = tl.maximum(lo, m_lo)
-                diag_stop = tl.minimum(diag_end, m_hi)
-            else:
-                diag_lo = lo
-                diag_stop = diag_end
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                                 keep_col, cls_col, diag_lo, diag_stop, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                                 stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
-                                 MASK_SHARED, TILE_CLS, CAUSAL, True, DROPKEY,
-                                 ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
-                             keep_col, cls_col, main_lo, main_hi, offs_n, Sq, Sk, stride_qm, stride_gm, stride_mm,
-                             stride_em, stride_cm, qk_scale, dmask_scale, block_q, BLOCK_M, HEAD_DIM, MASK_KIND,
-                             MASK_SHARED, TILE_CLS, CAUSAL, False, DROPKEY,
-                             ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
+        cls_col = Cls + off_b * stride_cb + off_h * stride_ch + pid_n * stride_cn
+        m_lo, m_hi = _live_span(cls_col, stride_cm, Sq, BLOCK_M, TILE_CLS)
+        # Stage 0 (causal only): the query chunks that straddle the diagonal; stage 1: the chunks
+        # whose queries all see every key of the block.
+        for stage in tl.static_range(0 if CAUSAL else 1, 2):
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
+                                 keep_col, cls_col, start_n, offs_n, m_lo, m_hi, Sq, Sk, stride_qm, stride_gm,
+                                 stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
+                                 stage == 0, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
     dv = dv * dv_scale
@@ -607,72 +616,82 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_tile(
-    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need_mask, start_n, offs_m, row_ok,
-    Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
-    TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
+    Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale, block_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Sk
-    kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-    vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-    else:
-        kt = tl.load(kt_ptrs)
-    if SKIP != _LAZY:
-        if MASKED:
-            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            vt = tl.load(vt_ptrs)
-    s = _dot(q, kt, INTERPRET) * qk_scale
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        pass  # read below, under a branch on the tile's class
-    elif MASK_KIND != _NO_MASK:
-        if MASK_SHARED:
-            mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                            TILE_CLS)[None, :]
-        else:
-            mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn, need_mask,
-                            MASK_KIND, TILE_CLS)
-        if MASK_KIND == _FLOAT_MASK:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
-    # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
-    prob = tl.exp2(s - lse2[:, None])
-    if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
-        if need_mask:
-            mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
-            prob = tl.where(mv != 0, prob, 0.0)
-    elif MASK_KIND == _BOOL_MASK:
-        prob = tl.where(mv != 0, prob, 0.0)
-    if MASKED:
-        # Keys past Sk must give exact zeros: exp2(0 - lse) of a zero key can overflow.
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        prob = tl.where(ok, prob, 0.0)
-    if SKIP == _DENSE:
-        dp = _dot(do, vt, INTERPRET)
-        ds = prob * (dp * kept.to(tl.float32) - delta[:, None])
-    else:
-        if kept:
-            if SKIP == _LAZY:
+    """dQ (and dMask) of a query block over one of its two key ranges (``_key_range``)."""
+    lo, hi = _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Sq
+    TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner
+    for start_n in range(lo, hi, BLOCK_N):
+        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
+        need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
+        visit = kept if DROPKEY else True
+        if visit:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM)
+            col_ok = offs_n < Sk
+            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
+            if MASKED:
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if TILE_SKIP != _LAZY:
                 if MASKED:
                     vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
                 else:
                     vt = tl.load(vt_ptrs)
-            dp = _dot(do, vt, INTERPRET)
-            ds = prob * (dp - delta[:, None])
-        else:
-            ds = -prob * delta[:, None]
-    dq = _dot_acc(ds.to(q.dtype), tl.trans(kt), dq, INTERPRET)
-    if MASK_GRAD:
-        # dMask = dS (S = q kᵀ scale + mask); written per element, summed over broadcast dims later.
-        tl.store(dmask_rows[:, None] + offs_n[None, :], (ds * dmask_scale).to(dmask_rows.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+            s = _dot(q, kt, INTERPRET) * qk_scale
+            if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
+                pass  # read below, under a branch on the tile's class
+            elif MASK_KIND != _NO_MASK:
+                if MASK_SHARED:
+                    mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
+                                    TILE_CLS)[None, :]
+                else:
+                    mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn,
+                                    need_mask, MASK_KIND, TILE_CLS)
+                if MASK_KIND == _FLOAT_MASK:
+                    s = s + mv.to(tl.float32) * 1.4426950408889634
+            # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
+            prob = tl.exp2(s - lse2[:, None])
+            if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
+                if need_mask:
+                    mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
+                    prob = tl.where(mv != 0, prob, 0.0)
+            elif MASK_KIND == _BOOL_MASK:
+                prob = tl.where(mv != 0, prob, 0.0)
+            if MASKED:
+                # Keys past Sk must give exact zeros: exp2(0 - lse) of a zero key can overflow.
+                ok = col_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (offs_m[:, None] >= offs_n[None, :])
+                prob = tl.where(ok, prob, 0.0)
+            if TILE_SKIP == _DENSE:
+                dp = _dot(do, vt, INTERPRET)
+                ds = prob * (dp * kept.to(tl.float32) - delta[:, None])
+            else:
+                if kept:
+                    if TILE_SKIP == _LAZY:
+                        if MASKED:
+                            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+                        else:
+                            vt = tl.load(vt_ptrs)
+                    dp = _dot(do, vt, INTERPRET)
+                    ds = prob * (dp - delta[:, None])
+                else:
+                    ds = -prob * delta[:, None]
+            dq = _dot_acc(ds.to(q.dtype), tl.trans(kt), dq, INTERPRET)
+            if MASK_GRAD:
+                # dMask = dS (S = q kᵀ scale + mask); written per element, summed over broadcast dims later.
+                tl.store(dmask_rows[:, None] + offs_n[None, :], (ds * dmask_scale).to(dmask_rows.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
     return dq
 
 
@@ -729,56 +748,15 @@ def _attn_bwd_dq(
     keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(Sk, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N, Sk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Sk
-        full_hi = Sk // BLOCK_N * BLOCK_N
     # Trimmed to the row's non-hidden key tiles, as in the forward.
-    if TILE_CLS:
-        cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
-        t_lo, t_hi = _live_range(cls_row, stride_cn, tl.cdiv(Sk, BLOCK_N))
-        n_lo = t_lo * BLOCK_N
-        n_hi = t_hi * BLOCK_N
-        lo1 = n_lo
-        hi1 = tl.minimum(full_hi, n_hi)
-        lo2 = tl.maximum(full_hi, n_lo)
-        hi2 = tl.minimum(hi, n_hi)
-    else:
-        cls_row = Cls
-        lo1 = 0
-        hi1 = full_hi
-        lo2 = full_hi
-        hi2 = hi
-    for start_n in range(lo1, hi1, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
-                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, _LAZY,
-                              INTERPRET)
-        else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
-                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, False, MASK_GRAD, SKIP,
-                          INTERPRET)
-    for start_n in range(lo2, hi2, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
-        if DROPKEY:
-            if kept:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n,
-                              offs_m, row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                              BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, _LAZY,
-                              INTERPRET)
-        else:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, kept, need, start_n, offs_m,
-                          row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale, dmask_scale,
-                          BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, True, MASK_GRAD, SKIP,
-                          INTERPRET)
+    cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
+    n_lo, n_hi = _live_span(cls_row, stride_cn, Sk, BLOCK_N, TILE_CLS)
+    # Stage 0: the key tiles that need no mask; stage 1: the diagonal band and the ragged end.
+    for stage in tl.static_range(2):
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo,
+                       n_hi, Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale,
+                       block_k, BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
+                       stage == 1, MASK_GRAD, SKIP, INTERPRET)
 
     dq = dq * dq_scale
     tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
