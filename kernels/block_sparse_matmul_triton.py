@@ -211,6 +211,14 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
     cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok, second_keep=second_keep)
     if not any(runtime.is_traced(t) for t in operands):
         return _TUNER.pick(key, cands, lambda c: run(c, *operands))
+    if not _TUNER.timed(len(cands)) or runtime.has_symbolic_sizes(operands):
+        # While tracing and not timing (or with sizes that stand-ins cannot reproduce, since
+        # ``run`` closes over the symbolic ones): the first candidate whose buffers fit the
+        # device's shared memory, without compiling it here. The compiled graph compiles what
+        # it launches; a trial compile now would only double the compile time.
+        device = next(t.device for t in operands if isinstance(t, Tensor))
+        elem = torch.empty((), dtype=dtype).element_size()
+        return _TUNER.first_that_fits(key, cands, lambda c: _fits_shared_memory(kind, c, elem, device))
     with runtime.real_tensors():
         standins = tuple(_standin(t) for t in operands)
         return _TUNER.pick(key, cands, lambda c: run(c, *standins))
@@ -372,12 +380,27 @@ def _persistent_programs(device: torch.device, occ_key: tuple, cfg: KernelConfig
     sms, smem, regs = runtime.sm_resources(device)
     per_sm = _OCCUPANCY.get(occ_key)
     if per_sm is None:
-        # sdd's pipeline buffers (g and b tiles per stage) plus a TMA epilogue tile; ~168
-        # registers a thread for a 128 x 128 fp32 accumulator over 4 warps.
-        tile_bytes = (cfg.tile_m * cfg.tile_n + cfg.tile_n * cfg.tile_k) * elem_size
-        shared = cfg.stages * tile_bytes + (cfg.tile_m * cfg.tile_k * elem_size if cfg.tma else 0)
+        # ~168 registers a thread for a 128 x 128 fp32 accumulator over 4 warps.
+        shared = _shared_estimate("sdd", cfg, elem_size)
         per_sm = max(1, min(smem // (shared + 1024), regs // (cfg.warps * 32 * 168)))
     return sms * per_sm
+
+
+def _shared_estimate(kind: str, cfg: KernelConfig, elem_size: int) -> int:
+    """Bytes of shared memory a config's program needs, estimated from its tiles: the two
+    operand tiles per pipeline stage, plus the output tile a TMA epilogue stores from."""
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    operands, out = {"dsd": (tm * tk + tk * tn, tm * tn),  # a (m, k), b (k, n); out (m, n)
+                     "sdd": (tm * tn + tn * tk, tm * tk),  # g (m, n), b (n, k); out (m, k)
+                     "dsd_tn": (tm * tk + tm * tn, tk * tn)}[kind]  # a (m, k), g (m, n); out (k, n)
+    return (cfg.stages * operands + (out if cfg.tma else 0)) * elem_size
+
+
+def _fits_shared_memory(kind: str, cfg: KernelConfig, elem_size: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    _, smem, _ = runtime.sm_resources(device)
+    return _shared_estimate(kind, cfg, elem_size) + 1024 <= smem  # 1 KiB per block is the driver's
 
 
 def _record_occupancy(device: torch.device, occ_key: tuple, compiled, cfg: KernelConfig) -> None:

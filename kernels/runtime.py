@@ -65,6 +65,12 @@ def known(expr) -> bool:
     return statically_known_true(expr)
 
 
+def has_symbolic_sizes(tensors) -> bool:
+    """Whether any of ``tensors`` (other items are skipped) has a symbolic size or stride."""
+    return any(isinstance(n, torch.SymInt) for t in tensors if isinstance(t, Tensor)
+               for n in (*t.shape, *t.stride()))
+
+
 def is_traced(t: Tensor | None) -> bool:
     """Whether ``t`` is a fake (or functional-over-fake) tensor of a graph being traced."""
     return t is not None and is_fake(t)
@@ -276,17 +282,29 @@ class Tuner:
         self.tie, self.prefer = tie, prefer
 
     @staticmethod
-    def _timed(n_candidates: int) -> bool:
+    def timed(n_candidates: int) -> bool:
+        """Whether a pick among ``n_candidates`` times them (else: the first that runs)."""
         return autotune_enabled() and n_candidates > 1 and not INTERPRET
 
     def cached(self, key: tuple, n_candidates: int = 2) -> KernelConfig | None:
         """The config already picked for ``key`` under the current policy, if any."""
-        return self.best.get((key, self._timed(n_candidates)))
+        return self.best.get((key, self.timed(n_candidates)))
+
+    def first_that_fits(self, key: tuple, candidates: Sequence[KernelConfig],
+                        fits: Callable[[KernelConfig], bool]) -> KernelConfig:
+        """The first candidate ``fits`` accepts, picked without running any (kept as the
+        untimed choice for ``key``)."""
+        for c in candidates:
+            if fits(c):
+                self.best[(key, False)] = c
+                return c
+        raise RuntimeError(f"sparsedrop: no kernel config for {key} fits this device's shared memory: "
+                           + ", ".join(str(c) for c in candidates) + ". Use kernel='reference'.")
 
     def pick(self, key: tuple, candidates: Sequence[KernelConfig], run: Callable[[KernelConfig], None]) -> KernelConfig:
         """The config for ``key``; ``run(cfg)`` launches one on real tensors (stand-ins while
         tracing). The caller launches the chosen config on its own tensors afterwards."""
-        timed = self._timed(len(candidates))
+        timed = self.timed(len(candidates))
         cfg = self.best.get((key, timed))
         if cfg is not None:
             return cfg

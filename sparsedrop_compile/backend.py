@@ -98,12 +98,35 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig)
     if config.inner == "eager":
         return gm.forward
     if config.inner == "aot_eager":
-        from torch._dynamo.backends.registry import lookup_backend
-
-        return lookup_backend("aot_eager")(gm, example_inputs)
+        return _aot_eager(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(config.mode)) if config.mode else {}
     patches.update(config.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _aot_eager(gm: fx.GraphModule, example_inputs):
+    """torch's aot_eager, except that each forward and backward graph sets Triton's scratch
+    allocator before it runs. Traced-into kernels that build TMA descriptors on the device need
+    one, Triton keeps it per thread, and the autograd engine runs backward on a thread of its
+    own; Inductor's generated code sets it before each launch, aot_eager's replay does not."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    from sparsedrop_compile.kernels.runtime import set_scratch_allocator
+
+    def compiler(fx_g, inputs):
+        compiled = boxed_nop(fx_g, inputs)
+
+        def run(args):
+            set_scratch_allocator()
+            return compiled(args)
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=min_cut_rematerialization_partition,
+                        keep_inference_input_mutations=True)(gm, example_inputs)

@@ -216,3 +216,44 @@ def test_kernel_configs_are_timed_only_when_autotuning_is_asked_for(monkeypatch)
     torch.compile(lambda x: x + 3, backend="sparsedrop", options={"autotune": True})(x)
     assert seen == [True, False, True]
     assert not runtime.autotune_enabled()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic):
+    """While a graph is traced and configs are not timed (or sizes are symbolic, which stand-ins
+    cannot reproduce), a launcher takes the first candidate that fits the device's shared memory
+    and compiles nothing: the compiled graph compiles what it launches."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
+    from sparsedrop_compile.kernels import runtime
+
+    def run(cfg, *operands):
+        raise AssertionError("a config was launched while tracing")
+
+    real_a = torch.randn(1, 64, 48)
+    with FakeTensorMode(shape_env=ShapeEnv() if dynamic else None) as mode:
+        dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3) if dynamic else None
+        a = mode.from_tensor(real_a, symbolic_context=dims)
+        b = torch.empty(1, 48, 32)
+        keep = torch.empty(1, 2, 2, dtype=torch.bool)
+        assert runtime.has_symbolic_sizes([a]) == dynamic
+        M, K, N = a.shape[1], a.shape[2], 32
+        key = ("test_dsd", dynamic)
+        cfg = bsm._choose("dsd", key, M, N, K, (32, 32), a.dtype, False, None, run, (a, b, keep, None, None, None))
+    assert cfg in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
+    assert bsm._TUNER.cached(key) == cfg
+
+    # The fit: two operand tiles per stage (+ the TMA epilogue's output tile) against the SM's
+    # shared memory, here a GPU of 64 KiB.
+    monkeypatch.setattr(runtime, "sm_resources", lambda device: (100, 64 * 1024, 65536))
+    cuda = torch.device("cuda", 0)
+    big, small = runtime.KernelConfig(128, 128, 64, stages=4), runtime.KernelConfig(64, 64, 64, stages=3)
+    assert bsm._shared_estimate("dsd", big, 2) == 4 * (128 * 64 + 64 * 128) * 2
+    assert not bsm._fits_shared_memory("dsd", big, 2, cuda) and bsm._fits_shared_memory("dsd", small, 2, cuda)
+    tuner = runtime.Tuner()
+    fits = lambda c: bsm._fits_shared_memory("dsd", c, 2, cuda)  # noqa: E731
+    assert tuner.first_that_fits("k", [big, small], fits) == small and tuner.cached("k") == small
+    with pytest.raises(RuntimeError, match="fits this device's shared memory"):
+        tuner.first_that_fits("k2", [big], fits)
