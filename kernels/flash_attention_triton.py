@@ -226,6 +226,9 @@ class _Problem:
             q, k, v, keep = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), keep.unsqueeze(0)
         self.q, self.k, self.v = (_unit_last(t) for t in (q, k, v))
         self.B, self.H, self.Sq, self.D = q.shape
+        # The head dim is a constexpr of the kernels (compiled per head dim): under dynamic
+        # shapes the pass has already specialised it (passes.dropout_sdpa.static_head_dim).
+        self.D = int(self.D)
         self.H_kv, self.Sk = k.shape[1], k.shape[2]
         if self.H != self.H_kv and not enable_gqa:
             raise ValueError(f"sparsedrop attention: q has {self.H} heads and k/v {self.H_kv}; pass enable_gqa=True")
