@@ -430,6 +430,12 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     Entries are in increasing order; index[l, counts[l]:] is left unwritten. The index is int16
     when entries fit (see below), else int32.
 
+    The buffers are flat and one entry longer than the lists (counts (n_lines + 1,), index
+    (n_lines * line_len + 1,), line l at l * line_len; the last entry is never used): a dim that
+    is a bare block count may be 1, and when a traced launch is functionalised, torch's
+    contiguity checks on the kernel's outputs would guard on that (one recompile per side of
+    one block), as a padded keep avoids for the flags.
+
     With ``order=True`` returns (counts, index, order): order (int32, n_lines) lists the lines
     by kept count, descending (ties by line number), computed in the same launch; order is None
     when the mask is too large for that (see _ORDER_MAX_FLAG_READS).
@@ -449,16 +455,16 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     else:
         raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
     device = keep.device
-    counts = torch.empty(n_lines, dtype=torch.int32, device=device)
+    counts = torch.empty(n_lines + 1, dtype=torch.int32, device=device)
     lines, length = hint(n_lines), hint(line_len)
     with_order = order and lines > 0 and length > 0 and lines * lines * length <= _ORDER_MAX_FLAG_READS
-    order_t = torch.empty(n_lines, dtype=torch.int32, device=device) if with_order else None
+    order_t = torch.empty(n_lines + 1, dtype=torch.int32, device=device) if with_order else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
     # would be pipelined as a load of its own and split the stages between the two levels of
     # indirection, leaving the tile loads only one iteration ahead (2 smem buffers, not 3-4).
     index_dtype = torch.int16 if known(line_len <= 2**15 - 1) else torch.int32
-    index = torch.empty((n_lines, line_len), dtype=index_dtype, device=device)
+    index = torch.empty(n_lines * line_len + 1, dtype=index_dtype, device=device)
     if not known(n_lines == 0):
         # Entries per step, for the compaction and the ranking alike: the line length rounded
         # up to a power of two, 16 to 1024 (any value is correct; this one is fast).
@@ -675,7 +681,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         with runtime.device_guard(a):
             launch(_dsd_tn_kernel)[grid](
                 a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
-                B, Bo, M, N, K, n_rblk, n_cblk, index.shape[1], Bo * n_cblk,
+                B, Bo, M, N, K, n_rblk, n_cblk, n_rblk if batched_out else B * n_rblk, Bo * n_cblk,
                 *_strides(a, cfg.tma), *_strides(grad, cfg.tma), *_strides(out, out_desc),
                 *(grad_keep if grad_keep is not None else keep).stride(),
                 float(scale),

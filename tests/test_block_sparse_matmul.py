@@ -181,19 +181,26 @@ def test_explicit_tile_split_config():
     _assert_close(tri.dsd_tn(a, g, keep, 1.2, block, False, config=cfg), ref.reference_dsd_tn(*_d(a, g), keep, 1.2, block, False), dtype)
 
 
+def _lists(keep, by, line_len, **kw):
+    """kept_lists' flat buffers (one spare entry) as (n_lines,) counts and (n_lines, line_len) index."""
+    counts, index, *order = tri.kept_lists(keep, by, **kw)
+    assert counts.dim() == index.dim() == 1 and (index.numel() - 1) == (counts.numel() - 1) * line_len
+    return (counts[:-1], index[:-1].view(-1, line_len), *(o[:-1] for o in order))
+
+
 def test_kept_lists():
     gen = torch.Generator().manual_seed(8)
     keep = (torch.rand(3, 5, 7, generator=gen) > 0.5).to(DEVICE)
-    counts, index = tri.kept_lists(keep, "row")
+    counts, index = _lists(keep, "row", 7)
     for line, flags in enumerate(keep.reshape(-1, 7)):
         kept = flags.nonzero().flatten().tolist()
         assert counts[line].item() == len(kept)
         assert index[line, : len(kept)].tolist() == kept
-    counts, index = tri.kept_lists(keep, "col_sum")
+    counts, index = _lists(keep, "col_sum", 15)
     for c in range(7):
         kept = keep[:, :, c].reshape(-1).nonzero().flatten().tolist()  # entries b * nR + r
         assert counts[c].item() == len(kept) and index[c, : len(kept)].tolist() == kept
-    counts, index = tri.kept_lists(keep, "col")
+    counts, index = _lists(keep, "col", 5)
     for line in range(3 * 7):
         bat, c = divmod(line, 7)
         kept = keep[bat, :, c].nonzero().flatten().tolist()
@@ -336,7 +343,7 @@ def test_kept_lists_order():
     keep = (torch.rand(3, 5, 7, generator=gen) > 0.5).to(DEVICE)
     for by, lines in (("row", keep.reshape(15, 7)), ("col", keep.transpose(1, 2).reshape(21, 5)),
                       ("col_sum", keep.permute(2, 0, 1).reshape(7, 15))):
-        counts, _, order = tri.kept_lists(keep, by, order=True)
+        counts, _, order = _lists(keep, by, lines.shape[1], order=True)
         c = lines.sum(1).tolist()
         assert counts.tolist() == c
         assert order.tolist() == sorted(range(len(c)), key=lambda l: (-c[l], l)), by

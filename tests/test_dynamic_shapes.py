@@ -242,3 +242,44 @@ def test_no_more_graphs_than_aot_eager_when_the_ops_are_traced_into():
     assert [r[0] for r in rows] == sorted(CASES), out.stdout
     for name, ours, theirs, fused in rows:
         assert int(fused) == FUSED.get(name, 1) and int(ours) == int(theirs) == 1, (name, ours, theirs, fused)
+
+
+@pytest.mark.parametrize("dynamic_dims", ["rows", "k", "n", "all"])
+def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims):
+    """The three matmul launchers on fake tensors with symbolic sizes (as torch.compile traces
+    them on a GPU) add no guard to the shape env, also when every tensor handed to a kernel is
+    cloned, as functionalising the launch does (a tensor with a dim that is a bare block count
+    would guard on that count being 1: one recompile per side of one block)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
+    from sparsedrop_compile.kernels.block_mask import cdiv
+
+    class CloningLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: [t.clone() for t in args if isinstance(t, torch.Tensor)]
+
+    monkeypatch.setattr(bsm, "launch", lambda kernel: CloningLaunch())
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    which = {"rows": (1, 0, 0), "k": (0, 1, 0), "n": (0, 0, 1), "all": (1, 1, 1)}[dynamic_dims]
+    dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if d else DimDynamic.STATIC for d in which])
+    sizes = mode.from_tensor(torch.empty(40, 72, 24), symbolic_context=dims)
+    with mode:
+        M, K, N = sizes.shape
+        a, g, b_kn = torch.randn(1, M, K), torch.randn(1, M, N), torch.randn(1, K, N)
+        keep = torch.ones(1, cdiv(M, 16) + 1, cdiv(K, 16) + 1, dtype=torch.bool)  # padded, as graphs draw them
+        out_keep = torch.ones(1, cdiv(M, 16) + 1, cdiv(N, 16) + 1, dtype=torch.bool)
+        calls = {
+            "dsd": lambda: bsm.dsd(a, b_kn, keep, 1.25, (16, 16), _supported=True),
+            "dsd out_keep": lambda: bsm.dsd(a, b_kn, keep, 1.25, (16, 16), out_keep=out_keep, _supported=True),
+            "sdd": lambda: bsm.sdd(g, b_kn, keep, 1.25, (16, 16), _supported=True),
+            "sdd reduce_keep": lambda: bsm.sdd(g, b_kn, keep, 1.25, (16, 16), reduce_keep=out_keep, _supported=True),
+            "dsd_tn": lambda: bsm.dsd_tn(a, g, keep, 1.25, (16, 16), False, _supported=True),
+            "dsd_tn batched": lambda: bsm.dsd_tn(a, g, keep, 1.25, (16, 16), True, _supported=True),
+            "dsd_tn grad_keep": lambda: bsm.dsd_tn(a, g, keep, 1.25, (16, 16), False, grad_keep=out_keep, _supported=True),
+        }
+        for name, call in calls.items():
+            call()
+            assert not env.guards, (name, [str(guard.expr) for guard in env.guards])
