@@ -422,15 +422,18 @@ def _sdd_kernel(
         split = False
         if SPLIT_TAIL:
             split = 2 * rest <= S
+        # Triton compiles the split branch even without SPLIT_TAIL (it never runs then): its
+        # tiles stay whole there, the shape b_half (= b) was built for.
+        HALF_K: tl.constexpr = TILE_K // (1 + SPLIT_TAIL)
         if split:
             if pid < 2 * rest:
                 bat, m0, k0 = _sdd_kept_unit(rounds * S + pid // 2, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,
                                              BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_K, LINES)
-                k0 = k0 + (pid % 2) * (TILE_K // 2)
+                k0 = k0 + (pid % 2) * HALF_K
                 _sdd_tile(g, b_half, out_ptr, out_ptr, bias_ptr, red_count_ptr, red_index_ptr, bat, bat % Bb, m0, k0, (m0 < M) & (k0 < K),
                           M, N, K, n_rblk, n_red_blk,
                           stride_gb, stride_gm, stride_gn, stride_bb, stride_bk, stride_bn, stride_ob, stride_om, stride_ok,
-                          stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, TILE_K // 2, MASK_M, MASK_N, MASK_K,
+                          stride_bias, scale, bias_scale, BLOCK_ROWS, BLOCK_COLS, TILE_M, TILE_N, HALF_K, MASK_M, MASK_N, MASK_K,
                           USE_TMA, B_K_CONTIG, False, PRECISION, UPCAST, HAS_BIAS, RED_KEEP)
         else:
             if pid < rest:

@@ -570,8 +570,20 @@ def test_gpu_every_candidate_config(kind, M, K, N):
     """Each config the tuner may pick (TMA and pointer variants) gives the right answer: on an
     aligned shape, on a ragged one whose rows are still 16-byte aligned (TMA descriptors zero
     fill the ragged last mask blocks), and on an unaligned one (pointer loads only)."""
-    block = (128, 128)
-    a, b, g, keep = _gpu_problem(1, 1, M, K, N, block, 0.3)
+    _check_every_config(kind, M, K, N, (128, 128), b_transposed=True)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["dsd", "sdd", "dsd_tn"])
+@pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"])
+def test_gpu_every_candidate_config_small_blocks(kind, b_transposed):
+    """The same with 16 x 16 mask blocks (tiles clamped to 16, the persistent sdd's tail not
+    split) and b in both layouts (a linear's weight.T and a batched matmul's operand)."""
+    _check_every_config(kind, 1000, 1096, 520, (16, 16), b_transposed)
+
+
+def _check_every_config(kind, M, K, N, block, b_transposed):
+    a, b, g, keep = _gpu_problem(1, 1, M, K, N, block, 0.3, b_transposed=b_transposed)
     expected = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, 1.5, block, False)))[kind]
     tma_possible = runtime.tma_enabled(a.device)
     configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
