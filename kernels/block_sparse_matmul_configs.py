@@ -1,0 +1,206 @@
+"""Block-sparse matmuls' kernel configs: the candidate lists (best guess first) and the choice
+among them, per problem key.
+
+By default the first candidate that runs (an eager call) or, while a graph is traced, the first
+whose buffers fit the GPU's shared memory, without compiling it (the compiled graph compiles
+what it launches). With autotuning on (``mode="max-autotune"``, the backend's ``autotune``
+option, ``SPARSEDROP_AUTOTUNE=1``) the fastest, timed once per key; while traced, on stand-in
+tensors of the same (static) shapes (``runtime.Tuner``). Launchers in
+``block_sparse_matmul_triton.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NoReturn
+
+import torch
+from torch import Tensor
+
+from . import runtime
+from .block_mask import cdiv
+from .runtime import KernelConfig, hint, interpreting, next_pow2
+
+
+def _fail(name: str, msg: str) -> NoReturn:
+    """Raise a launcher's input error. Callers test the condition first and format ``msg`` only
+    when it fails: formatting every message on every call cost more than the checks."""
+    raise ValueError(f"sparsedrop {name}: {msg}")
+
+
+# =========================================================================== configs
+# Ordered best-first by expectation on H100/H200 for bf16 at ~4k sizes; the first one that fits
+# is used without timing when tuning is off or a CUDA graph is being captured. Kept short so the
+# first training step compiles few variants (report 3.3: forward and backward tiles differ).
+# A 128 x 128 output tile with 3 stages (96 KB of shared memory, ~154 registers a thread) lets two
+# CTAs share an SM, so one's epilogue and pipeline fill hide under the other's main loop; the
+# 128 x 256 tiles reuse more per byte loaded but run one CTA per SM.
+_BASE_CONFIGS_16 = {
+    # out M x N, reduce K over the kept column blocks
+    "dsd": [
+        (128, 128, 64, 3, 4),
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 256, 64, 4, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+    ],
+    # out M x K (inside one mask block), reduce N densely
+    "sdd": [
+        (128, 64, 128, 3, 4),
+        (128, 64, 128, 4, 8),
+        (128, 64, 128, 4, 4),
+        (128, 128, 128, 3, 8),
+        (64, 64, 128, 4, 4),
+        (128, 64, 64, 4, 4),
+    ],
+    # out K x N, reduce M over the kept row blocks
+    "dsd_tn": [
+        (64, 128, 128, 3, 4),
+        (64, 256, 128, 3, 8),
+        (64, 128, 128, 4, 4),
+        (64, 256, 128, 4, 8),
+        (64, 64, 128, 4, 4),
+        (64, 128, 64, 4, 4),
+    ],
+}
+# fp32 tiles take twice the shared memory per element: shorter reduction steps, fewer stages.
+_BASE_CONFIGS_32 = {
+    "dsd": [(128, 128, 32, 3, 8), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4)],
+    "sdd": [(128, 32, 128, 3, 8), (64, 32, 64, 3, 4), (64, 32, 128, 3, 4)],
+    "dsd_tn": [(32, 128, 128, 3, 8), (32, 64, 64, 3, 4), (32, 128, 64, 3, 4)],
+}
+_MAX_CANDIDATES = 8
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides n and is <= cap (n is a multiple of 16 here)."""
+    d = 16
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _fit_dim(extent: int, tile: int, floor: int = 16) -> int:
+    """Shrink a tile toward a small extent: no point in a 256-wide tile over 45 columns."""
+    return max(floor, min(tile, next_pow2(max(extent, 1))))
+
+
+def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False,
+                      second_keep: bool = False) -> list[KernelConfig]:
+    """The short, shape-pruned config list for one kernel and problem, best guess first.
+
+    Tiles are clamped so tile_m divides the block rows and tile_k the block columns, and shrunk
+    toward small problem extents; duplicates are dropped. ``second_keep``: the call has a second
+    mask over the N dim (sdd's ``reduce_keep``, dsd's ``out_keep``, dsd_tn's ``grad_keep``), so
+    tile_n must divide the block columns too.
+    """
+    if kind not in _BASE_CONFIGS_16:
+        raise ValueError(f"candidate_configs: kind={kind!r}, expected one of {sorted(_BASE_CONFIGS_16)}")
+    br, bc = block
+    if interpreting():
+        # The interpreter runs numpy per program: one small config keeps the tests fast.
+        tn = min(_fit_dim(N, 32), _pow2_divisor(bc, 32)) if second_keep else _fit_dim(N, 32)
+        return [KernelConfig(_pow2_divisor(br, 32), tn, _pow2_divisor(bc, 32), 1, 4, 4, False)]
+    base = (_BASE_CONFIGS_32 if dtype == torch.float32 else _BASE_CONFIGS_16)[kind]
+    out_rows, out_cols = {"dsd": (M, N), "sdd": (M, K), "dsd_tn": (K, N)}[kind]
+    # With at least ~2 waves of 128 x 128 output tiles, smaller tiles only lose reuse.
+    big = cdiv(out_rows, 128) * cdiv(out_cols, 128) >= 256
+    out: list[tuple[KernelConfig, int]] = []
+    for tm, tn, tk, stages, warps in base:
+        tm = min(_pow2_divisor(br, tm), _fit_dim(M, tm))
+        tk = min(_pow2_divisor(bc, tk), _fit_dim(K, tk))
+        tn = min(_fit_dim(N, tn), _pow2_divisor(bc, tn)) if second_keep else _fit_dim(N, tn)
+        # Two warpgroups only pay on a 128 x 128 output tile or larger (each wgmma takes 64 rows).
+        out_tile = {"dsd": tm * tn, "sdd": tm * tk, "dsd_tn": tk * tn}[kind]
+        if out_tile < 128 * 128 and warps > 4:
+            warps = 4
+        cfg = KernelConfig(tm, tn, tk, stages, warps, 8, tma)
+        if all(cfg != c for c, _ in out):
+            out.append((cfg, out_tile))
+    large = [c for c, area in out if area >= 128 * 128]
+    out = large if big and large else [c for c, _ in out]
+    if tma:
+        # TMA usually wins on Hopper, but time the two best pointer variants against it too.
+        out = out[: _MAX_CANDIDATES - 4] + [dataclasses.replace(c, tma=False) for c in out[:2]]
+    # The work-balanced schedule of the two best tilings goes first: at p = 0 it should cost
+    # about what grid order does, with dropped blocks it is what makes time scale with (1 - p)
+    # (the tuner also prefers it on near ties; see _Tuner.pick).
+    out = [dataclasses.replace(c, balance=True) for c in out[:2]] + out
+    return out[:_MAX_CANDIDATES]
+
+
+
+
+# =========================================================================== tuning
+# Tuning runs once per key, on a stand-in mask (p = 0.1) or whatever mask the first eager call
+# brings (often p = 0, where every tile costs the same and grid order loses nothing); the choice
+# is kept for all later masks, where the balanced schedule is the one that scales. So a balanced
+# config within _BALANCE_TIE of the fastest is taken instead of it.
+_BALANCE_TIE = 0.03
+_TUNER = runtime.Tuner(tie=_BALANCE_TIE, prefer=lambda c: c.balance)
+_STANDIN_P = 0.1
+
+
+def tuned_configs() -> dict[tuple, KernelConfig]:
+    """The configs chosen so far in this process, by problem key (for logs and benchmarks); a
+    timed choice wins over an untimed one for the same key."""
+    chosen = sorted(_TUNER.best.items(), key=lambda item: item[0][1])  # untimed first, timed overwrite
+    return {key: cfg for (key, _timed), cfg in chosen}
+
+
+def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: KernelConfig | None,
+            run: Callable[..., None], operands: tuple, second_keep: bool = False) -> KernelConfig:
+    """The config to launch: ``config`` if given (checked), else the tuned one for ``key``
+    (which must tell calls with a ``second_keep`` apart: see candidate_configs).
+
+    ``run(cfg, *operands)`` launches one config; while the operands are traced the candidates
+    are timed on real stand-ins of them instead (``runtime.standin``).
+    """
+    if config is not None:
+        if not (config.tile_m > 0 and block[0] % config.tile_m == 0 and block[1] % config.tile_k == 0):
+            _fail(kind, f"config {config} must have tile_m dividing block rows {block[0]} and tile_k dividing block cols {block[1]}")
+        if second_keep and block[1] % config.tile_n:
+            _fail(kind, f"config {config} must have tile_n dividing block cols {block[1]} (a second mask lies over N)")
+        if config.tma and not tma_ok:
+            _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
+        return config
+    cfg = _TUNER.cached(key)
+    if cfg is not None:
+        return cfg
+    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok, second_keep=second_keep)
+    if not any(runtime.is_traced(t) for t in operands):
+        return _TUNER.pick(key, cands, lambda c: run(c, *operands))
+    if not _TUNER.timed(len(cands)) or runtime.has_symbolic_sizes(operands):
+        # While tracing and not timing (or with sizes that stand-ins cannot reproduce, since
+        # ``run`` closes over the symbolic ones): the first candidate whose buffers fit the
+        # device's shared memory, without compiling it here. The compiled graph compiles what
+        # it launches; a trial compile now would only double the compile time.
+        device = next(t.device for t in operands if isinstance(t, Tensor))
+        elem = torch.empty((), dtype=dtype).element_size()
+        return _TUNER.first_that_fits(key, cands, lambda c: _fits_shared_memory(kind, c, elem, device))
+    with runtime.real_tensors():
+        standins = tuple(_standin(t) for t in operands)
+        return _TUNER.pick(key, cands, lambda c: run(c, *standins))
+
+
+def _standin(t):
+    if isinstance(t, Tensor) and t.dtype == torch.bool:  # a keep mask: blocks kept with prob. 1 - p
+        return torch.rand([hint(s) for s in t.shape], device=t.device) >= _STANDIN_P
+    return runtime.standin(t) if isinstance(t, Tensor) else t
+
+
+def _shared_estimate(kind: str, cfg: KernelConfig, elem_size: int) -> int:
+    """Bytes of shared memory a config's program needs, estimated from its tiles: the two
+    operand tiles per pipeline stage, plus the output tile a TMA epilogue stores from."""
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    operands, out = {"dsd": (tm * tk + tk * tn, tm * tn),  # a (m, k), b (k, n); out (m, n)
+                     "sdd": (tm * tn + tn * tk, tm * tk),  # g (m, n), b (n, k); out (m, k)
+                     "dsd_tn": (tm * tk + tm * tn, tk * tn)}[kind]  # a (m, k), g (m, n); out (k, n)
+    return (cfg.stages * operands + (out if cfg.tma else 0)) * elem_size
+
+
+def _fits_shared_memory(kind: str, cfg: KernelConfig, elem_size: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    _, smem, _ = runtime.sm_resources(device)
+    return _shared_estimate(kind, cfg, elem_size) + 1024 <= smem  # 1 KiB per block is the driver's
