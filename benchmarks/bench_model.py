@@ -76,6 +76,9 @@ from sparsedrop_compile import harness
 from sparsedrop_compile.harness import time_calls, train_step
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by path
+import ideal_speedup as ideal  # noqa: E402
+
 MODELS = ("t5", "bert", "gpt2")
 DEFAULT_P = 0.1  # every dropout's default in T5, BERT and GPT-2
 # Headline first, then the end points, so a run cut by the budget still shows the trend.
@@ -98,13 +101,17 @@ FIELDS = [
     "gpu", "torch", "transformers", "triton", "cuda", "model", "params_m", "batch", "seq", "dec_seq", "p",
     "backend", "compiler", "mode", "block_size", "median_ms", "min_ms", "max_ms", "steps", "speedup_vs_inductor",
     "peak_mem_mb", "base_mem_mb", "mem_ratio_vs_inductor", "compile_s", "graphs", "loss_first", "loss_last",
-    "sites_rewritten", "sites_total", "sites_detail", "error", "time_utc",
+    "sites_rewritten", "sites_total", "sites_detail",
+    # issue 12's physical limit (see ideal_speedup.py): the Inductor row's matmul / attention kernel
+    # time per step, the sparsedrop row's skipped shares of that work and the limit's speed-up
+    "matmul_ms", "attention_ms", "matmul_skip_share", "attention_skip_share", "ideal_speedup", "ideal_basis",
+    "error", "time_utc",
 ]
 # Rows of an earlier run stay in the CSV only when these match the current settings.
 SETTING_KEYS = ("torch", "triton", "transformers", "batch", "seq", "dec_seq", "compiler", "mode", "block_size")
 # Columns read back as text; the others are numbers.
 TEXT_FIELDS = ("gpu", "torch", "transformers", "triton", "cuda", "model", "backend", "compiler", "mode",
-               "sites_detail", "error", "time_utc")
+               "sites_detail", "ideal_basis", "error", "time_utc")
 
 
 def log(*args) -> None:
@@ -185,8 +192,9 @@ def sparsedrop_options(args) -> dict:
 
 
 # --------------------------------------------------------------------------- explain
-def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> dict:
-    """Sites rewritten / total at the default p, as CSV fields; the full table goes to a text file."""
+def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> tuple[dict, sd.ExplainReport]:
+    """Sites rewritten / total at the default p, as CSV fields, and the report; the full table
+    goes to a text file."""
     model = make_model(name, DEFAULT_P, args, args.seed)
     batch = make_batch(model, name, shape, args, args.seed)
     # No "inner": explain then runs the rewritten graph eagerly; the decisions are the same.
@@ -206,7 +214,39 @@ def explain_model(name: str, shape: tuple, args, out_dir: Path, stem: str) -> di
     path.write_text(f"{name} (size={args.size}, p={DEFAULT_P}, block_size={args.block_size}, batch {shape_str(shape)})\n"
                     f"{report}\n")
     log(f"  explain {name}: {len(report.rewritten)}/{len(report.sites)} dropout sites rewritten ({detail}); table: {path}")
-    return {"sites_rewritten": len(report.rewritten), "sites_total": len(report.sites), "sites_detail": detail}
+    return {"sites_rewritten": len(report.rewritten), "sites_total": len(report.sites), "sites_detail": detail}, report
+
+
+def flops_by_module(name: str, shape: tuple, args) -> tuple[dict[str, int], dict[str, int]]:
+    """Matmul and attention FLOPs of one eager forward + backward, per module (ideal_speedup.py)."""
+    model = make_model(name, DEFAULT_P, args, args.seed)
+    batch = make_batch(model, name, shape, args, args.seed)
+    try:
+        with harness.bf16_autocast(args.device):
+            return ideal.module_flops(model, lambda: model(**batch).loss.backward())
+    finally:
+        del model, batch
+        free_memory(args.device)
+
+
+def set_ideal(rows: list[dict], model: str, p: float, sd_row: dict, report, flops) -> None:
+    """The sparsedrop row's skipped shares (from explain's sites at p) and ideal speed-up, from
+    the Inductor rows of the same model: at p (step, kernel times) and at p = 0 if measured."""
+    base = find(rows, model, p, "inductor")
+    if report is None or flops is None or not (ok(base) and base.get("matmul_ms") is not None):
+        return
+    mm_share, attn_share = ideal.skipped_shares(report.sites, p, *flops)
+    sd_row.update(matmul_skip_share=round(mm_share, 4), attention_skip_share=round(attn_share, 4))
+    p0 = find(rows, model, 0.0, "inductor")
+    if p == 0:
+        t_base, basis = float(base["median_ms"]), "p = 0: nothing to skip"
+    elif ok(p0):
+        t_base, basis = float(p0["median_ms"]), "inductor p=0 step"
+    else:
+        t_base, basis = float(base["median_ms"]), "inductor step at p (dropout work not subtracted)"
+    sd_row["ideal_speedup"] = round(ideal.ideal_speedup(float(base["median_ms"]), t_base, float(base["matmul_ms"]),
+                                                        float(base["attention_ms"]), mm_share, attn_share), 3)
+    sd_row["ideal_basis"] = basis
 
 
 def timed_steps(step, args, cudagraphs: bool, row: dict) -> tuple[list[float], list[torch.Tensor]]:
@@ -265,6 +305,8 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
         row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         with host_phase(exclusive=True):
             times, losses = timed_steps(step, args, cudagraphs, row)
+            if backend != "sparsedrop":  # the baseline's matmul and attention time (ideal_speedup.py)
+                row["matmul_ms"], row["attention_ms"] = (round(t, 3) for t in ideal.kernel_ms(step, device))
         row.update(median_ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), max_ms=round(max(times), 3),
                    steps=len(times), loss_first=round(first.item(), 5), loss_last=round(losses[-1].item(), 5))
     finally:
@@ -388,7 +430,7 @@ def fmt(x, spec: str) -> str:
 
 def print_table(rows: list[dict], models: list[str]) -> None:
     log("\nmedian training-step ms (fwd+bwd+AdamW, bf16 autocast); peak GPU MB; speed-up = inductor / sparsedrop")
-    log(f"{'model':5s} {'batch':>12s} {'p':>4s} {'inductor':>9s} {'sparsedrop':>10s} {'speedup':>7s} "
+    log(f"{'model':5s} {'batch':>12s} {'p':>4s} {'inductor':>9s} {'sparsedrop':>10s} {'speedup':>7s} {'ideal':>6s} "
         f"{'mem ind':>8s} {'mem sd':>8s} {'mem x':>6s} {'compile s':>10s}")
     for model in models:
         sub = sorted({float(r["p"]) for r in rows if r["model"] == model})
@@ -400,6 +442,7 @@ def print_table(rows: list[dict], models: list[str]) -> None:
             compile_s = f"{fmt(get(ind, 'compile_s'), '.0f')}/{fmt(get(spd, 'compile_s'), '.0f')}"
             log(f"{model:5s} {shape:>12s} {p:4.1f} {fmt(get(ind, 'median_ms'), '9.1f'):>9s} "
                 f"{fmt(get(spd, 'median_ms'), '10.1f'):>10s} {fmt(get(spd, 'speedup_vs_inductor'), '6.2f') + 'x':>7s} "
+                f"{fmt(get(spd, 'ideal_speedup'), '5.2f') + 'x':>6s} "
                 f"{fmt(get(ind, 'peak_mem_mb'), '8.0f'):>8s} {fmt(get(spd, 'peak_mem_mb'), '8.0f'):>8s} "
                 f"{fmt(get(spd, 'mem_ratio_vs_inductor'), '6.2f'):>6s} {compile_s:>10s}")
     for model in models:
@@ -477,6 +520,8 @@ def run(args) -> int:
 
     rows = load_rows(csv_path, info, args)
     sites: dict[str, dict] = {}
+    reports: dict[str, object] = {}  # explain's report per model, for the ideal speed-up
+    flops: dict[str, tuple] = {}
     for r in rows if args.resume else []:  # without --resume, explain runs again with the current code
         if r.get("sites_total") is not None:
             sites.setdefault(r["model"], {k: r[k] for k in ("sites_rewritten", "sites_total", "sites_detail")})
@@ -501,7 +546,8 @@ def run(args) -> int:
         if model not in sites:
             log(f"[{t_pair - start:5.0f} s] {model}: explain at p={DEFAULT_P}")
             try:
-                sites[model] = explain_model(model, shape, args, out_dir, stem)
+                sites[model], reports[model] = explain_model(model, shape, args, out_dir, stem)
+                flops[model] = flops_by_module(model, shape, args)
             except Exception as exc:  # noqa: BLE001 - the timing is still worth having
                 sites[model] = {"sites_rewritten": None, "sites_total": None,
                                 "sites_detail": f"explain failed: {type(exc).__name__}: {short(exc)}"}
@@ -525,6 +571,12 @@ def run(args) -> int:
             free_memory(device)
             set_ratios(row, find(rows, model, p, "inductor") if backend == "sparsedrop" else row)
             put(rows, row)
+            # Every sparsedrop row of the model again: the Inductor p = 0 row may have just come.
+            for r in [r for r in rows if r["model"] == model and r["backend"] == "sparsedrop" and ok(r)]:
+                try:
+                    set_ideal(rows, model, float(r["p"]), r, reports.get(model), flops.get(model))
+                except Exception as exc:  # noqa: BLE001 - the measured rows stand without it
+                    log(f"  ideal speed-up of {model} p={r['p']} not computed: {type(exc).__name__}: {short(exc)}")
             write_rows(rows, csv_path)
             if ok(row):
                 log(f"  {row['median_ms']:.1f} ms/step (min {row['min_ms']:.1f}), peak {fmt(row.get('peak_mem_mb'), '.0f')} MB, "
