@@ -1018,6 +1018,10 @@ def _worker_init(ctx: Context, threads: int) -> None:
     global _WORKER_CTX
     _WORKER_CTX = ctx
     inductor_config.compile_threads = threads  # the host's cores are shared by N workers
+    # So are torch's intra-op threads: with each worker at the default (every core) the workers'
+    # OpenMP threads outnumber the cores and spin against each other (a CPU run of two workers
+    # took 20x longer per job than one worker).
+    torch.set_num_threads(threads)
 
 
 def _worker_run(job: Job):
