@@ -176,7 +176,7 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         # device's shared memory, without compiling it here. The compiled graph compiles what
         # it launches; a trial compile now would only double the compile time.
         device = next(t.device for t in operands if isinstance(t, Tensor))
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = dtype.itemsize
         return _TUNER.first_that_fits(key, cands, lambda c: _fits_shared_memory(kind, c, elem, device))
     with runtime.real_tensors():
         standins = tuple(_standin(t) for t in operands)

@@ -360,7 +360,7 @@ def _sdd_kernel(
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PERSISTENT: tl.constexpr, SPLIT_TAIL: tl.constexpr, LINES: tl.constexpr,
+    PERSISTENT: tl.constexpr, SPLIT_TAIL: tl.constexpr, HALF_K: tl.constexpr, LINES: tl.constexpr,
     HAS_BIAS: tl.constexpr, RED_KEEP: tl.constexpr,
 ):
     """out[bat] = (scale * (g[bat] [⊙ m_red]) @ b[bat % Bb]ᵀ [+ bias_scale * bias]) ⊙ m.
@@ -392,7 +392,7 @@ def _sdd_kernel(
                                       block_shape=[1, TILE_M, TILE_N])
         b = _sdd_b_desc(b_ptr, Bb, N, K, stride_bb, stride_bk, stride_bn, TILE_N, TILE_K, B_K_CONTIG)
         if SPLIT_TAIL:
-            b_half = _sdd_b_desc(b_ptr, Bb, N, K, stride_bb, stride_bk, stride_bn, TILE_N, TILE_K // 2, B_K_CONTIG)
+            b_half = _sdd_b_desc(b_ptr, Bb, N, K, stride_bb, stride_bk, stride_bn, TILE_N, HALF_K, B_K_CONTIG)
         else:
             b_half = b
     else:
@@ -422,9 +422,9 @@ def _sdd_kernel(
         split = False
         if SPLIT_TAIL:
             split = 2 * rest <= S
-        # Triton compiles the split branch even without SPLIT_TAIL (it never runs then): its
-        # tiles stay whole there, the shape b_half (= b) was built for.
-        HALF_K: tl.constexpr = TILE_K // (1 + SPLIT_TAIL)
+        # HALF_K: TILE_K // 2 with SPLIT_TAIL, else TILE_K. Triton compiles the split branch even
+        # without SPLIT_TAIL (it never runs then): its tiles stay whole there, the shape b_half
+        # (= b) was built for.
         if split:
             if pid < 2 * rest:
                 bat, m0, k0 = _sdd_kept_unit(rounds * S + pid // 2, count_ptr, index_ptr, n_lines, n_rblk, n_cblk,

@@ -444,7 +444,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
                 **masks,
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and grad.dtype == torch.bfloat16,
-                PERSISTENT=persistent, SPLIT_TAIL=split, LINES=max(16, next_pow2(hint(n_lines))) if persistent else 16,
+                PERSISTENT=persistent, SPLIT_TAIL=split, HALF_K=cfg.tile_k // 2 if split else cfg.tile_k, LINES=max(16, next_pow2(hint(n_lines))) if persistent else 16,
                 HAS_BIAS=bias is not None, RED_KEEP=reduce_keep is not None,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
