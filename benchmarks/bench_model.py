@@ -76,8 +76,7 @@ from sparsedrop_compile import harness
 from sparsedrop_compile.harness import time_calls, train_step
 from sparsedrop_compile.models import build_model, example_batch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by path
-import ideal_speedup as ideal  # noqa: E402
+import ideal_speedup as ideal  # noqa: E402  (beside this script: on sys.path as distributed.py imports it too)
 
 MODELS = ("t5", "bert", "gpt2")
 DEFAULT_P = 0.1  # every dropout's default in T5, BERT and GPT-2

@@ -31,6 +31,7 @@ from collections import defaultdict
 import torch
 
 MATMUL_OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
+_CPU_MATMUL_OPS = tuple(op.replace(".", "::", 1) for op in MATMUL_OPS)  # as the profiler names them
 ATTENTION_SKIP = 3 / 7
 # Kernel names (lower case) of matmuls: cuBLAS / cuBLASLt / CUTLASS and Inductor's templates.
 _MATMUL_KERNELS = ("gemm", "xmma", "cutlass", "nvjet", "triton_tem_fused_mm", "triton_tem_fused_addmm",
@@ -116,7 +117,7 @@ def kernel_ms(step, device: str, steps: int = 3) -> tuple[float, float]:
             us = event.self_cpu_time_total
         if any(k in name for k in _ATTENTION_KERNELS):
             attention += us
-        elif (any(k in name for k in _MATMUL_KERNELS) if cuda else name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")):
+        elif (any(k in name for k in _MATMUL_KERNELS) if cuda else name in _CPU_MATMUL_OPS):
             matmul += us
     return matmul / steps / 1000, attention / steps / 1000
 
