@@ -290,12 +290,17 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     sb, sh, sm, sn = pb.mask_strides
     bm, hm = (pb.B if sb else 1), (pb.H if sh else 1)
     sqm, skm = (pb.Sq if sm else 1), (pb.Sk if sn else 1)
-    out = []
+    out, counts = [], []
     for tm, tn in tiles:
-        t = torch.empty(bm, hm, cdiv(sqm, tm), cdiv(skm, tn), device=pb.q.device, dtype=torch.int8)
+        # One tile more in each of the last two dims than the kernels read (block_mask.padded):
+        # a dim that is a bare tile count may be 1, and functionalising the traced launch clones
+        # the buffer, whose contiguity check would guard on that (a recompile at one tile).
+        n_m, n_n = cdiv(sqm, tm), cdiv(skm, tn)
+        t = torch.empty(bm, hm, n_m + 1, n_n + 1, device=pb.q.device, dtype=torch.int8)
         st = t.stride()
         out.append(_TileClasses(t, (st[0] if sb else 0, st[1] if sh else 0, st[2] if sm else 0, st[3] if sn else 0),
                                 True))
+        counts += [n_m, n_n]
     # A program classifies a region of several tiles: 64 x 128 elements on the GPU (8 K mask
     # elements, 32 a thread with 8 warps), far larger when interpreted, where every program costs
     # milliseconds whatever its size.
@@ -307,7 +312,7 @@ def _tile_classes(pb: _Problem, tiles: Sequence[tuple[int, int]]) -> list[_TileC
     grid = (cdiv(sqm, region_m), cdiv(skm, region_n), bm * hm)
     launch(_classify_mask)[grid](
         pb.mask, a.tensor, b.tensor, *pb.mask_strides, *a.tensor.stride(), *b.tensor.stride(),
-        hm, sqm, skm, a.tensor.shape[2], a.tensor.shape[3], b.tensor.shape[2], b.tensor.shape[3],
+        hm, sqm, skm, *counts[:2], *counts[-2:],
         MASK_KIND=pb.mask_kind, REGION_M=region_m, REGION_N=region_n, A_M=a_m, A_N=a_n, B_M=b_m, B_N=b_n,
         HAS_B=len(tiles) == 2, num_warps=8,
     )

@@ -283,3 +283,47 @@ def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims):
         for name, call in calls.items():
             call()
             assert not env.guards, (name, [str(guard.expr) for guard in env.guards])
+
+
+@pytest.mark.parametrize("mask", [None, "bool, broadcast over heads and queries", "float, broadcast over heads"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_traced_attention_launchers_add_no_guard(monkeypatch, mask, layout):
+    """The attention launchers, forward and backward, on fake tensors with a symbolic sequence
+    length and every kernel argument cloned (as functionalising a traced launch does) add no
+    guard. The tile classes of a bool mask once had a dim that was a bare tile count (1 for a
+    mask broadcast over queries): the clone guarded on the key tiles being more than one, and a
+    BERT batch shorter than one attention block recompiled on CUDA."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from sparsedrop_compile.kernels import flash_attention_triton as fat
+    from sparsedrop_compile.kernels.block_mask import cdiv
+
+    class CloningLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: [t.clone() for t in args if isinstance(t, torch.Tensor)]
+
+    monkeypatch.setattr(fat, "launch", lambda kernel: CloningLaunch())
+    monkeypatch.setattr(fat, "interpreting", lambda: False)  # the GPU path, as torch.compile traces it there
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
+    sizes = mode.from_tensor(torch.empty(40), symbolic_context=dims)
+    with mode:
+        (S,) = sizes.shape
+        B, H, D = 4, 2, 64
+        if layout == "bhsd":
+            q, k, v = (torch.empty(B, H, S, D, dtype=torch.float16) for _ in range(3))
+        else:  # head-split views of a projection's output, as HF models make them
+            q, k, v = (torch.empty(B, S, H * D, dtype=torch.float16).view(B, S, H, D).transpose(1, 2) for _ in range(3))
+        keep = torch.ones(B, H, cdiv(S, 16) + 1, cdiv(S, 16) + 1, dtype=torch.bool)  # padded, as graphs draw it
+        attn_mask = None
+        if mask is not None and mask.startswith("bool"):
+            attn_mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        elif mask is not None:
+            attn_mask = torch.zeros(B, 1, S, S, dtype=torch.float16)
+        args = (attn_mask, keep, 0.1, False, None, False, (16, 16), "dropout")
+        out, lse = fat.attention_forward(q, k, v, *args)
+        assert not env.guards, ("forward", [str(guard.expr) for guard in env.guards])
+        fat.attention_backward(torch.empty_like(out), q, k, v, out, lse, *args, attn_mask is not None)
+        assert not env.guards, ("backward", [str(guard.expr) for guard in env.guards])
