@@ -91,8 +91,8 @@ def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
     raise ValueError(family)
 
 
-def site_costs(calls: int, reps: int):
-    for family in ("linear", "matmul", "attention"):
+def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")):
+    for family in families:
         for backend in ("inductor", "sparsedrop"):
             totals = {}
             for n in (1, SITES):
@@ -113,6 +113,43 @@ def site_costs(calls: int, reps: int):
             yield dict(case=f"{family} site fwd+bwd", backend=backend, host_us_per_site=round(per_site, 1),
                        host_us_1_site=round(totals[1], 1), host_us_all=round(totals[SITES], 1), sites=SITES,
                        compile_s_last=round(compile_s, 1))
+
+
+def site_code_and_profile(code_path: str | None, profile_path: str | None, families) -> None:
+    """Where the host time goes: Inductor's generated code for one site of each family (forward
+    and backward, each backend), and a CPU profile of SITES chained sites, by self CPU time."""
+    from torch._inductor.utils import run_and_get_code
+
+    code, prof_text = [], []
+    for family in families:
+        for backend in ("inductor", "sparsedrop"):
+            opts = {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
+            if code_path:
+                torch._dynamo.reset()
+                fn, inputs = family_chain(family, 1)
+                compiled = torch.compile(fn, backend=backend, **opts)
+                _, sources = run_and_get_code(lambda: compiled(*inputs).sum().backward())
+                code.append(f"# {'=' * 70}\n# {family}, {backend}: {len(sources)} graph(s)\n")
+                code.extend(sources)
+            if profile_path:
+                torch._dynamo.reset()
+                fn, inputs = family_chain(family, SITES)
+                compiled = torch.compile(fn, backend=backend, **opts)
+                for _ in range(3):
+                    compiled(*inputs).sum().backward()
+                torch.cuda.synchronize()
+                torch.cuda._sleep(400_000_000)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(4):
+                        compiled(*inputs).sum().backward()
+                torch.cuda.synchronize()
+                prof_text.append(f"# {family}, {backend}, {SITES} sites, 4 calls\n")
+                prof_text.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    for path, parts in ((code_path, code), (profile_path, prof_text)):
+        if path:
+            with open(path, "w") as f:
+                f.write("\n".join(parts))
+            print("wrote", path)
 
 
 def eager_functional(reps: int):
@@ -171,6 +208,10 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
+    parser.add_argument("--code-out", default=None, help="write Inductor's code for one site of each family here")
+    parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")
+    parser.add_argument("--only-diagnose", action="store_true", help="write --code-out / --profile-out, time nothing")
+    parser.add_argument("--families", nargs="+", default=["linear", "matmul", "attention"])
     parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -181,8 +222,12 @@ def main(argv=None) -> int:
     env = harness.environment("cuda", ("torch", "triton"))
     name = env["gpu"]
     print(f"{name}, torch {env['torch']}, triton {env['triton']}")
+    if args.code_out or args.profile_out:
+        site_code_and_profile(args.code_out, args.profile_out, args.families)
+    if args.only_diagnose:
+        return 0
     rows = []
-    for row in list(site_costs(args.calls, args.reps)) + list(eager_functional(args.reps)):
+    for row in list(site_costs(args.calls, args.reps, args.families)) + list(eager_functional(args.reps)):
         row = {**env, **row}
         rows.append(row)
         print(", ".join(f"{k}={v}" for k, v in row.items() if k not in env), flush=True)
