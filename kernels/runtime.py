@@ -177,6 +177,26 @@ def tma_enabled(device: torch.device) -> bool:
     return capability(device)[0] >= 9
 
 
+# Below this many multiply-adds (M N K) a matmul kernel does not take TMA by default: building
+# descriptors on the device needs global scratch memory, which Triton allocates on every launch
+# (a torch.empty), and Inductor's cheaper launcher takes no kernel with scratch. The few per cent
+# TMA gains on the GPU are worth those microseconds of host time only when the kernel runs long
+# enough to hide them: 2**34 is ~35 us of bf16 work on an H100/H200 (a 4096 x 4096 x 1024 matmul).
+TMA_MIN_WORK = 2**34
+
+
+def tma_pays(M, N, K) -> bool:
+    """Whether the default config of an (M x K) @ (K x N) kernel should use TMA: a large problem,
+    or a graph Inductor runs under CUDA graphs (``mode="reduce-overhead"``), whose replays cost no
+    launch at all. Sizes may be symbolic (their hints decide: a choice of speed, not of result).
+    ``SPARSEDROP_TMA=always`` offers TMA at every size (``=0`` never: ``tma_enabled``)."""
+    if hint(M) * hint(N) * hint(K) >= TMA_MIN_WORK or os.environ.get("SPARSEDROP_TMA") == "always":
+        return True
+    from torch._inductor import config as inductor_config
+
+    return bool(inductor_config.triton.cudagraphs)
+
+
 def tma_view_ok(t: Tensor) -> bool:
     """Can a rank-3 TMA descriptor cover this (B, R, C) view? 16-byte aligned base and strides,
     unit last stride, 16-bit dtype (fp32 stays on pointer loads: not the speed path).

@@ -243,7 +243,7 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
         key = ("test_dsd", dynamic)
         cfg = bsm._choose("dsd", key, M, N, K, (32, 32), a.dtype, False, None, run, (a, b, keep, None, None, None))
     assert cfg in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
-    assert bsm._TUNER.cached(key) == cfg
+    assert bsm._TUNER.cached((*key, False)) == cfg  # the key records whether TMA was on offer
 
     # The fit: two operand tiles per stage (+ the TMA epilogue's output tile) against the SM's
     # shared memory, here a GPU of 64 KiB.
@@ -257,3 +257,38 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
     assert tuner.first_that_fits("k", [big, small], fits) == small and tuner.cached("k") == small
     with pytest.raises(RuntimeError, match="fits this device's shared memory"):
         tuner.first_that_fits("k2", [big], fits)
+
+
+def test_tma_is_on_offer_only_where_it_pays(monkeypatch):
+    """TMA kernels need scratch memory that Triton allocates on every launch and Inductor's cheap
+    launcher refuses: the default config takes TMA only for problems large enough to hide that
+    host time, or under CUDA graphs (where replays launch nothing). An explicit TMA config is
+    still taken at any size."""
+    import torch._inductor.config as inductor_config
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
+    from sparsedrop_compile.kernels import runtime
+
+    small, large = (2048, 768, 768), (4096, 4096, 1024)
+    assert not runtime.tma_pays(*small) and runtime.tma_pays(*large)
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert runtime.tma_pays(*small)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
+
+    monkeypatch.setattr(runtime, "sm_resources", lambda device: (132, 227 * 1024, 65536))  # an H100's
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's candidate lists
+
+    def run(cfg, *operands):
+        raise AssertionError("nothing is launched: the operands are traced")
+
+    for (M, N, K), want_tma in ((small, False), (large, True)):
+        with FakeTensorMode():  # as torch.compile traces a launch on a GPU (no GPU needed here)
+            a = torch.empty(1, M, K, dtype=torch.bfloat16, device="cuda")
+        cfg = bsm._choose("dsd", ("test_tma_pays", M, N, K), M, N, K, (128, 128), torch.bfloat16, True, None, run, (a,))
+        assert cfg.tma == want_tma, (M, N, K, cfg)
+    explicit = bsm.candidate_configs("dsd", *small, (128, 128), torch.bfloat16, tma=True)[0]
+    assert explicit.tma
+    assert bsm._choose("dsd", ("test_tma_explicit",), *small, (128, 128), torch.bfloat16, True, explicit, run, ()) == explicit
