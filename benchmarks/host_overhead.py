@@ -10,7 +10,10 @@ compiled with backend="sparsedrop" and with backend="inductor" (default mode, bf
 forward + backward of it is timed while the GPU is kept busy (torch.cuda._sleep), so each call
 only enqueues work and its wall time is host time alone. Per site = (time with SITES sites -
 time with 1 site) / (SITES - 1): the marginal cost, without the fixed cost of calling a compiled
-function. Median of --reps loops of --calls calls each. --calls stays small: the GPU's launch
+function. Median of --reps rounds, each timing --calls calls of every variant in turn (both
+backends, both site counts), so a drift of the host's speed reaches all of them alike; wall time
+(host_us_*) and the process's CPU time (cpu_us_per_site, all threads, not counting time the
+process was preempted). --calls stays small: the GPU's launch
 queue holds about a thousand launches, and once it is full the host waits for the GPU, so the
 loop would time the GPU's sleep instead of the host (the first run here did, reading ~10 ms for
 everything).
@@ -38,20 +41,28 @@ from sparsedrop_compile.harness import capture_cuda_graph, do_bench
 SITES = 8
 
 
-def host_us(fn, calls: int, reps: int, warmup: int = 3) -> float:
-    """Host microseconds per call of ``fn`` (the GPU is busy, so no call waits for it)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU spin: the loop below never waits for the GPU
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def host_us(fns: dict, calls: int, reps: int, warmup: int = 3) -> dict:
+    """Host microseconds per call of each of ``fns`` (name -> fn), as the median over ``reps``
+    rounds: (wall, process CPU time). The GPU is kept busy, so no call waits for it. Each round
+    times every fn once, in turn, so a drift of the machine's speed (the GPU host's CPUs are
+    shared) reaches every fn alike. CPU time counts every thread (backward runs on autograd's)
+    and leaves out the time the process was not running."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU spin: the loop below never waits for the GPU
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                fn()
+            wall[name].append((time.perf_counter() - t0) / calls * 1e6)
+            cpu[name].append((time.process_time() - c0) / calls * 1e6)
+            torch.cuda.synchronize()
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
@@ -93,26 +104,33 @@ def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
 
 def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")):
     for family in families:
+        steps, compile_s = {}, {}
         for backend in ("inductor", "sparsedrop"):
-            totals = {}
             for n in (1, SITES):
-                torch._dynamo.reset()
                 fn, inputs = family_chain(family, n)
+                # A code object of its own per variant, so the four compiled versions live side
+                # by side in dynamo's cache and the rounds below can alternate between them.
+                fn.__code__ = fn.__code__.replace(co_name=f"{family}_{backend}_{n}")
                 opts = {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
                 compiled = torch.compile(fn, backend=backend, **opts)
 
-                def step():
+                def step(compiled=compiled, inputs=inputs):
                     compiled(*inputs).sum().backward()
 
                 t0 = time.perf_counter()
                 step()
                 torch.cuda.synchronize()
-                compile_s = time.perf_counter() - t0
-                totals[n] = host_us(step, calls, reps)
-            per_site = (totals[SITES] - totals[1]) / (SITES - 1)
-            yield dict(case=f"{family} site fwd+bwd", backend=backend, host_us_per_site=round(per_site, 1),
-                       host_us_1_site=round(totals[1], 1), host_us_all=round(totals[SITES], 1), sites=SITES,
-                       compile_s_last=round(compile_s, 1))
+                compile_s[backend] = time.perf_counter() - t0
+                steps[(backend, n)] = step
+        times = host_us(steps, calls, reps)
+        for backend in ("inductor", "sparsedrop"):
+            (wall_1, cpu_1), (wall_n, cpu_n) = times[(backend, 1)], times[(backend, SITES)]
+            yield dict(case=f"{family} site fwd+bwd", backend=backend,
+                       host_us_per_site=round((wall_n - wall_1) / (SITES - 1), 1),
+                       cpu_us_per_site=round((cpu_n - cpu_1) / (SITES - 1), 1),
+                       host_us_1_site=round(wall_1, 1), host_us_all=round(wall_n, 1), sites=SITES,
+                       compile_s_last=round(compile_s[backend], 1))
+        torch._dynamo.reset()
 
 
 def site_code_and_profile(code_path: str | None, profile_path: str | None, families) -> None:
@@ -206,7 +224,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
     parser.add_argument("--code-out", default=None, help="write Inductor's code for one site of each family here")
     parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")

@@ -95,9 +95,10 @@ def skipped_shares(sites, p: float, matmul_flops: dict[str, int], attention_flop
     return (mm / mm_total if mm_total else 0.0), (attn / attn_total if attn_total else 0.0)
 
 
-def kernel_ms(step, device: str, steps: int = 3) -> tuple[float, float]:
-    """(matmul, attention) time per step of ``step()``: GPU kernel time on CUDA (a profile of
-    ``steps`` steps), the ops' own CPU time on CPU."""
+def kernel_ms(step, device: str, steps: int = 3) -> tuple[float, float, float]:
+    """(matmul, attention, all) time per step of ``step()``: GPU kernel time on CUDA (a profile of
+    ``steps`` steps), the ops' own CPU time on CPU. ``all`` sums every kernel (every op on CPU):
+    a step whose wall time is well above it waits on the host, not on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
@@ -106,7 +107,7 @@ def kernel_ms(step, device: str, steps: int = 3) -> tuple[float, float]:
             step()
         if cuda:
             torch.cuda.synchronize()
-    matmul = attention = 0.0
+    matmul = attention = total = 0.0
     for event in prof.key_averages():
         name = event.key.lower()
         if cuda:
@@ -115,11 +116,12 @@ def kernel_ms(step, device: str, steps: int = 3) -> tuple[float, float]:
             us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
         else:
             us = event.self_cpu_time_total
+        total += us
         if any(k in name for k in _ATTENTION_KERNELS):
             attention += us
         elif (any(k in name for k in _MATMUL_KERNELS) if cuda else name in _CPU_MATMUL_OPS):
             matmul += us
-    return matmul / steps / 1000, attention / steps / 1000
+    return matmul / steps / 1000, attention / steps / 1000, total / steps / 1000
 
 
 def ideal_speedup(t_p: float, t_base: float, matmul_ms: float, attention_ms: float,
