@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")
     parser.add_argument("--only-diagnose", action="store_true", help="write --code-out / --profile-out, time nothing")
     parser.add_argument("--families", nargs="+", default=["linear", "matmul", "attention"])
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager functional rows")
     parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)
     if args.plot_only:
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     if args.only_diagnose:
         return 0
     rows = []
-    for row in list(site_costs(args.calls, args.reps, args.families)) + list(eager_functional(args.reps)):
+    for row in list(site_costs(args.calls, args.reps, args.families)) + ([] if args.no_eager else list(eager_functional(args.reps))):
         row = {**env, **row}
         rows.append(row)
         print(", ".join(f"{k}={v}" for k, v in row.items() if k not in env), flush=True)
