@@ -164,14 +164,18 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         if config.tma and not tma_ok:
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         return config
-    # TMA where the device and operands allow it and where it pays for its host cost (explicit
-    # configs above may still ask for it on any size).
-    tma = tma_ok and runtime.tma_pays(M, N, K)
-    key = (*key, tma)
+    # A launch-bound kernel (runtime.launch_bound) takes no TMA and, for sdd, no persistent
+    # schedule, whose kept-block lists are one more launch (explicit configs above may still ask
+    # for either on any size).
+    light = runtime.launch_bound(M, N, K)
+    key = (*key, light)
     cfg = _TUNER.cached(key)
     if cfg is not None:
         return cfg
-    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma, second_keep=second_keep)
+    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok and not light,
+                              second_keep=second_keep)
+    if light and kind == "sdd":
+        cands = [c for c in cands if not c.balance]
     if not any(runtime.is_traced(t) for t in operands):
         return _TUNER.pick(key, cands, lambda c: run(c, *operands))
     if not _TUNER.timed(len(cands)) or runtime.has_symbolic_sizes(operands):

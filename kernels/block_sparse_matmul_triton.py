@@ -31,9 +31,9 @@ own code, and every launcher can be captured in a CUDA graph.
 Configs: each launcher takes one from a short candidate list, chosen once per problem key
 (``block_sparse_matmul_configs.py``). Environment knobs:
     SPARSEDROP_AUTOTUNE=1   time the candidates (default 0: the first that runs, or fits)
-    SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only); by default only
-                            problems large enough to hide their host cost take them
-                            (runtime.tma_pays), =always offers them at every size
+    SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only); by default
+                            launch-bound problems do not take them (runtime.launch_bound),
+                            =always counts every problem as large
 Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
 """
 from __future__ import annotations

@@ -177,24 +177,27 @@ def tma_enabled(device: torch.device) -> bool:
     return capability(device)[0] >= 9
 
 
-# Below this many multiply-adds (M N K) a matmul kernel does not take TMA by default: building
-# descriptors on the device needs global scratch memory, which Triton allocates on every launch
-# (a torch.empty), and Inductor's cheaper launcher takes no kernel with scratch. The few per cent
-# TMA gains on the GPU are worth those microseconds of host time only when the kernel runs long
-# enough to hide them: 2**34 is ~35 us of bf16 work on an H100/H200 (a 4096 x 4096 x 1024 matmul).
-TMA_MIN_WORK = 2**34
+# Below this many multiply-adds (M N K) a matmul kernel is launch-bound: in a default-mode step
+# the host spends longer launching it than the GPU spends running it, so its config is chosen
+# for a cheap launch rather than for the last per cent of GPU time. 2**34 is ~35 us of bf16 work
+# on an H100/H200 (a 4096 x 4096 x 1024 matmul); a BERT-base linear at a fine-tuning batch of
+# 16 x 128 tokens is 2**30.2.
+LAUNCH_BOUND_WORK = 2**34
 
 
-def tma_pays(M, N, K) -> bool:
-    """Whether the default config of an (M x K) @ (K x N) kernel should use TMA: a large problem,
-    or a graph Inductor runs under CUDA graphs (``mode="reduce-overhead"``), whose replays cost no
-    launch at all. Sizes may be symbolic (their hints decide: a choice of speed, not of result).
-    ``SPARSEDROP_TMA=always`` offers TMA at every size (``=0`` never: ``tma_enabled``)."""
-    if hint(M) * hint(N) * hint(K) >= TMA_MIN_WORK or os.environ.get("SPARSEDROP_TMA") == "always":
-        return True
+def launch_bound(M, N, K) -> bool:
+    """Whether an (M x K) @ (K x N) kernel is small enough that its launch, not its GPU time,
+    decides what it costs: below LAUNCH_BOUND_WORK, unless the graph runs under CUDA graphs
+    (Inductor's ``mode="reduce-overhead"``), whose replays launch nothing. Such kernels take no
+    TMA (device-side descriptors need global scratch, which Triton allocates with a torch.empty on
+    every launch and which keeps Inductor from its static launcher) and no extra launch for work
+    balance. Sizes may be symbolic (their hints decide: a choice of speed, never of result).
+    ``SPARSEDROP_TMA=always`` counts every size as large (``=0`` turns TMA off: ``tma_enabled``)."""
+    if hint(M) * hint(N) * hint(K) >= LAUNCH_BOUND_WORK or os.environ.get("SPARSEDROP_TMA") == "always":
+        return False
     from torch._inductor import config as inductor_config
 
-    return bool(inductor_config.triton.cudagraphs)
+    return not inductor_config.triton.cudagraphs
 
 
 def tma_view_ok(t: Tensor) -> bool:

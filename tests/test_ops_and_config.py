@@ -162,6 +162,39 @@ def test_inductor_mode_comes_from_options_or_the_mode_keyword(monkeypatch):
         sd.SparseDropConfig.from_options({"mode": "fast"})
 
 
+_STATIC_LAUNCH_SCRIPT = r"""
+import os, sys
+import torch._inductor.compile_fx as cfx
+import sparsedrop_compile.backend as backend
+seen = []
+cfx_orig = cfx.compile_fx
+cfx.compile_fx = lambda gm, ex, config_patches=None: seen.append(config_patches) or gm.forward
+import torch
+torch.compile(lambda x: x + 1, backend="sparsedrop")(torch.randn(4))
+torch._dynamo.reset()
+torch.compile(lambda x: x + 2, backend="sparsedrop", options={"inductor_options": {"static_launch_user_defined_triton_kernels": False}})(torch.randn(4))
+print(os.environ.get(backend.STATIC_LAUNCH_ENV), [(p or {}).get("static_launch_user_defined_triton_kernels") for p in seen])
+"""
+
+
+@pytest.mark.parametrize("user_env", [None, "0"])
+def test_inductor_launches_our_kernels_statically_unless_the_user_says_not(user_env):
+    """Importing the package turns on Inductor's static launch of user-defined Triton kernels for
+    the compile workers (they read only the environment) unless the user set the variable, and
+    the backend patches the same setting for compiles in this process; inductor_options win."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"}
+    if user_env is not None:
+        env["TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"] = user_env
+    out = subprocess.run([sys.executable, "-c", _STATIC_LAUNCH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = "1 [True, False]" if user_env is None else "0 [None, False]"
+    assert out.stdout.strip().splitlines()[-1] == expected, out.stdout
+
+
 def test_kernel_configs_are_timed_only_when_autotuning_is_asked_for(monkeypatch):
     """Default: the first candidate that runs (one compile per kernel); timed with
     mode="max-autotune", autotune=True or SPARSEDROP_AUTOTUNE=1, and the backend sets the policy
@@ -243,7 +276,7 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
         key = ("test_dsd", dynamic)
         cfg = bsm._choose("dsd", key, M, N, K, (32, 32), a.dtype, False, None, run, (a, b, keep, None, None, None))
     assert cfg in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
-    assert bsm._TUNER.cached((*key, False)) == cfg  # the key records whether TMA was on offer
+    assert bsm._TUNER.cached((*key, True)) == cfg  # the key records that this size is launch-bound
 
     # The fit: two operand tiles per stage (+ the TMA epilogue's output tile) against the SM's
     # shared memory, here a GPU of 64 KiB.
@@ -259,24 +292,23 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
         tuner.first_that_fits("k2", [big], fits)
 
 
-def test_tma_is_on_offer_only_where_it_pays(monkeypatch):
-    """TMA kernels need scratch memory that Triton allocates on every launch and Inductor's cheap
-    launcher refuses: the default config takes TMA only for problems large enough to hide that
-    host time, or under CUDA graphs (where replays launch nothing). An explicit TMA config is
-    still taken at any size."""
+def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
+    """A matmul too small to hide its launch (runtime.launch_bound) takes no TMA (device-side
+    descriptors need scratch memory that Triton allocates on every launch, and Inductor's static
+    launcher refuses them) and sdd no persistent schedule (its kept-block lists are one more
+    launch); large ones, or any size under CUDA graphs (replays launch nothing), take both.
+    An explicit TMA config is still taken at any size."""
     import torch._inductor.config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
     from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
     from sparsedrop_compile.kernels import runtime
 
     small, large = (2048, 768, 768), (4096, 4096, 1024)
-    assert not runtime.tma_pays(*small) and runtime.tma_pays(*large)
+    assert runtime.launch_bound(*small) and not runtime.launch_bound(*large)
     with inductor_config.patch({"triton.cudagraphs": True}):
-        assert runtime.tma_pays(*small)
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
+        assert not runtime.launch_bound(*small)
 
     monkeypatch.setattr(runtime, "sm_resources", lambda device: (132, 227 * 1024, 65536))  # an H100's
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's candidate lists
@@ -284,11 +316,15 @@ def test_tma_is_on_offer_only_where_it_pays(monkeypatch):
     def run(cfg, *operands):
         raise AssertionError("nothing is launched: the operands are traced")
 
-    for (M, N, K), want_tma in ((small, False), (large, True)):
+    for (M, N, K), light in ((small, True), (large, False)):
         with FakeTensorMode():  # as torch.compile traces a launch on a GPU (no GPU needed here)
             a = torch.empty(1, M, K, dtype=torch.bfloat16, device="cuda")
-        cfg = bsm._choose("dsd", ("test_tma_pays", M, N, K), M, N, K, (128, 128), torch.bfloat16, True, None, run, (a,))
-        assert cfg.tma == want_tma, (M, N, K, cfg)
+        for kind in ("dsd", "sdd", "dsd_tn"):
+            cfg = bsm._choose(kind, ("test_launch_bound", kind, M, N, K), M, N, K, (128, 128), torch.bfloat16, True, None,
+                              run, (a,))
+            assert cfg.tma == (not light), (kind, M, N, K, cfg)
+            if kind == "sdd":
+                assert cfg.balance == (not light), (M, N, K, cfg)
     explicit = bsm.candidate_configs("dsd", *small, (128, 128), torch.bfloat16, tma=True)[0]
     assert explicit.tma
     assert bsm._choose("dsd", ("test_tma_explicit",), *small, (128, 128), torch.bfloat16, True, explicit, run, ()) == explicit
