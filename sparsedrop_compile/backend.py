@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,31 +103,31 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(list_mode_options(config.mode)) if config.mode else {}
+    patches = _inductor_defaults()
+    patches.update(list_mode_options(config.mode) if config.mode else {})
     patches.update(config.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
-def _aot_eager(gm: fx.GraphModule, example_inputs):
-    """torch's aot_eager, except that each forward and backward graph sets Triton's scratch
-    allocator before it runs. Traced-into kernels that build TMA descriptors on the device need
-    one, Triton keeps it per thread, and the autograd engine runs backward on a thread of its
-    own; Inductor's generated code sets it before each launch, aot_eager's replay does not."""
-    from functorch.compile import min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
+# Inductor launches the Triton kernels it generates through its static launcher (C++), but
+# user-defined ones, which our ops trace into the graph, through Triton's Python launcher unless
+# this switch is on: on an H200 that was 20-35 us of host time per rewritten site, forward and
+# backward (benchmarks/results/host_overhead_*). Kernels the static launcher cannot take (global
+# scratch: TMA descriptors built on the device) fall back to Triton's launcher by themselves.
+# Inductor decides this in its compile workers, which read only the environment when they start,
+# so the switch is set here, when the package is imported (before the first compile starts the
+# workers), unless the user has set it; the backend also patches the config for compiles that
+# run in this process. It reaches every user-defined kernel Inductor compiles in this process;
+# TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=0 in the environment opts out.
+STATIC_LAUNCH_ENV = "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"
+os.environ.setdefault(STATIC_LAUNCH_ENV, "1")
 
-    from sparsedrop_compile.kernels.runtime import set_scratch_allocator
 
-    def compiler(fx_g, inputs):
-        compiled = boxed_nop(fx_g, inputs)
+def _inductor_defaults() -> dict:
+    """Inductor settings the backend changes unless ``inductor_options`` says otherwise."""
+    from torch._inductor import config as inductor_config
 
-        def run(args):
-            set_scratch_allocator()
-            return compiled(args)
-
-        run._boxed_call = True
-        return run
-
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=min_cut_rematerialization_partition,
-                        keep_inference_input_mutations=True)(gm, example_inputs)
+    defaults = {}
+    if hasattr(inductor_config, "static_launch_user_defined_triton_kernels") and os.environ.get(STATIC_LAUNCH_ENV) == "1":
+        defaults["static_launch_user_defined_triton_kernels"] = True
+    return defaults
