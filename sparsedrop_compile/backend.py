@@ -131,3 +131,28 @@ def _inductor_defaults() -> dict:
     if hasattr(inductor_config, "static_launch_user_defined_triton_kernels") and os.environ.get(STATIC_LAUNCH_ENV) == "1":
         defaults["static_launch_user_defined_triton_kernels"] = True
     return defaults
+
+
+def _aot_eager(gm: fx.GraphModule, example_inputs):
+    """torch's aot_eager, except that each forward and backward graph sets Triton's scratch
+    allocator before it runs. Traced-into kernels that build TMA descriptors on the device need
+    one, Triton keeps it per thread, and the autograd engine runs backward on a thread of its
+    own; Inductor's generated code sets it before each launch, aot_eager's replay does not."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    from sparsedrop_compile.kernels.runtime import set_scratch_allocator
+
+    def compiler(fx_g, inputs):
+        compiled = boxed_nop(fx_g, inputs)
+
+        def run(args):
+            set_scratch_allocator()
+            return compiled(args)
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=min_cut_rematerialization_partition,
+                        keep_inference_input_mutations=True)(gm, example_inputs)
