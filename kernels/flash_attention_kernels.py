@@ -4,10 +4,11 @@ plain-PyTorch oracle in ``flash_attention.py``: read ``reference_attention``'s d
 
     _classify_mask   one int8 class per kernel tile of a bool mask (hidden / plain / mixed)
     _attn_fwd        O and the row logsumexp, one program per query block (online softmax)
-    _attn_bwd_delta  Δ = rowsum(dO ⊙ O), scaled (see "Scaling" below)
+    _attn_bwd_delta  Δ = rowsum(dO ⊙ O), scaled (see "Scaling" below), for the single-pass backward
     _attn_bwd_dkdv   dK, dV of one key block, summed over its GQA group (with ATOMIC_DQ also dQ
                      through fp32 atomics, and dMask: the single-pass backward)
-    _attn_bwd_dq     dQ (and dMask) of one query block
+    _attn_bwd_dq     dQ (and dMask) of one query block; in the two-pass backward it runs first and
+                     works out its rows' Δ for the dK/dV pass (DELTA_HERE)
 
 Each of the last three walks its tiles through an inner-loop helper (``_fwd_inner``,
 ``_dkdv_inner``, ``_dq_inner``: one loop over one tile range, which it works out itself), called
@@ -697,7 +698,7 @@ def _dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dQ, dMask,
+    Q, K, V, Mask, Keep, Cls, dOut, Lse, Delta, dQ, dMask, Out,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -706,17 +707,22 @@ def _attn_bwd_dq(
     stride_cb, stride_ch, stride_cm, stride_cn,
     stride_gb, stride_gh, stride_gm,
     stride_dqb, stride_dqh, stride_dqm,
-    H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, block_q, block_k,
+    stride_ob, stride_oh, stride_om,
+    H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, delta_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr, DELTA_HERE: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """dQ of one query block (and its rows of dMask), looping over key chunks."""
+    """dQ of one query block (and its rows of dMask), looping over key chunks.
+
+    ``DELTA_HERE``: the program works out its rows' Δ (as ``_attn_bwd_delta`` does) from O and
+    the dO it loads anyway, and stores it for the dK/dV pass that runs next: one launch fewer."""
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     dq_scale = tl.cast(dq_scale, tl.float32)
     dmask_scale = tl.cast(dmask_scale, tl.float32)
+    delta_scale = tl.cast(delta_scale, tl.float32)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -736,7 +742,13 @@ def _attn_bwd_dq(
                  mask=row_ok[:, None], other=0.0)
     # Rows past Sq get lse = +inf, so their P is exactly 0.
     lse2 = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    if DELTA_HERE:
+        o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
+        tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     if MASK_SHARED:

@@ -343,13 +343,20 @@ def _launch_forward(pb: _Problem, cfg: KernelConfig, cls: _TileClasses | None = 
     return out, lse
 
 
+def _empty_delta(pb: _Problem) -> Tensor:
+    return torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
+
+
+def _delta_scale(pb: _Problem) -> float:
+    """Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway."""
+    return 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
+
+
 def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
-    delta = torch.empty(pb.B, pb.H, pb.Sq, device=out.device, dtype=torch.float32)
+    delta = _empty_delta(pb)
     block_m = 64
-    # Δ is stored divided by the dropout scale s; at p = 1 (s = 0) every gradient is 0 anyway.
-    delta_scale = 1.0 / pb.out_scale if pb.out_scale != 0 else 0.0
     launch(_attn_bwd_delta)[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, delta_scale,
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, _delta_scale(pb),
         HEAD_DIM=pb.D, BLOCK_M=block_m,
     )
     return delta
@@ -393,17 +400,20 @@ def _dmask_buffer(pb: _Problem) -> Tensor:
 
 
 def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: KernelConfig, mask_grad: bool,
-               cls: _TileClasses | None = None):
+               cls: _TileClasses | None = None, out: Tensor | None = None):
+    """dQ (and dMask); with ``out`` the kernel also works out Δ from O and dO and writes it into
+    ``delta`` (for a dK/dV pass launched after it) instead of reading it."""
     cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     dq = empty_grad_like(pb.q)
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
+    o = out if out is not None else grad_out  # unread without DELTA_HERE
     launch(_attn_bwd_dq)[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask,
-        *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3],
+        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask, o,
+        *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3], *o.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
-        pb.block[0], pb.block[1],
-        MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
+        _delta_scale(pb), pb.block[0], pb.block[1],
+        MASK_GRAD=mask_grad, DELTA_HERE=out is not None, **_tiled(pb, cfg, cls),
     )
     return dq, (dmask if mask_grad else None)
 
@@ -430,8 +440,8 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         grad_out, out, lse = grad_out.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
     grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
     mask_grad = bool(mask_grad) and pb.mask_kind == MASK_FLOAT
-    delta = _launch_delta(pb, out, grad_out)
     if strategy == "atomic":
+        delta = _launch_delta(pb, out, grad_out)
         fused_cfg = _pick_config("bwd_fused", pb.D, pb.block, config.get("bwd_fused"))
         dk, dv, dq, dmask = _launch_dkdv(pb, grad_out, lse, delta, fused_cfg, atomic_dq=True, mask_grad=mask_grad)
     else:
@@ -439,8 +449,11 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"))
         # One read of the mask classifies it for both passes' tiles.
         kv_cls, q_cls = _tile_classes(pb, [(kv_cfg.tile_m, kv_cfg.tile_n), (q_cfg.tile_m, q_cfg.tile_n)])
+        # The dQ pass goes first and works out Δ on the way (its programs load dO anyway), so
+        # the dK/dV pass after it reads Δ without a launch of its own.
+        delta = _empty_delta(pb)
+        dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls, out=out)
         dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
-        dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls)
     if pb.squeeze:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     if dmask is not None:
