@@ -163,10 +163,13 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
             _fail(kind, f"config {config} must have tile_n dividing block cols {block[1]} (a second mask lies over N)")
         if config.tma and not tma_ok:
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
+        if config.walk and (kind == "sdd" or config.tma or config.balance):
+            _fail(kind, f"config {config}: walk is a dsd / dsd_tn schedule, with pointer loads and without balance")
         return config
-    # A launch-bound kernel (runtime.launch_bound) takes no TMA and, for sdd, no persistent
-    # schedule, whose kept-block lists are one more launch (explicit configs above may still ask
-    # for either on any size).
+    # A launch-bound kernel (runtime.launch_bound) takes a config that launches once and cheaply:
+    # no TMA; sdd without its persistent schedule, dsd and dsd_tn walking every block instead of
+    # a kept-block list, whose build is one more launch (explicit configs above may still ask for
+    # any of these on any size).
     light = runtime.launch_bound(M, N, K)
     key = (*key, light)
     cfg = _TUNER.cached(key)
@@ -174,8 +177,10 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         return cfg
     cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok and not light,
                               second_keep=second_keep)
-    if light and kind == "sdd":
+    if light:
         cands = [c for c in cands if not c.balance]
+        if kind != "sdd":
+            cands = [dataclasses.replace(c, walk=True) for c in cands]
     if not any(runtime.is_traced(t) for t in operands):
         return _TUNER.pick(key, cands, lambda c: run(c, *operands))
     if not _TUNER.timed(len(cands)) or runtime.has_symbolic_sizes(operands):

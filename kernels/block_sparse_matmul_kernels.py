@@ -132,19 +132,21 @@ def _kept_lists_kernel(
 
 @triton.jit
 def _dsd_kernel(
-    a, b, bias_ptr, out_ptr, row_count_ptr, row_index_ptr, order_ptr, out_keep_ptr,
+    a, b, bias_ptr, out_ptr, row_count_ptr, row_index_ptr, order_ptr, out_keep_ptr, keep_ptr,
     B, M, N, K, Bb, n_rblk, n_cblk, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_bias,
     stride_ob, stride_om, stride_on,
     stride_okb, stride_okr, stride_okc,
+    stride_kb, stride_kr, stride_kc,
     scale,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, OUT_KEEP: tl.constexpr,
+    WALK: tl.constexpr,
 ):
     """out[bat] = scale * (a[bat] ⊙ m) @ b[bat % Bb] (+ bias); one program per (bat, M tile, N tile).
 
@@ -161,7 +163,12 @@ def _dsd_kernel(
     OUT_KEEP: ``out_keep`` (B, cdiv(M, BLOCK_ROWS), cdiv(N, BLOCK_COLS)) masks the output too
     (TILE_N divides BLOCK_COLS, so a tile lies in one block): a dropped tile runs no iterations
     and stores zeros (no bias).
+
+    WALK (launch-bound problems, pointer loads, no BALANCE): no kept-block lists; the loop walks
+    every column block of the row block and reads a dropped one's ``a`` tile as zeros from the
+    flags in ``keep``. Dense work on the GPU, one launch fewer on the host.
     """
+    tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
     grid_m = tl.cdiv(M, TILE_M)
@@ -183,7 +190,10 @@ def _dsd_kernel(
         m0 = pid_m * TILE_M
         # TILE_M divides BLOCK_ROWS, so the whole tile lies in one row block and shares its list.
         line = bat * n_rblk + m0 // BLOCK_ROWS
-        count = tl.load(row_count_ptr + line)
+        if WALK:
+            count = n_cblk
+        else:
+            count = tl.load(row_count_ptr + line)
     bat_b = bat % Bb
     n0 = pid_n * TILE_N
     if OUT_KEEP:
@@ -218,9 +228,14 @@ def _dsd_kernel(
         a_rows = a + bat.to(tl.int64) * stride_ab + offs_m[:, None] * stride_am
         b_cols = b + bat_b.to(tl.int64) * stride_bb + offs_n[None, :] * stride_bn
         for it in range(0, count * TILES_PER_BLOCK):
-            k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
+            if WALK:
+                k0 = (it // TILES_PER_BLOCK) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
+            else:
+                k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
             ks = k0 + offs_k
             a_t = _load_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, MASK_M, MASK_K)
+            if WALK:
+                a_t = _keep_block(a_t, keep_ptr, bat, m0, k0, stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS)
             b_t = _load_tile(b_cols + ks[:, None] * stride_bk, ks, offs_n, K, N, MASK_K, MASK_N)
             acc = _mma(acc, a_t, b_t, PRECISION, UPCAST)
 
@@ -480,18 +495,20 @@ def _sdd_kernel(
 
 @triton.jit
 def _dsd_tn_kernel(
-    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr, g_keep_ptr,
+    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr, g_keep_ptr, keep_ptr,
     B, Bo, M, N, K, n_rblk, n_cblk, list_len, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_gb, stride_gm, stride_gn,
     stride_ob, stride_ok, stride_on,
     stride_gkb, stride_gkr, stride_gkc,
+    stride_kb, stride_kr, stride_kc,
     scale,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, GROUP: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, GRAD_KEEP: tl.constexpr,
+    WALK: tl.constexpr,
 ):
     """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile).
 
@@ -505,7 +522,12 @@ def _dsd_tn_kernel(
     divides BLOCK_COLS): a visited row block whose g block is dropped is read as zeros. Those
     steps still run (a per-step branch would stall the pipelined loop); only a's dropped row
     blocks are skipped.
+
+    WALK (launch-bound problems, pointer loads, no BALANCE): no kept-block lists; the loop walks
+    every entry of the line (list_len of them) and reads a dropped row block's ``a`` tile as
+    zeros from the flags in ``keep``, as _dsd_kernel's WALK does.
     """
+    tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
     grid_k = tl.cdiv(K, TILE_K)
@@ -524,7 +546,10 @@ def _dsd_tn_kernel(
         pid_k, pid_n = _grouped_tile(pid % tiles, grid_k, grid_n, GROUP)
         k0 = pid_k * TILE_K
         line = ob * n_cblk + k0 // BLOCK_COLS
-        count = tl.load(col_count_ptr + line)
+        if WALK:
+            count = list_len
+        else:
+            count = tl.load(col_count_ptr + line)
     n0 = pid_n * TILE_N
     entries = col_index_ptr + line.to(tl.int64) * list_len
     TILES_PER_BLOCK: tl.constexpr = BLOCK_ROWS // TILE_M
@@ -551,10 +576,16 @@ def _dsd_tn_kernel(
         a_cols = a + offs_k[None, :] * stride_ak
         g_cols = g + offs_n[None, :] * stride_gn
         for it in range(0, count * TILES_PER_BLOCK):
-            e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
+            if WALK:
+                e = it // TILES_PER_BLOCK
+            else:
+                e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
             bat = (ob + e // n_rblk).to(tl.int64)
             ms = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M + offs_m
             a_t = _load_tile(a_cols + bat * stride_ab + ms[:, None] * stride_am, ms, offs_k, M, K, MASK_M, MASK_K)
+            if WALK:
+                a_t = _keep_block(a_t, keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, k0, stride_kb, stride_kr, stride_kc,
+                                  BLOCK_ROWS, BLOCK_COLS)
             g_t = _load_tile(g_cols + bat * stride_gb + ms[:, None] * stride_gm, ms, offs_n, M, N, MASK_M, MASK_N)
             if GRAD_KEEP:
                 g_t = _keep_block(g_t, g_keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, n0, stride_gkb, stride_gkr, stride_gkc,

@@ -12,6 +12,12 @@ Every kernel skips dropped mask blocks instead of multiplying by zero:
     dsd_tn out (K x N) tiles; the reduction over rows visits only the kept row blocks of the tile's
            column block (and every batch entry when the batch is summed).
 
+Launch-bound problems (``runtime.launch_bound``: small, and not under CUDA graphs) trade the
+skipping for one launch fewer: dsd and dsd_tn walk every block of their line and read a dropped
+block's tile as zeros from the flags (``KernelConfig.walk``), so no kept-block list is built;
+sdd runs in grid order without the persistent schedule's lists. Their host time, not their GPU
+time, is what such a problem costs in a default-mode step.
+
 Tiles are independent of the mask block ("block splitting", report 3.3): tile_m divides the mask
 block's rows and tile_k its columns, so one mask block is covered by several tiles. Every kernel
 walks ONE flat loop over (kept blocks x tiles per block) so Triton's software pipeliner sees a
@@ -345,8 +351,11 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
 
     def run(cfg: KernelConfig, a, b, keep, bias, out, out_keep) -> None:
         n_rblk = cdiv(M, br)
-        counts, index, order = kept_lists(keep, "row", order=True, blocks=(B, n_rblk, cdiv(K, bc)))
-        balance = cfg.balance and order is not None
+        if cfg.walk:  # every block visited, dropped ones read as zeros: no lists (see _dsd_kernel)
+            counts = index = order = keep  # unused
+        else:
+            counts, index, order = kept_lists(keep, "row", order=True, blocks=(B, n_rblk, cdiv(K, bc)))
+        balance = cfg.balance and order is not None and not cfg.walk
         if balance:  # every row block gets br // tile_m row tiles (see _dsd_kernel)
             grid = (B * n_rblk * (br // cfg.tile_m) * cdiv(N, cfg.tile_n),)
         else:
@@ -356,16 +365,16 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         with runtime.device_guard(a):
             launch(_dsd_kernel)[grid](
                 a, b, bias if bias is not None else out, out, counts, index, order if balance else counts,
-                out_keep if out_keep is not None else keep,
+                out_keep if out_keep is not None else keep, keep,
                 B, M, N, K, Bb, n_rblk, cdiv(K, bc), B * n_rblk,
                 *_strides(a, cfg.tma), *_b_strides(b, cfg.tma, b_k_contig), bias.stride(0) if bias is not None else 0,
-                *_strides(out, cfg.tma), *(out_keep if out_keep is not None else keep).stride(),
+                *_strides(out, cfg.tma), *(out_keep if out_keep is not None else keep).stride(), *keep.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 HAS_BIAS=bias is not None, **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
-                OUT_KEEP=out_keep is not None,
+                OUT_KEEP=out_keep is not None, WALK=cfg.walk,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 
@@ -492,8 +501,12 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
     precision = _precision(a.dtype)
 
     def run(cfg: KernelConfig, a, grad, keep, out, grad_keep):
-        counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True, blocks=(B, n_rblk, n_cblk))
-        balance = cfg.balance and order is not None
+        if cfg.walk:  # every row block visited, dropped ones read as zeros: no lists (see _dsd_tn_kernel)
+            counts = index = order = keep  # unused
+        else:
+            counts, index, order = kept_lists(keep, "col" if batched_out else "col_sum", order=True,
+                                              blocks=(B, n_rblk, n_cblk))
+        balance = cfg.balance and order is not None and not cfg.walk
         if balance:  # every column block gets bc // tile_k tiles along K (see _dsd_tn_kernel)
             grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)
         else:
@@ -504,15 +517,16 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         with runtime.device_guard(a):
             launch(_dsd_tn_kernel)[grid](
                 a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
+                keep,
                 B, Bo, M, N, K, n_rblk, n_cblk, n_rblk if batched_out else B * n_rblk, Bo * n_cblk,
                 *_strides(a, cfg.tma), *_strides(grad, cfg.tma), *_strides(out, out_desc),
-                *(grad_keep if grad_keep is not None else keep).stride(),
+                *(grad_keep if grad_keep is not None else keep).stride(), *keep.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, OUT_DESC=out_desc,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
-                GRAD_KEEP=grad_keep is not None,
+                GRAD_KEEP=grad_keep is not None, WALK=cfg.walk,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 

@@ -241,8 +241,9 @@ class KernelConfig:
     """One launch configuration of a kernel: its tiles and how it is scheduled.
 
     The tile fields are named after the problem's dims; each kernel family's host module says
-    which tile is which. ``skip`` and ``balance`` are schedule choices that only some kernels
-    read (the attention kernels' dropped-tile handling, the matmuls' work balance).
+    which tile is which. ``skip``, ``balance`` and ``walk`` are schedule choices that only some
+    kernels read (the attention kernels' dropped-tile handling, the matmuls' work balance, and
+    the matmuls' walk over every block instead of a kept-block list).
     """
 
     tile_m: int
@@ -254,6 +255,7 @@ class KernelConfig:
     tma: bool = False
     balance: bool = False
     skip: int = 0
+    walk: bool = False
 
     def __str__(self) -> str:
         return (
@@ -261,6 +263,7 @@ class KernelConfig:
             + ("_tma" if self.tma else "_ptr")
             + ("_bal" if self.balance else "")
             + (f"_skip{self.skip}" if self.skip else "")
+            + ("_walk" if self.walk else "")
         )
 
 

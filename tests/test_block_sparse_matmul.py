@@ -23,6 +23,20 @@ from sparsedrop_compile.kernels.block_mask import cdiv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(autouse=True, params=["launch-bound", "large"])
+def problem_size_class(request, monkeypatch):
+    """The default config depends on whether a problem is launch-bound (runtime.launch_bound):
+    then dsd and dsd_tn walk every block and read dropped ones as zeros, sdd runs in grid order;
+    else kept-block lists, work balance and the persistent sdd. Every test size here is small,
+    so each test runs once as it is and once with every size counted as large. GPU tests pass
+    their configs explicitly (walk variants included): they run once."""
+    if request.param == "large":
+        if "gpu" in request.node.keywords:
+            pytest.skip("GPU tests choose their configs explicitly; one run covers both classes")
+        monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
+    return request.param
+
 # (dtype, atol, rtol): rtol covers one rounding to the output dtype, atol the fp32 summation
 # noise near zero (scaled by the output magnitude in _assert_close). fp16 rounds to nearest:
 # half an ulp is <= 2^-11 relative. bf16 gets a full ulp (2^-7 relative at worst) because the
@@ -582,6 +596,13 @@ def test_gpu_every_candidate_config_small_blocks(kind, b_transposed):
     _check_every_config(kind, 1000, 1096, 520, (16, 16), b_transposed)
 
 
+def _walk_variants(kind, configs):
+    """The launch-bound schedule of each pointer tiling (dsd and dsd_tn walk every block)."""
+    if kind == "sdd":
+        return []
+    return [dataclasses.replace(c, walk=True, balance=False) for c in configs if not c.tma]
+
+
 def _check_every_config(kind, M, K, N, block, b_transposed):
     a, b, g, keep = _gpu_problem(1, 1, M, K, N, block, 0.3, b_transposed=b_transposed)
     expected = dict(zip(("dsd", "sdd", "dsd_tn"), _fp32_refs(a, b, g, keep, 1.5, block, False)))[kind]
@@ -589,6 +610,7 @@ def _check_every_config(kind, M, K, N, block, b_transposed):
     configs = tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=False)
     if tma_possible:
         configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
+    configs += _walk_variants(kind, configs)
     for cfg in dict.fromkeys(configs):
         if kind == "dsd":
             if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):
@@ -741,7 +763,8 @@ def test_gpu_output_side_every_candidate(M, K, N, both):
         configs = tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=False, second_keep=both)
         if runtime.tma_enabled(x.device):
             configs += tri.candidate_configs(kind, m, n, k, block, x.dtype, tma=True, second_keep=both)
-        for cfg in dict.fromkeys(configs + [dataclasses.replace(c, balance=not c.balance) for c in configs]):
+        configs = configs + [dataclasses.replace(c, balance=not c.balance) for c in configs]
+        for cfg in dict.fromkeys(configs + _walk_variants(kind, configs)):
             try:
                 out = run(cfg)
             except ValueError as err:
@@ -766,3 +789,37 @@ def test_host_integer_helpers_match_triton():
         for d in (1, 16, 64, 128):
             if n >= 0:
                 assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or runtime.interpreting()), reason="runs the Triton kernels")
+def test_a_launch_bound_linear_site_launches_three_kernels(monkeypatch, problem_size_class):
+    """The host cost of a rewritten site is mostly its launches. A launch-bound linear site runs
+    three kernels, forward and backward: dsd, sdd, dsd_tn (no kept-block list is built); a large
+    one also builds the row lists for dsd and the column lists for dsd_tn (and the row lists of
+    the persistent sdd)."""
+    import sparsedrop_compile as sd
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__)
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tri, "launch", Recorder)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 64, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(48, 64, generator=gen).to(DEVICE).requires_grad_()
+    for _ in range(2):  # the first call of a problem also tries its config once (runtime.Tuner)
+        launched.clear()
+        sd.sparse_dropout_linear(x, w, p=0.3, block_size=16, kernel="triton").sum().backward()
+    counts = {name: launched.count(name) for name in set(launched)}
+    lists = counts.pop("_kept_lists_kernel", 0)
+    assert counts == {"_dsd_kernel": 1, "_sdd_kernel": 1, "_dsd_tn_kernel": 1}, launched
+    # large: row lists for dsd, column lists for dsd_tn, and row lists again where sdd is persistent
+    assert lists == 0 if problem_size_class == "launch-bound" else lists in (2, 3), launched

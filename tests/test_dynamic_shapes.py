@@ -244,8 +244,9 @@ def test_no_more_graphs_than_aot_eager_when_the_ops_are_traced_into():
         assert int(fused) == FUSED.get(name, 1) and int(ours) == int(theirs) == 1, (name, ours, theirs, fused)
 
 
+@pytest.mark.parametrize("size_class", ["launch-bound", "large"])
 @pytest.mark.parametrize("dynamic_dims", ["rows", "k", "n", "all"])
-def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims):
+def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims, size_class):
     """The three matmul launchers on fake tensors with symbolic sizes (as torch.compile traces
     them on a GPU) add no guard to the shape env, also when every tensor handed to a kernel is
     cloned, as functionalising the launch does (a tensor with a dim that is a bare block count
@@ -261,6 +262,10 @@ def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims):
             return lambda *args, **kwargs: [t.clone() for t in args if isinstance(t, torch.Tensor)]
 
     monkeypatch.setattr(bsm, "launch", lambda kernel: CloningLaunch())
+    if size_class == "large":  # kept-block lists and the persistent sdd (runtime.launch_bound)
+        from sparsedrop_compile.kernels import runtime
+
+        monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env)
     which = {"rows": (1, 0, 0), "k": (0, 1, 0), "n": (0, 0, 1), "all": (1, 1, 1)}[dynamic_dims]

@@ -1,4 +1,5 @@
 """The registered ops (opcheck, autocast, functional forms), the options, and the backend's front door."""
+import dataclasses
 import importlib.metadata
 
 import pytest
@@ -275,7 +276,9 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
         M, K, N = a.shape[1], a.shape[2], 32
         key = ("test_dsd", dynamic)
         cfg = bsm._choose("dsd", key, M, N, K, (32, 32), a.dtype, False, None, run, (a, b, keep, None, None, None))
-    assert cfg in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
+    # a candidate, in the launch-bound walk schedule this small problem gets
+    assert dataclasses.replace(cfg, walk=False) in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
+    assert cfg.walk
     assert bsm._TUNER.cached((*key, True)) == cfg  # the key records that this size is launch-bound
 
     # The fit: two operand tiles per stage (+ the TMA epilogue's output tile) against the SM's
@@ -295,9 +298,10 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
 def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
     """A matmul too small to hide its launch (runtime.launch_bound) takes no TMA (device-side
     descriptors need scratch memory that Triton allocates on every launch, and Inductor's static
-    launcher refuses them) and sdd no persistent schedule (its kept-block lists are one more
-    launch); large ones, or any size under CUDA graphs (replays launch nothing), take both.
-    An explicit TMA config is still taken at any size."""
+    launcher refuses them), sdd no persistent schedule and dsd / dsd_tn the walk over every block
+    (no kept-block lists, each one more launch); large ones, or any size under CUDA graphs
+    (replays launch nothing), take TMA and lists. An explicit TMA config is still taken at any
+    size; an explicit walk config must be a pointer-load dsd or dsd_tn one."""
     import torch._inductor.config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -323,8 +327,13 @@ def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
             cfg = bsm._choose(kind, ("test_launch_bound", kind, M, N, K), M, N, K, (128, 128), torch.bfloat16, True, None,
                               run, (a,))
             assert cfg.tma == (not light), (kind, M, N, K, cfg)
-            if kind == "sdd":
-                assert cfg.balance == (not light), (M, N, K, cfg)
+            assert cfg.walk == (light and kind != "sdd"), (kind, M, N, K, cfg)
+            if kind == "sdd" or light:
+                assert cfg.balance == (not light), (kind, M, N, K, cfg)
     explicit = bsm.candidate_configs("dsd", *small, (128, 128), torch.bfloat16, tma=True)[0]
     assert explicit.tma
     assert bsm._choose("dsd", ("test_tma_explicit",), *small, (128, 128), torch.bfloat16, True, explicit, run, ()) == explicit
+    for kind, bad in (("sdd", dict(walk=True)), ("dsd", dict(walk=True, tma=True)), ("dsd_tn", dict(walk=True, balance=True))):
+        cfg = dataclasses.replace(bsm.candidate_configs(kind, *small, (128, 128), torch.bfloat16)[0], **bad)
+        with pytest.raises(ValueError, match="walk is a dsd / dsd_tn schedule"):
+            bsm._choose(kind, ("test_walk_explicit", kind), *small, (128, 128), torch.bfloat16, True, cfg, run, ())
