@@ -13,7 +13,8 @@ time with 1 site) / (SITES - 1): the marginal cost, without the fixed cost of ca
 function. Median of --reps rounds, each timing --calls calls of every variant in turn (both
 backends, both site counts), so a drift of the host's speed reaches all of them alike; wall time
 (host_us_*) and the process's CPU time (cpu_us_per_site, all threads, not counting time the
-process was preempted). --calls stays small: the GPU's launch
+process was preempted). launches_per_site counts, the same way, the launching calls in
+Inductor's generated code (Triton kernels, extern kernels such as cuBLAS, ATen ops). --calls stays small: the GPU's launch
 queue holds about a thousand launches, and once it is full the host waits for the GPU, so the
 loop would time the GPU's sleep instead of the host (the first run here did, reading ~10 ms for
 everything).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -102,9 +104,22 @@ def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
     raise ValueError(family)
 
 
+# A call that launches GPU work from Inductor's generated wrapper: a Triton kernel's ``.run(``,
+# an extern kernel (cuBLAS matmuls) or an ATen op (SDPA, the RNG seeds).
+_LAUNCH = re.compile(r"\.run\(|\bextern_kernels\.\w+\(|\baten\.\w+\.\w+\(")
+
+
+def launches(sources: list[str]) -> int:
+    """Launching calls in Inductor's generated code (comment lines skipped)."""
+    return sum(len(_LAUNCH.findall(line)) for src in sources for line in src.splitlines()
+               if not line.lstrip().startswith("#"))
+
+
 def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")):
+    from torch._inductor.utils import run_and_get_code
+
     for family in families:
-        steps, compile_s = {}, {}
+        steps, compile_s, n_launches = {}, {}, {}
         for backend in ("inductor", "sparsedrop"):
             for n in (1, SITES):
                 fn, inputs = family_chain(family, n)
@@ -118,9 +133,10 @@ def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")
                     compiled(*inputs).sum().backward()
 
                 t0 = time.perf_counter()
-                step()
+                _, sources = run_and_get_code(step)  # compiles forward and backward
                 torch.cuda.synchronize()
                 compile_s[backend] = time.perf_counter() - t0
+                n_launches[(backend, n)] = launches(sources)
                 steps[(backend, n)] = step
         times = host_us(steps, calls, reps)
         for backend in ("inductor", "sparsedrop"):
@@ -128,6 +144,7 @@ def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")
             yield dict(case=f"{family} site fwd+bwd", backend=backend,
                        host_us_per_site=round((wall_n - wall_1) / (SITES - 1), 1),
                        cpu_us_per_site=round((cpu_n - cpu_1) / (SITES - 1), 1),
+                       launches_per_site=round((n_launches[(backend, SITES)] - n_launches[(backend, 1)]) / (SITES - 1), 2),
                        host_us_1_site=round(wall_1, 1), host_us_all=round(wall_n, 1), sites=SITES,
                        compile_s_last=round(compile_s[backend], 1))
         torch._dynamo.reset()
