@@ -52,6 +52,11 @@ SHAPES = [
     ("4x12x1024x64+hf_causal_pad_full", 4, 12, 1024, 64, False, "bool_full_causal_pad"),
     # BERT-base's training batch in the model benchmark (64 x 512), where launch costs vanish.
     ("64x12x512x64+hf_pad_full", 64, 12, 512, 64, False, "bool_full_pad"),
+    # The Hopper-kernels issue's table: the same batch with its key padding as an expanded
+    # (B, 1, 1, S) bool view, and two long causal shapes.
+    ("64x12x512x64+boolpad", 64, 12, 512, 64, False, "bool"),
+    ("16x32x2048x64-causal", 16, 32, 2048, 64, True, None),
+    ("8x12x4096x64-causal", 8, 12, 4096, 64, True, None),
 ]
 SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad", 1, 2, 96, 64, False, "bool"),
                 ("1x2x96x128-causal", 1, 2, 96, 128, True, None),
