@@ -10,6 +10,10 @@ Side by side in one process, per shape (rows x N x K) and drop rate p:
     ours_launchers the same three kernels called directly, the weight gradient written straight
                    into (N, K) order (what ops.py gets once it passes ``out=``; see NOTES_kernels.md)
     ideal          (1 - p) * dense, computed
+    stk            stanford-stk's block-sparse dsd on x with the same dropped blocks, forward and
+                   its own backward (sdd for dX, dsd for dW); its sparse format is built once,
+                   outside the timing, as in ANCHORS.md (only when stk is installed, and only on
+                   shapes whose dims are multiples of 128, which stk requires)
 
 plus attention P @ V (B=8, H=16, S=1024, D=64, p=0.1): matmul(dropout(P), V) vs sparsedrop::matmul.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import os
 import signal
@@ -52,7 +57,7 @@ LINEAR_SHAPES = [(4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336), (8
 PS = [0.0, 0.1, 0.3, 0.5, 0.7]
 ATTN = dict(B=8, H=16, S=1024, D=64, p=0.1)
 BLOCK = (128, 128)
-METHODS = ["dense", "eager", "compiled", "ours", "ours_launchers", "ideal", "ours_nograph", "dense_nograph"]
+METHODS = ["dense", "eager", "compiled", "ours", "ours_launchers", "stk", "ideal", "ours_nograph", "dense_nograph"]
 CSV_FIELDS = [
     "gpu", "torch", "triton", "case", "shape", "p", "method", "timing", "median_ms",
     "vs_dense", "vs_ideal", "vs_eager", "dense_equiv_tflops", "note",
@@ -122,7 +127,27 @@ def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch
 
     if side == "output":
         return {"dense": dense, **output_side_steps(x, w, dy, p, grads)}
-    return dict(dense=dense, eager=eager, compiled=compiled, ours=ours, ours_launchers=ours_launchers)
+    steps = dict(dense=dense, eager=eager, compiled=compiled, ours=ours, ours_launchers=ours_launchers)
+    if p > 0 and importlib.util.find_spec("stk") is not None:
+        steps["stk"] = stk_step(x, w, dy, p)
+    return steps
+
+
+def stk_step(x, w, dy, p: float) -> Callable:
+    """stanford-stk's dsd(x ⊙ m, wᵀ), forward and backward through its autograd (sdd for the
+    sparse dX, dsd for dW), on x with one fixed draw of 128 x 128 blocks dropped. The sparse
+    format is built here, once: the step times the kernels, as ANCHORS.md's stk figures do."""
+    import stk
+
+    from sparsedrop_compile.kernels.block_mask import apply_block_keep, dropout_scale, sample_block_keep
+
+    keep = sample_block_keep(x, p, *BLOCK, batched=False)
+    xs = stk.ops.to_sparse(apply_block_keep(x.detach(), keep, dropout_scale(p), *BLOCK, False), BLOCK[0])
+    xs.data.requires_grad_()
+
+    def step():
+        return torch.autograd.grad(stk.ops.dsd(xs, w.t()), (xs.data, w), dy)
+    return step
 
 
 def output_side_steps(x, w, dy, p: float, grads) -> dict[str, Callable]:
@@ -238,7 +263,8 @@ def plot(results: Results, path: str) -> None:
             shapes.append(r.shape)
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 4.0), squeeze=False)
     styles = {"dense": ("k", "--"), "eager": ("tab:orange", "-"), "compiled": ("tab:green", "-"),
-              "ours": ("tab:blue", "-"), "ours_launchers": ("tab:cyan", ":"), "ideal": ("tab:gray", ":")}
+              "ours": ("tab:blue", "-"), "ours_launchers": ("tab:cyan", ":"), "stk": ("tab:red", "-."),
+              "ideal": ("tab:gray", ":")}
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in results.rows if r.shape == shape and r.timing in ("graph", "computed")]
         if len({r.p for r in rows}) == 1:  # a single drop rate (attention): bars per method
@@ -267,7 +293,7 @@ def plot(results: Results, path: str) -> None:
 
 
 def print_table(results: Results) -> None:
-    methods = ["dense", "eager", "compiled", "ours", "ours_launchers", "ideal", "ours_nograph"]
+    methods = ["dense", "eager", "compiled", "ours", "ours_launchers", "stk", "ideal", "ours_nograph"]
     print(f"\n== {results.gpu} | torch {results.versions[0]} | triton {results.versions[1]} | ms, CUDA-graph medians ==")
     print(f"{'shape':>16} {'p':>4} " + " ".join(f"{m[:10]:>10}" for m in methods) + f" {'ours/dense':>10} {'ours/ideal':>10}")
     keys = []
@@ -338,6 +364,7 @@ def run_all(args, results: Results, writer) -> None:
             t0 = time.time()
             steps = linear_steps(rows_, n, k, p, side=args.side)
             methods = ["dense", "eager", "compiled", "ours", "ours_launchers"] if p == ps[0] else ["eager", "compiled", "ours", "ours_launchers"]
+            methods += ["stk"] if "stk" in steps else []
             if args.skip_compiled:
                 methods.remove("compiled")
             for m in methods:
@@ -419,7 +446,9 @@ class SweepProblem:
         }
 
     def configs(self, kind: str) -> list:
-        tri, tma_ok = self.tri, self.tri._tma_enabled(self.x.device)
+        from sparsedrop_compile.kernels import runtime
+
+        tri, tma_ok = self.tri, runtime.tma_enabled(self.x.device)
         configs = []
         for tma in ([True, False] if tma_ok else [False]):
             configs += tri.candidate_configs(kind, self.M, self.N, self.K, BLOCK, self.dtype, tma=tma)
