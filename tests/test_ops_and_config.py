@@ -164,11 +164,10 @@ def test_inductor_mode_comes_from_options_or_the_mode_keyword(monkeypatch):
 
 
 _STATIC_LAUNCH_SCRIPT = r"""
-import os, sys
+import os
 import torch._inductor.compile_fx as cfx
 import sparsedrop_compile.backend as backend
 seen = []
-cfx_orig = cfx.compile_fx
 cfx.compile_fx = lambda gm, ex, config_patches=None: seen.append(config_patches) or gm.forward
 import torch
 torch.compile(lambda x: x + 1, backend="sparsedrop")(torch.randn(4))
