@@ -14,10 +14,10 @@ function. Median of --reps rounds, each timing --calls calls of every variant in
 backends, both site counts), so a drift of the host's speed reaches all of them alike; wall time
 (host_us_*) and the process's CPU time (cpu_us_per_site, all threads, not counting time the
 process was preempted). launches_per_site counts, the same way, the launching calls in
-Inductor's generated code (Triton kernels, extern kernels such as cuBLAS, ATen ops). --calls stays small: the GPU's launch
-queue holds about a thousand launches, and once it is full the host waits for the GPU, so the
-loop would time the GPU's sleep instead of the host (the first run here did, reading ~10 ms for
-everything).
+Inductor's generated code (Triton kernels, extern kernels such as cuBLAS, ATen ops). --calls
+stays small: the GPU's launch queue holds about a thousand launches, and once it is full the
+host waits for the GPU, so the loop would time the GPU's sleep instead of the host (the first
+run here did, reading ~10 ms for everything).
 
 Also the eager functional form (no compile): ``sparse_dropout_linear`` forward + backward called
 from Python, wall time per call against its CUDA-graph replay, at three shapes from 4096^3 up.
@@ -129,6 +129,12 @@ def compile_and_get_code(step) -> list[str]:
     return sources
 
 
+def compile_kwargs(family: str, backend: str) -> dict:
+    """torch.compile's keywords for a family's chain: sparsedrop's mask block (64 for the
+    attention-shaped batched matmul, 128 otherwise)."""
+    return {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
+
+
 def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")):
     for family in families:
         steps, compile_s, n_launches = {}, {}, {}
@@ -138,8 +144,7 @@ def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")
                 # A code object of its own per variant, so the four compiled versions live side
                 # by side in dynamo's cache and the rounds below can alternate between them.
                 fn.__code__ = fn.__code__.replace(co_name=f"{family}_{backend}_{n}")
-                opts = {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
-                compiled = torch.compile(fn, backend=backend, **opts)
+                compiled = torch.compile(fn, backend=backend, **compile_kwargs(family, backend))
 
                 def step(compiled=compiled, inputs=inputs):
                     compiled(*inputs).sum().backward()
@@ -165,17 +170,15 @@ def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")
 def site_code_and_profile(code_path: str | None, profile_path: str | None, families) -> None:
     """Where the host time goes: Inductor's generated code for one site of each family (forward
     and backward, each backend), and a CPU profile of SITES chained sites, by self CPU time."""
-    from torch._inductor.utils import run_and_get_code
-
     code, prof_text = [], []
     for family in families:
         for backend in ("inductor", "sparsedrop"):
-            opts = {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
+            opts = compile_kwargs(family, backend)
             if code_path:
                 torch._dynamo.reset()
                 fn, inputs = family_chain(family, 1)
                 compiled = torch.compile(fn, backend=backend, **opts)
-                _, sources = run_and_get_code(lambda: compiled(*inputs).sum().backward())
+                sources = compile_and_get_code(lambda: compiled(*inputs).sum().backward())
                 code.append(f"# {'=' * 70}\n# {family}, {backend}: {len(sources)} graph(s)\n")
                 code.extend(sources)
             if profile_path:
