@@ -50,6 +50,22 @@ def _load_tile(ptrs, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.cons
 
 
 @triton.jit
+def _load_kept_tile(ptrs, offs_r, offs_c, R, C, kept, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """_load_tile of a tile inside one mask block, zeros without a read if the block is dropped
+    (``kept``, a scalar, predicates the load). Replacing a loaded tile in registers instead
+    (tl.where) gave garbage on an H200 (Triton 3.6) in one pipelined 8-warp configuration."""
+    if MASK_R and MASK_C:
+        t = tl.load(ptrs, mask=kept & (offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+    elif MASK_R:
+        t = tl.load(ptrs, mask=kept & (offs_r[:, None] < R), other=0.0)
+    elif MASK_C:
+        t = tl.load(ptrs, mask=kept & (offs_c[None, :] < C), other=0.0)
+    else:
+        t = tl.load(ptrs, mask=kept, other=0.0)
+    return t
+
+
+@triton.jit
 def _store_tile(ptrs, value, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     if MASK_R and MASK_C:
         tl.store(ptrs, value, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
@@ -73,10 +89,19 @@ def _mma(acc, x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_kept(keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Whether the mask block holding row r0, column c0 of batch entry ``bat`` is kept, as a
+    (1, 1) tensor that broadcasts over a tile (Triton's interpreter takes no scalar load mask)."""
+    at = bat.to(tl.int64) * stride_b + (r0 // BLOCK_ROWS) * stride_r + (c0 // BLOCK_COLS) * stride_c
+    return tl.load(keep_ptr + at + tl.zeros((1, 1), dtype=tl.int64)) != 0
+
+
+@triton.jit
 def _keep_block(t, keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Tile ``t`` (inside one mask block, at row r0 and column c0) or zeros if that block is dropped."""
-    flag = tl.load(keep_ptr + bat.to(tl.int64) * stride_b + (r0 // BLOCK_ROWS) * stride_r + (c0 // BLOCK_COLS) * stride_c)
-    return tl.where(flag != 0, t, tl.zeros_like(t))
+    """Tile ``t`` (inside one mask block, at row r0 and column c0) or zeros if that block is
+    dropped: for tiles loaded through a TMA descriptor, which takes no predicate. Pointer loads
+    use _load_kept_tile instead, which does not read a dropped tile at all."""
+    return tl.where(_block_kept(keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS, BLOCK_COLS), t, tl.zeros_like(t))
 
 
 @triton.jit
@@ -233,9 +258,11 @@ def _dsd_kernel(
             else:
                 k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
             ks = k0 + offs_k
-            a_t = _load_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, MASK_M, MASK_K)
             if WALK:
-                a_t = _keep_block(a_t, keep_ptr, bat, m0, k0, stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS)
+                a_kept = _block_kept(keep_ptr, bat, m0, k0, stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS)
+                a_t = _load_kept_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, a_kept, MASK_M, MASK_K)
+            else:
+                a_t = _load_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, MASK_M, MASK_K)
             b_t = _load_tile(b_cols + ks[:, None] * stride_bk, ks, offs_n, K, N, MASK_K, MASK_N)
             acc = _mma(acc, a_t, b_t, PRECISION, UPCAST)
 
@@ -582,14 +609,20 @@ def _dsd_tn_kernel(
                 e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
             bat = (ob + e // n_rblk).to(tl.int64)
             ms = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M + offs_m
-            a_t = _load_tile(a_cols + bat * stride_ab + ms[:, None] * stride_am, ms, offs_k, M, K, MASK_M, MASK_K)
+            a_ptrs = a_cols + bat * stride_ab + ms[:, None] * stride_am
             if WALK:
-                a_t = _keep_block(a_t, keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, k0, stride_kb, stride_kr, stride_kc,
-                                  BLOCK_ROWS, BLOCK_COLS)
-            g_t = _load_tile(g_cols + bat * stride_gb + ms[:, None] * stride_gm, ms, offs_n, M, N, MASK_M, MASK_N)
+                a_kept = _block_kept(keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, k0, stride_kb, stride_kr, stride_kc,
+                                     BLOCK_ROWS, BLOCK_COLS)
+                a_t = _load_kept_tile(a_ptrs, ms, offs_k, M, K, a_kept, MASK_M, MASK_K)
+            else:
+                a_t = _load_tile(a_ptrs, ms, offs_k, M, K, MASK_M, MASK_K)
+            g_ptrs = g_cols + bat * stride_gb + ms[:, None] * stride_gm
             if GRAD_KEEP:
-                g_t = _keep_block(g_t, g_keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, n0, stride_gkb, stride_gkr, stride_gkc,
-                                  BLOCK_ROWS, BLOCK_COLS)
+                g_kept = _block_kept(g_keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, n0, stride_gkb, stride_gkr, stride_gkc,
+                                     BLOCK_ROWS, BLOCK_COLS)
+                g_t = _load_kept_tile(g_ptrs, ms, offs_n, M, N, g_kept, MASK_M, MASK_N)
+            else:
+                g_t = _load_tile(g_ptrs, ms, offs_n, M, N, MASK_M, MASK_N)
             acc = _mma(acc, tl.trans(a_t), g_t, PRECISION, UPCAST)
 
     val = (acc * scale).to(out_ptr.dtype.element_ty)
