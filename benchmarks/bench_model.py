@@ -263,6 +263,20 @@ def timed_steps(step, args, cudagraphs: bool, row: dict) -> tuple[list[float], l
     return times, losses
 
 
+# --------------------------------------------------------------------------- compile time
+def compile_phases() -> dict[str, float]:
+    """Seconds spent so far in each timed phase of torch.compile (torch._dynamo's own counters,
+    cumulative per process; the backend adds sparsedrop.run_passes)."""
+    return {k: sum(v) for k, v in torch._dynamo.utils.compilation_time_metrics.items()}
+
+
+def log_compile_phases(backend: str, before: dict[str, float], top: int = 12) -> None:
+    """Where the first step's compile went: the phases that grew most since ``before`` (nested
+    phases overlap, so they do not add up)."""
+    grown = sorted(((v - before.get(k, 0.0), k) for k, v in compile_phases().items()), reverse=True)
+    log(f"  compile phases ({backend}, s): " + ", ".join(f"{k} {s:.1f}" for s, k in grown[:top] if s >= 0.05))
+
+
 # --------------------------------------------------------------------------- one timed run
 def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict:
     """Compile, warm up, then time args.steps training steps of a freshly built model."""
@@ -295,10 +309,12 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
     try:
         torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
         with host_phase(exclusive=False):
+            phases_before = compile_phases()
             t0 = time.perf_counter()
             first = step()  # compiles forward and backward
             harness.sync(device)
             row["compile_s"] = round(time.perf_counter() - t0, 1)
+            log_compile_phases(backend, phases_before)
             for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
                 step()
             harness.sync(device)

@@ -24,6 +24,7 @@ VARIANTS = {
     "inductor": ("inductor", None),
     "sparsedrop": ("sparsedrop", {}),
     "no_attention": ("sparsedrop", {"attention": False}),
+    "input_side_only": ("sparsedrop", {"output_side": False}),
     "attention_only": ("sparsedrop", {"exclude": ["kind:linear", "kind:matmul", "kind:addmm"]}),
 }
 
@@ -130,8 +131,13 @@ def main():
         if args.profile:
             fams, kernels, calls = kernel_times(compiled, batch, opt, 3)
             total = sum(fams.values())
+            launched = collections.Counter()
+            for k, n in calls.items():
+                launched[family(k)] += n
             print(f"    GPU kernel time {total:.1f} ms/step; idle {med - total:.1f} ms; " +
                   ", ".join(f"{f} {ms:.1f}" for f, ms in fams.most_common()), flush=True)
+            print(f"    kernels per step {sum(launched.values()):.0f}: " +
+                  ", ".join(f"{f} {n:.0f}" for f, n in launched.most_common()), flush=True)
             row.update(fams, kernel_total=total)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)

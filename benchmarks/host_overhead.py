@@ -5,7 +5,8 @@ microseconds of host time does a rewritten site (dropout + matmul, forward and b
 against what Inductor spends on the dropout + matmul it replaces?
 
 Method: for each family a function chains SITES sites (linear: x = linear_i(dropout(x));
-batched matmul: v = dropout(P_i) @ v; attention: q = SDPA(q, k_i, v_i, dropout_p)). It is
+residual (the output side): x = x + dropout(linear_i(x)); batched matmul: v = dropout(P_i) @ v;
+attention: q = SDPA(q, k_i, v_i, dropout_p)). It is
 compiled with backend="sparsedrop" and with backend="inductor" (default mode, bf16), and one
 forward + backward of it is timed while the GPU is kept busy (torch.cuda._sleep), so each call
 only enqueues work and its wall time is host time alone. Per site = (time with SITES sites -
@@ -83,6 +84,15 @@ def family_chain(family: str, sites: int, dev="cuda", dt=torch.bfloat16):
                 x = F.linear(F.dropout(x, 0.1, True), w)
             return x
         return fn, (x, *ws)
+    if family == "residual":  # BERT's SelfOutput: x + dropout(dense(x)), 16 x 128 tokens, 768 -> 768, with bias
+        x = rnd(16 * 128, 768)
+        wbs = [t for _ in range(sites) for t in (rnd(768, 768), rnd(768))]
+
+        def fn(x, *wbs):
+            for i in range(0, len(wbs), 2):
+                x = x + F.dropout(F.linear(x, wbs[i], wbs[i + 1]), 0.1, True)
+            return x
+        return fn, (x, *wbs)
     if family == "matmul":  # attention-shaped P @ V: batch 16, 12 heads, 128 x 128 @ 128 x 64
         v = rnd(16, 12, 128, 64)
         ps = [torch.softmax(rnd(16, 12, 128, 128, grad=False), -1).requires_grad_() for _ in range(sites)]
@@ -135,7 +145,7 @@ def compile_kwargs(family: str, backend: str) -> dict:
     return {"options": {"block_size": 64 if family == "matmul" else 128}} if backend == "sparsedrop" else {}
 
 
-def site_costs(calls: int, reps: int, families=("linear", "matmul", "attention")):
+def site_costs(calls: int, reps: int, families=("linear", "residual", "matmul", "attention")):
     for family in families:
         steps, compile_s, n_launches = {}, {}, {}
         for backend in ("inductor", "sparsedrop"):
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--code-out", default=None, help="write Inductor's code for one site of each family here")
     parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")
     parser.add_argument("--only-diagnose", action="store_true", help="write --code-out / --profile-out, time nothing")
-    parser.add_argument("--families", nargs="+", default=["linear", "matmul", "attention"])
+    parser.add_argument("--families", nargs="+", default=["linear", "residual", "matmul", "attention"])
     parser.add_argument("--no-eager", action="store_true", help="skip the eager functional rows")
     parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)

@@ -82,7 +82,8 @@ def sparsedrop(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any)
     if mode is not None and config.mode is None:
         config = config.replace(mode=mode)
     if distributed.piece_of(gm) is None:  # else DDPOptimizer's piece of a graph rewritten whole
-        run_passes(gm, config, example_inputs)
+        with torch._dynamo.utils.dynamo_timed("sparsedrop.run_passes"):  # in torch's compile-time counters
+            run_passes(gm, config, example_inputs)
     if distributed.whole_graph_pass():  # the DDP hook: rewrite before the split, compile the pieces later
         return gm.forward
     from sparsedrop_compile.kernels.runtime import autotuning
