@@ -90,6 +90,9 @@ def define_op(name: str, body: Callable, fake: Callable | None = None):
         if fake is not None:
             op.register_fake(fake)
         return op
+    from . import trace_analysis
+
+    trace_analysis.install()  # analyse each kernel specialisation once per process, not per launch
     return torch.library.triton_op(name, body, mutates_args=())
 
 

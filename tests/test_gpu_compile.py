@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-_SCRIPT = r"""
+_RECORD = r"""
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 
@@ -101,6 +101,9 @@ for size_class in ("launch-bound", "large"):
     for dtype in (torch.bfloat16, torch.float32):
         matmuls(dtype)
 attention(torch.bfloat16)
+"""
+
+_COMPILE = r"""
 failed = []
 for (name, _), (kernel, named) in recorded.items():
     args = {k: (torch.empty(16, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in named.items()}
@@ -124,7 +127,50 @@ def _has_ptxas() -> bool:
 def test_every_launched_kernel_variant_compiles_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    out = _run(_RECORD + _COMPILE, env)
+    compiled = int(out.split("compiled", 1)[1].split()[0])
+    assert compiled >= 20, out  # both size classes, two dtypes, the second masks, attention
+
+
+def _run(script: str, env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    compiled = int(out.stdout.split("compiled", 1)[1].split()[0])
-    assert compiled >= 20, out.stdout  # both size classes, two dtypes, the second masks, attention
+    return out.stdout
+
+
+# torch's analysis of which tensors a kernel writes (kernels/trace_analysis.py caches it per
+# specialisation): for every recorded variant the cached answer is torch's own, a repeat is a
+# hit, and the written tensors are the kernel's outputs.
+_ANALYSE = r"""
+from torch._higher_order_ops import triton_kernel_wrap as tkw
+from sparsedrop_compile.kernels import trace_analysis
+names = trace_analysis.install()
+assert names, "no analysis of torch's to cache"
+wrong, writes = [], set()
+for (name, _), (kernel, named) in recorded.items():
+    args = {k: (torch.empty(16, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in named.items()}
+    for fn_name in names:
+        cached = getattr(tkw, fn_name)
+        expected = cached.__wrapped__(kernel, dict(args), {})
+        first, again = cached(kernel, dict(args), {}), cached(kernel, dict(args), {})
+        if not (first == expected and again == expected):
+            wrong.append(f"{name} {fn_name}: {first} / {again} != {expected}")
+        result = expected if isinstance(expected, list) else [d.name for d in expected.read_writes.writes]
+        writes.update((name, w) for w in result)
+variants = len(recorded) * len(names)
+print("analysed", variants, "hits", trace_analysis.stats["hits"], "misses", trace_analysis.stats["misses"])
+print("writes", sorted(writes))
+print("\n".join(wrong))
+sys.exit(1 if wrong or trace_analysis.stats != {"hits": variants, "misses": variants, "skipped": 0} else 0)
+"""
+
+
+def test_kernel_write_analysis_is_cached_per_specialisation_with_torchs_answer(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    out = _run(_RECORD + _ANALYSE, env)
+    writes = eval(out.split("writes", 1)[1].splitlines()[0])  # (kernel, argument) pairs, printed sorted
+    # The dense-output matmuls write their output and nothing else; sdd its output (torch's
+    # analysis, being conservative, also counts the kept-block lists its persistent schedule reads).
+    assert {w for k, w in writes if k in ("_dsd_kernel", "_dsd_tn_kernel")} == {"out_ptr"}, out
+    assert "out_ptr" in {w for k, w in writes if k == "_sdd_kernel"}, out
