@@ -19,7 +19,12 @@ rebuilt from the same seed, with the same batch, after torch._dynamo.reset().
 
 Timing: the first --warmup steps (which compile) are excluded; the next --steps are timed with
 CUDA events and the median is reported. Peak memory is torch.cuda.max_memory_allocated over the
-timed steps (weights, gradients and AdamW state included; both backends hold the same amount).
+timed steps (weights, gradients and AdamW state included; both backends hold the same amount). In the default mode both backends' models are compiled and
+warmed up first, then the timed steps run in --rounds alternating rounds (the order flips each
+round): a host-bound step (small batches) moves with the host's speed, which drifts over minutes,
+so timing one backend after the other compared two different hosts (BERT at 16 x 128 read 31.8,
+36.4 and 40.4 ms for three variants in the order they ran). --sequential times them one after
+the other, as --mode reduce-overhead always does; the CSV's timing column says which.
 
 Compiling a base-size model takes about a minute per backend, so a full sweep does not fit in
 one short job: (model, p) pairs run headline-first (every model at p = 0.1, then the other p),
@@ -105,13 +110,13 @@ FIELDS = [
     # issue 12's physical limit (see ideal_speedup.py): the Inductor row's matmul / attention kernel
     # time per step, the sparsedrop row's skipped shares of that work and the limit's speed-up
     "gpu_ms", "matmul_ms", "attention_ms", "matmul_skip_share", "attention_skip_share", "ideal_speedup", "ideal_basis",
-    "error", "time_utc",
+    "timing", "error", "time_utc",
 ]
 # Rows of an earlier run stay in the CSV only when these match the current settings.
 SETTING_KEYS = ("torch", "triton", "transformers", "batch", "seq", "dec_seq", "compiler", "mode", "block_size")
 # Columns read back as text; the others are numbers.
 TEXT_FIELDS = ("gpu", "torch", "transformers", "triton", "cuda", "model", "backend", "compiler", "mode",
-               "sites_detail", "ideal_basis", "error", "time_utc")
+               "sites_detail", "ideal_basis", "timing", "error", "time_utc")
 
 
 def log(*args) -> None:
@@ -278,11 +283,11 @@ def log_compile_phases(backend: str, before: dict[str, float], top: int = 12) ->
 
 
 # --------------------------------------------------------------------------- one timed run
-def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict:
-    """Compile, warm up, then time args.steps training steps of a freshly built model."""
+def prepare_training(name: str, backend: str, p: float, shape: tuple, args) -> tuple:
+    """Build a fresh model, compile it with ``backend`` and run the warm-up steps.
+    Returns (step, row, first loss, objects to keep alive while timing)."""
     device = args.device
-    torch._dynamo.reset()
-    free_memory(device)
+    mem_before = torch.cuda.memory_allocated() if device == "cuda" else 0
     model = make_model(name, p, args, args.seed)
     params_m = sum(t.numel() for t in model.parameters()) / 1e6
     batch = make_batch(model, name, shape, args, args.seed)
@@ -306,33 +311,110 @@ def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict
 
     row = {"params_m": round(params_m, 1)}
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
+    torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
+    with host_phase(exclusive=False):
+        phases_before = compile_phases()
+        t0 = time.perf_counter()
+        first = step()  # compiles forward and backward
+        harness.sync(device)
+        row["compile_s"] = round(time.perf_counter() - t0, 1)
+        log_compile_phases(backend, phases_before)
+        for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
+            step()
+        harness.sync(device)
+    row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    if device == "cuda":  # this run's resident memory: weights, gradients, AdamW state, caches
+        row["base_mem_mb"] = round((torch.cuda.memory_allocated() - mem_before) / 2**20)
+    return step, row, first, (compiled, opt, model, batch)
+
+
+def kernel_fields(step, backend: str, device: str, row: dict) -> None:
+    """GPU kernel time per step (both backends: a step far slower than it is host-bound), and
+    the baseline's matmul and attention time (ideal_speedup.py)."""
+    matmul_ms, attention_ms, row["gpu_ms"] = (round(t, 3) for t in ideal.kernel_ms(step, device))
+    if backend != "sparsedrop":
+        row["matmul_ms"], row["attention_ms"] = matmul_ms, attention_ms
+
+
+def finish_row(row: dict, times: list[float], losses: list, first) -> dict:
+    row.update(median_ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), max_ms=round(max(times), 3),
+               steps=len(times), loss_first=round(first.item(), 5), loss_last=round(losses[-1].item(), 5))
+    return row
+
+
+def time_training(name: str, backend: str, p: float, shape: tuple, args) -> dict:
+    """Compile, warm up, then time args.steps training steps of a freshly built model."""
+    device = args.device
+    torch._dynamo.reset()
+    free_memory(device)
+    held = None
     try:
-        torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
-        with host_phase(exclusive=False):
-            phases_before = compile_phases()
-            t0 = time.perf_counter()
-            first = step()  # compiles forward and backward
-            harness.sync(device)
-            row["compile_s"] = round(time.perf_counter() - t0, 1)
-            log_compile_phases(backend, phases_before)
-            for _ in range(args.warmup - 1):  # kernel tuners and the allocator settle here
-                step()
-            harness.sync(device)
-        row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+        step, row, first, held = prepare_training(name, backend, p, shape, args)
         with host_phase(exclusive=True):
-            times, losses = timed_steps(step, args, cudagraphs, row)
-            # GPU kernel time per step (both backends: a step far slower than it is host-bound),
-            # and the baseline's matmul and attention time (ideal_speedup.py)
-            matmul_ms, attention_ms, row["gpu_ms"] = (round(t, 3) for t in ideal.kernel_ms(step, device))
-            if backend != "sparsedrop":
-                row["matmul_ms"], row["attention_ms"] = matmul_ms, attention_ms
-        row.update(median_ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), max_ms=round(max(times), 3),
-                   steps=len(times), loss_first=round(first.item(), 5), loss_last=round(losses[-1].item(), 5))
+            times, losses = timed_steps(step, args, args.mode == "reduce-overhead", row)
+            kernel_fields(step, backend, device, row)
+        return finish_row(row, times, losses, first)
     finally:
-        del compiled, opt, model, batch
+        del held
         torch._dynamo.reset()
         free_memory(device)
-    return row
+
+
+def time_pair_interleaved(name: str, p: float, shape: tuple, args) -> dict[str, dict]:
+    """Both backends' rows, timed in alternating rounds: each backend's model is compiled and
+    warmed up, then ``args.rounds`` rounds each time a share of the steps of one backend and
+    then of the other (the order flips every round). A step that is bound by the host (small
+    batches) moves with the host's speed, which drifts over minutes on a shared machine; run one
+    after the other, the two backends would see different hosts. Peak memory: this backend's
+    resident memory plus the most its steps allocated on top of everything resident."""
+    device = args.device
+    torch._dynamo.reset()
+    free_memory(device)
+    runs: dict[str, tuple] = {}
+    try:
+        for backend in BACKENDS:
+            log(f"  {backend}: compiling ...")
+            runs[backend] = prepare_training(name, backend, p, shape, args)
+        times = {b: [] for b in BACKENDS}
+        losses = {b: [] for b in BACKENDS}
+        transient = dict.fromkeys(BACKENDS, 0)
+        rounds = max(1, min(args.rounds, args.steps))
+        with host_phase(exclusive=True):
+            for r in range(rounds):
+                n = args.steps // rounds + (1 if r < args.steps % rounds else 0)
+                for backend in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        resident = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    t, out = time_calls(runs[backend][0], n, device)
+                    if device == "cuda":
+                        transient[backend] = max(transient[backend], torch.cuda.max_memory_allocated() - resident)
+                    times[backend] += t
+                    losses[backend] += out
+            for backend in BACKENDS:
+                kernel_fields(runs[backend][0], backend, device, runs[backend][1])
+        rows = {}
+        for backend, (_, row, first, _) in runs.items():
+            if device == "cuda":
+                row["peak_mem_mb"] = row["base_mem_mb"] + round(transient[backend] / 2**20)
+            rows[backend] = finish_row(row, times[backend], losses[backend], first)
+        return rows
+    finally:
+        runs.clear()
+        torch._dynamo.reset()
+        free_memory(device)
+
+
+def failure(exc: Exception, model: str) -> str:
+    """A failed run's error field (and its log lines)."""
+    # Inductor may wrap an OOM raised while it compiles in its own exception type.
+    oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    error = f"out of memory; lower the batch (--{model}-batch)" if oom else f"{type(exc).__name__}: {short(exc)}"
+    log(f"  FAILED: {error}")
+    if not oom:
+        log("".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
+    return error
 
 
 # --------------------------------------------------------------------------- results file
@@ -575,23 +657,31 @@ def run(args) -> int:
                 flops[model] = flops_by_module(model, shape, args)
             except Exception as exc:  # noqa: BLE001 - only the ideal speed-up needs it
                 log(f"  FLOP count of {model} FAILED (no ideal speed-up): {type(exc).__name__}: {short(exc)}")
-        for backend in BACKENDS:
-            log(f"[{time.perf_counter() - start:5.0f} s] {model} batch {shape_str(shape)} p={p:g} {backend}: compiling ...")
-            row = {**settings(info, args, model), "model": model, "p": p, "backend": backend, **sites[model],
-                   "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        timed: dict[str, dict] = {}
+        if args.interleave:
+            log(f"[{time.perf_counter() - start:5.0f} s] {model} batch {shape_str(shape)} p={p:g}, both backends "
+                f"interleaved over {args.rounds} rounds")
             try:
-                row.update(time_training(model, backend, p, shape, args))
-            except Exception as exc:  # noqa: BLE001 - one failing run must not end the benchmark
-                # Inductor may wrap an OOM raised while it compiles in its own exception type.
-                oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-                row["error"] = (f"out of memory; lower the batch (--{model}-batch)" if oom
-                                else f"{type(exc).__name__}: {short(exc)}")
-                log(f"  FAILED: {row['error']}")
-                if not oom:
-                    log("".join(traceback.format_exc().splitlines(keepends=True)[-12:]))
-            # Outside the except block: the traceback no longer pins the failed run's tensors.
+                timed = time_pair_interleaved(model, p, shape, args)
+            except Exception as exc:  # noqa: BLE001 - one failing pair must not end the benchmark
+                timed = dict.fromkeys(BACKENDS, {"error": failure(exc, model)})
             torch._dynamo.reset()
             free_memory(device)
+        for backend in BACKENDS:
+            row = {**settings(info, args, model), "model": model, "p": p, "backend": backend, **sites[model],
+                   "timing": "interleaved" if args.interleave else "sequential",
+                   "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            if args.interleave:
+                row.update(timed[backend])
+            else:
+                log(f"[{time.perf_counter() - start:5.0f} s] {model} batch {shape_str(shape)} p={p:g} {backend}: compiling ...")
+                try:
+                    row.update(time_training(model, backend, p, shape, args))
+                except Exception as exc:  # noqa: BLE001 - one failing run must not end the benchmark
+                    row["error"] = failure(exc, model)
+                # Outside the except block: the traceback no longer pins the failed run's tensors.
+                torch._dynamo.reset()
+                free_memory(device)
             set_ratios(row, find(rows, model, p, "inductor") if backend == "sparsedrop" else row)
             put(rows, row)
             # Every sparsedrop row of the model again: the Inductor p = 0 row may have just come.
@@ -827,6 +917,11 @@ def parse_args(argv=None):
                         help="Inductor compile mode of both backends; reduce-overhead records CUDA graphs "
                              "(results in model_<gpu>_<mode>.csv; with --smoke: Inductor on the CPU, which "
                              "skips the graphs, a plumbing check of some minutes)")
+    parser.add_argument("--sequential", dest="interleave", action="store_false",
+                        help="time one backend after the other (each after its own compile) instead of in "
+                             "alternating rounds; --mode reduce-overhead always runs this way")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds the timed steps are split into (default %(default)s)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="split the pairs over this many GPUs, one child process each, then merge their CSVs")
     # A --gpus child's share, instead of the models x ps product; the pairs run in this order.
@@ -870,6 +965,10 @@ def parse_args(argv=None):
                      "CUDA-graph replays")
     if args.gpus < 1:
         parser.error(f"--gpus {args.gpus}: expected at least 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
+    # Two models' CUDA-graph trees alternating in one process would re-record; time them apart.
+    args.interleave = args.interleave and args.mode == "default"
     if args.device == "cuda" and args.gpus > torch.cuda.device_count():
         parser.error(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
     # The baseline is the compiler the sparsedrop backend hands its graph to, without the rewrite.
