@@ -212,18 +212,58 @@ def site_code_and_profile(code_path: str | None, profile_path: str | None, famil
             print("wrote", path)
 
 
+EAGER_SHAPES = ((4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336))
+
+
+def eager_step(rows: int, n: int, k: int):
+    """(step, x, w): one sparse_dropout_linear forward + backward from Python, bf16, p = 0.1."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5).requires_grad_()
+    gy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        y = sd.sparse_dropout_linear(x, w, None, p=0.1, block_size=128)
+        y.backward(gy)
+    return step, x, w
+
+
+def eager_profile(path: str, calls: int = 20) -> None:
+    """Where an eager call's wall time goes, at the first EAGER_SHAPES shape: Python functions by
+    own time (cProfile), then torch's profiler, CPU and CUDA, by self CPU time (a host sync shows
+    as cudaStreamSynchronize / cudaMemcpy*, launches as cudaLaunchKernel / cuLaunchKernel*)."""
+    import cProfile
+    import io
+    import pstats
+
+    step, _, _ = eager_step(*EAGER_SHAPES[0])
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as tp:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(f"# eager sparse_dropout_linear fwd+bwd {EAGER_SHAPES[0]}, {calls} calls: cProfile by own time\n")
+        f.write(text.getvalue())
+        f.write(f"\n# torch.profiler, {calls} calls, by self CPU time\n")
+        f.write(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    print("wrote", path)
+
+
 def eager_functional(reps: int):
     """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay."""
-    for rows, n, k in ((4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-        w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5).requires_grad_()
-        gy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=g)
-
-        def step():
-            y = sd.sparse_dropout_linear(x, w, None, p=0.1, block_size=128)
-            y.backward(gy)
-
+    for rows, n, k in EAGER_SHAPES:
+        step, x, w = eager_step(rows, n, k)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -270,7 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
     parser.add_argument("--code-out", default=None, help="write Inductor's code for one site of each family here")
     parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")
-    parser.add_argument("--only-diagnose", action="store_true", help="write --code-out / --profile-out, time nothing")
+    parser.add_argument("--eager-profile-out", default=None, help="write a profile of the eager functional call here")
+    parser.add_argument("--only-diagnose", action="store_true",
+                        help="write --code-out / --profile-out / --eager-profile-out, time nothing")
     parser.add_argument("--families", nargs="+", default=["linear", "residual", "matmul", "attention"])
     parser.add_argument("--no-eager", action="store_true", help="skip the eager functional rows")
     parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
@@ -285,6 +327,8 @@ def main(argv=None) -> int:
     print(f"{name}, torch {env['torch']}, triton {env['triton']}")
     if args.code_out or args.profile_out:
         site_code_and_profile(args.code_out, args.profile_out, args.families)
+    if args.eager_profile_out:
+        eager_profile(args.eager_profile_out)
     if args.only_diagnose:
         return 0
     rows = []
