@@ -9,8 +9,9 @@ launches the same few specialisations at every layer: BERT-base's 37 dropout sit
 150 kernels per step, each analysed ~4 times at 15-40 ms a lowering, a large share of the
 difference between our compile time and Inductor's (``bench_model.py`` logs the phases).
 
-The answer depends only on what the lowering sees, which torch itself reduces to: the kernel,
-each argument's kind (a symbolic value becomes the constant 2, a fake or Inductor tensor an
+The answer depends only on what the lowering sees, which torch itself reduces to: the kernel
+(torch wraps every launch in a fresh one-config Autotuner: its JITFunction and config), each
+argument's kind (a symbolic value becomes the constant 2, a fake or Inductor tensor an
 empty tensor of its dtype, a real tensor its dtype and 16-byte alignment), every plain value
 (ints, floats, constexprs, None) and the TMA metadata. That is the cache key; an argument of any
 other kind, or a kernel that is not ours, skips the cache. Each hit returns a deep copy, so no
@@ -54,9 +55,23 @@ def _arg_key(value: Any, tma_entry: Any) -> tuple | None:
     return None
 
 
+def _kernel_key(kernel: Any) -> tuple | None:
+    """The kernel as the lowering sees it. torch wraps each launch that passes num_warps /
+    num_stages in a new one-config Autotuner, so an Autotuner counts as its JITFunction plus its
+    configs (the lowering merges the first config's kwargs into the arguments)."""
+    configs = getattr(kernel, "configs", None)
+    jit = kernel if configs is None else getattr(kernel, "fn", None)
+    fn = getattr(jit, "fn", None)  # the Python function
+    if fn is None or not getattr(fn, "__module__", "").startswith(_PACKAGE + ".") or getattr(jit, "configs", None) is not None:
+        return None
+    if configs is None:
+        return (jit,)
+    return (jit, tuple((tuple(sorted(c.kwargs.items())), str(c)) for c in configs))
+
+
 def _key(kernel: Any, kwargs: dict, tma_meta: Any) -> tuple | None:
-    fn = getattr(getattr(kernel, "fn", kernel), "fn", getattr(kernel, "fn", kernel))  # Autotuner -> JITFunction -> function
-    if not getattr(fn, "__module__", "").startswith(_PACKAGE + "."):
+    kernel_key = _kernel_key(kernel)
+    if kernel_key is None:
         return None
     parts = []
     for name, value in kwargs.items():
@@ -64,7 +79,7 @@ def _key(kernel: Any, kwargs: dict, tma_meta: Any) -> tuple | None:
         if part is None:
             return None
         parts.append((name, part))
-    return (kernel, tuple(parts))
+    return (kernel_key, tuple(parts))
 
 
 def _cached(analysis: Callable) -> Callable:

@@ -139,20 +139,28 @@ def _run(script: str, env: dict) -> str:
 
 
 # torch's analysis of which tensors a kernel writes (kernels/trace_analysis.py caches it per
-# specialisation): for every recorded variant the cached answer is torch's own, a repeat is a
-# hit, and the written tensors are the kernel's outputs.
+# specialisation): for every recorded variant, each launch wrapped as torch wraps it (a fresh
+# Autotuner per launch), the cached answer is torch's own, a repeat is a hit, and the written
+# tensors are the kernel's outputs.
 _ANALYSE = r"""
 from torch._higher_order_ops import triton_kernel_wrap as tkw
 from sparsedrop_compile.kernels import trace_analysis
 names = trace_analysis.install()
 assert names, "no analysis of torch's to cache"
 wrong, writes = [], set()
+from triton import Config, autotune
+
+def as_torch_wraps_it(kernel, args):
+    # wrap_triton moves num_warps / num_stages into a new one-config Autotuner at every launch
+    special = {k: args.pop(k) for k in ("num_warps", "num_stages") if k in args}
+    return autotune(configs=[Config(kwargs={}, **special)], key=[])(kernel), args
+
 for (name, _), (kernel, named) in recorded.items():
     args = {k: (torch.empty(16, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in named.items()}
     for fn_name in names:
         cached = getattr(tkw, fn_name)
-        expected = cached.__wrapped__(kernel, dict(args), {})
-        first, again = cached(kernel, dict(args), {}), cached(kernel, dict(args), {})
+        expected = cached.__wrapped__(*as_torch_wraps_it(kernel, dict(args)), {})
+        first, again = (cached(*as_torch_wraps_it(kernel, dict(args)), {}) for _ in range(2))
         if not (first == expected and again == expected):
             wrong.append(f"{name} {fn_name}: {first} / {again} != {expected}")
         result = expected if isinstance(expected, list) else [d.name for d in expected.read_writes.writes]
