@@ -74,11 +74,12 @@ def test_sparse_dropout_attention_rejects_bad_block(block):
         sparse_dropout_attention(q, q, q, p=0.1, block=block)
 
 
-def test_tiny_models_show_attention_rewritten_at_default_options(capsys):
-    rc, out = _main(["explain", "--model", "bert"], capsys)
+@pytest.mark.parametrize("family,attention_sites", [("bert", 2), ("t5", 6)])
+def test_tiny_models_show_attention_rewritten_at_default_options(capsys, family, attention_sites):
+    rc, out = _main(["explain", "--model", family], capsys)
     assert rc == 0
     rows = [line for line in out.out.splitlines() if "P @ V inside SDPA" in line]
-    assert len(rows) == 2 and all(re.search(r"SDPA\s+yes", row) for row in rows), out.out
+    assert len(rows) == attention_sites and all(re.search(r"SDPA\s+yes", row) for row in rows), out.out
 
 
 def test_demo_prints_progress_while_compiling(capsys):

@@ -125,3 +125,29 @@ def test_hf_models_with_graph_breaks_list_every_dropout(family, monkeypatch):
     assert report.rewritten
     for site in report.sites:
         assert site.rewritten or site.reason, site.row()
+
+
+_OPTION_FORMS = {
+    "dict": {"block_size": 8},
+    "config": sd.SparseDropConfig(block_size=8),
+    "dict_inner_inductor": {"block_size": 8, "inner": "inductor"},
+    "config_inner_inductor": sd.SparseDropConfig(block_size=8, inner="inductor"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(_OPTION_FORMS))
+def test_explain_runs_rewritten_graphs_eagerly_whatever_form_the_options_take(form, monkeypatch):
+    """explain(options=dict) and explain(options=SparseDropConfig(...)) behave alike: the rewritten
+    graph runs eagerly (no Inductor compile, also when the options name Inductor as the inner
+    compiler) and the rows are the same."""
+    import torch._inductor.compile_fx as compile_fx
+
+    def no_inductor(*args, **kwargs):
+        raise AssertionError("explain compiled a graph with Inductor")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", no_inductor)
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    fn = lambda x, w: F.linear(F.dropout(x, 0.2, True), w).relu()  # noqa: E731
+    report = sd.explain(fn, x, w, options=_OPTION_FORMS[form])
+    assert [(s.kind, s.rewritten, s.side, s.block_size) for s in report.sites] == [("linear", True, "input", (8, 8))]

@@ -34,13 +34,15 @@ def _refused_cases():
     """name -> (fn(drop, h, w, v, pad), op named in the reason, where). ``h`` is a non-leaf
     activation of shape (49, 32); ``drop`` is F.dropout (the site under test)."""
 
-    def x_written(write):
+    def x_written(write, consumer=lambda d, w, v: F.linear(d, w)):
         def fn(drop, h, w, v, pad):
             x = h[1:]
             d = drop(x)
             write(x, h, pad)
-            return F.linear(d, w)
+            return consumer(d, w, v)
         return fn
+
+    matmul = lambda d, w, v: torch.matmul(d, v)  # noqa: E731  (the batched-matmul consumer)
 
     def d_written(write, consumer=lambda d, w, v: F.linear(d, w)):
         def fn(drop, h, w, v, pad):
@@ -86,6 +88,13 @@ def _refused_cases():
         "d_view_written_before_matmul": (
             d_written(lambda d, pad: d[:, :8].zero_(), lambda d, w, v: torch.matmul(d, v)), "by zero_", "between the dropout and matmul"),
         "cast_step_written": (cast_step_written, "(on the way to linear) is mutated in place by mul_", "between the dropout and linear"),
+        # the issue's writes again with a torch.matmul consumer
+        "matmul_x_mul_": (x_written(lambda x, h, pad: x.mul_(10), matmul), "by mul_", "between the dropout and matmul"),
+        "matmul_x_torch_relu_": (x_written(lambda x, h, pad: torch.relu_(x), matmul), "by relu_", "between the dropout and matmul"),
+        "matmul_base_add_": (x_written(lambda x, h, pad: h.add_(1), matmul), "shares memory with the dropout input", "between the dropout and matmul"),
+        "matmul_d_mul_": (d_written(lambda d, pad: d.mul_(3), matmul), "the dropout output is mutated in place by mul_", "between the dropout and matmul"),
+        "matmul_d_masked_fill_": (d_written(lambda d, pad: d.masked_fill_(pad, 0), matmul), "by masked_fill_", "between the dropout and matmul"),
+        "matmul_d_clamp_": (d_written(lambda d, pad: d.clamp_(max=1), matmul), "by clamp_", "between the dropout and matmul"),
     }
 
 

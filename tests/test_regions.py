@@ -180,9 +180,9 @@ def test_dropout_given_by_keyword_moves_into_the_region():
 
 
 # --------------------------------------------------------------------------- HuggingFace
-def _enable_checkpointing(model):
+def _enable_checkpointing(model, method="activation_checkpointing_enable"):
     # transformers 5.x names it activation_checkpointing_enable where it exists (the old name warns).
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable = getattr(model, method, None) or model.gradient_checkpointing_enable
     enable()
     assert model.is_gradient_checkpointing
 
@@ -209,15 +209,17 @@ def _same_sites(plain, ckpt):
     assert not left, [p.row() for p in left]
 
 
+@pytest.mark.parametrize("method", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_hf_gradient_checkpointing_rewrites_the_same_sites(family):
+def test_hf_gradient_checkpointing_rewrites_the_same_sites(family, method):
+    """Both names HF gives the switch (the old one where the new one is missing, as on 4.x)."""
     reports = []
     for ckpt in (False, True):
         torch.manual_seed(0)
         model = build_model(family, attn="eager").train()
         _no_cache(model)
         if ckpt:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, method)
         reports.append(sd.explain(model, **example_batch(model, seq=32), options={"block_size": 16}))
     plain, ckpt = reports
     assert sum(s.rewritten for s in plain.sites) >= 2
