@@ -24,6 +24,7 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
     from sparsedrop_compile.passes.dropout_matmul import rewrite_dropout_matmul
     from sparsedrop_compile.passes.dropout_mha import rewrite_dropout_mha
     from sparsedrop_compile.passes.dropout_sdpa import rewrite_dropout_sdpa
+    from sparsedrop_compile.passes.keep_sampling import draw_keeps_together
     from sparsedrop_compile.passes.matmul_dropout import rewrite_matmul_dropout
     from sparsedrop_compile.passes.regions import rewrite_regions
 
@@ -38,7 +39,10 @@ def run_passes(gm: fx.GraphModule, config: SparseDropConfig, example_inputs: Seq
         # The output side completes the input side's rows (a dropout is one row, fused on either
         # side or refused with both reasons) and fuses the matmuls it already made input-sparse.
         sites = rewrite_matmul_dropout(g, cfg, index, fake_mode, sites)
-        return sites + [site for rewrite_pass in (rewrite_dropout_sdpa, rewrite_dropout_mha) for site in rewrite_pass(g, cfg, index, fake_mode)]
+        sites += [site for rewrite_pass in (rewrite_dropout_sdpa, rewrite_dropout_mha) for site in rewrite_pass(g, cfg, index, fake_mode)]
+        merged, draws = draw_keeps_together(g, fake_mode)  # one launch per p for the graph's keep flags
+        report.record_shared_draws(merged, draws)
+        return sites
 
     # The graph and every higher-order-op body in it (checkpointed regions), in program order;
     # sites named as in the compiled model's named_modules().

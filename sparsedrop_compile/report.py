@@ -58,6 +58,10 @@ class ExplainReport:
 
     sites: list = field(default_factory=list)
     graphs: int = 0
+    # Rewritten sites whose keep flags come from a draw shared with others of their graph and p
+    # (passes/keep_sampling.py), and the launches those draws take.
+    shared_draw_sites: int = 0
+    shared_draws: int = 0
 
     @property
     def rewritten(self) -> list:
@@ -69,6 +73,9 @@ class ExplainReport:
 
     def __str__(self) -> str:
         head = f"sparsedrop: {len(self.rewritten)} of {len(self.sites)} dropout site(s) rewritten in {self.graphs} graph(s)"
+        if self.shared_draws:
+            head += (f"; keep flags of {self.shared_draw_sites} rewritten site(s) drawn in {self.shared_draws} "
+                     f"launch(es), one per graph and p")
         return head + ("\n" + format_sites(self.sites) if self.sites else "")
 
 
@@ -95,6 +102,14 @@ def record(sites) -> None:
     report = _active.get()
     if report is not None:
         report.sites.extend(sites)
+
+
+def record_shared_draws(sites: int, draws: int) -> None:
+    """Add a graph's merged keep draws (``sites`` sampled in ``draws`` launches) to the report."""
+    report = _active.get()
+    if report is not None:
+        report.shared_draw_sites += sites
+        report.shared_draws += draws
 
 
 @contextlib.contextmanager
