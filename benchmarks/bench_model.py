@@ -18,13 +18,15 @@ every dropout. For each (model, p) both backends run in this one process, each o
 rebuilt from the same seed, with the same batch, after torch._dynamo.reset().
 
 Timing: the first --warmup steps (which compile) are excluded; the next --steps are timed with
-CUDA events and the median is reported. Peak memory is torch.cuda.max_memory_allocated over the
-timed steps (weights, gradients and AdamW state included; both backends hold the same amount). In the default mode both backends' models are compiled and
-warmed up first, then the timed steps run in --rounds alternating rounds (the order flips each
-round): a host-bound step (small batches) moves with the host's speed, which drifts over minutes,
-so timing one backend after the other compared two different hosts (BERT at 16 x 128 read 31.8,
-36.4 and 40.4 ms for three variants in the order they ran). --sequential times them one after
-the other, as --mode reduce-overhead always does; the CSV's timing column says which.
+CUDA events and the median is reported. In the default mode both backends' models are compiled
+and warmed up first, then the timed steps run in --rounds alternating rounds (the order flips
+each round): a host-bound step (small batches) moves with the host's speed, which drifts over
+minutes, so timing one backend after the other compared two different hosts (BERT at 16 x 128
+read 31.8, 36.4 and 40.4 ms for three variants in the order they ran). --sequential times them
+one after the other, as --mode reduce-overhead always does; the CSV's timing column says which.
+Peak memory is a run's resident memory (weights, gradients, AdamW state; both backends hold the
+same amount) plus the most its timed steps allocated on top of it (sequential: simply
+torch.cuda.max_memory_allocated over the timed steps).
 
 Compiling a base-size model takes about a minute per backend, so a full sweep does not fit in
 one short job: (model, p) pairs run headline-first (every model at p = 0.1, then the other p),
