@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsedrop_compile import ops
 from sparsedrop_compile.config import _block_pair
 from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep
 
@@ -26,7 +27,7 @@ def sparse_dropout_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         return F.linear(x, weight, bias)
     br, bc = _block_pair("block_size", block_size)
     keep = sample_block_keep(x, p, br, bc, False)
-    return torch.ops.sparsedrop.linear(x, weight, bias, keep, dropout_scale(p), br, bc, kernel)
+    return ops.linear_call(x, weight, bias, keep, dropout_scale(p), br, bc, kernel)
 
 
 def sparse_dropout_matmul(a: Tensor, b: Tensor, *, p: float, block_size=128, training: bool = True, kernel: str = "auto") -> Tensor:
@@ -36,4 +37,4 @@ def sparse_dropout_matmul(a: Tensor, b: Tensor, *, p: float, block_size=128, tra
         return torch.matmul(a, b)
     br, bc = _block_pair("block_size", block_size)
     keep = sample_block_keep(a, p, br, bc, True)
-    return torch.ops.sparsedrop.matmul(a, b, keep, dropout_scale(p), br, bc, kernel)
+    return ops.matmul_call(a, b, keep, dropout_scale(p), br, bc, kernel)

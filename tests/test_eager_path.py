@@ -1,0 +1,85 @@
+"""The functional forms outside a trace run the op bodies through a plain autograd.Function (no
+custom-op layers: host time); inside torch.compile they stay the registered ops. Both paths must
+give the same outputs and gradients for the same keep flags, also under autocast, and with the
+Triton kernels (interpreter) as with the reference."""
+import pytest
+import torch
+
+import sparsedrop_compile as sd
+from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep
+
+BLOCK = 16
+P = 0.3
+
+
+def _leaves(*shapes, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*s, generator=gen) / 4).to(dtype).requires_grad_() for s in shapes]
+
+
+def _grads(fn, leaves):
+    out = fn(*leaves)
+    (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return [out] + [t.grad for t in leaves]
+
+
+def _op_path_linear(kernel):
+    def f(x, w, b):
+        keep = sample_block_keep(x, P, BLOCK, BLOCK, False)
+        return torch.ops.sparsedrop.linear(x, w, b, keep, dropout_scale(P), BLOCK, BLOCK, kernel)
+    return f
+
+
+def _op_path_matmul(kernel):
+    def f(a, v):
+        keep = sample_block_keep(a, P, BLOCK, BLOCK, True)
+        return torch.ops.sparsedrop.matmul(a, v, keep, dropout_scale(P), BLOCK, BLOCK, kernel)
+    return f
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_eager_linear_equals_the_registered_op(kernel, autocast):
+    shapes = ((3, 40, 48), (56, 48), (56,))  # ragged rows and cols, a batch dim, bias
+    results = []
+    for fn in (lambda x, w, b: sd.sparse_dropout_linear(x, w, b, p=P, block_size=BLOCK, kernel=kernel), _op_path_linear(kernel)):
+        leaves = _leaves(*shapes)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(_grads(fn, leaves))
+    eager, op = results
+    assert eager[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    for e, o in zip(eager, op):
+        assert e.dtype == o.dtype
+        torch.testing.assert_close(e, o, rtol=0, atol=0)  # the same kernels on the same flags
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_eager_matmul_equals_the_registered_op_with_broadcast_operands(kernel):
+    shapes = ((2, 3, 40, 32), (3, 32, 24))  # b broadcast over a's leading batch dim
+    results = []
+    for fn in (lambda a, v: sd.sparse_dropout_matmul(a, v, p=P, block_size=BLOCK, kernel=kernel), _op_path_matmul(kernel)):
+        leaves = _leaves(*shapes, seed=1)
+        torch.manual_seed(4)
+        results.append(_grads(fn, leaves))
+    for e, o in zip(*results):
+        torch.testing.assert_close(e, o, rtol=0, atol=0)
+
+
+def test_eager_path_skips_grads_nobody_needs():
+    x, w = _leaves((40, 48), (56, 48))
+    w.requires_grad_(False)
+    sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK).sum().backward()
+    assert x.grad is not None and w.grad is None
+
+
+def test_compiled_functional_forms_stay_the_registered_ops():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x, w = torch.randn(40, 48), torch.randn(56, 48)
+    torch.compile(lambda x, w: sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK), backend=capture, fullgraph=True)(x, w)
+    assert "sparsedrop.linear" in graphs[0] and "_EagerLinear" not in graphs[0], graphs[0]
