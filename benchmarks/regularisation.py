@@ -19,13 +19,37 @@ Tasks (all offline; nothing is downloaded):
                 byte budget. The corpus depends on the Python version, which every row records.
                 Pre-LN decoder, causal attention; dropout before the same linears as the ViT (LM
                 head included) plus attention dropout. No embedding or residual dropout: those feed
-                adds, which no matmul can skip, and they would stay element-wise in the block arm.
+                adds, which no matmul can skip, and they would stay element-wise in the block arm
+                (the both arm adds residual dropout on the out and fc2 linears' outputs, which
+                the backend's output side fuses into those linears).
 
-Arms (ARMS below; each p in --ps, default 0.1 ... 0.7):
+Arms (ARMS below; each p in --ps, default 0.1 ... 0.7; --arms default: none, element, block):
 
     none     p = 0: the model without dropout, compiled with the baseline compiler
     element  element-wise dropout, ``torch.compile(backend=<baseline>)``
-    block    ``torch.compile(backend="sparsedrop", options={"block_size": ..., "attention_block": ...})``
+    block    ``torch.compile(backend="sparsedrop", options={"block_size": ..., "attention_block": ...})``:
+             the dropouts above, each before a linear, become input-side block dropout. These
+             models have no dropout of a matmul's output, so the backend's output side (on by
+             default) finds nothing here: explain's table says "yes (input)" for every linear.
+    both     block dropout on both sides of the linears: the block arm's model plus a second
+             dropout (same p) directly on the output of every linear that has a dropout before
+             it, except the classifier / LM head (dropped logits are no regulariser, and the
+             digits heads' 10 columns hold too few blocks: 8 at the ViT's 8 x 16). In order:
+               digits-mlp  dropout -> linear -> dropout -> ReLU, for the two hidden layers;
+                           the head: dropout -> linear
+               transformer qkv: dropout -> linear -> dropout -> split into heads (q, k, v tiles)
+               blocks      out: dropout -> linear -> dropout -> residual add (residual dropout)
+                           fc1: dropout -> linear -> dropout -> GELU
+                           fc2: dropout -> linear -> dropout -> residual add (residual dropout)
+             attention dropout and the heads as in the block arm; the ViT's patch embedding still
+             has none. Compiled as the block arm with output_side=True (the backend's default,
+             set explicitly), the same block_size on both sides: each linear becomes one op with
+             both masks (explain: "yes (both)" on both of its rows). Where an output dropout is
+             followed by the next linear's input dropout (MLP hidden layers, fc1 -> GELU -> fc2),
+             that activation is dropped twice by independent masks on the same block grid: for
+             the MLP (ReLU commutes with a non-negative mask) that is one block dropout at
+             1 - (1 - p)**2 there, e.g. 0.19 at p = 0.1. Not in the default --arms: the GPU
+             budget below is for three arms (this one adds a third to the runs).
 
 The baseline compiler is Inductor on CUDA, and "aot_eager" on CPU (Inductor's C++ compile is slow
 on a small CPU); sparsedrop's inner compiler is the same. --compiler overrides both. On CUDA both
@@ -34,9 +58,7 @@ is about 0.9 ms per rewritten linear site (results/host_overhead_nvidia-h200.csv
 for the 4-layer GPT, so without graphs a step is host-bound unless it holds ~20 ms of GPU work,
 and at that size only ~200 steps per run fit the budget: too few to overfit. With graphs the host
 only replays, and the GPT below is GPU-bound at a few ms per step (host_ms shows it). A job whose
-compile or training fails under CUDA graphs runs again without them ("note" column). A fourth arm
-"both" (block dropout on the matmul's output side too) is planned, not implemented in the backend:
-PLANNED_ARMS holds it so --arms both says so instead of running something else under its name.
+compile or training fails under CUDA graphs runs again without them ("note" column).
 
 Block sizes (rows x columns of the matmul's activation; for linears all leading dims are rows):
 
@@ -46,9 +68,14 @@ Block sizes (rows x columns of the matmul's activation; for linears all leading 
     gpt         gpu   8192 x 1024/4096 (32 x 256 tokens)    128 x 128 64 x 64 (S = 256)  512 / 2048 (16 per head)
     (tiny / small use smaller models with the blocks in SIZES; every CSV row names its blocks)
 
+    The both arm's output dropouts use the same blocks over the linears' outputs (rows x N):
+    digits-mlp 64 x 256 (both hidden layers): 256 blocks; digits-vit 1024 x 384 / 128 / 512 / 128
+    (qkv, out, fc1, fc2): 3072 / 1024 / 4096 / 1024; gpt 8192 x 3072 / 1024 / 4096 / 1024:
+    1536 / 512 / 2048 / 512.
+
 Every block size keeps each activation at >= 39 blocks, so the backend's whole-activation rule
 (p**k <= max_drop_all = 1e-6, k blocks) leaves every site block-dropped up to p = 0.7: no site of
-the block arm silently stays element-wise (explain's table per task shows it). The digits
+the block or both arm silently stays element-wise (explain's table per task shows it). The digits
 blocks are smaller than the Triton kernels' 16, so on CUDA the digits tasks run the backend's
 PyTorch reference (same semantics; these models are tiny, their speed is not the question).
 
@@ -89,13 +116,15 @@ the GPT, for a look on a GPU or a fast CPU (the ViT takes minutes per run on a 2
 
     python benchmarks/regularisation.py --size gpu --parallel 4 --budget-s 420      # one H200
     python benchmarks/regularisation.py --task digits-mlp --size tiny --device cpu  # CPU smoke
+    python benchmarks/regularisation.py --task digits-mlp --size gpu --device cpu --arms both
     sparsedrop bench regularisation --size gpu --parallel 4
 
 Writes to --out (default benchmarks/results), <stem> = regularisation_<device> (plus _<size>
 when --size is not gpu): <stem>.csv (one row per run), <stem>_curves.csv (one row per
 evaluation), <stem>.png (best validation metric against p, mean +- std per arm), <stem>.md (the
-Table-1-style summary) and <stem>_sites_<task>.txt (explain() of each task's block arm). Rows of
-tasks not run this time are kept, so the tasks can run in separate calls.
+Table-1-style summary) and <stem>_sites_<task>.txt (explain() of each task's block arm; the both
+arm's in <stem>_sites_<task>_both.txt). Rows of tasks not run this time are kept, so the tasks
+can run in separate calls.
 """
 from __future__ import annotations
 
@@ -141,27 +170,26 @@ SKIP_STEPS = 5  # first steps of a run left out of the median step time (allocat
 # --------------------------------------------------------------------------- arms
 @dataclass(frozen=True)
 class Arm:
-    """How one arm compiles its model. ``sparsedrop_extra`` is merged into the backend's options,
-    so an arm that needs a backend feature (e.g. output-side dropout) is one entry here."""
+    """How one arm builds and compiles its model. ``sparsedrop_extra`` is merged into the
+    backend's options; ``output_dropout`` adds a dropout on the output of every linear that has
+    one before it, the head excepted (see the docstring's "both")."""
 
     name: str
     uses_p: bool  # False: runs at p = 0 only
     backend: str  # "baseline" (Inductor or aot_eager, see --compiler) or "sparsedrop"
     sparsedrop_extra: tuple = ()
     label: str = ""
+    output_dropout: bool = False
 
 
 ARMS = {
     "none": Arm("none", uses_p=False, backend="baseline", label="no dropout"),
     "element": Arm("element", uses_p=True, backend="baseline", label="element dropout"),
     "block": Arm("block", uses_p=True, backend="sparsedrop", label="block dropout (sparsedrop)"),
+    "both": Arm("both", uses_p=True, backend="sparsedrop", sparsedrop_extra=(("output_side", True),),
+                label="block dropout, both sides (sparsedrop)", output_dropout=True),
 }
-# Arms the study is meant to have once the backend supports them. Listed so --arms rejects them
-# with the reason; add an Arm to ARMS (with its options in sparsedrop_extra) when the backend can.
-PLANNED_ARMS = {
-    "both": "block dropout on both sides of the matmul (output side too, the report's sdd form) is not "
-            "implemented in the backend yet; add it to ARMS with its option once it is",
-}
+DEFAULT_ARMS = ("none", "element", "block")  # "both" on request: the GPU budget is for these three
 
 
 # --------------------------------------------------------------------------- sizes
@@ -326,23 +354,28 @@ def text_windows(data: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- models
 class DropLinear(nn.Module):
     """Dropout + Dense, the report's unit: the dropout is the linear's input, so the backend can
-    fuse the pair into one block-sparse matmul."""
+    fuse the pair into one block-sparse matmul. With ``output_dropout`` (the both arm) a second
+    dropout drops the linear's output directly, so the backend fuses all three into one op."""
 
-    def __init__(self, d_in: int, d_out: int, p: float):
+    def __init__(self, d_in: int, d_out: int, p: float, output_dropout: bool = False):
         super().__init__()
         self.drop = nn.Dropout(p)
         self.linear = nn.Linear(d_in, d_out)
+        self.out_drop = nn.Dropout(p) if output_dropout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.drop(x))
+        y = self.linear(self.drop(x))
+        return y if self.out_drop is None else self.out_drop(y)
 
 
 class MLP(nn.Module):
-    """64 -> hidden -> hidden -> 10 with ReLU; every linear gets a dropout before it."""
+    """64 -> hidden -> hidden -> 10 with ReLU; every linear gets a dropout before it, and with
+    ``output_dropout`` the two hidden linears one after it too (before the ReLU)."""
 
-    def __init__(self, hidden: int, p: float):
+    def __init__(self, hidden: int, p: float, output_dropout: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList([DropLinear(64, hidden, p), DropLinear(hidden, hidden, p), DropLinear(hidden, 10, p)])
+        self.layers = nn.ModuleList([DropLinear(64, hidden, p, output_dropout), DropLinear(hidden, hidden, p, output_dropout),
+                                     DropLinear(hidden, 10, p)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -353,16 +386,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; dropout before qkv, out, fc1, fc2, and inside the attention."""
+    """Pre-LN transformer block; dropout before qkv, out, fc1, fc2, and inside the attention;
+    with ``output_dropout`` also on the output of each of the four linears."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: int, p: float, causal: bool):
+    def __init__(self, d: int, heads: int, mlp_ratio: int, p: float, causal: bool, output_dropout: bool = False):
         super().__init__()
         self.heads, self.p, self.causal = heads, p, causal
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = DropLinear(d, 3 * d, p)
-        self.out = DropLinear(d, d, p)
-        self.fc1 = DropLinear(d, mlp_ratio * d, p)
-        self.fc2 = DropLinear(mlp_ratio * d, d, p)
+        self.qkv = DropLinear(d, 3 * d, p, output_dropout)
+        self.out = DropLinear(d, d, p, output_dropout)
+        self.fc1 = DropLinear(d, mlp_ratio * d, p, output_dropout)
+        self.fc2 = DropLinear(mlp_ratio * d, d, p, output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -385,12 +419,13 @@ def _init_transformer(module: nn.Module) -> None:
 class ViT(nn.Module):
     """ViT for 8x8 digits: 2x2 patches -> 16 tokens, learned positions, mean-pooled head."""
 
-    def __init__(self, cfg: TaskConfig, p: float):
+    def __init__(self, cfg: TaskConfig, p: float, output_dropout: bool = False):
         super().__init__()
         d = cfg.hidden
         self.embed = nn.Linear(4, d)  # no dropout: 4 pixels per patch, narrower than any block
         self.pos = nn.Parameter(torch.zeros(1, 16, d))
-        self.blocks = nn.ModuleList([Block(d, cfg.heads, cfg.mlp_ratio, p, causal=False) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList([Block(d, cfg.heads, cfg.mlp_ratio, p, causal=False, output_dropout=output_dropout)
+                                     for _ in range(cfg.layers)])
         self.ln = nn.LayerNorm(d)
         self.head = DropLinear(d, 10, p)
         _init_transformer(self)
@@ -407,12 +442,13 @@ class ViT(nn.Module):
 class CharGPT(nn.Module):
     """Byte-level decoder-only transformer (vocabulary 256); returns logits (B, S, 256)."""
 
-    def __init__(self, cfg: TaskConfig, p: float):
+    def __init__(self, cfg: TaskConfig, p: float, output_dropout: bool = False):
         super().__init__()
         d = cfg.hidden
         self.tok = nn.Embedding(256, d)
         self.pos = nn.Embedding(cfg.seq, d)
-        self.blocks = nn.ModuleList([Block(d, cfg.heads, cfg.mlp_ratio, p, causal=True) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList([Block(d, cfg.heads, cfg.mlp_ratio, p, causal=True, output_dropout=output_dropout)
+                                     for _ in range(cfg.layers)])
         self.ln = nn.LayerNorm(d)
         self.head = DropLinear(d, 256, p)
         _init_transformer(self)
@@ -424,12 +460,14 @@ class CharGPT(nn.Module):
         return self.head(self.ln(h))
 
 
-def build_model(task: str, cfg: TaskConfig, p: float) -> nn.Module:
+def build_model(task: str, cfg: TaskConfig, p: float, output_dropout: bool = False) -> nn.Module:
+    """The task's model; ``output_dropout`` (the both arm) adds dropouts, never weights, so every
+    arm's initial weights for a seed are the same."""
     if task == "digits-mlp":
-        return MLP(cfg.hidden, p)
+        return MLP(cfg.hidden, p, output_dropout)
     if task == "digits-vit":
-        return ViT(cfg, p)
-    return CharGPT(cfg, p)
+        return ViT(cfg, p, output_dropout)
+    return CharGPT(cfg, p, output_dropout)
 
 
 def loss_of(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -656,7 +694,7 @@ def _attempt(job: Job, ctx: Context, mode: str) -> tuple[list[dict], list[dict]]
     model = compiled = None
     skips_before = counters["inductor"]["cudagraph_skips"]  # the counters outlive dynamo.reset()
     try:
-        model = build_model(job.task, cfg, job.p).to(ctx.device).train()
+        model = build_model(job.task, cfg, job.p, arm.output_dropout).to(ctx.device).train()
         compiled = compile_arm(arm, model, cfg, ctx.compiler, mode)
         # Warm-up on one batch (no optimizer step; the weights are replaced per seed anyway):
         # compile forward and backward and, under CUDA graphs, record and replay them once. The
@@ -712,6 +750,8 @@ def describe_config(task: str, cfg: TaskConfig, arm: Arm, ctx: Context) -> dict:
         model = f"mlp 64-{cfg.hidden}-{cfg.hidden}-10"
     else:
         model = f"{'vit' if task == 'digits-vit' else 'gpt'} {cfg.layers}x{cfg.hidden} h{cfg.heads}" + (f" seq{cfg.seq}" if cfg.seq else "")
+    if arm.output_dropout:
+        model += " +output dropout"
     block = arm.backend == "sparsedrop"
     return {"model": model, "batch": cfg.batch, "lr": cfg.lr,
             "compiler": "sparsedrop" if block else ctx.compiler, "inner": ctx.compiler if block else "",
@@ -734,14 +774,16 @@ def example_batch(task: str, cfg: TaskConfig, device: str):
     return next(iter(train_batches(task, cfg, device, seed=0)))
 
 
-def explain_task(task: str, cfg: TaskConfig, p: float, device: str):
-    """sd.explain() of the block arm: which dropouts became block dropout, which did not and why.
-    The decisions do not depend on the kernels, so explain's one forward runs the PyTorch
-    reference (no Triton compiles or tuning in the parent process)."""
+def explain_task(task: str, cfg: TaskConfig, p: float, device: str, arm: str = "block"):
+    """sd.explain() of a sparsedrop arm (its model, its options): which dropouts became block
+    dropout, on which side, which did not and why. The decisions do not depend on the kernels,
+    so explain's one forward runs the PyTorch reference (no Triton compiles or tuning in the
+    parent process)."""
     torch.manual_seed(0)
-    model = build_model(task, cfg, p).to(device)
+    model = build_model(task, cfg, p, ARMS[arm].output_dropout).to(device)
     x, _ = example_batch(task, cfg, device)
-    options = {"block_size": cfg.block_size, "attention_block": cfg.attention_block, "kernel": "reference"}
+    options = {"block_size": cfg.block_size, "attention_block": cfg.attention_block, "kernel": "reference",
+               **dict(ARMS[arm].sparsedrop_extra)}
     with autocast(device):
         return sd.explain(model, x, options=options)
 
@@ -777,6 +819,51 @@ def input_grad_blocks(arm: str, cfg: TaskConfig, p: float, device: str, compiler
     torch._dynamo.reset()
     return {"tiles": patterns[-1].numel(), "dropped_fraction": patterns[-1].float().mean().item(), "partial_tiles": partial,
             "masks_vary": not torch.equal(patterns[-1], patterns[-2])}
+
+
+def unit_blocks(arm: str, cfg: TaskConfig, p: float, device: str, compiler: str, mode: str, calls: int = 4) -> dict:
+    """Evidence for both sides of one fused op: the MLP's first unit with its output dropout
+    (dropout -> linear -> dropout, as in the both arm), compiled as ``arm`` compiles (compiler,
+    mode). Its output is (x W^T + b) * output mask / (1 - p), with x W^T + b nonzero almost surely,
+    so the output's zeros are the output mask. With a dense upstream gradient g, x's gradient is
+    ((g * output mask) W) * input mask / (1 - p)**2: zero on the input mask's tiles, and on whole
+    row blocks whose output tiles were all dropped; nowhere else. (Through the whole both-arm MLP
+    the input gradient also vanishes on single rows that no later mask or ReLU lets a gradient
+    reach, so it is measured on this unit alone.) Returns, per side ("output", "input_grad"), the
+    fields of input_grad_blocks over block_size tiles."""
+    torch.manual_seed(0)
+    unit = DropLinear(64, cfg.hidden, p, output_dropout=True).to(device).train()
+    torch._dynamo.reset()
+    compiled = compile_arm(ARMS[arm], unit, cfg, compiler, mode)
+    x, _ = example_batch("digits-mlp", cfg, device)
+    x = x.clone().requires_grad_(True)
+    g = torch.randn(x.shape[0], cfg.hidden, generator=torch.Generator().manual_seed(0)).to(device)
+    br, bc = cfg.block_size
+
+    def tiles(zero: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = zero.shape[0] // br * br, zero.shape[1] // bc * bc
+        zero = zero[:rows, :cols].reshape(rows // br, br, cols // bc, bc)
+        full, any_ = zero.all(3).all(1), zero.any(3).any(1)
+        return full.cpu(), int((any_ & ~full).sum())
+
+    patterns = {"output": [], "input_grad": []}
+    partial = {"output": 0, "input_grad": 0}
+    for _ in range(calls):  # with autograd on, as in training
+        begin_step(mode)
+        x.grad = None
+        with autocast(device):
+            out = compiled(x)
+        zero_out = out.detach() == 0
+        (out.float() * g).sum().backward()
+        for side, zero in (("output", zero_out), ("input_grad", x.grad == 0)):
+            full, part = tiles(zero)
+            patterns[side].append(full)
+            partial[side] = max(partial[side], part)
+    x.grad = None  # under CUDA graphs it lives in the graphs' memory pool, which reset() drops
+    del compiled, out
+    torch._dynamo.reset()
+    return {side: {"tiles": pats[-1].numel(), "dropped_fraction": pats[-1].float().mean().item(), "partial_tiles": partial[side],
+                   "masks_vary": not torch.equal(pats[-1], pats[-2])} for side, pats in patterns.items()}
 
 
 # --------------------------------------------------------------------------- results files
@@ -986,12 +1073,13 @@ def write_summary(rows: list[dict], arms: list[str], stem: Path, title: str) -> 
           markdown_table(table), ""]
     if any(r["task"] == "gpt" for r in ok_rows(rows)):
         md += [ttq_text(ttq), "", "```", step_time_text(rows, "gpt"), "```", ""]
-    md += ["Dropout sites of each task's block arm (sparsedrop_compile.explain; tables in the _sites_ files):", ""]
+    md += ["Dropout sites of each task's block-dropout arms (sparsedrop_compile.explain; tables in the _sites_ files):", ""]
     for task in TASKS:
-        path = Path(f"{stem}_sites_{task}.txt")
-        if path.exists() and any(r["task"] == task for r in rows):
-            head, count, *_ = path.read_text().splitlines() + ["", ""]
-            md.append(f"- {head}: {count.removeprefix('sparsedrop: ')}")
+        for arm in [a for a in ARMS if ARMS[a].backend == "sparsedrop"]:
+            path = sites_path(stem, task, arm)
+            if path.exists() and any(r["task"] == task for r in rows):
+                head, count, *_ = path.read_text().splitlines() + ["", ""]
+                md.append(f"- {head}: {count.removeprefix('sparsedrop: ')}")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     return "\n".join(text)
 
@@ -1068,8 +1156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--task", default="all", choices=(*TASKS, "all"))
     ap.add_argument("--size", default="gpu" if cuda else "tiny", choices=("tiny", "small", "gpu"))
     ap.add_argument("--device", default="cuda" if cuda else "cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {', '.join(ARMS)} (planned: {', '.join(PLANNED_ARMS)})")
-    ap.add_argument("--ps", nargs="+", type=float, default=list(DEFAULT_PS), help="dropout rates of the element and block arms")
+    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help=f"of {', '.join(ARMS)} (default: {', '.join(DEFAULT_ARMS)})")
+    ap.add_argument("--ps", nargs="+", type=float, default=list(DEFAULT_PS), help="dropout rates of the arms that use one (all but none)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per (task, arm, p); default 5 for digits, 3 for gpt (1 at --size tiny)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the size's)")
     ap.add_argument("--eval-every", type=int, default=None)
@@ -1082,8 +1170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     for arm in args.arms:
-        if arm in PLANNED_ARMS:
-            ap.error(f"arm {arm!r}: {PLANNED_ARMS[arm]}")
         if arm not in ARMS:
             ap.error(f"arm {arm!r}: expected one of {', '.join(ARMS)}")
     if any(not 0 < p < 1 for p in args.ps):
@@ -1099,15 +1185,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def explain_and_check(task: str, ctx: Context, p: float, stem: Path) -> tuple[int, int]:
-    """Print and save which dropouts of the task become block dropout (and, for the MLP, that
-    the compiled model's zeros really are whole blocks); warn about any left element-wise.
-    Returns (sites rewritten, sites)."""
+def both_sided_dropouts(task: str, cfg: TaskConfig) -> set[str]:
+    """Module paths of the dropouts the both arm's model has on both sides of a linear (the
+    DropLinears with an output dropout): explain must report each of them as "yes (both)"."""
+    model = build_model(task, cfg, 0.1, output_dropout=True)
+    return {f"{name}.{d}" for name, m in model.named_modules()
+            if isinstance(m, DropLinear) and m.out_drop is not None for d in ("drop", "out_drop")}
+
+
+def sites_path(stem: Path, task: str, arm: str) -> Path:
+    """explain()'s table of one task's sparsedrop arm (the block arm's file keeps its old name)."""
+    return Path(f"{stem}_sites_{task}.txt" if arm == "block" else f"{stem}_sites_{task}_{arm}.txt")
+
+
+def explain_and_check(task: str, ctx: Context, p: float, stem: Path, arm: str = "block") -> tuple[int, int]:
+    """Print and save which dropouts of the task become block dropout in a sparsedrop arm (and,
+    for the MLP, that the compiled model's zeros really are whole blocks); warn about any left
+    element-wise. Returns (sites rewritten, sites)."""
     cfg = task_config(task, ctx)
-    report = explain_task(task, cfg, p, ctx.device)
+    report = explain_task(task, cfg, p, ctx.device, arm)
     attention = "" if task == "digits-mlp" else f", attention_block={cfg.attention_block}"
-    text = f"{task} (size {ctx.size}, p={p:g}, block_size={cfg.block_size}{attention})\n{report}\n"
-    if task == "digits-mlp":
+    arm_note = "" if arm == "block" else f", arm {arm}"
+    text = f"{task} (size {ctx.size}{arm_note}, p={p:g}, block_size={cfg.block_size}{attention})\n{report}\n"
+    if task == "digits-mlp" and arm == "both":
+        # The element arm's compiler on the same unit, for contrast only (aot_eager: cheaper here).
+        text += (f"layers.0 alone (dropout -> linear -> dropout) at p=0.5, zeros over {cfg.block_size[0]}x"
+                 f"{cfg.block_size[1]} tiles, last of 4 calls:\n")
+        for which, (compiler, mode) in {"element": ("aot_eager", "default"), "both": (ctx.compiler, ctx.mode)}.items():
+            for side, c in unit_blocks(which, cfg, 0.5, ctx.device, compiler, mode).items():
+                vary = f", {'new' if c['masks_vary'] else 'the same'} tiles from call to call" if which == "both" else ""
+                text += (f"  {which} ({compiler}, mode {mode}), {side.replace('_', ' ')}: {c['dropped_fraction']:.0%} of "
+                         f"{c['tiles']} tiles all zero, {c['partial_tiles']} partly zero{vary}\n")
+    elif task == "digits-mlp":
         # The block arm as the study compiles it (kernels, compiler, CUDA graphs); the element
         # arm, for contrast only, on aot_eager (cheaper in this process).
         configs = {"element": ("aot_eager", "default"), "block": (ctx.compiler, ctx.mode)}
@@ -1117,11 +1226,17 @@ def explain_and_check(task: str, ctx: Context, p: float, stem: Path) -> tuple[in
             vary = f", {'new' if c['masks_vary'] else 'the same'} tiles from call to call" if arm == "block" else ""
             text += (f"  {arm} ({compiler}, mode {mode}): {c['dropped_fraction']:.0%} of {c['tiles']} tiles all zero, "
                      f"{c['partial_tiles']} partly zero{vary}\n")
-    Path(f"{stem}_sites_{task}.txt").write_text(text)
+    sites_path(stem, task, arm).write_text(text)
     print(text, flush=True)
     if report.skipped:
         left = "; ".join(f"{s.location}: {s.reason}" for s in report.skipped)
-        print(f"WARNING: {task}: {len(report.skipped)} dropout site(s) stay element-wise in the block arm: {left}", flush=True)
+        print(f"WARNING: {task}: {len(report.skipped)} dropout site(s) stay element-wise in the {arm} arm: {left}", flush=True)
+    if ARMS[arm].output_dropout:
+        expected = both_sided_dropouts(task, cfg)
+        one_sided = [s for s in report.rewritten if s.module_path in expected and s.side != "both"]
+        if one_sided:
+            print(f"WARNING: {task}: {len(one_sided)} dropout(s) of the {arm} arm are block-dropped on one side only: "
+                  + "; ".join(f"{s.location}: {s.side}" for s in one_sided), flush=True)
     return len(report.rewritten), len(report.sites)
 
 
@@ -1140,7 +1255,9 @@ def main(argv=None) -> int:
              f"triton {info['triton']}, python {info['python']}, compiler {args.compiler}, mode {args.mode}")
     print(title, flush=True)
 
-    site_counts = {task: explain_and_check(task, ctx, args.ps[0], stem) for task in tasks}
+    # The sites of each sparsedrop arm that runs (of the block arm when none does, as before).
+    explained = [a for a in args.arms if ARMS[a].backend == "sparsedrop"] or ["block"]
+    site_counts = {(task, arm): explain_and_check(task, ctx, args.ps[0], stem, arm) for task in tasks for arm in explained}
 
     csv_path, curve_path = Path(f"{stem}.csv"), Path(f"{stem}_curves.csv")
     # Rows of tasks not run now are kept, so tasks can run in separate calls.
@@ -1153,8 +1270,8 @@ def main(argv=None) -> int:
 
     def on_done(job: Job, new_rows: list[dict], new_curves: list[dict]) -> None:
         for r in new_rows:
-            if job.arm == "block":
-                r["sites_rewritten"], r["sites_total"] = site_counts[job.task]
+            if (job.task, job.arm) in site_counts:
+                r["sites_rewritten"], r["sites_total"] = site_counts[job.task, job.arm]
         rows.extend(new_rows)
         curves.extend(new_curves)
         harness.write_csv(csv_path, rows, RUN_FIELDS)
