@@ -66,6 +66,18 @@ def _load_kept_tile(ptrs, offs_r, offs_c, R, C, kept, MASK_R: tl.constexpr, MASK
 
 
 @triton.jit
+def _load_tile_of_block(ptrs, offs_r, offs_c, R, C, keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BY_FLAG: tl.constexpr,
+                        MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """_load_tile, or with BY_FLAG _load_kept_tile by the flag of the mask block at row r0,
+    column c0 of batch entry ``bat`` in ``keep``."""
+    if BY_FLAG:
+        kept = _block_kept(keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS, BLOCK_COLS)
+        return _load_kept_tile(ptrs, offs_r, offs_c, R, C, kept, MASK_R, MASK_C)
+    return _load_tile(ptrs, offs_r, offs_c, R, C, MASK_R, MASK_C)
+
+
+@triton.jit
 def _store_tile(ptrs, value, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     if MASK_R and MASK_C:
         tl.store(ptrs, value, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
@@ -258,11 +270,8 @@ def _dsd_kernel(
             else:
                 k0 = tl.load(kept_blocks + it // TILES_PER_BLOCK).to(tl.int32) * BLOCK_COLS + (it % TILES_PER_BLOCK) * TILE_K
             ks = k0 + offs_k
-            if WALK:
-                a_kept = _block_kept(keep_ptr, bat, m0, k0, stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS)
-                a_t = _load_kept_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, a_kept, MASK_M, MASK_K)
-            else:
-                a_t = _load_tile(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, MASK_M, MASK_K)
+            a_t = _load_tile_of_block(a_rows + ks[None, :] * stride_ak, offs_m, ks, M, K, keep_ptr, bat, m0, k0,
+                                      stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS, WALK, MASK_M, MASK_K)
             b_t = _load_tile(b_cols + ks[:, None] * stride_bk, ks, offs_n, K, N, MASK_K, MASK_N)
             acc = _mma(acc, a_t, b_t, PRECISION, UPCAST)
 
@@ -609,20 +618,12 @@ def _dsd_tn_kernel(
                 e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
             bat = (ob + e // n_rblk).to(tl.int64)
             ms = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M + offs_m
-            a_ptrs = a_cols + bat * stride_ab + ms[:, None] * stride_am
-            if WALK:
-                a_kept = _block_kept(keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, k0, stride_kb, stride_kr, stride_kc,
-                                     BLOCK_ROWS, BLOCK_COLS)
-                a_t = _load_kept_tile(a_ptrs, ms, offs_k, M, K, a_kept, MASK_M, MASK_K)
-            else:
-                a_t = _load_tile(a_ptrs, ms, offs_k, M, K, MASK_M, MASK_K)
-            g_ptrs = g_cols + bat * stride_gb + ms[:, None] * stride_gm
-            if GRAD_KEEP:
-                g_kept = _block_kept(g_keep_ptr, bat, (e % n_rblk) * BLOCK_ROWS, n0, stride_gkb, stride_gkr, stride_gkc,
-                                     BLOCK_ROWS, BLOCK_COLS)
-                g_t = _load_kept_tile(g_ptrs, ms, offs_n, M, N, g_kept, MASK_M, MASK_N)
-            else:
-                g_t = _load_tile(g_ptrs, ms, offs_n, M, N, MASK_M, MASK_N)
+            r0 = (e % n_rblk) * BLOCK_ROWS
+            a_t = _load_tile_of_block(a_cols + bat * stride_ab + ms[:, None] * stride_am, ms, offs_k, M, K, keep_ptr, bat,
+                                      r0, k0, stride_kb, stride_kr, stride_kc, BLOCK_ROWS, BLOCK_COLS, WALK, MASK_M, MASK_K)
+            g_t = _load_tile_of_block(g_cols + bat * stride_gb + ms[:, None] * stride_gm, ms, offs_n, M, N, g_keep_ptr, bat,
+                                      r0, n0, stride_gkb, stride_gkr, stride_gkc, BLOCK_ROWS, BLOCK_COLS, GRAD_KEEP, MASK_M,
+                                      MASK_N)
             acc = _mma(acc, tl.trans(a_t), g_t, PRECISION, UPCAST)
 
     val = (acc * scale).to(out_ptr.dtype.element_ty)
