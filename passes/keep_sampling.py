@@ -43,31 +43,32 @@ def draw_keeps(shapes: tuple[tuple[int, ...], ...], p: float, device: torch.devi
     return tuple(out)
 
 
-def _static(shape) -> tuple[int, ...] | None:
-    return tuple(int(n) for n in shape) if all(type(n) is int for n in shape) else None
+# The samplers the passes insert, and how many tensor arguments each takes first.
+_SAMPLERS = {sample_keep: 1, sample_output_keep: 2, sample_tile_keep: 2}
 
 
 def _draw_spec(node: fx.Node) -> tuple[tuple[int, ...], float, torch.device] | None:
-    """(keep shape, p, device) of a sampling node whose sizes are all plain ints, else None."""
-    if node.op != "call_function" or node.target not in (sample_keep, sample_output_keep, sample_tile_keep):
+    """(keep shape, p, device) of a sampling node whose tensors' sizes are all plain ints, else None."""
+    n_tensors = _SAMPLERS.get(node.target) if node.op == "call_function" else None
+    if n_tensors is None:
         return None
     values = [meta_val(a) for a in node.args]
-    if node.target is sample_keep:
-        x, p, br, bc, batched = values
-        shape = x.shape if isinstance(x, Tensor) else None
-        shape = shape and padded(keep_shape(shape, (br, bc), batched))
-    elif node.target is sample_output_keep:
-        x, other, p, br, bc, batched = values
-        ok = isinstance(x, Tensor) and isinstance(other, Tensor)
-        shape = ok and padded(keep_shape(matmul_output_shape(x.shape, other.shape, batched), (br, bc), batched))
-    else:
-        x, k, p, bq, bk = values
-        ok = isinstance(x, Tensor) and isinstance(k, Tensor)
-        shape = ok and padded(attention_keep_shape(x.shape, k.shape, (bq, bk)))
-    if not shape or type(p) is not float:
+    tensors, rest = values[:n_tensors], values[n_tensors:]
+    if not all(isinstance(t, Tensor) and all(type(n) is int for n in t.shape) for t in tensors):
+        return None  # symbolic sizes: slicing the shared draw at their offsets would guard
+    p = rest[0]
+    if type(p) is not float:
         return None
-    static = _static(shape) if all(_static(t.shape) for t in values if isinstance(t, Tensor)) else None
-    return (static, p, x.device) if static is not None else None
+    if node.target is sample_keep:
+        (x,), (_, br, bc, batched) = tensors, rest
+        shape = keep_shape(x.shape, (br, bc), batched)
+    elif node.target is sample_output_keep:
+        (x, other), (_, br, bc, batched) = tensors, rest
+        shape = keep_shape(matmul_output_shape(x.shape, other.shape, batched), (br, bc), batched)
+    else:
+        (x, k), (_, bq, bk) = tensors, rest
+        shape = attention_keep_shape(x.shape, k.shape, (bq, bk))
+    return tuple(int(n) for n in padded(shape)), p, x.device
 
 
 def draw_keeps_together(gm: fx.GraphModule, fake_mode=None) -> tuple[int, int]:
