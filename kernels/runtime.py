@@ -99,14 +99,41 @@ def define_op(name: str, body: Callable, fake: Callable | None = None):
 def launch(kernel):
     """``launch(kernel)[grid](*args, **constexprs)``: a kernel launch that torch.compile can see.
 
-    Outside a trace this is ``kernel[grid](...)`` (Triton's own launch path); inside one it
-    records the launch for Inductor. Under the interpreter it is always the plain launch.
+    Through ``wrap_triton``, which inside a trace records the launch for Inductor. Outside one it
+    still costs a few hundred microseconds of Python per launch (it registers the kernel and its
+    constants in torch's side table and routes the call through a higher-order op), so code that
+    knows nothing traces it turns the wrapper off with :func:`direct_launches` and gets Triton's
+    own launch. Under the interpreter it is always the plain launch.
     """
-    if INTERPRET:
+    from torch._library.triton import is_wrap_triton_enabled
+
+    if INTERPRET or not is_wrap_triton_enabled():
         return kernel
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
+
+
+def tracing() -> bool:
+    """Whether torch is recording what runs: Dynamo, or any dispatch mode (fake tensors,
+    functionalization, make_fx's proxies), where launches must go through ``wrap_triton``."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Launch kernels through Triton's own path for the code inside, unless something traces it
+    (then this changes nothing). For the eager functional forms, forward and backward: the flag
+    is per thread, and autograd runs backward on its own thread."""
+    if tracing():
+        yield
+        return
+    from torch._library.triton import set_wrap_triton_enabled
+
+    with set_wrap_triton_enabled(False):
+        yield
 
 
 def set_scratch_allocator() -> None:

@@ -83,3 +83,46 @@ def test_compiled_functional_forms_stay_the_registered_ops():
     x, w = torch.randn(40, 48), torch.randn(56, 48)
     torch.compile(lambda x, w: sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK), backend=capture, fullgraph=True)(x, w)
     assert "sparsedrop.linear" in graphs[0] and "_EagerLinear" not in graphs[0], graphs[0]
+
+
+def test_eager_path_launches_kernels_without_the_tracing_wrapper(monkeypatch):
+    """Forward and backward (autograd's thread) launch straight through Triton: torch's
+    wrap_triton costs a few hundred microseconds of Python per launch outside a trace."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+
+    seen = []
+
+    def spy(kernel):
+        seen.append((kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), is_wrap_triton_enabled()))
+        return real_launch(kernel)
+
+    real_launch = tri.launch
+    monkeypatch.setattr(tri, "launch", spy)
+    x, w = _leaves((40, 48), (56, 48))
+    sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK, kernel="triton").sum().backward()
+    assert len(seen) >= 3, seen  # forward dsd, backward sdd and dsd_tn at least
+    assert not any(enabled for _, enabled in seen), seen
+    assert is_wrap_triton_enabled()  # restored after the call
+
+
+def test_functional_forms_under_a_dispatch_mode_stay_the_registered_ops():
+    """Anything that records ops (make_fx, fake tensors, a user's TorchDispatchMode) sees the
+    registered op, not the kernels launched from an autograd.Function it cannot trace."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(40, 48), torch.randn(56, 48)
+    with Record() as rec:
+        sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK)
+        sd.sparse_dropout_matmul(x.reshape(1, 40, 48), w.t().contiguous(), p=P, block_size=BLOCK)
+    assert "sparsedrop.linear.default" in rec.ops and "sparsedrop.matmul.default" in rec.ops, rec.ops
