@@ -313,7 +313,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eager-profile-out", default=None, help="write a profile of the eager functional call here")
     parser.add_argument("--only-diagnose", action="store_true",
                         help="write --code-out / --profile-out / --eager-profile-out, time nothing")
-    parser.add_argument("--families", nargs="+", default=["linear", "residual", "matmul", "attention"])
+    parser.add_argument("--families", nargs="*", default=["linear", "residual", "matmul", "attention"],
+                        choices=["linear", "residual", "matmul", "attention"],
+                        help="site families to time (none: only the eager rows)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager functional rows")
     parser.add_argument("--plot-only", metavar="CSV", default=None, help="redraw the plot of a measured CSV (no GPU)")
     args = parser.parse_args(argv)
