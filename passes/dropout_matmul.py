@@ -40,6 +40,7 @@ from sparsedrop_compile.mask_ops import materialise, sample_keep
 from sparsedrop_compile.report import Site
 
 from ._einsum import EinsumMatmul, einsum_as_matmul, is_einsum
+from .compute_choice import dense_reason
 from ._graph import GraphEditor, const_number, describe_consumer, excluded, known_equal, location, meta_val, module_path, scalar_hint, shape_of, size_hint, whole_drop_refusal
 from ._mutation import MutationIndex, Write
 
@@ -331,7 +332,7 @@ def rewrite_dropout_matmul(gm: fx.GraphModule, config: SparseDropConfig, graph_i
         _rewrite_site(editor, d, [c for c in consumers if c.reason is None], config, site)
         # Matmul users left on the materialised dropout say why (the site is still rewritten).
         left = [f"{c.node.name} not fused: {c.reason}" for c in consumers if c.reason is not None]
-        site.reason = "; ".join(left) or None
+        site.reason = "; ".join(([site.reason] if site.reason else []) + left) or None
     if any(s.rewritten for s in sites):
         gm.graph.lint()
         gm.recompile()
@@ -438,6 +439,14 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
     dropped = editor.call(materialise, (d.x, keep, scale0, br, bc, layout.batched), before=d.node, like=d.node)
     d.node.replace_all_uses_with(dropped)
     editor.graph.erase_node(d.node)
+    site.rewritten, site.side, site.block_size = True, "input", config.block_size
+    out = meta_val(layout.node)
+    dense = dense_reason(out.numel(), x_shape[-1], d.p_value, out.device.type == "cuda", config) if isinstance(out, torch.Tensor) else None
+    if dense is not None:  # the matmuls read the materialised block dropout (compute_choice.py)
+        site.compute, site.reason = "dense", dense
+        _count("dense_input_side")
+        return
+    site.compute = "sparse"
     chain_nodes: list[fx.Node] = []
     for c in same:
         x_in = replay_path(editor, d.x, c.path, c.node)
@@ -449,9 +458,6 @@ def _rewrite_site(editor: GraphEditor, d: Dropout, fusable: list[Consumer], conf
         chain_nodes.extend(step.node for step in c.path)
         _count(f"{c.kind}_fused")
     editor.erase_if_unused([dropped, *chain_nodes])
-    site.rewritten = True
-    site.side = "input"
-    site.block_size = config.block_size
     log.debug("sparsedrop: fused %s (p=%s) into %d consumer(s)", site.location, site.p, len(same))
 
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
-from sparsedrop_compile.mask_ops import sample_output_keep
+from sparsedrop_compile.mask_ops import materialise, sample_output_keep
 from sparsedrop_compile.report import Site
 
 from ._graph import (
@@ -49,6 +49,7 @@ from ._graph import (
     whole_drop_refusal,
 )
 from ._mutation import MutationIndex
+from .compute_choice import dense_reason
 from .dropout_matmul import (
     INPUT_SITE,
     LINEAR_FUNCTIONS,
@@ -281,6 +282,19 @@ def _rewrite(editor: GraphEditor, d: Dropout, pr: Producer, config: SparseDropCo
             lhs, other, bias = args[0], args[1], None
     batched = pr.kind in ("matmul", "bmm")
     keep = editor.call(sample_output_keep, (lhs, other, d.p, br, bc, batched), before=node, like=d.node)
+    site.rewritten, site.reason, site.block_size = True, None, config.block_size
+    y, x = meta_val(node), meta_val(lhs)
+    dense = dense_reason(y.numel(), x.shape[-1], d.p_value, y.device.type == "cuda", config)
+    if dense is not None:  # the same flags over y, on the matmul's own output (compute_choice.py)
+        site.compute, site.reason = "dense", dense
+        dropped = editor.call(materialise, (node, keep, scale, br, bc, batched), before=d.node, like=node)
+        out = replay_path(editor, dropped, pr.path, d.node)
+        d.node.replace_all_uses_with(out)
+        editor.graph.erase_node(d.node)
+        editor.erase_if_unused([s.node for s in pr.path])
+        counters["sparsedrop"]["dense_output_side"] += 1
+        return
+    site.compute = "sparse"
     if batched:
         fused_args = (lhs, other, keep, scale, br, bc, config.kernel, keep_in, scale_in)
         fused = editor.call(torch.ops.sparsedrop.matmul_out.default, fused_args, before=node, like=node)
@@ -291,9 +305,6 @@ def _rewrite(editor: GraphEditor, d: Dropout, pr: Producer, config: SparseDropCo
     d.node.replace_all_uses_with(out)
     editor.graph.erase_node(d.node)
     editor.erase_if_unused([node, *(s.node for s in pr.path)])
-    site.rewritten = True
-    site.reason = None
-    site.block_size = config.block_size
     counters["sparsedrop"][f"{pr.kind}_out_fused"] += 1
     if pr.fused_input:
         counters["sparsedrop"]["both_sides_fused"] += 1

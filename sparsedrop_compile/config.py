@@ -17,6 +17,12 @@ class SparseDropConfig:
 
     block_size: mask block (rows, cols) of the matmul's activation operand; an int means square.
     min_p: dropouts with a smaller p keep element-wise dropout.
+    sparse_min_p: a block-dropped matmul site (input or output side) skips its dropped blocks in
+        the block-sparse kernels only from this p up, or where the matmul is launch-bound (small,
+        and not under CUDA graphs: there the fused kernels win by launching less). Below it, a
+        GPU-bound site keeps the same block dropout (same flags, same random stream) on a dense
+        matmul: today's kernels run a kept tile slower than cuBLAS, so skipping 10% of the work
+        does not pay. 0.25 by default; 0 always skips. Only with kernel="auto".
     output_side: also rewrite a dropout of a matmul's output (``dropout(linear(x))``, the
         residual dropout of most transformer layers): only its kept output tiles are computed.
         On by default; False rewrites dropouts only where they feed a matmul.
@@ -49,6 +55,7 @@ class SparseDropConfig:
 
     block_size: tuple[int, int] = (128, 128)
     min_p: float = 0.0
+    sparse_min_p: float = 0.25
     output_side: bool = True
     max_drop_all: float = 1e-6
     inner: str = "inductor"
@@ -66,8 +73,10 @@ class SparseDropConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("block_size", _block_pair("block_size", self.block_size))
         set_("attention_block", _block_pair("attention_block", self.attention_block))
-        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
-            raise ValueError(f"sparsedrop option min_p={self.min_p!r}: expected a number in [0, 1]")
+        for name in ("min_p", "sparse_min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"sparsedrop option {name}={value!r}: expected a number in [0, 1]")
         bound = self.max_drop_all
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= 1:
             raise ValueError(

@@ -33,10 +33,14 @@ class Site:
     # dropout, either dropout's row); None where not rewritten, or inside attention.
     side: str | None = None
     producer: str | None = None  # the matmul whose output the dropout drops, e.g. "linear layer.0.output.dense"
+    # How a rewritten matmul site computes: "sparse" (the block-sparse kernels skip dropped blocks)
+    # or "dense" (the same block dropout in front of the dense matmul: passes/compute_choice.py).
+    compute: str | None = None
 
     def row(self) -> tuple[str, ...]:
         p = "sym" if self.p is None else f"{self.p:g}"
-        status = ("yes" if self.side is None else f"yes ({self.side})") if self.rewritten else "no"
+        how = ", ".join(x for x in (self.side, "dense" if self.compute == "dense" else None) if x)
+        status = (f"yes ({how})" if how else "yes") if self.rewritten else "no"
         where = f"{self.location} [in {self.region}]" if self.region else self.location
         graph = "-" if self.graph is None else str(self.graph)
         return (graph, where, p, self.kind, self.producer or "-", ", ".join(self.consumers) or "-", status, self.reason or "")
