@@ -43,5 +43,5 @@ def dense_reason(out_numel, k, p: float, on_cuda: bool, config: SparseDropConfig
     if work < LAUNCH_BOUND_WORK and not graphs:
         return None
     why = "under CUDA graphs" if work < LAUNCH_BOUND_WORK else f"{work / 2**30:.0f} G multiply-adds"
-    return (f"dense matmul on the block-dropped operand: p={p:g} < sparse_min_p={config.sparse_min_p:g} "
+    return (f"dense matmul, block dropout materialised: p={p:g} < sparse_min_p={config.sparse_min_p:g} "
             f"({why}; the kernels pay from about p=0.25)")

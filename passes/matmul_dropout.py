@@ -284,7 +284,8 @@ def _rewrite(editor: GraphEditor, d: Dropout, pr: Producer, config: SparseDropCo
     keep = editor.call(sample_output_keep, (lhs, other, d.p, br, bc, batched), before=node, like=d.node)
     site.rewritten, site.reason, site.block_size = True, None, config.block_size
     y, x = meta_val(node), meta_val(lhs)
-    dense = dense_reason(y.numel(), x.shape[-1], d.p_value, y.device.type == "cuda", config)
+    dense = (dense_reason(y.numel(), x.shape[-1], d.p_value, y.device.type == "cuda", config)
+             if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else None)
     if dense is not None:  # the same flags over y, on the matmul's own output (compute_choice.py)
         site.compute, site.reason = "dense", dense
         dropped = editor.call(materialise, (node, keep, scale, br, bc, batched), before=d.node, like=node)
