@@ -32,7 +32,9 @@ from typing import Callable, Sequence
 import torch
 import triton
 from torch import Tensor
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,8 +107,6 @@ def launch(kernel):
     knows nothing traces it turns the wrapper off with :func:`direct_launches` and gets Triton's
     own launch. Under the interpreter it is always the plain launch.
     """
-    from torch._library.triton import is_wrap_triton_enabled
-
     if INTERPRET or not is_wrap_triton_enabled():
         return kernel
     from torch.library import wrap_triton
@@ -117,8 +117,6 @@ def launch(kernel):
 def tracing() -> bool:
     """Whether torch is recording what runs: Dynamo, or any dispatch mode (fake tensors,
     functionalization, make_fx's proxies), where launches must go through ``wrap_triton``."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
@@ -130,8 +128,6 @@ def direct_launches():
     if tracing():
         yield
         return
-    from torch._library.triton import set_wrap_triton_enabled
-
     with set_wrap_triton_enabled(False):
         yield
 
@@ -410,7 +406,6 @@ class Tuner:
 def real_tensors():
     """Run real kernels while a graph is being traced (to time configs): no fake or functional
     mode, no proxy recording, launches go straight to Triton, no autograd."""
-    from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes(), set_wrap_triton_enabled(False), torch.no_grad():
