@@ -219,11 +219,15 @@ def launch_bound(M, N, K) -> bool:
     every launch and which keeps Inductor from its static launcher) and no extra launch for work
     balance. Sizes may be symbolic (their hints decide: a choice of speed, never of result).
     ``SPARSEDROP_TMA=always`` counts every size as large (``=0`` turns TMA off: ``tma_enabled``)."""
-    if hint(M) * hint(N) * hint(K) >= LAUNCH_BOUND_WORK or os.environ.get("SPARSEDROP_TMA") == "always":
-        return False
     from torch._inductor import config as inductor_config
 
-    return not inductor_config.triton.cudagraphs
+    return launch_bound_work(hint(M) * hint(N) * hint(K), bool(inductor_config.triton.cudagraphs))
+
+
+def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
+    """``launch_bound`` for ``work`` multiply-adds, with CUDA graphs on or off as given (the
+    passes decide before Inductor has applied its mode's settings)."""
+    return work < LAUNCH_BOUND_WORK and os.environ.get("SPARSEDROP_TMA") != "always" and not cuda_graphs
 
 
 def tma_view_ok(t: Tensor) -> bool:

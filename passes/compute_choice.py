@@ -14,7 +14,7 @@ differs; ``explain`` says which each site got.
 from __future__ import annotations
 
 from sparsedrop_compile.config import SparseDropConfig
-from sparsedrop_compile.kernels.runtime import LAUNCH_BOUND_WORK
+from sparsedrop_compile.kernels import runtime
 
 from ._graph import size_hint
 
@@ -40,8 +40,8 @@ def dense_reason(out_numel, k, p: float, on_cuda: bool, config: SparseDropConfig
         return None
     work = numel * inner
     graphs = on_cuda and cuda_graphs(config)
-    if work < LAUNCH_BOUND_WORK and not graphs:
+    if runtime.launch_bound_work(work, graphs):
         return None
-    why = "under CUDA graphs" if work < LAUNCH_BOUND_WORK else f"{work / 2**30:.0f} G multiply-adds"
+    why = "under CUDA graphs" if graphs else f"{work / 2**30:.0f} G multiply-adds"
     return (f"dense matmul, block dropout materialised: p={p:g} < sparse_min_p={config.sparse_min_p:g} "
             f"({why}; the kernels pay from about p=0.25)")

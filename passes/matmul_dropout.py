@@ -265,9 +265,6 @@ def _rewrite(editor: GraphEditor, d: Dropout, pr: Producer, config: SparseDropCo
         # sparsedrop::linear(x, W, b, keep, scale, ...) / ::matmul(a, B, keep, scale, ...): keep it as keep_in.
         lhs, other, bias = args[0], args[1], args[2] if pr.kind == "linear" else None
         keep_in, scale_in = (args[3], args[4]) if pr.kind == "linear" else (args[2], args[3])
-        input_site = by_node.get(node.meta.get(INPUT_SITE))
-        if input_site is not None:
-            input_site.side = "both"
     else:
         keep_in, scale_in = None, 1.0
         if pr.kind == "linear":
@@ -287,26 +284,25 @@ def _rewrite(editor: GraphEditor, d: Dropout, pr: Producer, config: SparseDropCo
     dense = (dense_reason(y.numel(), x.shape[-1], d.p_value, y.device.type == "cuda", config)
              if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else None)
     if dense is not None:  # the same flags over y, on the matmul's own output (compute_choice.py)
-        site.compute, site.reason = "dense", dense
-        dropped = editor.call(materialise, (node, keep, scale, br, bc, batched), before=d.node, like=node)
-        out = replay_path(editor, dropped, pr.path, d.node)
-        d.node.replace_all_uses_with(out)
-        editor.graph.erase_node(d.node)
-        editor.erase_if_unused([s.node for s in pr.path])
+        site.compute, site.reason, site.side = "dense", dense, "output"  # not "both": y is computed in full
+        produced = editor.call(materialise, (node, keep, scale, br, bc, batched), before=d.node, like=node)
         counters["sparsedrop"]["dense_output_side"] += 1
-        return
-    site.compute = "sparse"
-    if batched:
-        fused_args = (lhs, other, keep, scale, br, bc, config.kernel, keep_in, scale_in)
-        fused = editor.call(torch.ops.sparsedrop.matmul_out.default, fused_args, before=node, like=node)
     else:
-        fused_args = (lhs, other, bias, keep, scale, br, bc, config.kernel, keep_in, scale_in)
-        fused = editor.call(torch.ops.sparsedrop.linear_out.default, fused_args, before=node, like=node)
-    out = replay_path(editor, fused, pr.path, d.node)
+        site.compute = "sparse"
+        if batched:
+            fused_args = (lhs, other, keep, scale, br, bc, config.kernel, keep_in, scale_in)
+            produced = editor.call(torch.ops.sparsedrop.matmul_out.default, fused_args, before=node, like=node)
+        else:
+            fused_args = (lhs, other, bias, keep, scale, br, bc, config.kernel, keep_in, scale_in)
+            produced = editor.call(torch.ops.sparsedrop.linear_out.default, fused_args, before=node, like=node)
+        counters["sparsedrop"][f"{pr.kind}_out_fused"] += 1
+        if pr.fused_input:
+            counters["sparsedrop"]["both_sides_fused"] += 1
+            input_site = by_node.get(node.meta.get(INPUT_SITE))
+            if input_site is not None:
+                input_site.side = "both"
+    out = replay_path(editor, produced, pr.path, d.node)
     d.node.replace_all_uses_with(out)
     editor.graph.erase_node(d.node)
-    editor.erase_if_unused([node, *(s.node for s in pr.path)])
-    counters["sparsedrop"][f"{pr.kind}_out_fused"] += 1
-    if pr.fused_input:
-        counters["sparsedrop"]["both_sides_fused"] += 1
+    editor.erase_if_unused([node, *(s.node for s in pr.path)])  # the matmul stays where it feeds materialise
     log.debug("sparsedrop: fused %s (p=%s) into the output of %s", site.location, site.p, site.producer)

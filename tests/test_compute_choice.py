@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsedrop_compile as sd
+from sparsedrop_compile.kernels import runtime
 from sparsedrop_compile.passes import compute_choice
 
 BLOCK = (8, 8)
@@ -21,7 +22,7 @@ OPTS = {"block_size": BLOCK, "inner": "aot_eager"}
 @pytest.fixture
 def gpu_bound(monkeypatch):
     """Every matmul counts as GPU-bound (none as launch-bound)."""
-    monkeypatch.setattr(compute_choice, "LAUNCH_BOUND_WORK", 1)
+    monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 1)
 
 
 class InputSide(nn.Module):  # dropout -> linear, twice, the second without bias
@@ -134,3 +135,23 @@ def test_under_cuda_graphs_nothing_is_launch_bound():
 def test_sparse_min_p_is_validated():
     with pytest.raises(ValueError, match=r"sparse_min_p=1.5: expected a number in \[0, 1\]"):
         sd.SparseDropConfig.from_options({"sparse_min_p": 1.5})
+
+
+class MixedP(nn.Module):  # dropout(0.3) -> wo -> dropout(0.1): the input side sparse, the output side dense
+    def __init__(self):
+        super().__init__()
+        self.wo = nn.Linear(40, 24)
+
+    def forward(self, h):
+        return F.dropout(self.wo(F.dropout(h, 0.3)), 0.1)
+
+
+def test_a_dense_output_side_leaves_the_input_side_its_own_label(gpu_bound):
+    """'both' says the matmul is block-sparse on both sides; with its output computed in full it
+    is not, so the input row stays 'input' and the output row says 'output, dense'."""
+    h = torch.randn(2, 19, 40)
+    report = sd.explain(MixedP(), h, options=OPTS)
+    rows = {s.p: s for s in report.sites}
+    assert (rows[0.3].side, rows[0.3].compute) == ("input", "sparse"), str(report)
+    assert (rows[0.1].side, rows[0.1].compute) == ("output", "dense"), str(report)
+    _compare_paths(MixedP(), [h])  # and the same numbers as both sides block-sparse
