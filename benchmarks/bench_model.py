@@ -306,6 +306,7 @@ def prepare_training(name: str, backend: str, p: float, shape: tuple, args) -> t
 
     row = {"params_m": round(params_m, 1)}
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the counters outlive reset()
+    skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     torch.manual_seed(args.seed)  # the same dropout draws for both backends where the masks match
     with host_phase(exclusive=False):
         phases_before = compile_phases()
@@ -318,6 +319,9 @@ def prepare_training(name: str, backend: str, p: float, shape: tuple, args) -> t
             step()
         harness.sync(device)
     row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    if cudagraphs:  # a graph Inductor could not capture runs uncaptured, and the step times the host again
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips_before
+        log(f"  CUDA graphs: {skips} graph(s) not captured" + (" (TORCH_LOGS=cudagraphs prints why)" if skips else ""))
     if device == "cuda":  # this run's resident memory: weights, gradients, AdamW state, caches
         row["base_mem_mb"] = round((torch.cuda.memory_allocated() - mem_before) / 2**20)
     return step, row, first, (compiled, opt, model, batch)

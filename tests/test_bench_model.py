@@ -31,3 +31,15 @@ def test_smoke_run_writes_both_backends_rows_with_their_timing(tmp_path, timing)
     sd_row = next(r for r in rows if r["backend"] == "sparsedrop")
     assert int(sd_row["sites_rewritten"]) > 0 and float(sd_row["speedup_vs_inductor"]) > 0
     assert "compile phases (sparsedrop, s)" in proc.stdout
+
+
+def test_cuda_graph_mode_reports_graphs_it_could_not_capture(tmp_path):
+    """Under --mode reduce-overhead the log says how many compiled graphs Inductor left outside
+    CUDA graphs (a step then times the host again); on CPU tensors none can be captured."""
+    args = [sys.executable, str(_SCRIPT), "--smoke", "--models", "bert", "--ps", "0.1",
+            "--mode", "reduce-overhead", "--out", str(tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "CUDA graphs:" in line]
+    assert lines and all("graph(s) not captured" in line for line in lines), proc.stdout[-3000:]
+    assert any(not line.strip().startswith("CUDA graphs: 0 ") for line in lines), lines
