@@ -7,6 +7,10 @@ the CPU, not the GPU), and with --profile the GPU kernel time per step by kernel
 difference between option sets can be traced to the kernels (or the gaps between them).
 
     python benchmarks/diagnose_model.py --model t5 --p 0.1 --profile --out /tmp/diag
+
+``--mode reduce-overhead`` compiles both under CUDA graphs; ``--host-profile`` then prints the host
+operations by own CPU time per step (torch's profiler), which shows what still runs on the CPU
+around the graph replays.
 """
 import argparse
 import collections
@@ -93,6 +97,22 @@ def kernel_times(compiled, batch, opt, steps):
     return per_family, per_kernel, calls
 
 
+def host_ops(compiled, batch, opt, steps, top=18):
+    """The host operations of a step by own CPU time (ms per step), from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            train_step(compiled, batch, opt)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) / 1e3 / steps
+    print(f"    host ops: {total:.2f} ms of own CPU time per step; top {top}:")
+    for e in rows[:top]:
+        print(f"      {e.self_cpu_time_total / 1e3 / steps:7.3f} ms {e.count / steps:6.1f}x  {e.key[:100]}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="t5")
@@ -103,9 +123,11 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--profile", action="store_true", help="also print kernel time by family")
     parser.add_argument("--out", default=None, help="folder for the full per-kernel tables")
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--host-profile", action="store_true", help="also print host operations by own CPU time")
     args = parser.parse_args()
     print(f"{harness.device_name('cuda')} torch {torch.__version__}; {args.model} base, batch {args.batch}x{args.seq}, "
-          f"p={args.p}", flush=True)
+          f"p={args.p}, mode {args.mode or 'default'}", flush=True)
     summary = []
     for name in args.variants:
         backend, options = VARIANTS[name]
@@ -113,7 +135,10 @@ def main():
         torch.manual_seed(0)
         model = build_model(args.model, size="base", dropout=args.p).cuda().train()
         batch = example_batch(model, batch=args.batch, seq=args.seq, device="cuda")
-        compiled = torch.compile(model, backend=backend, **({"options": options} if options is not None else {}))
+        kwargs = {"options": options} if options is not None else {}
+        if args.mode is not None:
+            kwargs["mode"] = args.mode
+        compiled = torch.compile(model, backend=backend, **kwargs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         time_steps(compiled, batch, opt, 3)  # compile, tune, warm up
         gpu, host = time_steps(compiled, batch, opt, args.steps)
@@ -128,6 +153,8 @@ def main():
         print(line, flush=True)
         print("    steps: " + " ".join(f"{t:.1f}" for t in gpu), flush=True)
         row = {"variant": name, "median": med}
+        if args.host_profile:
+            host_ops(compiled, batch, opt, 5)
         if args.profile:
             fams, kernels, calls = kernel_times(compiled, batch, opt, 3)
             total = sum(fams.values())
