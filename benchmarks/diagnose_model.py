@@ -135,9 +135,9 @@ def main():
         torch.manual_seed(0)
         model = build_model(args.model, size="base", dropout=args.p).cuda().train()
         batch = example_batch(model, batch=args.batch, seq=args.seq, device="cuda")
-        kwargs = {"options": options} if options is not None else {}
-        if args.mode is not None:
-            kwargs["mode"] = args.mode
+        # torch.compile refuses mode= together with options=: sparsedrop takes its mode in options.
+        mode = {} if args.mode is None else {"mode": args.mode}
+        kwargs = {"options": {**options, **mode}} if options is not None else mode
         compiled = torch.compile(model, backend=backend, **kwargs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         time_steps(compiled, batch, opt, 3)  # compile, tune, warm up
