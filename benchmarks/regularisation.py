@@ -232,7 +232,7 @@ SIZES: dict[str, dict[str, TaskConfig]] = {
                           layers=2, heads=2, attention_block=(4, 4)),
     },
     "gpt": {
-        # Head dim 64 everywhere: the backend's attention rewrite covers head dims 64 and 128.
+        # Head dim 64 everywhere (the backend rewrites attention for head dims that are multiples of 8 up to 256).
         "tiny": TaskConfig(steps=4, eval_every=2, batch=4, lr=1e-3, block_size=(8, 16), seeds=1, hidden=64, layers=1,
                            heads=1, mlp_ratio=2, seq=32, attention_block=(8, 8), weight_decay=0.1, warmup=2, clip=1.0,
                            train_bytes=16384, val_bytes=2048),

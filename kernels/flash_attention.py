@@ -27,6 +27,19 @@ from .block_mask import cdiv, dropout_scale, padded
 
 MODES = ("post_softmax", "dropkey")
 
+# The head dims the op rewrites attention for, on every device alike (the pass decides before it
+# knows where the graph runs): those of FlashAttention-2. The reference below takes any head dim;
+# the Triton kernels pad a dim that is not a power of two to the next one (flash_attention_triton).
+HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
+HEAD_DIM_RULE = f"multiples of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM} (8, 16, ..., 256)"
+
+
+def supported_head_dim(d) -> bool:
+    """Whether tile-dropout attention covers head dim ``d`` (an int; anything else, e.g. an unknown
+    symbolic size, is not covered): a multiple of 8 from 8 to 256, the same for q, k and v."""
+    return (isinstance(d, int) and not isinstance(d, bool) and d % HEAD_DIM_MULTIPLE == 0
+            and HEAD_DIM_MULTIPLE <= d <= MAX_HEAD_DIM)
+
 
 # --------------------------------------------------------------------------- keep tiles
 def attention_keep_shape(q_shape, k_shape, block: tuple[int, int]):

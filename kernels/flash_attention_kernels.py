@@ -69,6 +69,25 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+# --------------------------------------------------------------------------- head dims
+# HEAD_DIM is the inputs' head dim D (any multiple of 8 up to 256), BLOCK_D the kernels' extent
+# along it: the next power of two, at least 16 (tl.arange takes powers of two, tl.dot reduces
+# over at least 16). Where they differ (8 -> 16, 80 -> 128), every load of q, k, v, O and dO
+# reads the padded columns as zeros (d_ok False) and every store of O, dQ, dK, dV (and the
+# atomic dQ adds) leaves them out: zero columns add nothing to q kᵀ, dO vᵀ or rowsum(dO ⊙ O),
+# and the padded columns of the accumulators are never written. Row strides are the tensors'
+# own (unit last stride); the atomic dQ buffer is (B, H, Sq, HEAD_DIM), so rows HEAD_DIM apart.
+#
+# EVEN_D (HEAD_DIM == BLOCK_D: the powers of two) is a constexpr, and every d mask is written
+# inline as `mask=<row mask> if EVEN_D else <row mask> & d_ok`: with EVEN_D the kernels build
+# exactly the ops they built before head dims were padded, in the same order (Triton builds a
+# call's keyword arguments before its positional ones, so the mask still comes before the
+# pointers), and 64 and 128 compile to the same SASS (checked offline for sm_90, see
+# benchmarks/NOTES_attention.md). Not through a helper function: even inlined, a helper's call
+# site adds line-info labels that change ptxas's register allocation (a dK/dV kernel at head dim
+# 128 spilled 336 bytes instead of 248), and d_ok, unused with EVEN_D, is dead code.
+
+
 # --------------------------------------------------------------------------- mask tile classes
 # Before the attention kernels run, ``_classify_mask`` reads the mask once and writes, for each
 # kernel tile of a pass, one int8 class (see ``flash_attention_triton._tile_classes``):
@@ -279,8 +298,9 @@ def _query_range(start_n, Sq, m_lo, m_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 def _fwd_inner(
     m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
     Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
-    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The online softmax of a query block over one of its two key ranges (``_key_range``);
@@ -288,25 +308,33 @@ def _fwd_inner(
     lo, hi = _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
         need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, HEAD_DIM)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
             kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
             v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
             if MASKED:
-                kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
             else:
-                kt = tl.load(kt_ptrs)
+                if EVEN_D:
+                    kt = tl.load(kt_ptrs)
+                else:
+                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             if TILE_SKIP != _LAZY:
                 if MASKED:
-                    v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
                 else:
-                    v = tl.load(v_ptrs)
+                    if EVEN_D:
+                        v = tl.load(v_ptrs)
+                    else:
+                        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             s = _dot(q, kt, INTERPRET)
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 # Only tiles whose class says so read the mask (see the note above _need_mask).
@@ -352,9 +380,13 @@ def _fwd_inner(
                 if kept:
                     if TILE_SKIP == _LAZY:
                         if MASKED:
-                            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+                            v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :],
+                                        other=0.0)
                         else:
-                            v = tl.load(v_ptrs)
+                            if EVEN_D:
+                                v = tl.load(v_ptrs)
+                            else:
+                                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
                     acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
             m_i = m_new
     return m_i, l_i, acc
@@ -371,10 +403,11 @@ def _attn_fwd(
     stride_cb, stride_ch, stride_cm, stride_cn,
     stride_ob, stride_oh, stride_om,
     H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     out_scale = tl.cast(out_scale, tl.float32)
@@ -388,11 +421,12 @@ def _attn_fwd(
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
     row_ok = offs_m < Sq
 
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     if MASK_SHARED:
@@ -404,7 +438,7 @@ def _attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # With tile classes both loops are trimmed to the row's non-hidden key tiles [n_lo, n_hi).
     cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
@@ -413,8 +447,8 @@ def _attn_fwd(
     for stage in tl.static_range(2):
         m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo,
                                    n_hi, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
-                                   BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
-                                   stage == 1, SKIP, INTERPRET)
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
+                                   DROPKEY, stage == 1, SKIP, INTERPRET)
 
     # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
     # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
@@ -422,7 +456,7 @@ def _attn_fwd(
     l_safe = tl.where(l_ok, l_i, 1.0)
     out = acc * (out_scale / l_safe)[:, None]
     tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :])
     lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
 
@@ -433,9 +467,10 @@ def _attn_bwd_delta(
     Out, dOut, Delta,
     stride_ob, stride_oh, stride_om, stride_gb, stride_gh, stride_gm,
     H, Sq, delta_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Δ = rowsum(dO ⊙ O) · delta_scale (= (1-p), see the module docstring), fp32 (B*H, Sq)."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     delta_scale = tl.cast(delta_scale, tl.float32)
     pid_m = tl.program_id(0)
@@ -443,12 +478,13 @@ def _attn_bwd_delta(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
     row_ok = offs_m < Sq
     o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+                 mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
     tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
 
@@ -458,8 +494,9 @@ def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base, keep_col, cls_col,
     start_n, offs_n, m_lo, m_hi, Sq, Sk, stride_qm, stride_gm, stride_mm, stride_em, stride_cm, qk_scale, dmask_scale,
     block_q,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
-    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -473,21 +510,29 @@ def _dkdv_inner(
     """
     lo, hi = _query_range(start_n, Sq, m_lo, m_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_m in range(lo, hi, BLOCK_M):
         kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
         need_mask = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, HEAD_DIM)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             rows = tl.minimum(offs_m, Sq - 1)
             qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
             do_ptrs = do_base + rows[:, None] * stride_gm + offs_d[None, :]
-            qt = tl.load(qt_ptrs)
+            if EVEN_D:
+                qt = tl.load(qt_ptrs)
+            else:
+                qt = tl.load(qt_ptrs, mask=d_ok[:, None], other=0.0)
             lse = tl.where(offs_m < Sq, tl.load(lse_base + rows), float("inf"))
             delta = tl.load(delta_base + rows)
             if TILE_SKIP != _LAZY:
-                do = tl.load(do_ptrs)
+                if EVEN_D:
+                    do = tl.load(do_ptrs)
+                else:
+                    do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             st = _dot(k, qt, INTERPRET) * qk_scale
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 pass  # read below, under a branch on the tile's class
@@ -516,7 +561,10 @@ def _dkdv_inner(
             else:
                 if kept:
                     if TILE_SKIP == _LAZY:
-                        do = tl.load(do_ptrs)
+                        if EVEN_D:
+                            do = tl.load(do_ptrs)
+                        else:
+                            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
                     dv = _dot_acc(pt.to(do.dtype), do, dv, INTERPRET)
                     dpt = _dot(v, tl.trans(do), INTERPRET)
                     dst = pt * (dpt - delta[None, :])
@@ -530,7 +578,8 @@ def _dkdv_inner(
                 # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
                 dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
                 tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                              mask=(offs_m < Sq)[:, None], sem="relaxed")
+                              mask=(offs_m < Sq)[:, None] if EVEN_D else (offs_m < Sq)[:, None] & d_ok[None, :],
+                              sem="relaxed")
             if MASK_GRAD:
                 tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None],
                          (dst * dmask_scale).to(dmask_base.dtype.element_ty),
@@ -551,7 +600,7 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
@@ -561,6 +610,7 @@ def _attn_bwd_dkdv(
     With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) and,
     with MASK_GRAD, writes dS into dMask (B, H, Sq, Sk): the whole backward in one pass.
     """
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     dk_scale = tl.cast(dk_scale, tl.float32)
@@ -572,16 +622,17 @@ def _attn_bwd_dkdv(
     off_hk = (pid_bh % H_KV).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
     col_ok = offs_n < Sk
     # Keys past Sk are zero rows: whatever their scores, they only touch their own rows of
     # dK and dV, which are never stored.
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+                mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+                mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     keep_n = (start_n // block_k) * stride_en
 
     for g in range(GROUP):
@@ -605,23 +656,24 @@ def _attn_bwd_dkdv(
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, dq_base, dmask_base,
                                  keep_col, cls_col, start_n, offs_n, m_lo, m_hi, Sq, Sk, stride_qm, stride_gm,
                                  stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
-                                 BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
-                                 stage == 0, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
+                                 DROPKEY, stage == 0, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
     dv = dv * dv_scale
     tl.store(dK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(dK.dtype.element_ty), mask=col_ok[:, None])
+             dk.to(dK.dtype.element_ty), mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :])
     tl.store(dV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+             dv.to(dV.dtype.element_ty), mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
     Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale, block_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr,
-    MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr, DROPKEY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
+    DROPKEY: tl.constexpr,
     MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ (and dMask) of a query block over one of its two key ranges (``_key_range``)."""
@@ -629,25 +681,34 @@ def _dq_inner(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Sq
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
         kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
         need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, HEAD_DIM)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
             kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
             vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
             if MASKED:
-                kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
             else:
-                kt = tl.load(kt_ptrs)
+                if EVEN_D:
+                    kt = tl.load(kt_ptrs)
+                else:
+                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             if TILE_SKIP != _LAZY:
                 if MASKED:
-                    vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+                    vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
+                                 other=0.0)
                 else:
-                    vt = tl.load(vt_ptrs)
+                    if EVEN_D:
+                        vt = tl.load(vt_ptrs)
+                    else:
+                        vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
             s = _dot(q, kt, INTERPRET) * qk_scale
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 pass  # read below, under a branch on the tile's class
@@ -681,9 +742,13 @@ def _dq_inner(
                 if kept:
                     if TILE_SKIP == _LAZY:
                         if MASKED:
-                            vt = tl.load(vt_ptrs, mask=col_ok[None, :], other=0.0)
+                            vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
+                                         other=0.0)
                         else:
-                            vt = tl.load(vt_ptrs)
+                            if EVEN_D:
+                                vt = tl.load(vt_ptrs)
+                            else:
+                                vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
                     dp = _dot(do, vt, INTERPRET)
                     ds = prob * (dp - delta[:, None])
                 else:
@@ -709,7 +774,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm,
     stride_ob, stride_oh, stride_om,
     H, GROUP, Sq, Sk, qk_scale, dq_scale, dmask_scale, delta_scale, block_q, block_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr, DELTA_HERE: tl.constexpr,
     SKIP: tl.constexpr, INTERPRET: tl.constexpr,
@@ -718,6 +783,7 @@ def _attn_bwd_dq(
 
     ``DELTA_HERE``: the program works out its rows' Δ (as ``_attn_bwd_delta`` does) from O and
     the dO it loads anyway, and stores it for the dK/dV pass that runs next: one launch fewer."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     dq_scale = tl.cast(dq_scale, tl.float32)
@@ -732,19 +798,20 @@ def _attn_bwd_dq(
     off_hk = off_h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
     row_ok = offs_m < Sq
     bh = pid_bh.to(tl.int64)
 
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(dOut + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+                 mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
     # Rows past Sq get lse = +inf, so their P is exactly 0.
     lse2 = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     if DELTA_HERE:
         o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+                    mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * delta_scale
         tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
     else:
@@ -758,7 +825,7 @@ def _attn_bwd_dq(
         mask_rows = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_m, Sq - 1) * stride_mm
     dmask_rows = dMask + bh.to(tl.int64) * Sq * Sk + offs_m.to(tl.int64) * Sk
     keep_row = Keep + off_b * stride_eb + off_h * stride_eh + (start_m // block_q) * stride_em
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Trimmed to the row's non-hidden key tiles, as in the forward.
     cls_row = Cls + off_b * stride_cb + off_h * stride_ch + pid_m * stride_cm
@@ -767,9 +834,9 @@ def _attn_bwd_dq(
     for stage in tl.static_range(2):
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo,
                        n_hi, Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale,
-                       block_k, BLOCK_M, BLOCK_N, HEAD_DIM, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL, DROPKEY,
-                       stage == 1, MASK_GRAD, SKIP, INTERPRET)
+                       block_k, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
+                       DROPKEY, stage == 1, MASK_GRAD, SKIP, INTERPRET)
 
     dq = dq * dq_scale
     tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
+             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :])

@@ -13,6 +13,12 @@ Kernel tiles are independent of the mask tile (block splitting): every kernel ti
 one mask tile. That needs the mask tile's sides to be multiples of the kernel tile's;
 ``_pick_config`` chooses the first candidate that fits, and any mask tile that is a multiple of
 16 fits the smallest.
+
+Head dims: every multiple of 8 up to 256 (``supported_head_dim``, defined with the semantics in
+``flash_attention.py``). The kernels run a head dim D over ``padded_head_dim(D)`` columns (the
+next power of two, at least 16) with the padding masked off; D that are powers of two need no
+mask (see "head dims" in flash_attention_kernels.py). Configs and the backward strategy are
+looked up by ``head_dim_class(D)``: 64 up to 64, 128 up to 128, 256 above.
 """
 from __future__ import annotations
 
@@ -22,7 +28,13 @@ import torch
 from torch import Tensor
 
 from .block_mask import cdiv, dropout_scale
-from .flash_attention import default_scale, empty_attention_out, empty_grad_like
+from .flash_attention import (
+    HEAD_DIM_RULE,
+    default_scale,
+    empty_attention_out,
+    empty_grad_like,
+    supported_head_dim,
+)
 from .flash_attention_kernels import (
     MASK_BOOL,
     MASK_FLOAT,
@@ -49,19 +61,21 @@ __all__ = [
     "SKIP_LAZY_LOAD",
     "SKIP_NONE",
     "SKIP_PREFETCH",
-    "SUPPORTED_HEAD_DIMS",
+    "HEAD_DIM_RULE",
     "KernelConfig",
     "as_config",
     "attention_backward",
     "attention_forward",
     "backward_strategy",
     "fits",
+    "head_dim_class",
+    "padded_head_dim",
+    "supported_head_dim",
     "unsupported_reason",
 ]
 
 LOG2E = 1.4426950408889634
 
-SUPPORTED_HEAD_DIMS = (64, 128)
 # Off: kernels read the mask for every tile and visit every tile (the A/B baseline for benchmarks).
 # What the classes are and how the kernels use them: flash_attention_kernels.py, "mask tile classes".
 CLASSIFY_MASK_TILES = True
@@ -77,24 +91,43 @@ CLASSIFY_MASK_TILES = True
 # tile is used. Orders start from the Triton fused-attention tutorial's H100 tiles, minus those
 # that spill registers on sm_90 (compiled offline, see benchmarks/NOTES_attention.md); only
 # `benchmarks/bench_attention.py --sweep` on the GPU can rank them, and prints the winners.
+#
+# The tables are keyed by head-dim class (``head_dim_class``): a head dim runs over its padded
+# extent (next power of two, at least 16), so 80 and 96 compute like 128 and use its tiles, and
+# 8 to 64 use the 64 tiles (smaller dims only lighten them).
+#
+# The 256 class is a guess from resources alone, not timed (no GPU sweep has ranked it yet).
+# Shared memory: a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage,
+# and an H100/H200 block gets at most 227 KB: the forward stages K and V (2 x BLOCK_N x 512 B a
+# stage), so 64 keys x 3 stages would be 192 KB before Q and scratch; stages stay at 1-2.
+# Registers bind first: an fp32 accumulator is rows x 1 KB (dK/dV: two of them), 64 a thread
+# for 64 rows with 8 warps. Compiled offline for sm_90 (Triton 3.9, causal, no mask and a
+# classified bool mask), every candidate below fits shared memory (at most 120 KB), and the
+# first of each list does not spill (forward 64x32: 72 B with a bool mask); 64x64 forward,
+# 32x32 dK/dV and 64x32 dQ tiles spill 400-900 B, the single pass with 32x32 tiles 1.8 KB.
 _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 32, 4, 3, 2), (128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0),
               (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        256: [(64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 4, 2, 0), (64, 64, 8, 2, 0),
+              (16, 16, 4, 1, 0)],
     },
     "bwd_kv": {
         64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
              (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0), (16, 128, 8, 3, 0),
               (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+        256: [(64, 16, 8, 1, 0), (32, 16, 8, 2, 0), (64, 16, 8, 2, 0), (16, 32, 8, 2, 0), (32, 32, 8, 2, 0),
+              (16, 16, 4, 1, 0)],
     },
     "bwd_q": {
         64: [(64, 64, 4, 3, 0), (128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0),
              (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0),
               (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        256: [(32, 16, 8, 2, 0), (32, 32, 8, 2, 0), (64, 16, 8, 2, 0), (64, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {
@@ -102,6 +135,7 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
              (16, 64, 4, 2, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
         128: [(16, 128, 8, 2, 0), (16, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 64, 8, 3, 0), (32, 32, 4, 2, 0),
               (16, 16, 4, 2, 0)],
+        256: [(32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
 }
 
@@ -123,15 +157,16 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
     kind: {d: [as_config(c) for c in table] for d, table in by_dim.items()} for kind, by_dim in _CANDIDATE_TABLE.items()
 }
 
-# Which backward runs by default, per head dim. The single pass does 7 tile products per kept
+# Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
 # tile against the two-pass 9 (see the notes), but its fp32 atomics cost more than they save:
 # on an H200 (torch 2.11, triton 3.6, bf16, 8x16x1024x64, p=0.1) the best two-pass fwd+bwd took
 # 0.442 ms against 0.492 ms for the best single pass, and at 4x16x2048x128 causal 1.23 ms
 # against 1.41 ms (benchmarks/NOTES_attention.md). The first candidates above for head dim 64
 # are that sweep's winners for a 64x64 mask tile; for head dim 128 (4x16x2048x128 causal) the
 # winners for a 64x128 mask tile (1.01 ms): at this head dim not skipping dropped tiles in the
-# forward and dQ passes (skip mode 2) was fastest.
-BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
+# forward and dQ passes (skip mode 2) was fastest. The 256 class is unmeasured: two-pass, as the
+# others (the atomic pass would add 256 fp32 atomics per query row and key block).
+BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
 # dim 64 ran as fast with 64x64, 64x128 and 128x128 mask tiles (0.442-0.444 ms), while head dim
@@ -140,11 +175,25 @@ BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass"}
 DEFAULT_BLOCK = (64, 128)
 
 
+def head_dim_class(head_dim: int) -> int:
+    """The key of ``CANDIDATES`` and ``BACKWARD_STRATEGY`` for a head dim the kernels take: 64 for
+    8-64, 128 for 72-128, 256 for 136-256 (the padded extent the kernels compute over, or a
+    power of two above it)."""
+    if not supported_head_dim(head_dim):
+        raise ValueError(f"sparsedrop attention: head dim {head_dim!r}; the Triton kernels take {HEAD_DIM_RULE}")
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The kernels' extent along the head dim (their BLOCK_D): the next power of two, at least 16."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
 def backward_strategy(head_dim: int, override: str | None = None) -> str:
     """"two_pass" (a dK/dV pass and a dQ pass, deterministic) or "atomic" (one pass, dQ summed
     with fp32 atomics: fewer FLOPs, not bitwise reproducible; never used under
     torch.use_deterministic_algorithms)."""
-    strategy = override or BACKWARD_STRATEGY[head_dim]
+    strategy = override or BACKWARD_STRATEGY[head_dim_class(head_dim)]
     if strategy not in ("two_pass", "atomic"):
         raise ValueError(f"sparsedrop attention backward strategy {strategy!r}: expected 'two_pass' or 'atomic'")
     if strategy == "atomic" and torch.are_deterministic_algorithms_enabled():
@@ -166,7 +215,7 @@ def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None
                 f"the mask tile {block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
             )
         return cfg
-    for cfg in CANDIDATES[kind][head_dim]:
+    for cfg in CANDIDATES[kind][head_dim_class(head_dim)]:
         if fits(cfg, block):
             return cfg
     raise ValueError(f"sparsedrop attention: no {kind} kernel tile fits the mask tile {block}; "
@@ -184,9 +233,9 @@ def unsupported_reason(tensors: Sequence[Tensor], block: tuple[int, int]) -> str
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         return f"q, k, v must all be 3-D or 4-D (batch, heads, seq, dim), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        return (f"head dims q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}: the kernels take equal head dims in "
-                f"{SUPPORTED_HEAD_DIMS}")
+    if not supported_head_dim(int(q.shape[-1])) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return (f"head dims q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}: the kernels take equal head dims, "
+                f"{HEAD_DIM_RULE}")
     if k.shape[:-3] != q.shape[:-3] or v.shape[:-1] != k.shape[:-1]:
         return f"batch or sequence dims disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() == 4 and q.shape[1] % k.shape[1] != 0:
@@ -229,6 +278,7 @@ class _Problem:
         # The head dim is a constexpr of the kernels (compiled per head dim): under dynamic
         # shapes the pass has already specialised it (passes.dropout_sdpa.static_head_dim).
         self.D = int(self.D)
+        self.block_d = padded_head_dim(self.D)
         self.H_kv, self.Sk = k.shape[1], k.shape[2]
         if self.H != self.H_kv and not enable_gqa:
             raise ValueError(f"sparsedrop attention: q has {self.H} heads and k/v {self.H_kv}; pass enable_gqa=True")
@@ -323,8 +373,8 @@ def _tiled(pb: _Problem, cfg: KernelConfig, cls: _TileClasses) -> dict:
     """The constexprs and launch options shared by the kernels that loop over tiles (forward,
     dK/dV, dQ): the problem's, the config's and whether tile classes are passed."""
     return {
-        "HEAD_DIM": pb.D, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n, "MASK_KIND": pb.mask_kind,
-        "MASK_SHARED": pb.mask_shared, "TILE_CLS": cls.enabled, "CAUSAL": pb.causal, "DROPKEY": pb.dropkey,
+        "HEAD_DIM": pb.D, "BLOCK_D": pb.block_d, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n,
+        "MASK_KIND": pb.mask_kind, "MASK_SHARED": pb.mask_shared, "TILE_CLS": cls.enabled, "CAUSAL": pb.causal, "DROPKEY": pb.dropkey,
         "SKIP": cfg.skip, "INTERPRET": pb.interpret, "num_warps": cfg.warps, "num_stages": cfg.stages,
     }
 
@@ -357,7 +407,7 @@ def _launch_delta(pb: _Problem, out: Tensor, grad_out: Tensor) -> Tensor:
     block_m = 64
     launch(_attn_bwd_delta)[(cdiv(pb.Sq, block_m), pb.B * pb.H)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], pb.H, pb.Sq, _delta_scale(pb),
-        HEAD_DIM=pb.D, BLOCK_M=block_m,
+        HEAD_DIM=pb.D, BLOCK_D=pb.block_d, BLOCK_M=block_m,
     )
     return delta
 

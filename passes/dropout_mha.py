@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from sparsedrop_compile.config import SparseDropConfig
+from sparsedrop_compile.kernels.flash_attention import HEAD_DIM_RULE, supported_head_dim
 from sparsedrop_compile.mask_ops import sample_tile_keep
 from sparsedrop_compile.report import Site
 
 from ._graph import GraphEditor, attention_tiles_refusal, excluded, location, meta_val, module_path, scalar_hint, size_hint
-from .dropout_sdpa import HEAD_DIMS
 
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _HELPERS = ("_canonical_mask", "_none_or_dtype", "_in_projection_packed", "_in_projection")
@@ -127,8 +127,9 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
     query, embed, heads = meta_val(a["query"]), a["embed_dim_to_check"], a["num_heads"]
     if not isinstance(query, torch.Tensor) or not isinstance(embed, int) or not isinstance(heads, int) or heads <= 0:
         return "no shape metadata on query, or embed_dim / num_heads are not constants"
-    if embed % heads or embed // heads not in HEAD_DIMS:
-        return f"head dim {embed}/{heads}: the tile-dropout kernel covers {HEAD_DIMS}; left as it is"
+    if embed % heads or not supported_head_dim(embed // heads):
+        return (f"head dim {embed}/{heads} = {embed / heads:g}: tile-dropout attention takes head dims that are "
+                f"{HEAD_DIM_RULE}; left as it is (torch's multi_head_attention_forward)")
     out = meta_val(node)
     out = out[0] if isinstance(out, (tuple, list)) and out else out
     if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.device.type == "cuda":

@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 from sparsedrop_compile.config import SparseDropConfig
-
+from sparsedrop_compile.kernels.flash_attention import HEAD_DIM_RULE, supported_head_dim
 from sparsedrop_compile.report import Site
 
 from ._graph import GraphEditor, attention_tiles_refusal, excluded, location, meta_val, module_path, scalar_hint, shape_of, size_hint
@@ -30,7 +30,6 @@ log = logging.getLogger("sparsedrop_compile")
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-HEAD_DIMS = (64, 128)
 
 
 def _sdpa_args(node: fx.Node) -> dict | None:
@@ -44,8 +43,9 @@ def _sdpa_args(node: fx.Node) -> dict | None:
 
 def static_head_dim(d):
     """The head dim as an int. Under dynamic=True it is a SymInt: one whose value is a head dim the
-    kernel covers is specialised (a guard on it; the kernel is compiled per head dim anyway)."""
-    if isinstance(d, torch.SymInt) and d.node.hint in HEAD_DIMS:
+    kernel covers (``supported_head_dim``) is specialised (a guard on it; the kernel is compiled
+    per head dim anyway)."""
+    if isinstance(d, torch.SymInt) and supported_head_dim(d.node.hint):
         return guard_int(d)
     return d if isinstance(d, int) else None
 
@@ -75,8 +75,9 @@ def _refusal(node: fx.Node, a: dict, config: SparseDropConfig) -> str | None:
     if not (len(q) == len(k) == len(v) == 4):
         return f"q, k, v must be 4-D (batch, heads, seq, dim); got {len(q)}-D"
     q_d, k_d, v_d = (static_head_dim(t[-1]) for t in (q, k, v))
-    if not (q_d in HEAD_DIMS and k_d == q_d and v_d == q_d):
-        return f"head dims q={q[-1]}, k={k[-1]}, v={v[-1]}: the tile-dropout kernel covers {HEAD_DIMS} (same for q, k, v); left on SDPA"
+    if not (supported_head_dim(q_d) and k_d == q_d and v_d == q_d):
+        return (f"head dims q={q[-1]}, k={k[-1]}, v={v[-1]}: tile-dropout attention takes head dims that are "
+                f"{HEAD_DIM_RULE}, the same for q, k and v; left on SDPA")
     mask = a["attn_mask"]
     if mask is not None:
         m = shape_of(mask)

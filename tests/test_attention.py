@@ -279,6 +279,119 @@ def test_triton_keep_all_true_and_all_false(mode, kept):
         assert_close_scaled(a, b, torch.float16)
 
 
+# --------------------------------------------------------------------------- head dims
+# Every multiple of 8 up to 256 (supported_head_dim): dims that are not powers of two run over a
+# padded extent with the padding masked off. (name, d, sq, sk, hq, hkv, dtype, causal, mask,
+# mode, backward strategy); 16x16 mask tiles, so the kernels take their 16x16 configs and the
+# sequence lengths (not multiples of 16) give full and ragged tiles both.
+HEAD_DIM_CASES = [
+    ("d8-causal", 8, 45, 45, 2, 2, torch.float16, True, None, "post_softmax", "two_pass"),
+    ("d32-bool-key-padding-atomic", 32, 45, 70, 2, 2, torch.bfloat16, False, "bool_b11", "post_softmax", "atomic"),
+    ("d40-float-mask-grad", 40, 45, 45, 2, 2, torch.float16, False, "float_bh", "post_softmax", "two_pass"),
+    ("d80", 80, 45, 45, 2, 2, torch.float16, False, None, "post_softmax", "two_pass"),
+    ("d80-causal-atomic", 80, 45, 45, 2, 2, torch.bfloat16, True, None, "post_softmax", "atomic"),
+    ("d80-dropkey-bool-pad-full", 80, 45, 70, 2, 2, torch.float16, False, "bool_pad_full", "dropkey", "two_pass"),
+    ("d96-gqa-causal", 96, 45, 45, 4, 2, torch.float16, True, None, "post_softmax", "two_pass"),
+    ("d96-gqa-atomic-bf16", 96, 45, 45, 4, 2, torch.bfloat16, False, None, "post_softmax", "atomic"),
+    ("d136-float-2d-grad", 136, 40, 40, 2, 2, torch.float16, True, "float_2d", "post_softmax", "two_pass"),
+    ("d256-causal", 256, 40, 40, 2, 2, torch.bfloat16, True, None, "post_softmax", "two_pass"),
+    ("d256-bool-full-atomic", 256, 40, 40, 2, 2, torch.float16, False, "bool_full", "post_softmax", "atomic"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", HEAD_DIM_CASES, ids=[c[0] for c in HEAD_DIM_CASES])
+def test_triton_head_dims_match_reference(case, monkeypatch):
+    _, d, sq, sk, hq, hkv, dtype, causal, mask_kind, mode, strategy = case
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, fat.head_dim_class(d), strategy)
+    q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
+    mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
+    block = (16, 16)
+    keep = random_keep(q, k, 0.3, block, g)
+    got = run_op([q, k, v, mask], keep, 0.3, causal, None, hq != hkv, block, mode, "triton", grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.3, causal, None, hq != hkv, block, mode,
+                 "reference", grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close_scaled(a, b, dtype, name)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("cfg", [0, 1, 4])
+def test_triton_padded_head_dim_with_split_tiles_and_skip_modes(cfg):
+    """Head dim 80 (padded to 128) through kernel tiles smaller than the mask tile and every skip
+    mode (the lazy loads of V / dO under a kept tile's branch included), with a float-mask
+    gradient; the strided dQ buffer of the atomic backward too (SPLIT_CONFIGS[4])."""
+    q, k, v, grad, g = make_inputs(sq=77, sk=100, d=80)
+    block = (64, 64)
+    keep = random_keep(q, k, 0.4, block, g)
+    mask = torch.randn(1, 2, 77, 100, generator=g).half()
+    config = SPLIT_CONFIGS[cfg]
+    out, lse = fat.attention_forward(q, k, v, mask, keep, 0.4, False, None, False, block, "post_softmax", config)
+    grads = fat.attention_backward(grad, q, k, v, out, lse, mask, keep, 0.4, False, None, False, block,
+                                   "post_softmax", True, config)
+    ref_out, ref_lse = fa.reference_attention_forward(q.float(), k.float(), v.float(), mask.float(), keep, 0.4, False,
+                                                      None, False, block, "post_softmax")
+    ref = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), mask.float(), keep, 0.4,
+                                          False, None, False, block, "post_softmax", True)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), (out, *grads), (ref_out, *ref)):
+        assert_close_scaled(a, b, torch.float16, name)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("d,strategy", [(256, "two_pass"), (136, "atomic")])
+def test_triton_head_dim_256_class_with_its_first_tiles(d, strategy, monkeypatch):
+    """The default mask tile, so each pass runs the first candidate of the 256 table (64x32,
+    64x16, 32x16 tiles), with a classified bool mask and causal; 136 pads to 256."""
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, 256, strategy)
+    q, k, v, grad, g = make_inputs(b=1, hq=2, sq=70, sk=70, d=d, dtype=torch.bfloat16)
+    mask = _mask("bool_pad_full", 1, 2, 70, 70, torch.bfloat16, g)
+    block = fat.DEFAULT_BLOCK
+    keep = random_keep(q, k, 0.3, block, g)
+    got = run_op([q, k, v, mask], keep, 0.3, True, None, False, block, "post_softmax", "triton", grad)
+    ref = run_op([upcast(q), upcast(k), upcast(v), mask], keep, 0.3, True, None, False, block, "post_softmax",
+                 "reference", grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close_scaled(a, b, torch.bfloat16, name)
+
+
+def test_head_dim_rule_and_config_classes():
+    for d in range(8, 257, 8):
+        assert fa.supported_head_dim(d), d
+        cls = fat.head_dim_class(d)
+        assert cls == (64 if d <= 64 else 128 if d <= 128 else 256)
+        assert d <= fat.padded_head_dim(d) <= cls
+        # Every class has candidates for every pass, the last of which fits any multiple-of-16 tile.
+        for kind in fat.CANDIDATES:
+            assert fat._pick_config(kind, d, (16, 16)).tile_m == 16
+            assert fat._pick_config(kind, d, fat.DEFAULT_BLOCK) is fat.CANDIDATES[kind][cls][0]
+        assert fat.backward_strategy(d) in ("two_pass", "atomic")
+    for d in (0, 4, 12, 20, 100, 255, 260, 264, 512, 8.0, True, None):
+        assert not fa.supported_head_dim(d), d
+    assert [fat.padded_head_dim(d) for d in (8, 16, 24, 40, 64, 80, 96, 128, 136, 192, 256)] == [
+        16, 16, 32, 64, 64, 128, 128, 128, 256, 256, 256]
+    with pytest.raises(ValueError, match="multiples of 8 up to 256"):
+        fat.head_dim_class(260)
+
+
+def test_reference_takes_any_head_dim():
+    """The CPU path (kernel="auto" off CUDA) runs the reference, which has no head-dim rule: the
+    op gives SDPA's numbers with every tile kept, whatever the head dim."""
+    for d in (8, 12, 80, 96, 256, 260):
+        q, k, v, grad, _ = make_inputs(b=1, hq=2, sq=20, sk=30, d=d, dtype=torch.float32)
+        keep = torch.ones(fa.attention_keep_shape(q.shape, k.shape, (16, 16)), dtype=torch.bool)
+        got = run_op([q, k, v, None], keep, 0.0, True, None, False, (16, 16), "post_softmax", "auto", grad)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        expected = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        expected.backward(grad)
+        for a, b in zip(got[:4], [expected] + [t.grad for t in leaves]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- mask tile classes
 def _expected_classes(mask, b, h, sq, sk, tile):
     """Class of every (tile) of the mask expanded to (b, h, sq, sk), by the definition."""
@@ -540,7 +653,12 @@ def test_triton_config_that_does_not_fit_the_mask_tile_is_refused():
 def test_unsupported_reason_names_the_problem():
     q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     assert fat.unsupported_reason((q, q, q), (64, 64)) is None
-    assert "head dim" in fat.unsupported_reason((q[..., :32],) * 3, (64, 64))
+    for d in (8, 32, 80, 96, 128):
+        assert fat.unsupported_reason((q.new_zeros(1, 2, 40, d),) * 3, (64, 64)) is None, d
+    for d in (12, 260):
+        reason = fat.unsupported_reason((q.new_zeros(1, 2, 40, d),) * 3, (64, 64))
+        assert f"head dims q {d}" in reason and "multiples of 8 up to 256" in reason
+    assert "head dim" in fat.unsupported_reason((q, q, q[..., :32]), (64, 64))  # q, k, v must agree
     assert "float32" in fat.unsupported_reason((q.float(),) * 3, (64, 64))
     assert "multiples of 16" in fat.unsupported_reason((q, q, q), (24, 64))
     assert "does not broadcast" in fat.unsupported_reason((q, q, q, torch.zeros(3, 40, 40, dtype=torch.bool)), (64, 64))
@@ -562,7 +680,7 @@ def test_mask_broadcast_check_agrees_with_torch(shape):
 
 @pytest.mark.interpret
 def test_unsupported_calls_fall_back_or_raise():
-    q, k, v, grad, g = make_inputs(sq=30, sk=30, d=32)
+    q, k, v, grad, g = make_inputs(sq=30, sk=30, d=12)  # not a multiple of 8
     keep = random_keep(q, k, 0.3, (16, 16), g)
     with pytest.raises(ValueError, match="cannot run this call.*head dims"):
         torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.3, False, None, False, 16, 16, "post_softmax", "triton")
@@ -647,6 +765,59 @@ def test_sparse_dropout_attention_compiles_in_one_graph():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
+# --------------------------------------------------------------------------- the pass: which head dims
+def _sdpa_site(d):
+    """The one attention site of an SDPA with dropout at head dim d, as explain reports it."""
+    q = torch.randn(2, 2, 40, d)
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)  # noqa: E731
+    (site,) = sd.explain(fn, q, q, q, options={"attention_block": (16, 16)}).sites
+    return site
+
+
+@pytest.mark.parametrize("d", [8, 32, 80, 96, 256])
+def test_pass_rewrites_every_head_dim_the_kernels_take(d):
+    """On CPU as on the GPU: the decision does not depend on the device (only the op's kernel
+    choice at run time does)."""
+    site = _sdpa_site(d)
+    assert site.kind == "attention" and site.rewritten and site.reason is None, site.row()
+
+
+@pytest.mark.parametrize("d", [12, 260])
+def test_pass_refuses_other_head_dims_and_says_why(d):
+    site = _sdpa_site(d)
+    assert not site.rewritten
+    assert f"head dims q={d}, k={d}, v={d}" in site.reason and "multiples of 8 up to 256" in site.reason
+    assert site.reason.endswith("left on SDPA")
+
+
+@pytest.mark.parametrize("kernel", ["auto", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_compiled_head_dim_80_equals_reference(kernel):
+    """Head dim 80 through the backend, with dynamic shapes (the head dim is specialised, the
+    sequence is not): "auto" on CPU runs the reference, "triton" the kernels (interpreted here);
+    forward and gradients equal the reference with the same tiles."""
+    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(2, 2, 40, 80, generator=gen).half().to(device) for _ in range(3))
+    block = (16, 32)
+    options = {"attention_block": block, "kernel": kernel, "inner": "aot_eager"}
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), backend="sparsedrop",
+                      options=options, dynamic=True)
+    results = []
+    for compiled in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(9)
+        if compiled:
+            out = f(*leaves)
+        else:
+            keep = fa.sample_attention_keep(*leaves[:2], 0.3, *block)
+            out = fa.reference_attention(*(t.float() for t in leaves), None, keep, 0.3, block=block)
+        out.float().sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    assert torch._dynamo.utils.counters["sparsedrop"]["attention_fused"] == 1
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert_close_scaled(a, b, torch.float16, name)
+
+
 # --------------------------------------------------------------------------- GPU, full size
 # (b, hq, hkv, s, d, causal, mask, dtype, mode, backward strategy)
 GPU_CASES = [
@@ -670,6 +841,23 @@ GPU_CASES = [
     (2, 12, 12, 1024, 64, False, "bool_causal_pad", torch.bfloat16, "dropkey", "atomic"),
     (2, 8, 8, 777, 64, False, "float_neginf", torch.float16, "post_softmax", "two_pass"),
     (2, 8, 8, 300, 128, True, "float_neginf", torch.bfloat16, "post_softmax", "atomic"),
+    # Head dims that are not 64 / 128 (padded ones masked), at the default mask tile: the 256
+    # class's configs and every padded extent (8 -> 16, 80 and 96 -> 128, 136 and 192 -> 256).
+    (4, 16, 16, 1024, 8, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 16, 16, 1024, 32, False, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 12, 12, 512, 32, False, "bool_b11", torch.float16, "post_softmax", "atomic"),
+    (4, 16, 16, 1024, 80, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 16, 16, 1024, 80, False, "bool_pad_full", torch.float16, "post_softmax", "atomic"),
+    (2, 8, 8, 777, 80, False, "float_2d", torch.bfloat16, "dropkey", "two_pass"),
+    (2, 16, 4, 1000, 96, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (4, 12, 12, 512, 96, False, "float_bh", torch.float16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 136, True, None, torch.float16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 192, True, None, torch.bfloat16, "dropkey", "atomic"),
+    (2, 16, 16, 2048, 256, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 16, 16, 2048, 256, False, None, torch.float16, "post_softmax", "atomic"),
+    (2, 16, 4, 1000, 256, True, None, torch.float16, "dropkey", "two_pass"),
+    (4, 12, 12, 512, 256, False, "bool_pad_full", torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 256, True, "float_neginf", torch.bfloat16, "post_softmax", "two_pass"),
 ]
 
 
@@ -706,7 +894,7 @@ def test_gpu_matches_reference(case, monkeypatch):
     Δ = rowsum(dO ⊙ O) from the stored bf16 O, as FlashAttention does; in rows whose attention
     sits on a few keys (the first causal rows) that rounding is not averaged away."""
     b, hq, hkv, s, d, causal, mask_kind, dtype, mode, strategy = case
-    monkeypatch.setitem(fat.BACKWARD_STRATEGY, d, strategy)
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, fat.head_dim_class(d), strategy)
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(b, h, s, d, generator=g).to(dtype).cuda() for h in (hq, hkv, hkv, hq))
     mask = _mask(mask_kind, b, hq, s, s, dtype, g)

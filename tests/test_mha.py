@@ -168,7 +168,7 @@ def test_compiled_mha_need_weights_false_equals_reference(monkeypatch):
 def test_explain_lists_mha_sites_rewritten_or_refused():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, dropout=0.1, batch_first=True)
-    narrow = nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True)  # head dim 8
+    narrow = nn.MultiheadAttention(36, 3, dropout=0.1, batch_first=True)  # head dim 12: not a multiple of 8
 
     class Net(nn.Module):
         def __init__(self):
@@ -178,14 +178,27 @@ def test_explain_lists_mha_sites_rewritten_or_refused():
         def forward(self, x):
             y = self.a(x, x, x, need_weights=False)[0]
             z = self.b(y, y, y)[0]  # need_weights defaults to True
-            return z, self.narrow(x[..., :32], x[..., :32], x[..., :32], need_weights=False)[0]
+            return z, self.narrow(x[..., :36], x[..., :36], x[..., :36], need_weights=False)[0]
 
     report = sd.explain(Net(), torch.randn(2, 24, E), options=OPTS)
     assert [(s.module_path, s.kind, s.rewritten) for s in report.sites] == [
         ("a", "attention", True), ("b", "attention", False), ("narrow", "attention", False)], str(report)
     assert report.sites[1].reason.startswith("need_weights=True")
-    assert "head dim 32/4" in report.sites[2].reason
+    assert "head dim 36/3 = 12" in report.sites[2].reason and "multiples of 8 up to 256" in report.sites[2].reason
     assert all(s.consumers == ["P @ V inside multi_head_attention_forward"] for s in report.sites)
+
+
+@pytest.mark.parametrize("embed,heads,rewritten", [(160, 2, True), (96, 3, True), (32, 4, True), (48, 4, False),
+                                                   (520, 2, False)])
+def test_mha_head_dims_follow_the_kernels_rule(embed, heads, rewritten):
+    """Head dims 80, 32 and 8 are rewritten (multiples of 8 up to 256, as for SDPA sites), 12 and
+    260 are left as they are, with the reason."""
+    mha = nn.MultiheadAttention(embed, heads, dropout=0.1, batch_first=True)
+    (site,) = sd.explain(lambda x: mha(x, x, x, need_weights=False)[0], torch.randn(2, 24, embed), options=OPTS).sites
+    assert site.rewritten == rewritten, site.row()
+    if not rewritten:
+        assert f"head dim {embed}/{heads} = {embed // heads}" in site.reason
+        assert "multiples of 8 up to 256" in site.reason and "left as it is" in site.reason
 
 
 def test_eval_mode_mha_is_no_site_and_unchanged():
