@@ -21,7 +21,8 @@ host waits for the GPU, so the loop would time the GPU's sleep instead of the ho
 run here did, reading ~10 ms for everything).
 
 Also the eager functional form (no compile): ``sparse_dropout_linear`` forward + backward called
-from Python, wall time per call against its CUDA-graph replay, at three shapes from 4096^3 up.
+from Python, wall time per call against its CUDA-graph replay, at three shapes from 4096^3 up,
+with the eager path's launch plans and without them (rounds alternate between the two).
 
     python benchmarks/host_overhead.py --out benchmarks/results
 """
@@ -261,25 +262,33 @@ def eager_profile(path: str, calls: int = 20) -> None:
 
 
 def eager_functional(reps: int):
-    """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay."""
+    """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay,
+    with the launch plans (kernels/launch_plans.py) and without them, in alternating rounds."""
+    from sparsedrop_compile.kernels import launch_plans
+
     for rows, n, k in EAGER_SHAPES:
         step, x, w = eager_step(rows, n, k)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        walls = []
+        walls = {True: [], False: []}
         for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(20):
-                step()
-            torch.cuda.synchronize()
-            walls.append((time.perf_counter() - t0) / 20 * 1e3)
-        wall = statistics.median(walls)
+            for plans in (True, False):
+                launch_plans.ENABLED = plans
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    step()
+                torch.cuda.synchronize()
+                walls[plans].append((time.perf_counter() - t0) / 20 * 1e3)
+        launch_plans.ENABLED = True
         x.grad = w.grad = None
         graph, _ = capture_cuda_graph(step, warmup_calls=2)
         replay = do_bench(graph.replay, warmup=10, rep=50)
-        yield dict(case=f"eager sparse_dropout_linear fwd+bwd {rows}x{n}x{k}", backend="sparsedrop",
-                   wall_ms=round(wall, 4), cuda_graph_ms=round(replay, 4), wall_over_graph=round(wall / replay, 3))
+        for plans in (True, False):
+            wall = statistics.median(walls[plans])
+            yield dict(case=f"eager sparse_dropout_linear fwd+bwd {rows}x{n}x{k}",
+                       backend="sparsedrop" if plans else "sparsedrop, no launch plans",
+                       wall_ms=round(wall, 4), cuda_graph_ms=round(replay, 4), wall_over_graph=round(wall / replay, 3))
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import runtime
+from . import launch_plans, runtime
 from .block_mask import cdiv, expand_block_keep, keep_fits
 from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDATES: read by the tests)
     _MAX_CANDIDATES,
@@ -203,7 +203,7 @@ def _block_masked(t: Tensor, keep: Tensor, block) -> Tensor:
 
 def _output(out: Tensor | None, shape: tuple, like: Tensor, name: str) -> Tensor:
     if out is None:
-        return like.new_empty(shape)
+        return launch_plans.empty(shape, like.dtype, like.device)
     if not (tuple(out.shape) == tuple(shape) and out.dtype == like.dtype and out.device == like.device):
         _fail(name, f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
                     f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -284,16 +284,16 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     else:
         raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
     device = keep.device
-    counts = torch.empty(n_lines + 1, dtype=torch.int32, device=device)
+    counts = launch_plans.empty(n_lines + 1, torch.int32, device)
     lines, length = hint(n_lines), hint(line_len)
     with_order = order and lines > 0 and length > 0 and lines * lines * length <= _ORDER_MAX_FLAG_READS
-    order_t = torch.empty(n_lines + 1, dtype=torch.int32, device=device) if with_order else None
+    order_t = launch_plans.empty(n_lines + 1, torch.int32, device) if with_order else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
     # would be pipelined as a load of its own and split the stages between the two levels of
     # indirection, leaving the tile loads only one iteration ahead (2 smem buffers, not 3-4).
     index_dtype = torch.int16 if known(line_len <= 2**15 - 1) else torch.int32
-    index = torch.empty(n_lines * line_len + 1, dtype=index_dtype, device=device)
+    index = launch_plans.empty(n_lines * line_len + 1, index_dtype, device)
     if not known(n_lines == 0):
         # Entries per step, for the compaction and the ranking alike: the line length rounded
         # up to a power of two, 16 to 1024 (any value is correct; this one is fast).
@@ -318,6 +318,7 @@ _SDD_MAX_LINES = 4096
 
 
 # =========================================================================== launchers
+@launch_plans.planned(runtime.launch_settings)
 def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
         *, out_keep: Tensor | None = None, out: Tensor | None = None, config: KernelConfig | None = None,
         _supported: bool = False) -> Tensor:
@@ -386,6 +387,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     return out
 
 
+@launch_plans.planned(runtime.launch_settings)
 def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int], bias: Tensor | None = None,
         *, bias_scale: float | None = None, reduce_keep: Tensor | None = None, out: Tensor | None = None,
         config: KernelConfig | None = None, _supported: bool = False) -> Tensor:
@@ -470,6 +472,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
     return out
 
 
+@launch_plans.planned(runtime.launch_settings)
 def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int, int], batched_out: bool,
            *, grad_keep: Tensor | None = None, out: Tensor | None = None, config: KernelConfig | None = None,
            _supported: bool = False) -> Tensor:

@@ -37,6 +37,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import launch_plans
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -108,7 +110,8 @@ def launch(kernel):
     own launch. Under the interpreter it is always the plain launch.
     """
     if INTERPRET or not is_wrap_triton_enabled():
-        return kernel
+        rec = launch_plans.recording()
+        return kernel if rec is None else launch_plans.RecordingLaunch(kernel, rec)
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)
@@ -123,12 +126,13 @@ def tracing() -> bool:
 @contextlib.contextmanager
 def direct_launches():
     """Launch kernels through Triton's own path for the code inside, unless something traces it
-    (then this changes nothing). For the eager functional forms, forward and backward: the flag
-    is per thread, and autograd runs backward on its own thread."""
+    (then this changes nothing), and replay the launchers' recorded launch plans
+    (``launch_plans``). For the eager functional forms, forward and backward: both flags are per
+    thread, and autograd runs backward on its own thread."""
     if tracing():
         yield
         return
-    with set_wrap_triton_enabled(False):
+    with set_wrap_triton_enabled(False), launch_plans.active():
         yield
 
 
@@ -138,6 +142,7 @@ def set_scratch_allocator() -> None:
     runs backward on another thread), so the launchers call this before such launches. Inductor
     sets its own before each launch of compiled code."""
     triton.set_allocator(_torch_alloc)
+    launch_plans.note_allocator()
 
 
 def _torch_alloc(size: int, alignment: int, stream):
@@ -228,6 +233,15 @@ def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
     """``launch_bound`` for ``work`` multiply-adds, with CUDA graphs on or off as given (the
     passes decide before Inductor has applied its mode's settings)."""
     return work < LAUNCH_BOUND_WORK and os.environ.get("SPARSEDROP_TMA") != "always" and not cuda_graphs
+
+
+def launch_settings() -> tuple:
+    """The process-wide settings the launchers' choices read besides their arguments (TMA and
+    launch-bound rules, autotuning, fp32 precision): part of every launch plan's key."""
+    from torch._inductor import config as inductor_config
+
+    return (os.environ.get("SPARSEDROP_TMA"), LAUNCH_BOUND_WORK, bool(inductor_config.triton.cudagraphs),
+            autotune_enabled(), torch.get_float32_matmul_precision())
 
 
 def tma_view_ok(t: Tensor) -> bool:

@@ -1,0 +1,248 @@
+"""Launch plans: an eager call's kernel launches, recorded once per key and replayed.
+
+Outside torch.compile the functional forms (``sparse_dropout_linear`` and the rest) call the
+launchers from Python on every call. Each call re-derives the same decisions from the same
+shapes (checks, config, grid, strides, kept-list sizes) and goes through Triton's Python launcher
+(argument specialisation and cache lookup). On an H200 host that was 35-60 us a launch, against
+7-18 us for the compiled kernel's own launcher, and the decisions cost more than the launches
+(``benchmarks/results/raw/session10/launch_costs_db0afbf.log``).
+
+A plan is what one launcher call did, for one key (every shape, stride, dtype, 16-byte alignment
+and scalar argument of the call, and the settings a launcher reads: see ``settings``): which
+buffers it allocated and which kernels it launched with which arguments. A later call with the
+same key allocates the same buffers and launches the same compiled kernels with its own tensors,
+without running the launcher's Python.
+
+When a plan is made, and why it is safe:
+- only inside ``runtime.direct_launches`` (the eager functional forms), never while tracing, and
+  only on the second call of a key (the first may tune, compile, or read occupancy off a binary);
+- a plan is kept only when every tensor a recorded launch received is one of the launcher's own
+  tensor arguments (by identity) or a buffer the launcher allocated through :func:`empty`, and the
+  launcher returned one of those; anything else (say a tensor computed by a torch op inside the
+  call, whose values a replay could not reproduce) leaves the key unplanned, and the launcher
+  runs in full every time;
+- a kernel launched through Triton returns its compiled kernel, whose launcher a replay calls
+  directly with the current stream; under Triton's interpreter (CI) there is none, and a replay
+  launches through Triton with the same arguments, so the recording and the argument mapping are
+  tested on CPU too. Launch hooks (Triton's profiler) send replays through Triton as well.
+
+``SPARSEDROP_LAUNCH_PLANS=0`` turns plans off (every call runs the launcher in full).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import threading
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("SPARSEDROP_LAUNCH_PLANS", "1") != "0"
+_MAX_PLANS = 4096  # keys per process; the cache is emptied when full (a new shape costs one recording)
+
+_state = threading.local()  # .active: inside direct_launches; .recorder: the recording in progress
+_plans: dict[tuple, "Plan | None"] = {}  # None: seen once, or not plannable
+_seen: set[tuple] = set()
+stats = {"recorded": 0, "replayed": 0, "refused": 0}  # read by tests and benchmarks
+
+try:  # Triton's launch hooks (its profiler sets them); a replay must not skip them
+    from triton import knobs as _knobs
+
+    _HOOKS = _knobs.runtime
+except ImportError:  # pragma: no cover - an older Triton: replays always go through Triton
+    _HOOKS = None
+
+
+class active:
+    """Context manager: plans may be recorded and replayed for the launcher calls inside (set by
+    ``runtime.direct_launches``; per thread, as autograd runs backward on its own thread)."""
+
+    def __enter__(self):
+        self.prev = getattr(_state, "active", False)
+        _state.active = ENABLED
+        return self
+
+    def __exit__(self, *exc):
+        _state.active = self.prev
+        return False
+
+
+def recording():
+    """The recording in progress on this thread, or None (read by ``runtime.launch``)."""
+    return getattr(_state, "recorder", None)
+
+
+def empty(size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` for a launcher's scratch and output buffers: a recording notes it, so that a
+    replay allocates the same buffer."""
+    t = torch.empty(size, dtype=dtype, device=device)
+    rec = recording()
+    if rec is not None:
+        rec.buffers.append(t)
+    return t
+
+
+def note_allocator() -> None:
+    """Called where a launcher sets Triton's scratch allocator (TMA descriptors built on the
+    device): a replay on another thread must set it too."""
+    rec = recording()
+    if rec is not None:
+        rec.needs_allocator = True
+
+
+class _Recorder:
+    def __init__(self, inputs: list[Tensor]):
+        self.inputs = inputs
+        self.buffers: list[Tensor] = []
+        self.launches: list[tuple] = []
+        self.needs_allocator = False
+
+
+class RecordingLaunch:
+    """``kernel[grid](*args, **kwargs)``: launched through Triton as usual, and noted."""
+
+    def __init__(self, kernel, rec: _Recorder):
+        self.kernel, self.rec = kernel, rec
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.rec.launches.append((self.kernel, tuple(grid), args, kwargs, compiled))
+            return compiled
+        return call
+
+
+def _describe(v):
+    if isinstance(v, Tensor):
+        return (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16 == 0)
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _param_names(kernel) -> tuple[tuple[str, ...], dict]:
+    """The kernel's parameters in order, and their defaults."""
+    sig = inspect.signature(kernel.fn)
+    return tuple(sig.parameters), {n: p.default for n, p in sig.parameters.items() if p.default is not p.empty}
+
+
+class _Replay:
+    """One recorded launch: the compiled kernel (or the Triton kernel under the interpreter), its
+    grid, and its arguments with the positions that take the call's tensors."""
+
+    def __init__(self, kernel, grid, args, kwargs, compiled, slot_of: dict[int, int]):
+        names, defaults = _param_names(kernel)
+        values = list(args) + [kwargs[n] if n in kwargs else defaults.get(n) for n in names[len(args):]]
+        self.slots = [(i, slot_of[id(v)]) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        self.values = [None if isinstance(v, Tensor) else v for v in values]
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled = compiled if _HOOKS is not None and hasattr(compiled, "packed_metadata") else None
+        self.kernel, self.options = kernel, {k: v for k, v in kwargs.items() if k not in names}
+        self.names = names
+
+    def __call__(self, tensors: list[Tensor], stream) -> None:
+        values = self.values.copy()
+        for i, s in self.slots:
+            values[i] = tensors[s]
+        c = self.compiled
+        if c is not None and _HOOKS.launch_enter_hook is None and _HOOKS.launch_exit_hook is None:
+            g = self.grid
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None, *values)
+        else:
+            self.kernel[self.grid](**dict(zip(self.names, values)), **self.options)
+
+
+class Plan:
+    """What one launcher call did: the buffers it allocated and the launches it made."""
+
+    def __init__(self, rec: _Recorder, result: Tensor):
+        slot_of = {id(t): i for i, t in enumerate(rec.inputs)}
+        n_in = len(rec.inputs)
+        for j, t in enumerate(rec.buffers):
+            slot_of[id(t)] = n_in + j
+        self.buffers = [(tuple(t.shape), t.dtype, t.device) for t in rec.buffers]
+        self.launches = [_Replay(*launch, slot_of) for launch in rec.launches]
+        self.result = slot_of[id(result)]
+        self.needs_allocator = rec.needs_allocator
+        self.device = rec.inputs[0].device
+
+    @staticmethod
+    def plannable(rec: _Recorder, result) -> bool:
+        known = {id(t) for t in rec.inputs} | {id(t) for t in rec.buffers}
+        if not (isinstance(result, Tensor) and id(result) in known and rec.launches):
+            return False
+        return all(id(v) in known for _, _, args, kwargs, _ in rec.launches
+                   for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+
+    def __call__(self, inputs: list[Tensor]) -> Tensor:
+        device = self.device
+        tensors = list(inputs)
+        tensors += [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype, dev in self.buffers]
+        if self.needs_allocator:
+            from .runtime import set_scratch_allocator
+
+            set_scratch_allocator()
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return self._launch(tensors, torch._C._cuda_getCurrentRawStream(index))
+            return self._launch(tensors, torch._C._cuda_getCurrentRawStream(index))
+        return self._launch(tensors, None)
+
+    def _launch(self, tensors, stream) -> Tensor:
+        for launch in self.launches:
+            launch(tensors, stream)
+        return tensors[self.result]
+
+
+def planned(settings: Callable[[], tuple]):
+    """Decorator for a launcher whose launches go through ``runtime.launch`` and whose buffers
+    come from :func:`empty`: inside :class:`active`, its calls are recorded (second call of a key)
+    and replayed (every later one). ``settings()`` returns the global settings the launcher's
+    choices read, which are part of the key."""
+    def deco(launcher):
+        name = launcher.__name__
+
+        @functools.wraps(launcher)
+        def wrapper(*args, **kwargs):
+            if not getattr(_state, "active", False) or recording() is not None:
+                return launcher(*args, **kwargs)
+            inputs = [a for a in args if isinstance(a, Tensor)]
+            inputs += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], Tensor)]
+            key = (name, settings(), tuple(_describe(a) for a in args),
+                   tuple((k, _describe(kwargs[k])) for k in sorted(kwargs)))
+            plan = _plans.get(key)
+            if plan is not None:
+                stats["replayed"] += 1
+                return plan(inputs)
+            if key not in _seen or key in _plans:  # first call, or known not to be plannable
+                _seen.add(key)
+                return launcher(*args, **kwargs)
+            rec = _Recorder(inputs)
+            _state.recorder = rec
+            try:
+                result = launcher(*args, **kwargs)
+            finally:
+                _state.recorder = None
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+                _seen.clear()
+            if Plan.plannable(rec, result):
+                _plans[key] = Plan(rec, result)
+                stats["recorded"] += 1
+            else:
+                _plans[key] = None
+                stats["refused"] += 1
+            return result
+        return wrapper
+    return deco
+
+
+def clear() -> None:
+    """Forget every plan and zero the counts (tests; a plan holds no tensors, only compiled
+    kernels, sizes and scalars)."""
+    _plans.clear()
+    _seen.clear()
+    stats.update(recorded=0, replayed=0, refused=0)
