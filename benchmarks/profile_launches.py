@@ -6,10 +6,12 @@ db0afbf, before the eager path replayed launch plans (kernels/launch_plans.py). 
 launchers only run in full with the plans off:
     SPARSEDROP_LAUNCH_PLANS=0 python benchmarks/profile_launches.py
 """
-import collections, inspect, statistics, time, sys
+import collections, inspect, os, statistics, sys, time
 import torch
 import triton
 import sparsedrop_compile as sd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_overhead  # noqa: E402  (beside this script)
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm, runtime
 
 print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -29,13 +31,8 @@ def host_us(fn, n=40, reps=5):
     return statistics.median(out)
 
 for rows, n, k in ((4096, 4096, 4096), (8192, 1024, 4096)):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5).requires_grad_()
-    gy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    def step():
-        y = sd.sparse_dropout_linear(x, w, None, p=0.1, block_size=128)
-        y.backward(gy)
+    step, x, w = host_overhead.eager_step(rows, n, k)  # sparse_dropout_linear fwd + bwd, bf16, p = 0.1
+    gy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
     def fwd():
         return sd.sparse_dropout_linear(x, w, None, p=0.1, block_size=128)
     for _ in range(3): step()

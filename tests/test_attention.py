@@ -325,21 +325,7 @@ def test_triton_padded_head_dim_with_split_tiles_and_skip_modes(cfg):
     """Head dim 80 (padded to 128) through kernel tiles smaller than the mask tile and every skip
     mode (the lazy loads of V / dO under a kept tile's branch included), with a float-mask
     gradient; the strided dQ buffer of the atomic backward too (SPLIT_CONFIGS[4])."""
-    q, k, v, grad, g = make_inputs(sq=77, sk=100, d=80)
-    block = (64, 64)
-    keep = random_keep(q, k, 0.4, block, g)
-    mask = torch.randn(1, 2, 77, 100, generator=g).half()
-    config = SPLIT_CONFIGS[cfg]
-    out, lse = fat.attention_forward(q, k, v, mask, keep, 0.4, False, None, False, block, "post_softmax", config)
-    grads = fat.attention_backward(grad, q, k, v, out, lse, mask, keep, 0.4, False, None, False, block,
-                                   "post_softmax", True, config)
-    ref_out, ref_lse = fa.reference_attention_forward(q.float(), k.float(), v.float(), mask.float(), keep, 0.4, False,
-                                                      None, False, block, "post_softmax")
-    ref = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), mask.float(), keep, 0.4,
-                                          False, None, False, block, "post_softmax", True)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), (out, *grads), (ref_out, *ref)):
-        assert_close_scaled(a, b, torch.float16, name)
+    _check_split_tiles(SPLIT_CONFIGS[cfg], causal=False, d=80)
 
 
 @pytest.mark.interpret
@@ -533,11 +519,16 @@ SPLIT_CONFIGS = [
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("cfg", range(len(SPLIT_CONFIGS)))
 def test_triton_block_splitting_and_skip_modes(cfg, causal):
-    q, k, v, grad, g = make_inputs(sq=77, sk=100)
+    _check_split_tiles(SPLIT_CONFIGS[cfg], causal, d=64)
+
+
+def _check_split_tiles(config, causal, d):
+    """Kernel tiles smaller than the (64, 64) mask tile, with a float-mask gradient: the Triton
+    kernels against the reference on the same flags, fp16, 77 queries x 100 keys, head dim d."""
+    q, k, v, grad, g = make_inputs(sq=77, sk=100, d=d)
     block = (64, 64)
     keep = random_keep(q, k, 0.4, block, g)
     mask = torch.randn(1, 2, 77, 100, generator=g).half()
-    config = SPLIT_CONFIGS[cfg]
     out, lse = fat.attention_forward(q, k, v, mask, keep, 0.4, causal, None, False, block, "post_softmax", config)
     grads = fat.attention_backward(grad, q, k, v, out, lse, mask, keep, 0.4, causal, None, False, block,
                                    "post_softmax", True, config)

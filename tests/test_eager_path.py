@@ -24,7 +24,7 @@ def _grads(fn, leaves):
 
 
 def _op_path_linear(kernel):
-    def f(x, w, b):
+    def f(x, w, b=None):
         keep = sample_block_keep(x, P, BLOCK, BLOCK, False)
         return torch.ops.sparsedrop.linear(x, w, b, keep, dropout_scale(P), BLOCK, BLOCK, kernel)
     return f

@@ -9,10 +9,7 @@ import triton.language as tl
 
 import sparsedrop_compile as sd
 from sparsedrop_compile.kernels import launch_plans, runtime
-from sparsedrop_compile.kernels.block_mask import dropout_scale, sample_block_keep
-
-BLOCK = 16
-P = 0.3
+from test_eager_path import BLOCK, P, _op_path_linear as _linear_op, _op_path_matmul as _matmul_op  # the same op paths
 
 
 @pytest.fixture(autouse=True)
@@ -37,20 +34,6 @@ def _run(fn, leaves, seed):
     weights = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
     grads = torch.autograd.grad((out.float() * weights).sum(), leaves)
     return [out, *grads]
-
-
-def _linear_op(kernel):
-    def f(x, w, b=None):
-        keep = sample_block_keep(x, P, BLOCK, BLOCK, False)
-        return torch.ops.sparsedrop.linear(x, w, b, keep, dropout_scale(P), BLOCK, BLOCK, kernel)
-    return f
-
-
-def _matmul_op(kernel):
-    def f(a, v):
-        keep = sample_block_keep(a, P, BLOCK, BLOCK, True)
-        return torch.ops.sparsedrop.matmul(a, v, keep, dropout_scale(P), BLOCK, BLOCK, kernel)
-    return f
 
 
 CASES = {
