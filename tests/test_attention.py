@@ -240,11 +240,31 @@ def _mask(kind, b, hq, sq, sk, dtype, g):
     raise ValueError(kind)
 
 
+# --------------------------------------------------------------------------- head dims
+# Every multiple of 8 up to 256 (supported_head_dim): dims that are not powers of two run over a
+# padded extent with the padding masked off. In KERNEL_CASES' layout, run by
+# test_triton_matches_reference; 16x16 mask tiles, so the kernels take their 16x16 configs and
+# the sequence lengths (not multiples of 16) give full and ragged tiles both.
+HEAD_DIM_CASES = [
+    ("d8-causal", 45, 45, 2, 2, 8, torch.float16, (16, 16), True, None, "post_softmax", "two_pass"),
+    ("d32-bool-key-padding-atomic", 45, 70, 2, 2, 32, torch.bfloat16, (16, 16), False, "bool_b11", "post_softmax", "atomic"),
+    ("d40-float-mask-grad", 45, 45, 2, 2, 40, torch.float16, (16, 16), False, "float_bh", "post_softmax", "two_pass"),
+    ("d80", 45, 45, 2, 2, 80, torch.float16, (16, 16), False, None, "post_softmax", "two_pass"),
+    ("d80-causal-atomic", 45, 45, 2, 2, 80, torch.bfloat16, (16, 16), True, None, "post_softmax", "atomic"),
+    ("d80-dropkey-bool-pad-full", 45, 70, 2, 2, 80, torch.float16, (16, 16), False, "bool_pad_full", "dropkey", "two_pass"),
+    ("d96-gqa-causal", 45, 45, 4, 2, 96, torch.float16, (16, 16), True, None, "post_softmax", "two_pass"),
+    ("d96-gqa-atomic-bf16", 45, 45, 4, 2, 96, torch.bfloat16, (16, 16), False, None, "post_softmax", "atomic"),
+    ("d136-float-2d-grad", 40, 40, 2, 2, 136, torch.float16, (16, 16), True, "float_2d", "post_softmax", "two_pass"),
+    ("d256-causal", 40, 40, 2, 2, 256, torch.bfloat16, (16, 16), True, None, "post_softmax", "two_pass"),
+    ("d256-bool-full-atomic", 40, 40, 2, 2, 256, torch.float16, (16, 16), False, "bool_full", "post_softmax", "atomic"),
+]
+
+
 @pytest.mark.interpret
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+@pytest.mark.parametrize("case", KERNEL_CASES + HEAD_DIM_CASES, ids=[c[0] for c in KERNEL_CASES + HEAD_DIM_CASES])
 def test_triton_matches_reference(case, monkeypatch):
     _, sq, sk, hq, hkv, d, dtype, block, causal, mask_kind, mode, strategy = case
-    monkeypatch.setitem(fat.BACKWARD_STRATEGY, d, strategy)
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, fat.head_dim_class(d), strategy)
     q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
     mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
     keep = random_keep(q, k, 0.3, block, g)
@@ -277,46 +297,6 @@ def test_triton_keep_all_true_and_all_false(mode, kept):
     expected.backward(grad.float())
     for a, b in zip(got, [expected] + [t.grad for t in leaves]):
         assert_close_scaled(a, b, torch.float16)
-
-
-# --------------------------------------------------------------------------- head dims
-# Every multiple of 8 up to 256 (supported_head_dim): dims that are not powers of two run over a
-# padded extent with the padding masked off. (name, d, sq, sk, hq, hkv, dtype, causal, mask,
-# mode, backward strategy); 16x16 mask tiles, so the kernels take their 16x16 configs and the
-# sequence lengths (not multiples of 16) give full and ragged tiles both.
-HEAD_DIM_CASES = [
-    ("d8-causal", 8, 45, 45, 2, 2, torch.float16, True, None, "post_softmax", "two_pass"),
-    ("d32-bool-key-padding-atomic", 32, 45, 70, 2, 2, torch.bfloat16, False, "bool_b11", "post_softmax", "atomic"),
-    ("d40-float-mask-grad", 40, 45, 45, 2, 2, torch.float16, False, "float_bh", "post_softmax", "two_pass"),
-    ("d80", 80, 45, 45, 2, 2, torch.float16, False, None, "post_softmax", "two_pass"),
-    ("d80-causal-atomic", 80, 45, 45, 2, 2, torch.bfloat16, True, None, "post_softmax", "atomic"),
-    ("d80-dropkey-bool-pad-full", 80, 45, 70, 2, 2, torch.float16, False, "bool_pad_full", "dropkey", "two_pass"),
-    ("d96-gqa-causal", 96, 45, 45, 4, 2, torch.float16, True, None, "post_softmax", "two_pass"),
-    ("d96-gqa-atomic-bf16", 96, 45, 45, 4, 2, torch.bfloat16, False, None, "post_softmax", "atomic"),
-    ("d136-float-2d-grad", 136, 40, 40, 2, 2, torch.float16, True, "float_2d", "post_softmax", "two_pass"),
-    ("d256-causal", 256, 40, 40, 2, 2, torch.bfloat16, True, None, "post_softmax", "two_pass"),
-    ("d256-bool-full-atomic", 256, 40, 40, 2, 2, torch.float16, False, "bool_full", "post_softmax", "atomic"),
-]
-
-
-@pytest.mark.interpret
-@pytest.mark.parametrize("case", HEAD_DIM_CASES, ids=[c[0] for c in HEAD_DIM_CASES])
-def test_triton_head_dims_match_reference(case, monkeypatch):
-    _, d, sq, sk, hq, hkv, dtype, causal, mask_kind, mode, strategy = case
-    monkeypatch.setitem(fat.BACKWARD_STRATEGY, fat.head_dim_class(d), strategy)
-    q, k, v, grad, g = make_inputs(b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dtype=dtype)
-    mask = _mask(mask_kind, 2, hq, sq, sk, dtype, g)
-    block = (16, 16)
-    keep = random_keep(q, k, 0.3, block, g)
-    got = run_op([q, k, v, mask], keep, 0.3, causal, None, hq != hkv, block, mode, "triton", grad)
-    ref = run_op([upcast(q), upcast(k), upcast(v), upcast(mask)], keep, 0.3, causal, None, hq != hkv, block, mode,
-                 "reference", grad)
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
-        if b is None:
-            assert a is None
-            continue
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close_scaled(a, b, dtype, name)
 
 
 @pytest.mark.interpret
@@ -779,34 +759,6 @@ def test_pass_refuses_other_head_dims_and_says_why(d):
     assert not site.rewritten
     assert f"head dims q={d}, k={d}, v={d}" in site.reason and "multiples of 8 up to 256" in site.reason
     assert site.reason.endswith("left on SDPA")
-
-
-@pytest.mark.parametrize("kernel", ["auto", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_compiled_head_dim_80_equals_reference(kernel):
-    """Head dim 80 through the backend, with dynamic shapes (the head dim is specialised, the
-    sequence is not): "auto" on CPU runs the reference, "triton" the kernels (interpreted here);
-    forward and gradients equal the reference with the same tiles."""
-    gen = torch.Generator().manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = (torch.randn(2, 2, 40, 80, generator=gen).half().to(device) for _ in range(3))
-    block = (16, 32)
-    options = {"attention_block": block, "kernel": kernel, "inner": "aot_eager"}
-    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), backend="sparsedrop",
-                      options=options, dynamic=True)
-    results = []
-    for compiled in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        torch.manual_seed(9)
-        if compiled:
-            out = f(*leaves)
-        else:
-            keep = fa.sample_attention_keep(*leaves[:2], 0.3, *block)
-            out = fa.reference_attention(*(t.float() for t in leaves), None, keep, 0.3, block=block)
-        out.float().sum().backward()
-        results.append([out] + [t.grad for t in leaves])
-    assert torch._dynamo.utils.counters["sparsedrop"]["attention_fused"] == 1
-    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
-        assert_close_scaled(a, b, torch.float16, name)
 
 
 # --------------------------------------------------------------------------- GPU, full size

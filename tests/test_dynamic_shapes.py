@@ -173,18 +173,25 @@ def test_hf_encoder_with_varying_sequence_length_compiles_as_often_as_aot_eager(
     assert counts[0] == counts[1], counts
 
 
-def test_padded_tiles_reach_the_triton_attention_kernels_through_the_backend():
+@pytest.mark.parametrize("d,kernel,dynamic", [
+    pytest.param(64, "triton", False, id="d64-triton"),
+    pytest.param(80, "auto", True, id="d80-auto-dynamic"),
+    pytest.param(80, "triton", True, id="d80-triton-dynamic", marks=pytest.mark.interpret),  # as it ran, not yet on a GPU
+])
+def test_padded_tiles_reach_the_triton_attention_kernels_through_the_backend(d, kernel, dynamic):
     """kernel="triton" (on CUDA, else interpreted on CPU): the compiled graph's padded keep tiles
     are cut to size before the kernels read them; forward and gradients equal the reference with
-    the same tiles."""
+    the same tiles. Also head dim 80 (padded to 128 in the kernels) with dynamic shapes (the head
+    dim is specialised, the sequence is not), and through kernel="auto" (the reference on CPU)."""
     from sparsedrop_compile.kernels import flash_attention as fa
 
     gen = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = (torch.randn(2, 2, 40, 64, generator=gen).half().to(device) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 40, d, generator=gen).half().to(device) for _ in range(3))
     block = (16, 32)
-    options = {"attention_block": block, "kernel": "triton", "inner": "aot_eager"}
-    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), backend="sparsedrop", options=options)
+    options = {"attention_block": block, "kernel": kernel, "inner": "aot_eager"}
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), backend="sparsedrop",
+                      options=options, dynamic=dynamic)
     results = []
     for compiled in (True, False):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
