@@ -128,6 +128,32 @@ def test_a_launcher_that_hands_a_kernel_a_computed_tensor_is_never_planned():
     assert launch_plans.stats == {"recorded": 0, "replayed": 0, "refused": 1}
 
 
+@launch_plans.planned(runtime.launch_settings)
+def _add_launcher(x, y):
+    out = launch_plans.empty(x.shape, x.dtype, x.device)
+    runtime.launch(_add_kernel)[(triton.cdiv(x.numel(), 64),)](x, y, out, x.numel(), BLOCK_SIZE=64)
+    return out
+
+
+@triton.jit
+def _add_kernel(x, y, out, n, BLOCK_SIZE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    tl.store(out + offs, tl.load(x + offs, mask=mask) + tl.load(y + offs, mask=mask), mask=mask)
+
+
+def test_one_tensor_in_two_roles_is_never_replayed_for_two():
+    """A call that passes one tensor as both operands must not record a plan that a later call
+    with two different tensors (same key otherwise) would replay with one of them twice."""
+    with runtime.direct_launches():
+        for call in range(3):
+            x = torch.randn(100, device=_device())
+            torch.testing.assert_close(_add_launcher(x, x), x + x, rtol=0, atol=0)
+        x, y = torch.randn(100, device=_device()), torch.randn(100, device=_device())
+        torch.testing.assert_close(_add_launcher(x, y), x + y, rtol=0, atol=0)
+    assert launch_plans.stats == {"recorded": 0, "replayed": 0, "refused": 0}
+
+
 def test_no_plans_outside_the_eager_path_or_when_switched_off(monkeypatch):
     for call in range(3):  # a launcher called directly: not inside direct_launches
         _copy_launcher(torch.randn(100, device=_device()), 2.0)
