@@ -43,8 +43,8 @@ ENABLED = os.environ.get("SPARSEDROP_LAUNCH_PLANS", "1") != "0"
 _MAX_PLANS = 4096  # keys per process; the cache is emptied when full (a new shape costs one recording)
 
 _state = threading.local()  # .active: inside direct_launches; .recorder: the recording in progress
-_plans: dict[tuple, "Plan | None"] = {}  # None: seen once, or not plannable
-_seen: set[tuple] = set()
+_plans: dict[tuple, "Plan | None"] = {}  # None: recorded, but not plannable
+_seen: set[tuple] = set()  # keys called once (the next call records)
 stats = {"recorded": 0, "replayed": 0, "refused": 0}  # read by tests and benchmarks
 
 try:  # Triton's launch hooks (its profiler sets them); a replay must not skip them
@@ -165,7 +165,7 @@ class Plan:
         self.launches = [_Replay(*launch, slot_of) for launch in rec.launches]
         self.result = slot_of[id(result)]
         self.needs_allocator = rec.needs_allocator
-        self.device = rec.inputs[0].device
+        self.cuda = rec.inputs[0].device.type == "cuda"
 
     @staticmethod
     def plannable(rec: _Recorder, result) -> bool:
@@ -176,24 +176,16 @@ class Plan:
                    for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
 
     def __call__(self, inputs: list[Tensor]) -> Tensor:
-        device = self.device
+        from .runtime import device_guard, set_scratch_allocator  # runtime imports this module
+
         tensors = list(inputs)
         tensors += [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype, dev in self.buffers]
         if self.needs_allocator:
-            from .runtime import set_scratch_allocator
-
             set_scratch_allocator()
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            if index != torch.cuda.current_device():
-                with torch.cuda.device(index):
-                    return self._launch(tensors, torch._C._cuda_getCurrentRawStream(index))
-            return self._launch(tensors, torch._C._cuda_getCurrentRawStream(index))
-        return self._launch(tensors, None)
-
-    def _launch(self, tensors, stream) -> Tensor:
-        for launch in self.launches:
-            launch(tensors, stream)
+        with device_guard(tensors[0]):  # the recorded kernels were loaded for this GPU
+            stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()) if self.cuda else None
+            for launch in self.launches:
+                launch(tensors, stream)
         return tensors[self.result]
 
 
@@ -221,7 +213,9 @@ def planned(settings: Callable[[], tuple]):
             if plan is not None:
                 stats["replayed"] += 1
                 return plan(inputs)
-            if key not in _seen or key in _plans:  # first call, or known not to be plannable
+            if key in _plans:  # recorded once and not plannable
+                return launcher(*args, **kwargs)
+            if key not in _seen:  # first call
                 _seen.add(key)
                 return launcher(*args, **kwargs)
             rec = _Recorder(inputs)
