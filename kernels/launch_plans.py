@@ -1,26 +1,34 @@
 """Launch plans: an eager call's kernel launches, recorded once per key and replayed.
 
-Outside torch.compile the functional forms (``sparse_dropout_linear`` and the rest) call the
-launchers from Python on every call. Each call re-derives the same decisions from the same
-shapes (checks, config, grid, strides, kept-list sizes) and goes through Triton's Python launcher
-(argument specialisation and cache lookup). On an H200 host that was 35-60 us a launch, against
-7-18 us for the compiled kernel's own launcher, and the decisions cost more than the launches
-(``benchmarks/results/raw/session10/launch_costs_db0afbf.log``).
+Outside torch.compile the functional forms (``sparse_dropout_linear`` and the rest) run the op
+bodies from Python on every call. Each call re-derives the same decisions from the same shapes
+(checks, kernel choice, config, grid, strides, kept-list sizes) and goes through Triton's Python
+launcher (argument specialisation and cache lookup). On an H200 host that was 35-60 us a launch,
+against 7-18 us for the compiled kernel's own launcher, and the decisions cost more than the
+launches (``benchmarks/results/raw/session10/launch_costs_db0afbf.log``).
 
-A plan is what one launcher call did, for one key (every shape, stride, dtype, 16-byte alignment
-and scalar argument of the call, and the settings a launcher reads: see ``settings``): which
-buffers it allocated and which kernels it launched with which arguments. A later call with the
-same key allocates the same buffers and launches the same compiled kernels with its own tensors,
-without running the launcher's Python.
+A plan is what one planned call did, for one key (every shape, stride, dtype, 16-byte alignment
+and scalar argument of the call, and the settings its choices read: see ``settings``): which
+buffers it allocated, which views it took of its tensors and buffers, and which kernels it
+launched with which arguments. A later call with the same key allocates the same buffers, takes
+the same views of its own tensors and launches the same compiled kernels, without running the
+call's Python: one key lookup per call.
+
+Plans nest. The eager op bodies (``ops.py``) are planned, and so are the launchers they call; a
+body that cannot be planned (it computes a tensor with a torch op, e.g. a copy of a broadcast
+operand) runs in full, and its launchers are planned on their own.
 
 When a plan is made, and why it is safe:
 - only inside ``runtime.direct_launches`` (the eager functional forms), never while tracing, and
   only on the second call of a key (the first may tune, compile, or read occupancy off a binary);
-- a plan is kept only when every tensor a recorded launch received is one of the launcher's own
-  tensor arguments (by identity) or a buffer the launcher allocated through :func:`empty`, and the
-  launcher returned one of those; anything else (say a tensor computed by a torch op inside the
-  call, whose values a replay could not reproduce) leaves the key unplanned, and the launcher
-  runs in full every time;
+- a plan is kept only when every tensor a recorded launch received (and the result) is one of
+  the call's own tensor arguments (by identity), a buffer it allocated through :func:`empty`, or a
+  view of exactly one of those; and when the call ran no torch op other than views and
+  allocations while recorded (a torch op computes values, or writes into a buffer, which a
+  replay would not reproduce). Anything else leaves the key unplanned, and the call runs in
+  full every time;
+- a view is replayed relative to its base (sizes, strides, and storage offset from the base's),
+  so arguments that sit at other offsets of their storage get the same views of themselves;
 - a kernel launched through Triton returns its compiled kernel, whose launcher a replay calls
   directly with the current stream; under Triton's interpreter (CI) there is none, and a replay
   launches through Triton with the same arguments, so the recording and the argument mapping are
@@ -38,11 +46,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ENABLED = os.environ.get("SPARSEDROP_LAUNCH_PLANS", "1") != "0"
 _MAX_PLANS = 4096  # keys per process; the cache is emptied when full (a new shape costs one recording)
 
-_state = threading.local()  # .active: inside direct_launches; .recorder: the recording in progress
+_state = threading.local()  # .active: inside direct_launches; .settings: the settings read in that block;
+# .recorder: the recording in progress
 _plans: dict[tuple, "Plan | None"] = {}  # None: recorded, but not plannable
 _seen: set[tuple] = set()  # keys called once (the next call records)
 stats = {"recorded": 0, "replayed": 0, "refused": 0}  # read by tests and benchmarks
@@ -55,17 +65,33 @@ except ImportError:  # pragma: no cover - an older Triton: replays always go thr
     _HOOKS = None
 
 
+def _hook_set(hook) -> bool:
+    """Whether a Triton launch hook is set: None when unset in older Triton; from 3.5 on an
+    always-present ``HookChain``, set when its ``calls`` list is not empty."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+def launch_hooks_set() -> bool:
+    """Whether a launch hook (Triton's profiler, proton) is set: replays then launch through
+    Triton, which calls them. Unknown Triton (no knobs): treated as set."""
+    return _HOOKS is None or _hook_set(_HOOKS.launch_enter_hook) or _hook_set(_HOOKS.launch_exit_hook)
+
+
 class active:
     """Context manager: plans may be recorded and replayed for the launcher calls inside (set by
     ``runtime.direct_launches``; per thread, as autograd runs backward on its own thread)."""
 
     def __enter__(self):
-        self.prev = getattr(_state, "active", False)
+        self.prev = getattr(_state, "active", False), getattr(_state, "settings", None)
         _state.active = ENABLED
+        _state.settings = {}  # settings() per launcher kind, read once per block: they cannot change inside
         return self
 
     def __exit__(self, *exc):
-        _state.active = self.prev
+        _state.active, _state.settings = self.prev
         return False
 
 
@@ -98,6 +124,26 @@ class _Recorder:
         self.buffers: list[Tensor] = []
         self.launches: list[tuple] = []
         self.needs_allocator = False
+        self.other_ops: list[str] = []  # torch ops other than views and allocations run while recording
+        self.launching = False  # inside a kernel launch (Triton's interpreter runs torch ops of its own)
+
+
+_ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default)
+
+
+class _OnlyViews(TorchDispatchMode):
+    """While a call is recorded: notes every torch op that is neither a view nor an allocation.
+    Such an op computes values (or writes into a buffer) that a replay, which only allocates,
+    takes views and launches, would not reproduce: the call is then never planned."""
+
+    def __init__(self, rec: _Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (self.rec.launching or func.is_view or func in _ALLOCATIONS):
+            self.rec.other_ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 class RecordingLaunch:
@@ -108,7 +154,11 @@ class RecordingLaunch:
 
     def __getitem__(self, grid):
         def call(*args, **kwargs):
-            compiled = self.kernel[grid](*args, **kwargs)
+            self.rec.launching = True
+            try:
+                compiled = self.kernel[grid](*args, **kwargs)
+            finally:
+                self.rec.launching = False
             self.rec.launches.append((self.kernel, tuple(grid), args, kwargs, compiled))
             return compiled
         return call
@@ -131,10 +181,10 @@ class _Replay:
     """One recorded launch: the compiled kernel (or the Triton kernel under the interpreter), its
     grid, and its arguments with the positions that take the call's tensors."""
 
-    def __init__(self, kernel, grid, args, kwargs, compiled, slot_of: dict[int, int]):
+    def __init__(self, kernel, grid, args, kwargs, compiled, slot: Callable[[Tensor], int]):
         names, defaults = _param_names(kernel)
         values = list(args) + [kwargs[n] if n in kwargs else defaults.get(n) for n in names[len(args):]]
-        self.slots = [(i, slot_of[id(v)]) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        self.slots = [(i, slot(v)) for i, v in enumerate(values) if isinstance(v, Tensor)]
         self.values = [None if isinstance(v, Tensor) else v for v in values]
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled = compiled if _HOOKS is not None and hasattr(compiled, "packed_metadata") else None
@@ -146,40 +196,67 @@ class _Replay:
         for i, s in self.slots:
             values[i] = tensors[s]
         c = self.compiled
-        if c is not None and _HOOKS.launch_enter_hook is None and _HOOKS.launch_exit_hook is None:
+        if c is not None and not launch_hooks_set():
             g = self.grid
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None, *values)
         else:
             self.kernel[self.grid](**dict(zip(self.names, values)), **self.options)
 
 
+class _Unplannable(Exception):
+    pass
+
+
+class _Slots:
+    """Numbers for the tensors of a recording, in the order a replay makes them: the call's
+    tensor arguments, the buffers it allocated, then views of those (each a base slot and the
+    view's sizes, strides and storage offset relative to its base's)."""
+
+    def __init__(self, rec: _Recorder):
+        self.tensors = [*rec.inputs, *rec.buffers]
+        self.of = {id(t): i for i, t in enumerate(self.tensors)}
+        self.base_of: dict[int, int | None] = {}  # storage address -> slot (None: two share it)
+        for i, t in enumerate(self.tensors):
+            ptr = t.untyped_storage().data_ptr()
+            self.base_of[ptr] = None if ptr in self.base_of else i
+        self.views: list[tuple] = []
+
+    def __call__(self, t: Tensor) -> int:
+        slot = self.of.get(id(t))
+        if slot is not None:
+            return slot
+        # Not an argument or a buffer: a view of exactly one of them, or the call is not plannable.
+        base = self.base_of.get(t.untyped_storage().data_ptr())
+        if base is None or t.dtype != self.tensors[base].dtype:
+            raise _Unplannable
+        self.views.append((base, tuple(t.shape), t.stride(), t.storage_offset() - self.tensors[base].storage_offset()))
+        slot = self.of[id(t)] = len(self.tensors) + len(self.views) - 1
+        return slot
+
+
 class Plan:
-    """What one launcher call did: the buffers it allocated and the launches it made."""
+    """What one planned call did: the buffers it allocated, the views it took of its tensors and
+    buffers, and the launches it made; and which of those tensors it returned."""
 
     def __init__(self, rec: _Recorder, result: Tensor):
-        slot_of = {id(t): i for i, t in enumerate(rec.inputs)}
-        n_in = len(rec.inputs)
-        for j, t in enumerate(rec.buffers):
-            slot_of[id(t)] = n_in + j
+        if rec.other_ops or not rec.launches or not isinstance(result, Tensor):
+            raise _Unplannable
+        slots = _Slots(rec)
+        self.launches = [_Replay(*launch, slots) for launch in rec.launches]
+        self.result = slots(result)
         self.buffers = [(tuple(t.shape), t.dtype, t.device) for t in rec.buffers]
-        self.launches = [_Replay(*launch, slot_of) for launch in rec.launches]
-        self.result = slot_of[id(result)]
+        self.views = slots.views
         self.needs_allocator = rec.needs_allocator
         self.cuda = rec.inputs[0].device.type == "cuda"
-
-    @staticmethod
-    def plannable(rec: _Recorder, result) -> bool:
-        known = {id(t) for t in rec.inputs} | {id(t) for t in rec.buffers}
-        if not (isinstance(result, Tensor) and id(result) in known and rec.launches):
-            return False
-        return all(id(v) in known for _, _, args, kwargs, _ in rec.launches
-                   for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
 
     def __call__(self, inputs: list[Tensor]) -> Tensor:
         from .runtime import device_guard, set_scratch_allocator  # runtime imports this module
 
         tensors = list(inputs)
         tensors += [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype, dev in self.buffers]
+        for base, size, stride, offset in self.views:
+            t = tensors[base]
+            tensors.append(t.as_strided(size, stride, t.storage_offset() + offset))
         if self.needs_allocator:
             set_scratch_allocator()
         with device_guard(tensors[0]):  # the recorded kernels were loaded for this GPU
@@ -207,7 +284,11 @@ def planned(settings: Callable[[], tuple]):
                 # One tensor in two roles: a replay maps tensors by role, and the key does not
                 # say which roles shared a tensor, so such calls always run in full.
                 return launcher(*args, **kwargs)
-            key = (name, settings(), tuple(_describe(a) for a in args),
+            known_settings = _state.settings
+            current = known_settings.get(settings)
+            if current is None:
+                current = known_settings[settings] = settings()
+            key = (name, current, tuple(_describe(a) for a in args),
                    tuple((k, _describe(kwargs[k])) for k in sorted(kwargs)))
             plan = _plans.get(key)
             if plan is not None:
@@ -221,16 +302,17 @@ def planned(settings: Callable[[], tuple]):
             rec = _Recorder(inputs)
             _state.recorder = rec
             try:
-                result = launcher(*args, **kwargs)
+                with _OnlyViews(rec):
+                    result = launcher(*args, **kwargs)
             finally:
                 _state.recorder = None
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
                 _seen.clear()
-            if Plan.plannable(rec, result):
+            try:
                 _plans[key] = Plan(rec, result)
                 stats["recorded"] += 1
-            else:
+            except _Unplannable:
                 _plans[key] = None
                 stats["refused"] += 1
             return result

@@ -22,7 +22,8 @@ from torch import Tensor
 from sparsedrop_compile.kernels import block_sparse_matmul as _ref_matmul
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as _tri_matmul
 from sparsedrop_compile.kernels.block_mask import block_layout, fit_keep, keep_fits, keep_shape
-from sparsedrop_compile.kernels.runtime import define_op, direct_launches, interpreting, tracing
+from sparsedrop_compile.kernels import launch_plans
+from sparsedrop_compile.kernels.runtime import define_op, direct_launches, interpreting, launch_settings, tracing
 
 LIB = "sparsedrop"
 _autocast_lib = torch.library.Library(LIB, "FRAGMENT")
@@ -224,7 +225,7 @@ def _linear_grad_weight(grad: Tensor, x: Tensor, keep: Tensor, scale: float, blo
     g = grad.reshape(1, rows, grad.shape[-1])
     fn = MATMUL.pick(kernel, (a, g), block)["dsd_tn"]
     # The kernel writes (K, N) tiles straight into an (N, K) row-major tensor: no transpose copy.
-    dw = x.new_empty((grad.shape[-1], k))
+    dw = launch_plans.empty((grad.shape[-1], k), x.dtype, x.device)
     fn(a, g, keep, scale, block, False, out=dw.t().unsqueeze(0))
     return dw
 
@@ -400,17 +401,25 @@ matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 # sees into. The eager bodies also launch their kernels directly (runtime.direct_launches): through
 # torch's tracing wrapper, launches cost most of the rest (4.8 ms of wall time for 0.73 ms of GPU
 # work at 4096^3, results/raw/session9/host_overhead_6545238.log).
+# The eager bodies are launch-planned (kernels/launch_plans.py): from the second call of a key
+# (every shape, stride, dtype, alignment and scalar of the call) a body's checks, kernel choice,
+# launchers and views are not run again; its recorded buffers, views and compiled kernels are.
+_planned = launch_plans.planned(launch_settings)
+_eager_linear, _eager_linear_grad_input, _eager_linear_grad_weight = map(_planned, (_linear, _linear_grad_input, _linear_grad_weight))
+_eager_matmul, _eager_matmul_grad_a, _eager_matmul_grad_b = map(_planned, (_matmul, _matmul_grad_a, _matmul_grad_b))
+
+
 class _EagerLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, keep, scale, block_rows, block_cols, kernel):
         _linear_setup(ctx, (x, weight, bias, keep, scale, block_rows, block_cols, kernel), None)
         with direct_launches():
-            return _linear(x, weight, bias, keep, scale, block_rows, block_cols, kernel)
+            return _eager_linear(x, weight, bias, keep, scale, block_rows, block_cols, kernel)
 
     @staticmethod
     def backward(ctx, grad):
         with direct_launches():
-            grads = _linear_grads(ctx, grad, _linear_grad_input, _linear_grad_weight)
+            grads = _linear_grads(ctx, grad, _eager_linear_grad_input, _eager_linear_grad_weight)
         return (*grads, None, None, None, None, None)
 
 
@@ -419,12 +428,12 @@ class _EagerMatmul(torch.autograd.Function):
     def forward(ctx, a, b, keep, scale, block_rows, block_cols, kernel):
         _matmul_setup(ctx, (a, b, keep, scale, block_rows, block_cols, kernel), None)
         with direct_launches():
-            return _matmul(a, b, keep, scale, block_rows, block_cols, kernel)
+            return _eager_matmul(a, b, keep, scale, block_rows, block_cols, kernel)
 
     @staticmethod
     def backward(ctx, grad):
         with direct_launches():
-            grads = _matmul_grads(ctx, grad, _matmul_grad_a, _matmul_grad_b)
+            grads = _matmul_grads(ctx, grad, _eager_matmul_grad_a, _eager_matmul_grad_b)
         return (*grads, None, None, None, None, None)
 
 

@@ -37,28 +37,35 @@ def _run(fn, leaves, seed):
 
 
 CASES = {
+    # (leaf shapes, eager call, op path, whether the op bodies themselves are planned)
     # ragged rows and columns, a batch dim, bias
     "linear_bias": (((3, 40, 48), (56, 48), (56,)),
                     lambda x, w, b: sd.sparse_dropout_linear(x, w, b, p=P, block_size=BLOCK, kernel="triton"),
-                    _linear_op),
+                    _linear_op, True),
     "linear": (((70, 33), (20, 33)),
                lambda x, w: sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK, kernel="triton"),
-               _linear_op),
-    # b broadcast over a's leading batch dim
-    "matmul": (((2, 3, 40, 32), (3, 32, 24)),
+               _linear_op, True),
+    "matmul": (((3, 40, 32), (3, 32, 24)),
                lambda a, v: sd.sparse_dropout_matmul(a, v, p=P, block_size=BLOCK, kernel="triton"),
-               _matmul_op),
+               _matmul_op, True),
+    # b broadcast over a's leading batch dim: each op body copies b (expand + reshape) and the
+    # weight gradient is summed over the broadcast, so the bodies are not planned; the
+    # launchers inside them are, from their own second call (the body's fourth).
+    "matmul_broadcast_b": (((2, 3, 40, 32), (3, 32, 24)),
+                           lambda a, v: sd.sparse_dropout_matmul(a, v, p=P, block_size=BLOCK, kernel="triton"),
+                           _matmul_op, False),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_replayed_calls_equal_the_registered_op_on_fresh_inputs(case):
-    """Four eager calls with the same shapes and new values each time (call 2 records, 3 and 4
-    replay), each against the registered op with the Triton kernels (no plans there: it is not
+    """Five eager calls with the same shapes and new values each time (call 2 records, 3 on
+    replay: the op bodies, or where a body cannot be planned the launchers inside it, one call
+    later), each against the registered op with the Triton kernels (no plans there: it is not
     the eager path) and against the reference, on the same flags."""
-    shapes, eager, op = CASES[case]
+    shapes, eager, op, body_planned = CASES[case]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    for call in range(4):
+    for call in range(5):
         before = dict(launch_plans.stats)
         got = _run(eager, _leaves(shapes, seed=call, dtype=dtype), seed=100 + call)
         after = dict(launch_plans.stats)
@@ -67,9 +74,10 @@ def test_replayed_calls_equal_the_registered_op_on_fresh_inputs(case):
         for g, s, r in zip(got, same, ref):
             torch.testing.assert_close(g, s, rtol=0, atol=0)  # the same kernels on the same flags
             torch.testing.assert_close(g.float(), r.float(), **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
-        if call >= 2:
+        if call >= (2 if body_planned else 3):
             assert after["replayed"] > before["replayed"], f"call {call} did not replay: {before} -> {after}"
-    assert launch_plans.stats["refused"] == 0
+    # the bodies: forward and the two gradients
+    assert launch_plans.stats["refused"] == (0 if body_planned else 3)
 
 
 def test_a_new_shape_or_layout_gets_its_own_plan():
@@ -84,9 +92,8 @@ def test_a_new_shape_or_layout_gets_its_own_plan():
             ref = _run(_linear_op("triton"), [x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()], seed=call)
             for g, r in zip(got, ref):
                 torch.testing.assert_close(g, r, rtol=0, atol=0)
-    # Each launcher (dsd forward, sdd and dsd_tn backward) records once per key: three keys for
-    # dsd and dsd_tn, which read x; two for sdd, whose operands (grad, weight) the strides of x
-    # do not change.
+    # Each op body (the forward, dx and dW) records once per key: three keys for the forward and
+    # dW, which read x; two for dx, whose operands (grad, weight) the strides of x do not change.
     assert launch_plans.stats["recorded"] == 3 + 2 + 3
 
 
@@ -142,6 +149,48 @@ def _add_kernel(x, y, out, n, BLOCK_SIZE: tl.constexpr):
     tl.store(out + offs, tl.load(x + offs, mask=mask) + tl.load(y + offs, mask=mask), mask=mask)
 
 
+@launch_plans.planned(runtime.launch_settings)
+def _filling_launcher(x):
+    out = launch_plans.empty(x.shape, x.dtype, x.device)
+    out.fill_(1.0)  # a torch op writing into a buffer: a replay, which only allocates, would skip it
+    runtime.launch(_add_kernel)[(triton.cdiv(x.numel(), 64),)](x, out, out, x.numel(), BLOCK_SIZE=64)
+    return out
+
+
+def test_a_call_that_runs_a_torch_op_on_its_buffers_is_never_planned():
+    with runtime.direct_launches():
+        for call in range(4):
+            x = torch.randn(100, device=_device())
+            torch.testing.assert_close(_filling_launcher(x), x + 1, rtol=0, atol=0)
+    assert launch_plans.stats == {"recorded": 0, "replayed": 0, "refused": 1}
+
+
+@launch_plans.planned(runtime.launch_settings)
+def _view_launcher(x, factor):
+    """factor * x[1:, 2:] (x 2-D), launched on a view of x with a storage offset, and returned
+    as a view of the buffer the kernel wrote."""
+    part = x[1:, 2:]
+    rows, cols = part.shape
+    out = launch_plans.empty(rows * cols, x.dtype, x.device)
+    for i in range(rows):  # one launch per row of part: views of x and of the buffer at growing offsets
+        runtime.launch(_scaled_copy_kernel)[(triton.cdiv(cols, 64),)](
+            part[i], out[i * cols:(i + 1) * cols], cols, factor, BLOCK_SIZE=64)
+    return out.view(rows, cols)
+
+
+def test_views_of_the_arguments_and_buffers_are_replayed_at_each_calls_offsets():
+    """A plan records the views a call took (of its tensor arguments and of its buffers) relative
+    to their bases: a replay takes them of the new call's tensors, whose own storage offsets may
+    differ (here x is a slice of a larger tensor, at a new 16-byte aligned offset each call)."""
+    with runtime.direct_launches():
+        for call in range(4):
+            big = torch.randn(200 + 4 * call, device=_device())
+            x = big[4 * call: 4 * call + 120].view(10, 12)
+            got = _view_launcher(x, 1.5)
+            torch.testing.assert_close(got, 1.5 * x[1:, 2:], rtol=0, atol=0)
+    assert launch_plans.stats == {"recorded": 1, "replayed": 2, "refused": 0}
+
+
 def test_one_tensor_in_two_roles_is_never_replayed_for_two():
     """A call that passes one tensor as both operands must not record a plan that a later call
     with two different tensors (same key otherwise) would replay with one of them twice."""
@@ -167,30 +216,67 @@ def test_no_plans_outside_the_eager_path_or_when_switched_off(monkeypatch):
 
 
 def test_a_changed_setting_is_a_new_key(monkeypatch):
-    with runtime.direct_launches():
-        for call in range(3):
+    """Settings are read once per direct_launches block (one op body: nothing changes them
+    inside), so each call below is a block of its own, as each eager op call is."""
+    for call in range(3):
+        with runtime.direct_launches():
             _copy_launcher(torch.randn(100, device=_device()), 2.0)
-        monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 1)
-        for call in range(3):
-            x = torch.randn(100, device=_device())
+    monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 1)
+    for call in range(3):
+        x = torch.randn(100, device=_device())
+        with runtime.direct_launches():
             torch.testing.assert_close(_copy_launcher(x, 2.0), x * 2, rtol=0, atol=0)
     assert launch_plans.stats == {"recorded": 2, "replayed": 2, "refused": 0}
 
 
 @pytest.mark.gpu
-def test_gpu_replays_call_the_compiled_kernels():
+def test_gpu_replays_call_the_compiled_kernels(monkeypatch):
     """On a GPU a replay calls each compiled kernel's own launcher (not Triton's Python path), for
-    every launch of sparse_dropout_linear at a size that builds kept-block lists."""
-    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(768, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    outs = []
-    for call in range(3):
-        torch.manual_seed(7)
-        y = sd.sparse_dropout_linear(x, w, None, p=0.5, block_size=128)
-        outs.append([y, *torch.autograd.grad(y.float().sum(), (x, w))])
-    assert launch_plans.stats["replayed"] == 3
-    plans = [p for p in launch_plans._plans.values() if p is not None]
-    assert plans and all(r.compiled is not None for p in plans for r in p.launches)
-    for got in outs[1:]:
-        for g, r in zip(got, outs[0]):
-            torch.testing.assert_close(g, r, rtol=0, atol=0)
+    every launch of sparse_dropout_linear, at a launch-bound size and at one that builds
+    kept-block lists: the replayed call runs with Triton's Python launch path made to fail, and
+    its results equal the first (unplanned) call's on the same seed, bit for bit."""
+    from triton.runtime.jit import JITFunction
+
+    assert not launch_plans.launch_hooks_set()
+    for rows, n, k in ((1024, 768, 512), (4096, 2048, 2048)):
+        launch_plans.clear()
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        outs = []
+        for call in range(3):
+            if call == 2:
+                monkeypatch.setattr(JITFunction, "run", lambda *a, **kw: pytest.fail("a replay launched through Triton"))
+            torch.manual_seed(7)
+            y = sd.sparse_dropout_linear(x, w, None, p=0.5, block_size=128)
+            outs.append([y, *torch.autograd.grad(y.float().sum(), (x, w))])
+        monkeypatch.undo()
+        assert launch_plans.stats["replayed"] == 3
+        plans = [p for p in launch_plans._plans.values() if p is not None]
+        assert plans and all(r.compiled is not None for p in plans for r in p.launches)
+        for got in outs[1:]:
+            for g, r in zip(got, outs[0]):
+                torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_launch_hooks_are_seen_in_either_form(monkeypatch):
+    """Triton's launch hooks were None when unset up to 3.4 and are always-present chains since:
+    a replay must take Triton's path exactly when one is set, in both forms."""
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    class Knobs:
+        launch_enter_hook = None
+        launch_exit_hook = None
+
+    monkeypatch.setattr(launch_plans, "_HOOKS", Knobs)
+    assert not launch_plans.launch_hooks_set()
+    monkeypatch.setattr(Knobs, "launch_exit_hook", lambda *a: None)
+    assert launch_plans.launch_hooks_set()
+    monkeypatch.setattr(Knobs, "launch_exit_hook", Chain([]))
+    monkeypatch.setattr(Knobs, "launch_enter_hook", Chain([]))
+    assert not launch_plans.launch_hooks_set()
+    monkeypatch.setattr(Knobs, "launch_enter_hook", Chain([lambda *a: None]))
+    assert launch_plans.launch_hooks_set()
+    monkeypatch.setattr(launch_plans, "_HOOKS", None)
+    assert launch_plans.launch_hooks_set()
