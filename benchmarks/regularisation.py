@@ -490,11 +490,12 @@ class Context:
     deadline: float | None  # time.time() after which no job starts
     lock_dir: str | None  # --parallel: the GPU lock files
     info: dict  # device name and versions, written into every row
+    block_size: tuple[int, int] | None = None  # --block-size: the linears' blocks instead of the size's
 
 
 def task_config(task: str, ctx: Context) -> TaskConfig:
     cfg = SIZES[task][ctx.size]
-    changes = {k: v for k, v in (("steps", ctx.steps), ("eval_every", ctx.eval_every)) if v}
+    changes = {k: v for k, v in (("steps", ctx.steps), ("eval_every", ctx.eval_every), ("block_size", ctx.block_size)) if v}
     return dataclasses.replace(cfg, **changes)
 
 
@@ -1161,6 +1162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per (task, arm, p); default 5 for digits, 3 for gpt (1 at --size tiny)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the size's)")
     ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--block-size", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                    help="the block arms' blocks over the linears' activations, instead of the size's (every row names its blocks)")
     ap.add_argument("--compiler", default="auto", choices=("auto", "inductor", "aot_eager", "eager"),
                     help="baseline backend and sparsedrop's inner compiler; auto: inductor on CUDA, aot_eager on CPU")
     ap.add_argument("--mode", default="auto", choices=("auto", "default", "reduce-overhead"),
@@ -1172,6 +1175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for arm in args.arms:
         if arm not in ARMS:
             ap.error(f"arm {arm!r}: expected one of {', '.join(ARMS)}")
+    if args.block_size and min(args.block_size) < 1:
+        ap.error(f"--block-size {args.block_size[0]} {args.block_size[1]}: expected two positive ints (rows, cols)")
     if any(not 0 < p < 1 for p in args.ps):
         ap.error("--ps: each p must be in (0, 1); the no-dropout arm is 'none'")
     if args.device == "cuda" and not cuda:
@@ -1250,7 +1255,8 @@ def main(argv=None) -> int:
     seeds = {t: args.seeds or SIZES[t][args.size].seeds for t in TASKS}
     lock_dir = tempfile.mkdtemp(prefix="sparsedrop-reg-") if args.parallel > 1 else None
     ctx = Context(args.device, args.size, args.compiler, args.mode, seeds, args.steps, args.eval_every, args.parallel,
-                  t_start + args.budget_s if args.budget_s else None, lock_dir, info)
+                  t_start + args.budget_s if args.budget_s else None, lock_dir, info,
+                  tuple(args.block_size) if args.block_size else None)
     title = (f"sparsedrop-compile regularisation, size {args.size}, {info['device_name']}, torch {info['torch']}, "
              f"triton {info['triton']}, python {info['python']}, compiler {args.compiler}, mode {args.mode}")
     print(title, flush=True)
