@@ -229,38 +229,6 @@ def eager_step(rows: int, n: int, k: int):
     return step, x, w
 
 
-def eager_profile(path: str, calls: int = 20) -> None:
-    """Where an eager call's wall time goes, at the first EAGER_SHAPES shape: Python functions by
-    own time (cProfile), then torch's profiler, CPU and CUDA, by self CPU time (a host sync shows
-    as cudaStreamSynchronize / cudaMemcpy*, launches as cudaLaunchKernel / cuLaunchKernel*)."""
-    import cProfile
-    import io
-    import pstats
-
-    step, _, _ = eager_step(*EAGER_SHAPES[0])
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(35)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as tp:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    with open(path, "w") as f:
-        f.write(f"# eager sparse_dropout_linear fwd+bwd {EAGER_SHAPES[0]}, {calls} calls: cProfile by own time\n")
-        f.write(text.getvalue())
-        f.write(f"\n# torch.profiler, {calls} calls, by self CPU time\n")
-        f.write(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-    print("wrote", path)
-
-
 def eager_functional(reps: int):
     """sparse_dropout_linear fwd + bwd from Python: wall time per call vs its CUDA-graph replay,
     with the launch plans (kernels/launch_plans.py) and without them, in alternating rounds."""
@@ -319,9 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for host_overhead_<gpu>.csv and .png")
     parser.add_argument("--code-out", default=None, help="write Inductor's code for one site of each family here")
     parser.add_argument("--profile-out", default=None, help="write a CPU profile of the chained sites here")
-    parser.add_argument("--eager-profile-out", default=None, help="write a profile of the eager functional call here")
     parser.add_argument("--only-diagnose", action="store_true",
-                        help="write --code-out / --profile-out / --eager-profile-out, time nothing")
+                        help="write --code-out / --profile-out, time nothing (profile_launches.py profiles the eager call)")
     parser.add_argument("--families", nargs="*", default=["linear", "residual", "matmul", "attention"],
                         choices=["linear", "residual", "matmul", "attention"],
                         help="site families to time (none: only the eager rows)")
@@ -338,8 +305,6 @@ def main(argv=None) -> int:
     print(f"{name}, torch {env['torch']}, triton {env['triton']}")
     if args.code_out or args.profile_out:
         site_code_and_profile(args.code_out, args.profile_out, args.families)
-    if args.eager_profile_out:
-        eager_profile(args.eager_profile_out)
     if args.only_diagnose:
         return 0
     rows = []
