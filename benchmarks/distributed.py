@@ -144,11 +144,31 @@ def run_one(name: str, engine: str, backend: str, args) -> dict:
                    losses=" ".join(f"{v:.5f}" for v in mean_losses),
                    sites_rewritten=len(seen.rewritten) if backend == "sparsedrop" else None,
                    sites_seen=len(seen.sites) if backend == "sparsedrop" else None)
+        if args.profile_dir:
+            profile_steps(step, Path(args.profile_dir) / f"profile_{name}_{engine}_{backend}_{world}gpu.txt", args)
     finally:
         compiled = wrapped = opt = model = batch = None  # freed before the next run builds its model
         torch._dynamo.reset()
         bm.free_memory(args.device)
     return row
+
+
+def profile_steps(step, path: Path, args, steps: int = 3) -> None:
+    """Three more steps on every rank (their collectives need all ranks), rank 0 under torch's
+    profiler: its tables by GPU time and by the host's own time go to ``path``."""
+    profiling = dist.get_rank() == 0
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext() as prof:
+        for _ in range(steps):
+            step()
+        harness.sync(args.device)
+    if profiling:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages()
+        sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        path.write_text(f"# {steps} steps, rank 0, by {sort}\n{table.table(sort_by=sort, row_limit=45)}\n"
+                        f"# by self CPU time\n{table.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
+        log(f"  profile of {steps} steps: {path}")
 
 
 # --------------------------------------------------------------------------- results file
@@ -379,6 +399,8 @@ def parse_args(argv=None):
                         help="do not start a run that would end later than this many minutes after the launch; 0 = no limit")
     parser.add_argument("--resume", action="store_true", help="skip runs the CSV already holds for this many GPUs")
     parser.add_argument("--fresh", action="store_true", help="start a new CSV (the old one becomes .prev.csv)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="after each run, profile 3 more steps (rank 0) and write the tables here")
     parser.add_argument("--seed", type=int, default=0, help="weights from this seed; rank r draws its masks from seed + r")
     parser.add_argument("--out", default=None, help="folder for the CSV and plot (default benchmarks/results; "
                                                     "a temporary folder with --device cpu)")
