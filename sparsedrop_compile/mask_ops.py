@@ -12,7 +12,10 @@ compilers seed, and replay when a checkpoint recomputes it:
     sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
     sample_output_keep(x, w, p, ...)        = the same over the shape of linear(x, w) / matmul(x, w)
     sparsedrop::keep_from_uniform(u, p)     = u >= p
-    sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy
+    sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy;
+                                              on a GPU one Triton kernel that Inductor launches
+                                              (kernels/block_dropout_triton.py), else the reference
+                                              as an opaque op (sparsedrop::reference_block_dropout)
 
 Where every size is a plain int there are no guards to avoid, and the same steps stay aten ops that
 Inductor fuses with their neighbours (``sample_keep`` / ``materialise`` choose at trace time).
@@ -22,9 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsedrop_compile.kernels.block_mask import apply_block_keep, fit_keep, keep_shape, padded
+from sparsedrop_compile.kernels import block_dropout_triton as _tri_dropout
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, block_layout, fit_keep, keep_fits, keep_shape, padded
 from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
-from sparsedrop_compile.ops import LIB, matmul_output_shape
+from sparsedrop_compile.kernels.runtime import define_op
+from sparsedrop_compile.ops import LIB, matmul_output_shape, opaque_reference
 
 
 @torch.library.custom_op(f"{LIB}::keep_from_uniform", mutates_args=())
@@ -38,19 +43,42 @@ def _(u, p):
     return u.new_empty(u.shape, dtype=torch.bool)
 
 
-@torch.library.custom_op(f"{LIB}::block_dropout", mutates_args=())
-def block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
-    """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous."""
+def _fitted_keep(x: Tensor, keep: Tensor, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     fitted = fit_keep(keep, keep_shape(x.shape, (block_rows, block_cols), batched))
     if fitted is None:
         raise ValueError(f"sparsedrop::block_dropout: keep of shape {tuple(keep.shape)} does not fit blocks of "
                          f"{(block_rows, block_cols)} over x of shape {tuple(x.shape)}")
-    return apply_block_keep(x, fitted, scale, block_rows, block_cols, batched).contiguous()
+    return fitted
 
 
-@block_dropout.register_fake
-def _(x, keep, scale, block_rows, block_cols, batched):
+def _reference_block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    return apply_block_keep(x, _fitted_keep(x, keep, block_rows, block_cols, batched), scale, block_rows, block_cols,
+                            batched).contiguous()
+
+
+_ref_block_dropout = opaque_reference("reference_block_dropout", _reference_block_dropout,
+                                      lambda x, keep, scale, block_rows, block_cols, batched: x.new_empty(x.shape))
+
+
+def _block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
+    """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous: on a
+    GPU one Triton kernel (``kernels/block_dropout_triton.py``), else the opaque reference."""
+    if _tri_dropout.unsupported_reason(x, (block_rows, block_cols)) is not None:
+        return _ref_block_dropout(x, keep, scale, block_rows, block_cols, batched)
+    expected = keep_shape(x.shape, (block_rows, block_cols), batched)
+    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
+        raise ValueError(f"sparsedrop::block_dropout: keep must be a bool tensor of shape {tuple(expected)} (blocks of "
+                         f"{(block_rows, block_cols)} over x of shape {tuple(x.shape)}), got {keep.dtype} {tuple(keep.shape)}")
+    b, m, k = block_layout(x.shape, batched)
+    out = _tri_dropout.block_dropout(x.reshape(b, m, k), keep, scale, (block_rows, block_cols))
+    return out.reshape(x.shape)
+
+
+def _block_dropout_fake(x, keep, scale, block_rows, block_cols, batched):
     return x.new_empty(x.shape)
+
+
+block_dropout = define_op(f"{LIB}::block_dropout", _block_dropout, _block_dropout_fake)
 
 
 def _block_dropout_setup(ctx, inputs, output):
