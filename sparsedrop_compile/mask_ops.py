@@ -11,10 +11,10 @@ compilers seed, and replay when a checkpoint recomputes it:
 
     sample_keep(x, p, ...)                  = keep_from_uniform(torch.rand(keep shape), p)
     sample_output_keep(x, w, p, ...)        = the same over the shape of linear(x, w) / matmul(x, w)
-    sparsedrop::keep_from_uniform(u, p)     = u >= p
+    sparsedrop::keep_from_uniform(u, p)     = u >= p (on a GPU one Triton kernel, as below)
     sparsedrop::block_dropout(x, keep, ...) = apply_block_keep(x, keep, ...), backward: the same op on dy;
                                               on a GPU one Triton kernel that Inductor launches
-                                              (kernels/block_dropout_triton.py), else the reference
+                                              (kernels/block_mask_triton.py), else the reference
                                               as an opaque op (sparsedrop::reference_block_dropout)
 
 Where every size is a plain int there are no guards to avoid, and the same steps stay aten ops that
@@ -25,22 +25,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsedrop_compile.kernels import block_dropout_triton as _tri_dropout
+from sparsedrop_compile.kernels import block_mask_triton as _tri_mask
 from sparsedrop_compile.kernels.block_mask import apply_block_keep, block_layout, fit_keep, keep_fits, keep_shape, padded
 from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
 from sparsedrop_compile.kernels.runtime import define_op
 from sparsedrop_compile.ops import LIB, matmul_output_shape, opaque_reference
 
 
-@torch.library.custom_op(f"{LIB}::keep_from_uniform", mutates_args=())
-def keep_from_uniform(u: Tensor, p: float) -> Tensor:
-    """Keep-flags from uniform draws: True (kept) where u >= p."""
+def _reference_keep_from_uniform(u: Tensor, p: float) -> Tensor:
     return (u >= p).contiguous()
 
 
-@keep_from_uniform.register_fake
-def _(u, p):
-    return u.new_empty(u.shape, dtype=torch.bool)
+_ref_keep_from_uniform = opaque_reference("reference_keep_from_uniform", _reference_keep_from_uniform,
+                                          lambda u, p: u.new_empty(u.shape, dtype=torch.bool))
+
+
+def _keep_from_uniform(u: Tensor, p: float) -> Tensor:
+    """Keep-flags from uniform draws: True (kept) where u >= p; on a GPU one Triton kernel, else
+    the opaque reference."""
+    if _tri_mask.unsupported_reason(u) is not None or u.dtype != torch.float32:
+        return _ref_keep_from_uniform(u, p)
+    return _tri_mask.keep_from_uniform(u.contiguous(), p)
+
+
+keep_from_uniform = define_op(f"{LIB}::keep_from_uniform", _keep_from_uniform,
+                              lambda u, p: u.new_empty(u.shape, dtype=torch.bool))
 
 
 def _fitted_keep(x: Tensor, keep: Tensor, block_rows: int, block_cols: int, batched: bool) -> Tensor:
@@ -63,14 +72,14 @@ _ref_block_dropout = opaque_reference("reference_block_dropout", _reference_bloc
 def _block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous: on a
     GPU one Triton kernel (``kernels/block_dropout_triton.py``), else the opaque reference."""
-    if _tri_dropout.unsupported_reason(x, (block_rows, block_cols)) is not None:
+    if _tri_mask.unsupported_reason(x, (block_rows, block_cols)) is not None:
         return _ref_block_dropout(x, keep, scale, block_rows, block_cols, batched)
     expected = keep_shape(x.shape, (block_rows, block_cols), batched)
     if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
         raise ValueError(f"sparsedrop::block_dropout: keep must be a bool tensor of shape {tuple(expected)} (blocks of "
                          f"{(block_rows, block_cols)} over x of shape {tuple(x.shape)}), got {keep.dtype} {tuple(keep.shape)}")
     b, m, k = block_layout(x.shape, batched)
-    out = _tri_dropout.block_dropout(x.reshape(b, m, k), keep, scale, (block_rows, block_cols))
+    out = _tri_mask.block_dropout(x.reshape(b, m, k), keep, scale, (block_rows, block_cols))
     return out.reshape(x.shape)
 
 

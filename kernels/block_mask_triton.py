@@ -1,11 +1,16 @@
-"""Materialised block dropout as one Triton kernel: ``out = x ⊙ m / (1 - p)``, m laid over x's
-blocks (``block_mask``), dropped blocks exact zeros (never read, so inf or NaN there stay out).
+"""The keep-mask ops' Triton kernels (``mask_ops.py``), for graphs with symbolic sizes:
 
-The reference is ``block_mask.apply_block_keep``, the same computation in PyTorch ops. The graphs
+- materialised block dropout, ``out = x ⊙ m / (1 - p)``, m laid over x's blocks (``block_mask``),
+  dropped blocks exact zeros (never read, so inf or NaN there stay out);
+- keep flags from uniform draws, ``u >= p``.
+
+The references are ``block_mask.apply_block_keep`` and ``u >= p``, the same computations in
+PyTorch ops. The graphs
 use those ops where sizes are plain ints (Inductor fuses them with their neighbours); where sizes
 are symbolic (dynamic shapes: T5's blocks under FSDP2, a model compiled for varying sequence
 lengths) the op ``sparsedrop::block_dropout`` stands in for them, because the reference's reshapes
-on block counts would add guards (recompiles). On a GPU that op launches this kernel, which
+on block counts would add guards (recompiles); ``sparsedrop::keep_from_uniform`` likewise for
+the flags. On a GPU each op launches its kernel here, which
 Inductor calls from its own code: one launch, no Python per call. The keep may be padded by one
 block in its last two dims (``block_mask.padded``): it is read through its strides at the block
 indices, never cut.
@@ -42,8 +47,15 @@ def _block_dropout_kernel(x, keep, out, M, K, n_row_tiles, sxb, sxm, sxk, skb, s
     tl.store(out + b * M * K + rows64[:, None] * K + cols64[None, :], result.to(out.dtype.element_ty), mask=inside)
 
 
-def unsupported_reason(x: Tensor, block: tuple[int, int]) -> str | None:
-    """None if the kernel takes x and the block, else why not (the op then runs the reference)."""
+@triton.jit
+def _keep_from_uniform_kernel(u, out, n, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    tl.store(out + offs, tl.load(u + offs, mask=inside, other=0.0) >= p, mask=inside)
+
+
+def unsupported_reason(x: Tensor, block: tuple[int, int] = (1, 1)) -> str | None:
+    """None if the kernels take x (and the block), else why not (the ops then run the reference)."""
     if x.device.type != "cuda":
         return f"{x.device.type} tensors (the kernel runs on CUDA; under TRITON_INTERPRET=1 only when called directly)"
     if x.dtype not in DTYPES:
@@ -65,4 +77,13 @@ def block_dropout(x3: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
             x3, keep, out, M, K, n_row_tiles, *x3.stride(), *keep.stride(), float(scale),
             BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_M=TILE_M, TILE_K=TILE_K, num_warps=4,
         )
+    return out
+
+
+def keep_from_uniform(u: Tensor, p: float) -> Tensor:
+    """Bool flags ``u >= p`` of a contiguous ``u``, a new contiguous tensor of its shape."""
+    out = torch.empty(u.shape, dtype=torch.bool, device=u.device)
+    n = u.numel()
+    with device_guard(u):
+        launch(_keep_from_uniform_kernel)[(cdiv(n, 1024),)](u, out, n, float(p), BLOCK=1024, num_warps=4)
     return out

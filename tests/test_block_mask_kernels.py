@@ -1,11 +1,12 @@
-"""The materialised block-dropout kernel (kernels/block_dropout_triton.py) against its reference,
-block_mask.apply_block_keep, with the same flags: odd shapes, both layouts, a padded keep, a
-non-contiguous input, three dtypes, and inf / NaN in dropped blocks (which must come out as
-zeros). Without a GPU the kernel runs under Triton's interpreter on CPU tensors."""
+"""The keep-mask kernels (kernels/block_mask_triton.py) against their references: materialised
+block dropout against block_mask.apply_block_keep with the same flags (odd shapes, both layouts,
+a padded keep, a non-contiguous input, three dtypes, and inf / NaN in dropped blocks, which must
+come out as zeros), and the flags from uniform draws against u >= p. Without a GPU the kernels
+run under Triton's interpreter on CPU tensors."""
 import pytest
 import torch
 
-from sparsedrop_compile.kernels import block_dropout_triton as tri
+from sparsedrop_compile.kernels import block_mask_triton as tri
 from sparsedrop_compile.kernels import runtime
 from sparsedrop_compile.kernels.block_mask import apply_block_keep, block_layout, padded, sample_block_keep
 
@@ -51,6 +52,15 @@ def test_kernel_equals_apply_block_keep(shape, block, batched, dtype):
         torch.testing.assert_close(out, ref, **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 5), (2, 33, 47), (4, 40, 41)])
+def test_keep_from_uniform_kernel_equals_the_comparison(shape):
+    u = torch.rand(shape, device=DEVICE)
+    u.view(-1)[::7] = 0.3  # draws equal to p are kept, as u >= p says
+    out = tri.keep_from_uniform(u, 0.3)
+    assert out.dtype == torch.bool and out.shape == u.shape
+    assert torch.equal(out, u >= 0.3)
+
+
 def test_op_uses_the_kernel_only_where_it_runs():
     """sparsedrop::block_dropout: the kernel on CUDA for fp16/bf16/fp32, the reference otherwise
     (here fp64, and CPU tensors outside the interpreter's direct calls)."""
@@ -66,7 +76,7 @@ def test_op_uses_the_kernel_only_where_it_runs():
 def test_dynamic_shape_graph_launches_the_kernel():
     """Under dynamic shapes a dropout whose dropped tensor is also read (so it is materialised
     beside the sparse matmul) compiles to the Triton kernel, forward and backward, launched from
-    Inductor's code: no call back into the op, nor into the reference."""
+    Inductor's code: no call back into the op, nor into the reference; the flags likewise."""
     from torch._inductor.utils import run_and_get_code
 
     import sparsedrop_compile  # noqa: F401  (registers the backend)
@@ -80,6 +90,7 @@ def test_dynamic_shape_graph_launches_the_kernel():
     x = torch.randn(48, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     _, codes = run_and_get_code(lambda: compiled(x, w).backward())
     assert len(codes) == 2  # forward and backward
+    assert "_keep_from_uniform_kernel" in codes[0] and "torch.ops.sparsedrop.keep_from_uniform" not in codes[0]
     for code in codes:
         assert "_block_dropout_kernel" in code, "the kernel is not launched from Inductor's code"
         assert "torch.ops.sparsedrop.block_dropout" not in code and "reference_block_dropout" not in code
