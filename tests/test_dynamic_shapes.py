@@ -114,6 +114,10 @@ CASES = {
                         lambda s: (torch.randn(s, 64), torch.randn(256, 64), torch.randn(256))),
     "linear_out_n": (lambda x, w: F.dropout(F.linear(x, w), 0.2, True), lambda s: (torch.randn(128, 64), torch.randn(s, 64))),
     "matmul_out": (lambda a, b: F.dropout(a @ b, 0.2, True), _pv),
+    # the dropped tensor read besides the linear: materialised (sparsedrop::block_dropout), the
+    # linear still block-sparse
+    "linear_rows_read_too": (lambda x, w: (lambda d: F.linear(d, w).sum() + d.sum())(F.dropout(x, 0.2, True)),
+                             lambda s: (torch.randn(s, 256), torch.randn(24, 256))),
     # both sides: one linear, its input and output masks
     "both_sides": (lambda x, w: F.dropout(F.linear(F.dropout(x, 0.2, True), w), 0.2, True),
                    lambda s: (torch.randn(s, 256), torch.randn(256, 256))),
