@@ -80,6 +80,10 @@ def test_opcheck_mask_ops():
     keep = sample_block_keep(x, 0.4, 16, 8, False)
     torch.library.opcheck(torch.ops.sparsedrop.block_dropout.default, (x, keep, 2.0, 16, 8, False))
     torch.library.opcheck(torch.ops.sparsedrop.keep_from_uniform.default, (torch.rand(1, 3, 6), 0.3))
+    # the opaque references the two ops fall back to off the GPU
+    # (no autograd of their own: the ops above differentiate)
+    torch.library.opcheck(torch.ops.sparsedrop.reference_block_dropout.default, (x.detach(), keep, 2.0, 16, 8, False))
+    torch.library.opcheck(torch.ops.sparsedrop.reference_keep_from_uniform.default, (torch.rand(1, 3, 6), 0.3))
 
 
 # --------------------------------------------------------------------------- graph counts
