@@ -128,7 +128,8 @@ def linear_steps(rows: int, n: int, k: int, p: float, device="cuda", dtype=torch
     if side == "output":
         return {"dense": dense, **output_side_steps(x, w, dy, p, grads)}
     steps = dict(dense=dense, eager=eager, compiled=compiled, ours=ours, ours_launchers=ours_launchers)
-    if p > 0 and importlib.util.find_spec("stk") is not None:
+    stk_fits = all(d % BLOCK[0] == 0 for d in (*x.shape, w.shape[0]))  # stk's blocking asserts it
+    if p > 0 and stk_fits and importlib.util.find_spec("stk") is not None:
         steps["stk"] = stk_step(x, w, dy, p)
     return steps
 
