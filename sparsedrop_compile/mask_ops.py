@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from sparsedrop_compile.kernels import block_mask_triton as _tri_mask
-from sparsedrop_compile.kernels.block_mask import apply_block_keep, block_layout, fit_keep, keep_fits, keep_shape, padded
+from sparsedrop_compile.kernels.block_mask import apply_block_keep, block_layout, fit_keep, keep_shape, padded
 from sparsedrop_compile.kernels.flash_attention import attention_keep_shape
 from sparsedrop_compile.kernels.runtime import define_op
-from sparsedrop_compile.ops import LIB, matmul_output_shape, opaque_reference
+from sparsedrop_compile.ops import LIB, _check_keep, matmul_output_shape, opaque_reference
 
 
 def _reference_keep_from_uniform(u: Tensor, p: float) -> Tensor:
@@ -74,10 +74,7 @@ def _block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block
     GPU one Triton kernel (``kernels/block_dropout_triton.py``), else the opaque reference."""
     if _tri_mask.unsupported_reason(x, (block_rows, block_cols)) is not None:
         return _ref_block_dropout(x, keep, scale, block_rows, block_cols, batched)
-    expected = keep_shape(x.shape, (block_rows, block_cols), batched)
-    if not (keep.dtype == torch.bool and keep_fits(keep, expected)):
-        raise ValueError(f"sparsedrop::block_dropout: keep must be a bool tensor of shape {tuple(expected)} (blocks of "
-                         f"{(block_rows, block_cols)} over x of shape {tuple(x.shape)}), got {keep.dtype} {tuple(keep.shape)}")
+    keep = _check_keep(keep, x.shape, (block_rows, block_cols), batched, "block_dropout")  # padded or not: read by strides
     b, m, k = block_layout(x.shape, batched)
     out = _tri_mask.block_dropout(x.reshape(b, m, k), keep, scale, (block_rows, block_cols))
     return out.reshape(x.shape)
