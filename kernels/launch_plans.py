@@ -267,10 +267,10 @@ class Plan:
 
 
 def planned(settings: Callable[[], tuple]):
-    """Decorator for a launcher whose launches go through ``runtime.launch`` and whose buffers
-    come from :func:`empty`: inside :class:`active`, its calls are recorded (second call of a key)
-    and replayed (every later one). ``settings()`` returns the global settings the launcher's
-    choices read, which are part of the key."""
+    """Decorator for a launcher, or an op body that calls launchers, whose launches go through
+    ``runtime.launch`` and whose buffers come from :func:`empty`: inside :class:`active`, its calls
+    are recorded (second call of a key) and replayed (every later one). ``settings()`` returns the
+    global settings its choices read, which are part of the key."""
     def deco(launcher):
         name = launcher.__name__
 
