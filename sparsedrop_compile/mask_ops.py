@@ -36,8 +36,11 @@ def _reference_keep_from_uniform(u: Tensor, p: float) -> Tensor:
     return (u >= p).contiguous()
 
 
-_ref_keep_from_uniform = opaque_reference("reference_keep_from_uniform", _reference_keep_from_uniform,
-                                          lambda u, p: u.new_empty(u.shape, dtype=torch.bool))
+def _keep_from_uniform_fake(u, p):
+    return u.new_empty(u.shape, dtype=torch.bool)
+
+
+_ref_keep_from_uniform = opaque_reference("reference_keep_from_uniform", _reference_keep_from_uniform, _keep_from_uniform_fake)
 
 
 def _keep_from_uniform(u: Tensor, p: float) -> Tensor:
@@ -48,8 +51,7 @@ def _keep_from_uniform(u: Tensor, p: float) -> Tensor:
     return _tri_mask.keep_from_uniform(u.contiguous(), p)
 
 
-keep_from_uniform = define_op(f"{LIB}::keep_from_uniform", _keep_from_uniform,
-                              lambda u, p: u.new_empty(u.shape, dtype=torch.bool))
+keep_from_uniform = define_op(f"{LIB}::keep_from_uniform", _keep_from_uniform, _keep_from_uniform_fake)
 
 
 def _fitted_keep(x: Tensor, keep: Tensor, block_rows: int, block_cols: int, batched: bool) -> Tensor:
@@ -65,23 +67,22 @@ def _reference_block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: 
                             batched).contiguous()
 
 
-_ref_block_dropout = opaque_reference("reference_block_dropout", _reference_block_dropout,
-                                      lambda x, keep, scale, block_rows, block_cols, batched: x.new_empty(x.shape))
+def _block_dropout_fake(x, keep, scale, block_rows, block_cols, batched):
+    return x.new_empty(x.shape)
+
+
+_ref_block_dropout = opaque_reference("reference_block_dropout", _reference_block_dropout, _block_dropout_fake)
 
 
 def _block_dropout(x: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int, batched: bool) -> Tensor:
     """x with dropped blocks zeroed and kept ones scaled (``apply_block_keep``), contiguous: on a
-    GPU one Triton kernel (``kernels/block_dropout_triton.py``), else the opaque reference."""
+    GPU one Triton kernel (``kernels/block_mask_triton.py``), else the opaque reference."""
     if _tri_mask.unsupported_reason(x, (block_rows, block_cols)) is not None:
         return _ref_block_dropout(x, keep, scale, block_rows, block_cols, batched)
     keep = _check_keep(keep, x.shape, (block_rows, block_cols), batched, "block_dropout")  # padded or not: read by strides
     b, m, k = block_layout(x.shape, batched)
     out = _tri_mask.block_dropout(x.reshape(b, m, k), keep, scale, (block_rows, block_cols))
     return out.reshape(x.shape)
-
-
-def _block_dropout_fake(x, keep, scale, block_rows, block_cols, batched):
-    return x.new_empty(x.shape)
 
 
 block_dropout = define_op(f"{LIB}::block_dropout", _block_dropout, _block_dropout_fake)
