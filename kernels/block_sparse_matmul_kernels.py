@@ -121,9 +121,11 @@ def _kept_lists_kernel(
     keep_ptr, count_ptr, index_ptr, order_ptr,
     n_lines, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
     CHUNK: tl.constexpr, ORDER: tl.constexpr, ORDER_LINES: tl.constexpr, ORDER_ENTRIES: tl.constexpr,
+    DROPPED: tl.constexpr = False,
 ):
     """One program per line of the mask: count its kept entries and write their numbers, in
     increasing order, to the front of the line's slot in ``index`` (a compaction by prefix sum).
+    With DROPPED the dropped entries instead (no ORDER then).
 
     A line is (l1, l0) = divmod(line, L0); an entry is (e1, e0) = divmod(e, E0); the flag sits at
     keep + l1*stride_l1 + l0*stride_l0 + e1*stride_e1 + e0*stride_e0. This covers row lists,
@@ -144,7 +146,10 @@ def _kept_lists_kernel(
         e = start + tl.arange(0, CHUNK)
         valid = e < line_len
         flag = tl.load(base + (e // E0) * stride_e1 + (e % E0) * stride_e0, mask=valid, other=0)
-        kept = (flag != 0) & valid
+        if DROPPED:
+            kept = (flag == 0) & valid
+        else:
+            kept = (flag != 0) & valid
         ones = kept.to(tl.int32)
         pos = total + tl.cumsum(ones, 0) - ones
         tl.store(out + pos, e.to(index_ptr.dtype.element_ty), mask=kept)

@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import launch_plans, runtime
+from . import block_sparse_matmul_hopper as hopper, launch_plans, runtime
 from .block_mask import cdiv, expand_block_keep, keep_fits
 from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDATES: read by the tests)
     _MAX_CANDIDATES,
@@ -250,12 +250,14 @@ def _record_occupancy(device: torch.device, occ_key: tuple, compiled, cfg: Kerne
 
 
 # =========================================================================== kept lists
-def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None):
+def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None, dropped: bool = False):
     """Per-line lists of kept blocks, built on the device in one launch (no host sync).
 
     by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
     by="col":      lines (b, c), entries r       -> counts (B*nC,), index (B*nC, nR)
     by="col_sum":  lines c, entries b*nR + r     -> counts (nC,),   index (nC, B*nR)
+    by="all":      one line, entries (b*nR + r)*nC + c -> counts (1,), index (B*nR*nC,)
+                   (keep's batch must fold into its rows: stride 0 == nR * stride 1)
     Entries are in increasing order; index[l, counts[l]:] is left unwritten. The index is int16
     when entries fit (see below), else int32.
 
@@ -269,6 +271,8 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     by kept count, descending (ties by line number), computed in the same launch; order is None
     when the mask is too large for that (see _ORDER_MAX_FLAG_READS).
 
+    ``dropped=True`` lists the dropped blocks instead (without ``order``).
+
     ``blocks`` = (B, nR, nC) when ``keep`` is padded (block_mask.padded): the flags are read
     through keep's strides, so the extra row and column are never seen.
     """
@@ -281,12 +285,14 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
         n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = B * nC, nR, nC, sb, sc, nR, 0, sr
     elif by == "col_sum":
         n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = nC, B * nR, nC, 0, sc, nR, sb, sr
+    elif by == "all":
+        n_lines, line_len, L0, sl1, sl0, E0, se1, se0 = 1, B * nR * nC, 1, 0, 0, nC, sr, sc
     else:
-        raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col' or 'col_sum'")
+        raise ValueError(f"kept_lists: by={by!r}, expected 'row', 'col', 'col_sum' or 'all'")
     device = keep.device
     counts = launch_plans.empty(n_lines + 1, torch.int32, device)
     lines, length = hint(n_lines), hint(line_len)
-    with_order = order and lines > 0 and length > 0 and lines * lines * length <= _ORDER_MAX_FLAG_READS
+    with_order = order and not dropped and lines > 0 and length > 0 and lines * lines * length <= _ORDER_MAX_FLAG_READS
     order_t = launch_plans.empty(n_lines + 1, torch.int32, device) if with_order else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
@@ -303,7 +309,8 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
             launch(_kept_lists_kernel)[(n_lines,)](
                 flags, counts, index, order_t if with_order else counts,
                 n_lines, line_len, L0, sl1, sl0, E0, se1, se0,
-                CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=chunk, num_warps=4,
+                CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=chunk, DROPPED=dropped,
+                num_warps=4,
             )
     return (counts, index, order_t) if order else (counts, index)
 
@@ -344,6 +351,11 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
     if known(K == 0):
         full = (bias if bias is not None else out.new_zeros(())).expand(B, M, N)
         return out.copy_(full if out_keep is None else _block_masked(full, out_keep, block))
+    if config is None:
+        plan = hopper.plan_dsd(a, b, keep, block, bias, out_keep, out)
+        if plan is not None:
+            plan.run(scale, bias)
+            return out
     br, bc = block
     b_k_contig = _k_contig(b)
     tma_ok = runtime.tma_enabled(a.device) and runtime.tma_view_ok(a) and runtime.tma_view_ok(_b_tma_view(b)) \
@@ -414,6 +426,11 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         if bias is None:
             return out.zero_()
         return out.copy_(_block_masked((bias * bias_scale).expand(B, M, K), keep, block))
+    if config is None:
+        plan = hopper.plan_sdd(grad, b, keep, block, bias, reduce_keep, out)
+        if plan is not None:
+            plan.run(scale, bias, bias_scale)
+            return out
     br, bc = block
     n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
     n_lines = B * n_rblk
@@ -497,6 +514,11 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         return out
     if known(M == 0) or known(B == 0):
         return out.zero_()
+    if config is None:
+        plan = hopper.plan_dsd_tn(a, grad, keep, block, batched_out, grad_keep, out)
+        if plan is not None:
+            plan.run(scale)
+            return out
     br, bc = block
     n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
     tma_ok = runtime.tma_enabled(a.device) and runtime.tma_view_ok(a) and runtime.tma_view_ok(grad)

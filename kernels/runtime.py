@@ -237,10 +237,10 @@ def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
 
 def launch_settings() -> tuple:
     """The process-wide settings the launchers' choices read besides their arguments (TMA and
-    launch-bound rules, autotuning, fp32 precision): part of every launch plan's key."""
+    launch-bound rules, the Hopper path, autotuning, fp32 precision): part of every launch plan's key."""
     from torch._inductor import config as inductor_config
 
-    return (os.environ.get("SPARSEDROP_TMA"), LAUNCH_BOUND_WORK, bool(inductor_config.triton.cudagraphs),
+    return (os.environ.get("SPARSEDROP_TMA"), os.environ.get("SPARSEDROP_HOPPER"), LAUNCH_BOUND_WORK, bool(inductor_config.triton.cudagraphs),
             autotune_enabled(), torch.get_float32_matmul_precision())
 
 

@@ -221,6 +221,19 @@ def test_kept_lists():
         assert counts[line].item() == len(kept) and index[line, : len(kept)].tolist() == kept
 
 
+@pytest.mark.parametrize("dropped", [False, True], ids=["kept", "dropped"])
+def test_kept_lists_flat(dropped):
+    """by="all": one list of every kept (or dropped) block, numbered (b*nR + r)*nC + c, also
+    read through a padded view of the flags (the extra row and column never listed)."""
+    gen = torch.Generator().manual_seed(9)
+    padded = (torch.rand(3, 6, 8, generator=gen) > 0.4).to(DEVICE)
+    for keep, blocks in ((padded[:, :5, :7].contiguous(), None), (padded.reshape(18, 8)[:15, :7].reshape(3, 5, 7), (3, 5, 7))):
+        counts, index = _lists(keep, "all", 3 * 5 * 7, blocks=blocks, dropped=dropped)
+        flags = keep.reshape(-1) if not dropped else ~keep.reshape(-1)
+        listed = flags.nonzero().flatten().tolist()
+        assert counts[0].item() == len(listed) and index[0, : len(listed)].tolist() == listed
+
+
 def test_unsupported_reason():
     x = torch.zeros(2, 4, device=DEVICE)
     assert tri.unsupported_reason((x, x), (32, 32)) is None

@@ -1,0 +1,288 @@
+"""Block-sparse matmuls on Hopper, host side: when the Gluon wgmma kernel
+(``block_sparse_matmul_hopper_kernels.py``) may serve a dsd, sdd or dsd_tn call, and its launch.
+
+The launchers in ``block_sparse_matmul_triton.py`` ask ``plan_*`` first; a plan is returned only
+when every condition below holds, else they run the portable Triton kernels. Same semantics and
+oracle (``block_sparse_matmul.py``).
+
+Conditions (each one is a fact the kernel relies on, not a tuning choice):
+- a Hopper GPU (capability 9.x), Triton with Gluon's Hopper module, not the interpreter, the
+  call not traced (Inductor cannot emit a Gluon kernel in its code), ``SPARSEDROP_HOPPER`` not 0;
+- fp16 or bf16 (wgmma's 16-bit operands, either major order from shared memory);
+- the problem is one 2-D matmul: batch 1, or a batch that folds into the rows (every matrix's
+  rows a whole number of mask blocks, the right operand shared, the folded strides uniform);
+- every operand 2-D with one unit stride, the other a multiple of 16 bytes, 16-byte aligned
+  (what a TMA descriptor takes);
+- no second mask (the output side's both-sides case stays on the portable kernels);
+- the tiles divide the mask blocks they must lie in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from . import runtime
+from .block_mask import cdiv
+
+try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
+    from .block_sparse_matmul_hopper_kernels import _listed_wgmma_kernel
+except Exception:  # noqa: BLE001  (ImportError, or an API this Triton lacks)
+    _listed_wgmma_kernel = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaConfig:
+    tile_r: int
+    tile_c: int
+    tile_d: int
+    stages: int
+    warps: int
+    group: int = 8
+
+
+# Output tile 128 x 256 (or 256 x 128 where the columns must lie in one 128-wide mask block) with
+# two warpgroups, as cuBLAS picks on Hopper for large bf16 problems; smaller tiles where both
+# sides must lie in one mask block (sdd), or where the big tiles would leave SMs idle.
+_CONFIGS = {
+    "wide": WgmmaConfig(128, 256, 64, 3, 8),
+    "tall": WgmmaConfig(256, 128, 64, 3, 8),
+    "square": WgmmaConfig(128, 128, 64, 4, 8),
+    "small": WgmmaConfig(64, 128, 64, 4, 4),
+    "tiny": WgmmaConfig(64, 64, 64, 4, 4),
+}
+
+
+def available(device: torch.device) -> bool:
+    if _listed_wgmma_kernel is None or runtime.interpreting() or device.type != "cuda":
+        return False
+    if os.environ.get("SPARSEDROP_HOPPER", "1") == "0":
+        return False
+    return runtime.capability(device)[0] == 9
+
+
+def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:
+    """A 2-D operand as (base with unit column stride, transposed?), or None if TMA cannot read it."""
+    if t.dim() != 2:
+        return None
+    if t.stride(1) == 1 or t.shape[1] == 1:
+        base, trans = t, False
+    elif t.stride(0) == 1 or t.shape[0] == 1:
+        base, trans = t.t(), True
+    else:
+        return None
+    if base.stride(1) != 1 and base.shape[1] != 1:
+        return None
+    if (base.stride(0) * base.element_size()) % 16 or base.data_ptr() % 16 or base.shape[1] * base.element_size() < 16:
+        return None
+    return base, trans
+
+
+def _fold(t: Tensor, rows_per_block: int | None) -> Tensor | None:
+    """(B, M, X) -> (B*M, X) as a view, when the batch folds into the rows."""
+    B, M, _ = t.shape
+    if B == 1:
+        return t[0]
+    if rows_per_block is not None and M % rows_per_block:
+        return None
+    if t.stride(0) != M * t.stride(1):
+        return None
+    return t.reshape(B * M, t.shape[2])
+
+
+def _keep_2d(keep: Tensor, blocks: tuple) -> Tensor | None:
+    """(B, nR, nC) flags (maybe a padded view) as (B*nR, nC) strides, when they fold."""
+    B, nR, nC = blocks
+    if B == 1 or keep.stride(0) == nR * keep.stride(1):
+        return keep
+    return None
+
+
+# Relative speed of one config's tiles when every SM is busy (128 x 256 and 256 x 128 reuse the
+# most per byte loaded): a prior from this session's H200 runs, used with wave quantisation below.
+_TILE_SPEED = {"wide": 1.0, "tall": 1.0, "square": 0.93, "small": 0.85, "tiny": 0.7}
+
+
+def _config(R: int, C: int, sms: int, r_divides: int | None, c_divides: int | None,
+            d_divides: int | None) -> WgmmaConfig | None:
+    """The config with the best expected throughput among those whose tiles divide what they must
+    (None: no constraint): the mask block their rows or columns lie in, and the kept blocks the
+    reduction steps through. Expected throughput = tile speed x busy fraction of the last wave
+    (a 768-wide weight gradient has 72 tiles of 256 x 128 for 132 SMs: half of them would idle)."""
+    def divides(n: int | None, tile: int) -> bool:
+        return n is None or n % tile == 0
+
+    best, best_score = None, 0.0
+    for name, cfg in _CONFIGS.items():
+        if not (divides(r_divides, cfg.tile_r) and divides(c_divides, cfg.tile_c) and divides(d_divides, cfg.tile_d)):
+            continue
+        tiles = cdiv(R, cfg.tile_r) * cdiv(C, cfg.tile_c)
+        waves = tiles / sms
+        score = _TILE_SPEED[name] * waves / math.ceil(waves)
+        if score > best_score:
+            best, best_score = cfg, score
+    return best
+
+
+@dataclasses.dataclass
+class Plan:
+    """One launch of the wgmma kernel: out2d (R x C) = scale * X @ Y (+ bias) over listed steps."""
+    x: Tensor
+    x_t: bool
+    y: Tensor
+    y_t: bool
+    out: Tensor
+    R: int
+    C: int
+    D: int
+    cfg: WgmmaConfig
+    list_by: str | None        # kept_lists(by=...) of the reduction's lists; None: sdd's flat tile list
+    keep: Tensor
+    blocks: tuple
+    line_block: int
+    red_block: int
+    line_of_col: bool
+    block: tuple
+
+    def run(self, scale: float, bias: Tensor | None = None, bias_scale: float = 1.0) -> None:
+        from .block_sparse_matmul_triton import kept_lists
+        cfg = self.cfg
+        B, nR, nC = self.blocks
+        flat = self.list_by is None
+        programs = runtime.sm_resources(self.out.device)[0]  # persistent: one program an SM
+        if flat:  # tiles of kept blocks, then zeros for the dropped ones; their count is on the device
+            counts, index = kept_lists(self.keep, "all", blocks=self.blocks)
+            drop_counts, drop_index = kept_lists(self.keep, "all", blocks=self.blocks, dropped=True)
+            order, n_lines, line_len = counts, 0, nC
+            n_tiles = B * nR * nC * (self.block[0] // cfg.tile_r) * (self.block[1] // cfg.tile_c)  # a bound
+        else:
+            counts, index, order = kept_lists(self.keep, self.list_by, order=True, blocks=self.blocks)
+            drop_counts = drop_index = counts  # unused
+            n_lines, line_len = (B * nR, nC) if self.list_by == "row" else (nC, B * nR)
+            tile_l = cfg.tile_c if self.line_of_col else cfg.tile_r
+            L, O, tile_o = (self.C, self.R, cfg.tile_r) if self.line_of_col else (self.R, self.C, cfg.tile_c)
+            if order is not None:
+                n_tiles = n_lines * (self.line_block // tile_l) * cdiv(O, tile_o)
+            else:
+                n_tiles = cdiv(L, tile_l) * cdiv(O, tile_o)
+        balance = not flat and order is not None
+        if n_tiles == 0:
+            return
+        runtime.set_scratch_allocator()
+        X0, X1 = self.x.shape
+        Y0, Y1 = self.y.shape
+        with runtime.device_guard(self.out):
+            runtime.launch(_listed_wgmma_kernel)[(min(n_tiles, programs),)](
+                self.x, self.y, self.out, bias if bias is not None else self.out,
+                counts, index, order if balance else counts, drop_counts, drop_index,
+                self.R, self.C, self.D, X0, X1, Y0, Y1,
+                self.x.stride(0), self.y.stride(0), self.out.stride(0),
+                n_lines, line_len, n_tiles,
+                float(scale), float(bias_scale),
+                BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
+                TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
+                FLAT=flat, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
+                RED_BLOCK=self.red_block, BALANCE=balance, HAS_BIAS=bias is not None, X_T=self.x_t, Y_T=self.y_t,
+                num_warps=cfg.warps,
+            )
+
+
+def _usable(work: int, *tensors: Tensor) -> bool:
+    """The device, dtype and call allow the wgmma kernel, and the problem (``work`` multiply-adds)
+    is not launch-bound (there the portable kernels' cheaper launch wins; runtime.launch_bound)."""
+    t0 = tensors[0]
+    if not available(t0.device) or t0.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if runtime.launch_bound_work(work, False):
+        return False
+    if runtime.tracing() or any(runtime.is_traced(t) for t in tensors):
+        return False
+    return all(t.dtype == t0.dtype for t in tensors)
+
+
+def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, list_by, line_block, red_block,
+          lines_are_rows: bool, has_bias: bool = False) -> Plan | None:
+    """Plan out2 = X @ Y with lines along out2's rows (lines_are_rows) or its columns. A
+    column-major out2 is computed as the transposed problem outᵀ = Yᵀ Xᵀ (not with a bias,
+    which the kernel adds along the stored columns)."""
+    o = _rows_view(out2)
+    if o is None:
+        return None
+    out_base, out_t = o
+    if out_t and has_bias:
+        return None
+    if out_t:
+        x2, y2 = y2.t(), x2.t()
+        lines_are_rows = not lines_are_rows
+    xv, yv = _rows_view(x2), _rows_view(y2)
+    if xv is None or yv is None:
+        return None
+    R, C = out_base.shape
+    line_of_col = not lines_are_rows
+    sms = runtime.sm_resources(out_base.device)[0]
+    if list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
+        cfg = _config(R, C, sms, block[0], block[1], None)
+    elif line_of_col:  # the tile's columns lie in one line
+        cfg = _config(R, C, sms, None, line_block, red_block)
+    else:
+        cfg = _config(R, C, sms, line_block, None, red_block)
+    if cfg is None:
+        return None
+    return Plan(xv[0], xv[1], yv[0], yv[1], out_base, R, C, D, cfg, list_by, keep, blocks, line_block, red_block,
+                line_of_col, block)
+
+
+def plan_dsd(a: Tensor, b: Tensor, keep: Tensor, block, bias, out_keep, out: Tensor) -> Plan | None:
+    """dsd: out (B, M, N) = (a ⊙ m) @ b; lines = row blocks of a, steps = their kept column blocks."""
+    B, M, K = a.shape
+    if out_keep is not None or not _usable(B * M * K * b.shape[2], a, b, out, *([bias] if bias is not None else [])):
+        return None
+    br, bc = block
+    if b.shape[0] != 1 and B != 1:
+        return None
+    blocks = (B, cdiv(M, br), cdiv(K, bc))
+    a2, out2, k2 = _fold(a, br), _fold(out, br), _keep_2d(keep, blocks)
+    if a2 is None or out2 is None or k2 is None or (bias is not None and bias.stride(0) != 1):
+        return None
+    return _plan(a2, b[0], out2, K, keep, blocks, block, "row", br, bc, lines_are_rows=True,
+                 has_bias=bias is not None)
+
+
+def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, out: Tensor) -> Plan | None:
+    """sdd: out (B, M, K) = (grad @ bᵀ) ⊙ m; every output tile inside one mask block."""
+    B, M, N = grad.shape
+    if reduce_keep is not None or \
+            not _usable(B * M * N * b.shape[1], grad, b, out, *([bias] if bias is not None else [])):
+        return None
+    br, bc = block
+    if b.shape[0] != 1 and B != 1:
+        return None
+    K = b.shape[1]
+    blocks = (B, cdiv(M, br), cdiv(K, bc))
+    g2, out2, k2 = _fold(grad, br), _fold(out, br), _keep_2d(keep, blocks)
+    if g2 is None or out2 is None or k2 is None or (bias is not None and bias.stride(0) != 1):
+        return None
+    if out2.stride(1) != 1:  # the output mask is indexed by (row, column) of out as stored
+        return None
+    return _plan(g2, b[0].t(), out2, N, k2, blocks, block, None, br, 0, lines_are_rows=True,
+                 has_bias=bias is not None)
+
+
+def plan_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, block, batched_out: bool, grad_keep, out: Tensor) -> Plan | None:
+    """dsd_tn: out (K, N) = (a ⊙ m)ᵀ @ grad summed over the batch; lines = column blocks of a,
+    steps = their kept row blocks (of every batch entry)."""
+    B, M, K = a.shape
+    if grad_keep is not None or not _usable(B * M * K * grad.shape[2], a, grad, out):
+        return None
+    br, bc = block
+    if batched_out and B != 1:
+        return None
+    blocks = (B, cdiv(M, br), cdiv(K, bc))
+    a2, g2 = _fold(a, br), _fold(grad, br)
+    if a2 is None or g2 is None:
+        return None
+    return _plan(a2.t(), g2, out[0], B * M, keep, blocks, block, "col" if B == 1 else "col_sum", bc, br,
+                 lines_are_rows=True)

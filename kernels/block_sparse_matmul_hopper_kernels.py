@@ -1,0 +1,294 @@
+"""The block-sparse matmuls of SparseDrop for Hopper (sm_90), written in Gluon (Triton's explicit
+dialect): TMA loads into a ring of shared-memory stages completed on mbarriers, and asynchronous
+warpgroup MMAs (wgmma) that keep one MMA in flight while the next stage's copy lands. Kernels
+only; the host side is in ``block_sparse_matmul_triton.py`` and the oracle in
+``block_sparse_matmul.py``. The portable ``@triton.jit`` kernels stay the path everywhere else
+(CPU interpreter, sm80, batched or strided operands).
+
+One kernel serves all three products, as a tiled matmul ``out (R x C) = scale * X @ Y`` whose
+operands are read through 2-D descriptors and whose reduction runs over ``D``:
+
+    dsd     X = a (M x K), Y = bᵀ or b;  the reduction visits the kept column blocks of the
+            output tile's row block (a per-line kept-block list, ``kept_lists(by="row")``)
+    dsd_tn  X = aᵀ (K x M), Y = g (M x N); the reduction visits the kept row blocks of the
+            output tile's column block of ``a`` (``kept_lists(by="col" / "col_sum")``)
+    sdd     X = g (M x N), Y = bᵀ (N x K); every step, only for the tiles of kept output blocks
+            (a flat kept-block list, ``kept_lists(by="all")``); dropped ones get zeros (FLAT)
+
+An operand whose rows are contiguous is read as it is; one whose columns are contiguous is read
+through a descriptor over its transpose, and the shared-memory tile is handed to the MMA
+permuted (X_T, Y_T): wgmma reads 16-bit operands of either major order from shared memory.
+
+Gluon kernels cannot run under Triton's interpreter, and Inductor cannot emit them in its own
+code: the host calls them only on a Hopper GPU, outside traced code (see the launchers).
+"""
+import triton  # noqa: F401  (Gluon kernels are compiled by Triton's JIT)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
+    warpgroup_mma_wait
+
+
+@gluon.constexpr_function
+def _acc_layout(tile_r, tile_c, num_warps):
+    """wgmma's accumulator layout: warps stacked along rows (16 rows each, a warpgroup spans 64),
+    the rest along columns; each instruction as wide as the warp's columns allow (<= 256)."""
+    warps_r = min(num_warps, tile_r // 16)
+    warps_c = num_warps // warps_r
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_r, warps_c],
+                                     instr_shape=[16, min(256, tile_c // warps_c), 16])
+
+
+@gluon.constexpr_function
+def _staged(stages, block):
+    return [stages] + list(block)
+
+
+@gluon.jit
+def _tile_of(pid, grid_r, grid_c, GROUP: gl.constexpr):
+    """Tile number -> (row, col) tile, GROUP row tiles at a time (L2 reuse of both operands)."""
+    width = GROUP * grid_c
+    group = pid // width
+    first_r = group * GROUP
+    size_r = gl.minimum(grid_r - first_r, GROUP)
+    in_group = pid % width
+    return first_r + in_group % size_r, in_group // size_r
+
+
+@gluon.jit
+def _tile_info(tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+               BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
+               TILE_D: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr, LINE_OF_COL: gl.constexpr,
+               LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr):
+    """Output tile number -> (r0, c0, reduction steps, offset of its line's list).
+
+    FLAT: tiles of the kept blocks of a flat list (``kept_lists(by="all")``), each with the whole
+    reduction. Otherwise the tile's line (along the rows, or with LINE_OF_COL along the columns:
+    the caller swapped the operands to store a column-major output) lists the kept blocks its
+    reduction visits; BALANCE takes lines in ``order_ptr``'s order, most kept blocks first
+    (longest job first, as in the portable kernels)."""
+    if FLAT:
+        # kept block number (b*nR + r) * n_cblk + c (line_len holds n_cblk), then the tile in it
+        TILES_C: gl.constexpr = BLOCK_COLS // TILE_C
+        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // TILE_R) * TILES_C
+        blk = gl.load(index_ptr + tile // TILES_PER_BLOCK).to(gl.int32)
+        sub = tile % TILES_PER_BLOCK
+        r0 = (blk // line_len) * BLOCK_ROWS + (sub // TILES_C) * TILE_R
+        c0 = (blk % line_len) * BLOCK_COLS + (sub % TILES_C) * TILE_C
+        steps = gl.cdiv(D, TILE_D) + r0 * 0
+        line_base = r0 * 0
+    else:
+        r0, c0, steps, line_base = _listed_tile(
+            tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R, TILE_C, TILE_D, GROUP, LINE_OF_COL,
+            LINE_BLOCK, RED_BLOCK, BALANCE)
+    return r0, c0, steps, line_base
+
+
+@gluon.jit
+def _listed_tile(tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
+                 TILE_D: gl.constexpr, GROUP: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr,
+                 RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr):
+    if LINE_OF_COL:
+        TILE_L: gl.constexpr = TILE_C
+        L = C
+        grid_o = gl.cdiv(R, TILE_R)
+    else:
+        TILE_L: gl.constexpr = TILE_R
+        L = R
+        grid_o = gl.cdiv(C, TILE_C)
+    if BALANCE:
+        TILES_PER_LINE: gl.constexpr = LINE_BLOCK // TILE_L
+        pid_l, pid_o = _tile_of(tile, n_lines * TILES_PER_LINE, grid_o, GROUP)
+        line = gl.load(order_ptr + pid_l // TILES_PER_LINE)
+        l0 = line * LINE_BLOCK + (pid_l % TILES_PER_LINE) * TILE_L
+    else:
+        pid_l, pid_o = _tile_of(tile, gl.cdiv(L, TILE_L), grid_o, GROUP)
+        l0 = pid_l * TILE_L
+        line = l0 // LINE_BLOCK
+    if LINE_OF_COL:
+        r0 = pid_o * TILE_R
+        c0 = l0
+    else:
+        r0 = l0
+        c0 = pid_o * TILE_C
+    steps = gl.where(l0 < L, gl.load(count_ptr + line) * (RED_BLOCK // TILE_D), 0)
+    return r0, c0, steps, line * line_len
+
+
+@gluon.jit
+def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0, line_base, index_ptr,
+                RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
+                X_T: gl.constexpr, Y_T: gl.constexpr):
+    """Start the TMA copies of reduction step ``step`` of a tile into stage ``load % STAGES``
+    (nothing when not ``live``)."""
+    if FLAT:
+        d0 = step * TILE_D
+    else:
+        SUB: gl.constexpr = RED_BLOCK // TILE_D
+        # a dead load reads the line's first entry (always in bounds) and copies nothing
+        entry = gl.load(index_ptr + line_base + gl.where(live, step // SUB, 0)).to(gl.int32)
+        d0 = entry * RED_BLOCK + (step % SUB) * TILE_D
+    s = load % STAGES
+    bar = ready.index(s)
+    mbarrier.expect(bar, x_desc.block_type.nbytes + y_desc.block_type.nbytes, pred=live)
+    if X_T:
+        tma.async_copy_global_to_shared(x_desc, [d0, r0], bar, x_smem.index(s), pred=live)
+    else:
+        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, x_smem.index(s), pred=live)
+    if Y_T:
+        tma.async_copy_global_to_shared(y_desc, [c0, d0], bar, y_smem.index(s), pred=live)
+    else:
+        tma.async_copy_global_to_shared(y_desc, [d0, c0], bar, y_smem.index(s), pred=live)
+
+
+@gluon.jit
+def _listed_wgmma_kernel(
+    x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
+    R, C, D, X0, X1, Y0, Y1,
+    stride_x, stride_y, stride_out,
+    n_lines, line_len, n_tiles,
+    scale, bias_scale,
+    BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+    TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+    FLAT: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+    BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
+
+    X is stored (X0 x X1) with unit column stride: X itself (R x D), or with X_T its transpose.
+    Y likewise: (D x C), or with Y_T its transpose (C x D). All three descriptors zero-fill
+    reads and clip writes out of range, so ragged edges need no masks.
+
+    Lists (dsd, dsd_tn): the output tile's row r0 lies in line ``r0 // LINE_BLOCK`` (with
+    LINE_OF_COL its column c0, in line ``c0 // LINE_BLOCK``); the reduction visits the line's kept
+    blocks (``count_ptr`` / ``index_ptr``: entries are block numbers along D of size RED_BLOCK),
+    TILE_D at a time. ``n_tiles`` is the grid's tile count.
+
+    FLAT (sdd): the output is block-dropped (BLOCK_ROWS x BLOCK_COLS blocks, which TILE_R and
+    TILE_C divide). The tiles are those of the kept blocks, listed flat in ``count_ptr`` /
+    ``index_ptr`` (``line_len`` = blocks per row), each with the whole reduction; then the
+    dropped blocks' tiles (``drop_count_ptr`` / ``drop_index_ptr``) are stored as zeros. Dealing
+    out only kept tiles keeps the programs' work even at any p (a grid over all tiles leaves
+    each program a binomial share of kept ones).
+
+    Persistent: each program takes tiles pid, pid + programs, ... of the ``n_tiles``. The loads
+    run STAGES - 1 steps ahead of the MMAs across tile boundaries (a producer cursor over the
+    program's (tile, step) sequence), so a short reduction does not drain the pipeline, and the
+    descriptors and barriers are set up once per program, not once per tile. A tile's TMA store
+    completes under the next tile's main loop.
+    """
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    scale = scale.to(gl.float32)
+    bias_scale = bias_scale.to(gl.float32)
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    if FLAT:
+        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // TILE_R) * (BLOCK_COLS // TILE_C)
+        n_tiles = gl.load(count_ptr) * TILES_PER_BLOCK
+
+    # --- descriptors, built on the device (launch plans replay plain pointer arguments)
+    if X_T:
+        x_block: gl.constexpr = [TILE_D, TILE_R]
+    else:
+        x_block: gl.constexpr = [TILE_R, TILE_D]
+    if Y_T:
+        y_block: gl.constexpr = [TILE_C, TILE_D]
+    else:
+        y_block: gl.constexpr = [TILE_D, TILE_C]
+    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(x_block, dtype)
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(y_block, dtype)
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE_R, TILE_C], dtype)
+    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_block, x_layout)
+    y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [TILE_R, TILE_C], out_layout)
+
+    # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
+    x_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, x_block), x_layout)
+    y_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, y_block), y_layout)
+    out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
+
+    # --- the producer cursor: (tile, step) of the next load, moved past tiles without steps
+    p_tile = pid
+    p_r0, p_c0, p_steps, p_base = _tile_info(
+        gl.minimum(p_tile, gl.maximum(n_tiles - 1, 0)), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+        BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+    p_step = pid * 0
+    loads = pid * 0
+    for i in gl.static_range(STAGES - 1):
+        # advance past finished (or empty) tiles, then issue
+        while (p_step >= p_steps) & (p_tile < n_tiles):
+            p_tile += programs
+            p_r0, p_c0, p_steps, p_base = _tile_info(
+                gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+                BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
+                BALANCE)
+            p_step = p_step * 0
+        live = p_tile < n_tiles
+        _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
+                    RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
+        loads += live.to(gl.int32)
+        p_step += live.to(gl.int32)
+
+    # --- the consumer: the program's tiles in order
+    used = pid * 0
+    for tile in range(pid, n_tiles, programs):
+        r0, c0, steps, line_base = _tile_info(
+            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+            TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
+        for step in range(steps):
+            stage = used % STAGES
+            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
+            xs = x_smem.index(stage)
+            ys = y_smem.index(stage)
+            if X_T:
+                xs = xs.permute((1, 0))
+            if Y_T:
+                ys = ys.permute((1, 0))
+            acc = warpgroup_mma(xs, ys, acc, is_async=True)
+            # keep this MMA in flight; the previous one is done, so its stage can be refilled
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            used += 1
+            while (p_step >= p_steps) & (p_tile < n_tiles):
+                p_tile += programs
+                p_r0, p_c0, p_steps, p_base = _tile_info(
+                    gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+                    BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK,
+                    RED_BLOCK, BALANCE)
+                p_step = p_step * 0
+            live = p_tile < n_tiles
+            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
+                        RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
+            loads += live.to(gl.int32)
+            p_step += live.to(gl.int32)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+        # --- epilogue: scale, bias, through shared memory to one TMA store
+        acc = acc * scale
+        if HAS_BIAS:
+            offs_c = c0 + gl.arange(0, TILE_C, layout=gl.SliceLayout(0, acc_layout))
+            bias = gl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(gl.float32)
+            acc = acc + bias_scale * bias[None, :]
+        tma.store_wait(pendings=0)  # the previous tile's store has read out_smem
+        out_smem.store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+    if FLAT:
+        # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed
+        tma.store_wait(pendings=0)
+        out_smem.store(gl.zeros((TILE_R, TILE_C), dtype, layout=acc_layout))
+        fence_async_shared()
+        n_zero = gl.load(drop_count_ptr) * TILES_PER_BLOCK
+        for tile in range(pid, n_zero, programs):
+            r0, c0, _s, _b = _tile_info(
+                tile, R, C, D, n_lines, line_len, count_ptr, drop_index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS,
+                TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+            tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+    tma.store_wait(pendings=0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))

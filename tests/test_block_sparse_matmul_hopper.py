@@ -1,0 +1,185 @@
+"""The Gluon (wgmma) block-sparse matmuls on a Hopper GPU against the plain-PyTorch reference.
+
+Gluon kernels cannot run under Triton's interpreter, so these tests need an sm_90 GPU; the CPU
+tests check only when the launchers take that path. Each case asserts first that the Hopper path
+was planned (so a silent fallback to the portable kernels cannot pass for it), then compares
+with an fp32 reference from the same bf16/fp16 inputs, with NaN in every dropped block of the
+sparse operand (the kernels must never read one).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
+from sparsedrop_compile.kernels import block_sparse_matmul as ref
+from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper
+from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+from sparsedrop_compile.kernels import runtime
+from sparsedrop_compile.kernels.block_mask import cdiv
+
+on_hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and hopper._listed_wgmma_kernel is not None),
+    reason="the Gluon wgmma kernels need a Hopper GPU (sm_90) and Triton's Gluon",
+)
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def every_size_large(monkeypatch):
+    """The Hopper path skips launch-bound problems; these test shapes are small, count them large."""
+    monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
+    monkeypatch.delenv("SPARSEDROP_HOPPER", raising=False)
+
+
+def _poison(a, keep, block):
+    mask = ref.expand_block_keep(keep, a.shape[1], a.shape[2], *block)
+    return torch.where(mask, a, torch.full((), float("nan"), dtype=a.dtype, device=a.device))
+
+
+def _close(actual, expected):
+    """bf16/fp16 output of a long fp32 reduction: about half an ulp plus summation-order noise
+    (the same bound as the portable kernels' GPU tests)."""
+    assert not torch.isnan(actual).any(), "NaN: a dropped block was read, or an output left unwritten"
+    scale = max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-3 * scale, rtol=1e-2)
+
+
+# (B, M, K, N, block): aligned, ragged in every dim (rows still 16-byte aligned), a batch that
+# folds into the rows, 64 x 64 blocks, a column-narrow output.
+SHAPES = [
+    (1, 1024, 1152, 768, (128, 128)),
+    (1, 1000, 1096, 520, (128, 128)),
+    (3, 256, 640, 384, (128, 128)),
+    (1, 704, 576, 448, (64, 64)),
+    (1, 2048, 768, 64, (128, 128)),
+]
+IDS = ["aligned", "ragged", "batch_folded", "blocks64", "narrow_n"]
+
+
+def _problem(B, M, K, N, block, p, dtype, b_transposed, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(B, M, K, device="cuda", generator=gen, dtype=dtype)
+    if b_transposed:  # a linear's weight.t(): K contiguous
+        b = torch.randn(1, N, K, device="cuda", generator=gen, dtype=dtype).transpose(1, 2)
+    else:
+        b = torch.randn(1, K, N, device="cuda", generator=gen, dtype=dtype)
+    g = torch.randn(B, M, N, device="cuda", generator=gen, dtype=dtype)
+    bias_n = torch.randn(N, device="cuda", generator=gen, dtype=dtype)
+    bias_k = torch.randn(K, device="cuda", generator=gen, dtype=dtype)
+    keep = torch.rand(B, cdiv(M, block[0]), cdiv(K, block[1]), device="cuda", generator=gen) >= p
+    return a, b, g, bias_n, bias_k, keep
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"])
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_dsd(shape, p, b_transposed, dtype):
+    B, M, K, N, block = shape
+    a, b, g, bias, _, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
+    out = torch.empty(B, M, N, device="cuda", dtype=dtype)
+    assert hopper.plan_dsd(a, b, keep, block, bias, None, out) is not None
+    got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
+    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"])
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_sdd(shape, p, b_transposed, dtype):
+    B, M, K, N, block = shape
+    a, b, g, _, bias, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
+    out = torch.empty(B, M, K, device="cuda", dtype=dtype)
+    assert hopper.plan_sdd(g, b, keep, block, bias, None, out) is not None
+    got = tri.sdd(g, b, keep, 1.25, block, bias, bias_scale=0.5)
+    _close(got, ref.reference_sdd(g.float(), b.float(), keep, 1.25, block, bias.float(), bias_scale=0.5))
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("out_layout", ["row_major", "weight_grad"])
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_dsd_tn(shape, p, out_layout, dtype):
+    """The weight gradient summed over the batch, into a row-major (K, N) output or, as ops.py
+    writes a linear's, into (N, K) order (a column-major view: the transposed problem)."""
+    B, M, K, N, block = shape
+    a, _, g, _, _, keep = _problem(B, M, K, N, block, p, dtype, True)
+    if out_layout == "row_major":
+        out = torch.empty(1, K, N, device="cuda", dtype=dtype)
+    else:
+        out = torch.empty(N, K, device="cuda", dtype=dtype).t().unsqueeze(0)
+    assert hopper.plan_dsd_tn(a, g, keep, block, False, None, out) is not None
+    got = tri.dsd_tn(_poison(a, keep, block), g, keep, 1.25, block, False, out=out)
+    _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
+
+
+@gpu
+@on_hopper
+def test_sparse_dropout_linear_op_matches_portable_kernels():
+    """torch.ops.sparsedrop.linear (eager: forward, dX and dW) on the Hopper path gives what the
+    portable kernels give, within rounding, for the same mask."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 512, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(768, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    keep = torch.rand(1, 8, 8, device="cuda", generator=gen) >= 0.3
+    dy = torch.randn(2, 512, 768, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    def run():
+        y = torch.ops.sparsedrop.linear(x, w, bias, keep, 1 / 0.7, 128, 128, "triton")
+        return (y, *torch.autograd.grad(y, (x, w, bias), dy))
+
+    hopper_results = run()
+    import os
+    os.environ["SPARSEDROP_HOPPER"] = "0"
+    try:
+        portable = run()
+    finally:
+        del os.environ["SPARSEDROP_HOPPER"]
+    for got, expected in zip(hopper_results, portable):
+        _close(got, expected)
+
+
+@gpu
+@on_hopper
+def test_eager_replays_launch_the_hopper_kernel():
+    """The eager functional path records each call's launches once and replays them (launch
+    plans): the Gluon kernel must be among the recorded launches, so every replay with new
+    values is right, not only the first call."""
+    from sparsedrop_compile import ops as sd_ops
+    from sparsedrop_compile.kernels import launch_plans
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    w = torch.randn(640, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    keep = torch.rand(1, 4, 8, device="cuda", generator=gen) >= 0.3
+    replayed = launch_plans.stats["replayed"]
+    for _ in range(4):
+        x = torch.randn(512, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(512, 640, device="cuda", generator=gen, dtype=torch.bfloat16)
+        y = sd_ops.linear_call(x, w, None, keep, 1 / 0.7, 128, 128, "triton")
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        xm = ref._masked(x.detach().float()[None], keep, (128, 128))[0] / 0.7
+        _close(y, xm @ w.detach().float().t())
+        _close(dw, dy.float().t() @ xm)
+        mask = ref.expand_block_keep(keep, 512, 1024, 128, 128)[0]
+        _close(dx, torch.where(mask, (dy.float() @ w.detach().float()) / 0.7, 0.0))
+    assert launch_plans.stats["replayed"] > replayed, "the eager calls were never replayed: the test checks nothing"
+
+
+def test_hopper_path_not_planned_without_a_hopper_gpu_or_when_traced():
+    """On CPU tensors (and under the interpreter) the launchers never plan the Gluon kernels."""
+    a = torch.randn(1, 256, 256, dtype=torch.bfloat16)
+    b = torch.randn(1, 256, 256, dtype=torch.bfloat16)
+    keep = torch.ones(1, 2, 2, dtype=torch.bool)
+    out = torch.empty(1, 256, 256, dtype=torch.bfloat16)
+    assert hopper.plan_dsd(a, b, keep, (128, 128), None, None, out) is None
+    assert hopper.plan_sdd(a, b, keep, (128, 128), None, None, out) is None
+    assert hopper.plan_dsd_tn(a, a, keep, (128, 128), False, None, out) is None
