@@ -19,7 +19,6 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -45,8 +44,8 @@ class WgmmaConfig:
 
 
 # Output tile 128 x 256 (or 256 x 128 where the columns must lie in one 128-wide mask block) with
-# two warpgroups, as cuBLAS picks on Hopper for large bf16 problems; smaller tiles where both
-# sides must lie in one mask block (sdd), or where the big tiles would leave SMs idle.
+# two warpgroups, as cuBLAS picks on Hopper for large bf16 problems; 128 x 128 where both sides
+# must lie in one mask block (sdd) or the output is narrow.
 _CONFIGS = {
     "wide": WgmmaConfig(128, 256, 64, 3, 8),
     "tall": WgmmaConfig(256, 128, 64, 3, 8),
@@ -101,30 +100,21 @@ def _keep_2d(keep: Tensor, blocks: tuple) -> Tensor | None:
     return None
 
 
-# Relative speed of one config's tiles when every SM is busy (128 x 256 and 256 x 128 reuse the
-# most per byte loaded): a prior from this session's H200 runs, used with wave quantisation below.
-_TILE_SPEED = {"wide": 1.0, "tall": 1.0, "square": 0.93, "small": 0.85, "tiny": 0.7}
-
-
-def _config(R: int, C: int, sms: int, r_divides: int | None, c_divides: int | None,
-            d_divides: int | None) -> WgmmaConfig | None:
-    """The config with the best expected throughput among those whose tiles divide what they must
-    (None: no constraint): the mask block their rows or columns lie in, and the kept blocks the
-    reduction steps through. Expected throughput = tile speed x busy fraction of the last wave
-    (a 768-wide weight gradient has 72 tiles of 256 x 128 for 132 SMs: half of them would idle)."""
+def _config(C: int, r_divides: int | None, c_divides: int | None, d_divides: int | None) -> WgmmaConfig | None:
+    """The first config, in order of preference, whose tiles divide what they must (None: no
+    constraint): the mask block their rows or columns lie in, and the kept blocks the reduction
+    steps through. Big tiles first unless the output is narrow (C < 1024). A wave-quantisation
+    score was tried instead (session 12, call 4) and chose smaller tiles that ran slower on the
+    narrow T5 shape (weight gradient 0.114 vs 0.095 ms): this order is the measured one."""
     def divides(n: int | None, tile: int) -> bool:
         return n is None or n % tile == 0
 
-    best, best_score = None, 0.0
-    for name, cfg in _CONFIGS.items():
-        if not (divides(r_divides, cfg.tile_r) and divides(c_divides, cfg.tile_c) and divides(d_divides, cfg.tile_d)):
-            continue
-        tiles = cdiv(R, cfg.tile_r) * cdiv(C, cfg.tile_c)
-        waves = tiles / sms
-        score = _TILE_SPEED[name] * waves / math.ceil(waves)
-        if score > best_score:
-            best, best_score = cfg, score
-    return best
+    order = ("wide", "tall", "square", "small", "tiny") if C >= 1024 else ("square", "wide", "tall", "small", "tiny")
+    for name in order:
+        cfg = _CONFIGS[name]
+        if divides(r_divides, cfg.tile_r) and divides(c_divides, cfg.tile_c) and divides(d_divides, cfg.tile_d):
+            return cfg
+    return None
 
 
 @dataclasses.dataclass
@@ -222,13 +212,12 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
         return None
     R, C = out_base.shape
     line_of_col = not lines_are_rows
-    sms = runtime.sm_resources(out_base.device)[0]
     if list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
-        cfg = _config(R, C, sms, block[0], block[1], None)
+        cfg = _config(C, block[0], block[1], None)
     elif line_of_col:  # the tile's columns lie in one line
-        cfg = _config(R, C, sms, None, line_block, red_block)
+        cfg = _config(C, None, line_block, red_block)
     else:
-        cfg = _config(R, C, sms, line_block, None, red_block)
+        cfg = _config(C, line_block, None, red_block)
     if cfg is None:
         return None
     return Plan(xv[0], xv[1], yv[0], yv[1], out_base, R, C, D, cfg, list_by, keep, blocks, line_block, red_block,
