@@ -142,6 +142,28 @@ def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0,
 
 
 @gluon.jit
+def _produce(x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
+             n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+             BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
+             TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr,
+             LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr,
+             X_T: gl.constexpr, Y_T: gl.constexpr):
+    """One step of the producer cursor (tile, step of the next load): move past finished or empty
+    tiles, then issue that load (nothing once the program's tiles are done). Returns the cursor
+    and the count of loads issued."""
+    while (p_step >= p_steps) & (p_tile < n_tiles):
+        p_tile += programs
+        p_r0, p_c0, p_steps, p_base = _tile_info(
+            gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+            BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        p_step = p_step * 0
+    live = p_tile < n_tiles
+    _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
+                RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
+    return p_tile, p_step + live.to(gl.int32), p_steps, p_r0, p_c0, p_base, loads + live.to(gl.int32)
+
+
+@gluon.jit
 def _listed_wgmma_kernel(
     x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
     R, C, D, X0, X1, Y0, Y1,
@@ -220,19 +242,10 @@ def _listed_wgmma_kernel(
     p_step = pid * 0
     loads = pid * 0
     for i in gl.static_range(STAGES - 1):
-        # advance past finished (or empty) tiles, then issue
-        while (p_step >= p_steps) & (p_tile < n_tiles):
-            p_tile += programs
-            p_r0, p_c0, p_steps, p_base = _tile_info(
-                gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-                BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
-                BALANCE)
-            p_step = p_step * 0
-        live = p_tile < n_tiles
-        _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
-                    RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
-        loads += live.to(gl.int32)
-        p_step += live.to(gl.int32)
+        p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
+            x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
+            n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+            TILE_C, TILE_D, STAGES, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
 
     # --- the consumer: the program's tiles in order
     used = pid * 0
@@ -254,18 +267,10 @@ def _listed_wgmma_kernel(
             # keep this MMA in flight; the previous one is done, so its stage can be refilled
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             used += 1
-            while (p_step >= p_steps) & (p_tile < n_tiles):
-                p_tile += programs
-                p_r0, p_c0, p_steps, p_base = _tile_info(
-                    gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-                    BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK,
-                    RED_BLOCK, BALANCE)
-                p_step = p_step * 0
-            live = p_tile < n_tiles
-            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
-                        RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
-            loads += live.to(gl.int32)
-            p_step += live.to(gl.int32)
+            p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
+                x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
+                n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+                TILE_C, TILE_D, STAGES, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
         # --- epilogue: scale, bias, through shared memory to one TMA store
