@@ -73,8 +73,6 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:
         base, trans = t.t(), True
     else:
         return None
-    if base.stride(1) != 1 and base.shape[1] != 1:
-        return None
     if (base.stride(0) * base.element_size()) % 16 or base.data_ptr() % 16 or base.shape[1] * base.element_size() < 16:
         return None
     return base, trans
@@ -92,12 +90,10 @@ def _fold(t: Tensor, rows_per_block: int | None) -> Tensor | None:
     return t.reshape(B * M, t.shape[2])
 
 
-def _keep_2d(keep: Tensor, blocks: tuple) -> Tensor | None:
-    """(B, nR, nC) flags (maybe a padded view) as (B*nR, nC) strides, when they fold."""
-    B, nR, nC = blocks
-    if B == 1 or keep.stride(0) == nR * keep.stride(1):
-        return keep
-    return None
+def _keep_folds(keep: Tensor, blocks: tuple) -> bool:
+    """Whether (B, nR, nC) flags (maybe a padded view) read as (B*nR, nC) through their strides."""
+    B, nR, _ = blocks
+    return B == 1 or keep.stride(0) == nR * keep.stride(1)
 
 
 def _config(C: int, r_divides: int | None, c_divides: int | None, d_divides: int | None) -> WgmmaConfig | None:
@@ -233,8 +229,8 @@ def plan_dsd(a: Tensor, b: Tensor, keep: Tensor, block, bias, out_keep, out: Ten
     if b.shape[0] != 1 and B != 1:
         return None
     blocks = (B, cdiv(M, br), cdiv(K, bc))
-    a2, out2, k2 = _fold(a, br), _fold(out, br), _keep_2d(keep, blocks)
-    if a2 is None or out2 is None or k2 is None or (bias is not None and bias.stride(0) != 1):
+    a2, out2 = _fold(a, br), _fold(out, br)
+    if a2 is None or out2 is None or not _keep_folds(keep, blocks) or (bias is not None and bias.stride(0) != 1):
         return None
     return _plan(a2, b[0], out2, K, keep, blocks, block, "row", br, bc, lines_are_rows=True,
                  has_bias=bias is not None)
@@ -251,12 +247,12 @@ def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, ou
         return None
     K = b.shape[1]
     blocks = (B, cdiv(M, br), cdiv(K, bc))
-    g2, out2, k2 = _fold(grad, br), _fold(out, br), _keep_2d(keep, blocks)
-    if g2 is None or out2 is None or k2 is None or (bias is not None and bias.stride(0) != 1):
+    g2, out2 = _fold(grad, br), _fold(out, br)
+    if g2 is None or out2 is None or not _keep_folds(keep, blocks) or (bias is not None and bias.stride(0) != 1):
         return None
     if out2.stride(1) != 1:  # the output mask is indexed by (row, column) of out as stored
         return None
-    return _plan(g2, b[0].t(), out2, N, k2, blocks, block, None, br, 0, lines_are_rows=True,
+    return _plan(g2, b[0].t(), out2, N, keep, blocks, block, None, br, 0, lines_are_rows=True,
                  has_bias=bias is not None)
 
 

@@ -57,6 +57,20 @@ SHAPES = [
 IDS = ["aligned", "ragged", "batch_folded", "blocks64", "narrow_n"]
 
 
+def every_problem(test):
+    """test(shape, p, b_transposed, dtype) on a Hopper GPU, for every shape, p, b layout and dtype."""
+    for mark in (
+        pytest.mark.parametrize("shape", SHAPES, ids=IDS),
+        pytest.mark.parametrize("p", [0.0, 0.4, 1.0]),
+        pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"]),
+        pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str),
+        on_hopper,
+        gpu,
+    ):
+        test = mark(test)
+    return test
+
+
 def _problem(B, M, K, N, block, p, dtype, b_transposed, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     a = torch.randn(B, M, K, device="cuda", generator=gen, dtype=dtype)
@@ -71,12 +85,7 @@ def _problem(B, M, K, N, block, p, dtype, b_transposed, seed=0):
     return a, b, g, bias_n, bias_k, keep
 
 
-@gpu
-@on_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"])
-@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@every_problem
 def test_dsd(shape, p, b_transposed, dtype):
     B, M, K, N, block = shape
     a, b, g, bias, _, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
@@ -86,12 +95,7 @@ def test_dsd(shape, p, b_transposed, dtype):
     _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
 
 
-@gpu
-@on_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("b_transposed", [True, False], ids=["b_k_contig", "b_n_contig"])
-@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@every_problem
 def test_sdd(shape, p, b_transposed, dtype):
     B, M, K, N, block = shape
     a, b, g, _, bias, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
