@@ -3,13 +3,15 @@ path, against the cuBLAS matmul it replaces: forward dsd vs x @ wᵀ, dX sdd vs 
 vs gᵀ @ x (the weight gradient written in (N, K) order, as ops.py does), at p = 0, 0.1, 0.5.
 Each launcher builds its kept-block lists inside the timing; mask sampling is not included
 (bench_kernels.py times the whole op). CUDA-graph medians (triton.testing.do_bench_cudagraph),
-bf16, random inputs, 128 x 128 blocks. The path is switched with SPARSEDROP_HOPPER.
+bf16, random inputs, 128 x 128 blocks. The path is switched with SPARSEDROP_HOPPER. dX is
+also timed with the Hopper sdd's flat schedule (whole 128 x 128 tiles of one kept block), beside
+its default paired one (256 x 128 tiles, two kept blocks of a column), as hopper_flat_ms.
 
     python benchmarks/bench_hopper_kernels.py [quick] [--out DIR]   # CSV: DIR/hopper_kernels.csv
 """
 import os, sys, torch, triton, csv
 from sparsedrop_compile import ops  # noqa
-from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri, runtime
+from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper, block_sparse_matmul_triton as tri, runtime
 from sparsedrop_compile.kernels.block_mask import cdiv
 torch.manual_seed(0)
 SHAPES = [(4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336), (8192, 768, 3072), (6000, 2000, 3000)]
@@ -40,14 +42,20 @@ for (M, N, K) in SHAPES:
             res[(path, "fwd")] = bench(lambda: tri.dsd(a3, b3, keep, 1.0, (128, 128)))
             res[(path, "dx")] = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
             res[(path, "dw")] = bench(lambda: tri.dsd_tn(a3, g3, keep, 1.0, (128, 128), False, out=dw_out))
+        os.environ["SPARSEDROP_HOPPER"] = "1"
+        paired, hopper._SDD_PAIRS = hopper._SDD_PAIRS, None
+        flat_dx = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
+        hopper._SDD_PAIRS = paired
         for k in ("fwd", "dx", "dw"):
             row = dict(gpu=dev, torch=torch.__version__, triton=triton.__version__, shape=f"{M}x{N}x{K}", p=p, kernel=k, cublas_ms=dense[k],
                        hopper_ms=res[("hopper", k)], triton_ms=res[("triton", k)],
+                       hopper_flat_ms=flat_dx if k == "dx" else "",
                        hopper_vs_cublas=res[("hopper", k)] / dense[k], triton_vs_cublas=res[("triton", k)] / dense[k],
                        hopper_vs_ideal=res[("hopper", k)] / (dense[k] * (1 - p)))
             rows_out.append(row)
             print(f"{M}x{N}x{K} p={p} {k:3s} cublas {dense[k]:.4f}  hopper {res[('hopper', k)]:.4f} ({row['hopper_vs_cublas']:.3f})  "
-                  f"triton {res[('triton', k)]:.4f} ({row['triton_vs_cublas']:.3f})  hopper/ideal {row['hopper_vs_ideal']:.3f}", flush=True)
+                  f"triton {res[('triton', k)]:.4f} ({row['triton_vs_cublas']:.3f})  hopper/ideal {row['hopper_vs_ideal']:.3f}"
+                  + (f"  flat sdd {flat_dx:.4f} ({flat_dx / dense[k]:.3f})" if k == "dx" else ""), flush=True)
     tot = lambda path, p: sum(r[f"{path}_ms"] for r in rows_out if r["shape"] == f"{M}x{N}x{K}" and r["p"] == p)
     for p in (0.0, 0.1, 0.5):
         d = sum(dense.values())

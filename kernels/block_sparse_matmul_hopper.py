@@ -15,6 +15,10 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
   (what a TMA descriptor takes);
 - no second mask (the output side's both-sides case stays on the portable kernels);
 - the tiles divide the mask blocks they must lie in.
+
+The sdd pairs kept blocks of a column into one 256 x 128 tile (``_SDD_PAIRS``) where the mask
+blocks are 128 x 128 (or multiples), g's rows are contiguous and ``kept_pairs`` takes the mask;
+otherwise its tiles are whole 128 x 128 (or smaller) tiles of one kept block.
 """
 from __future__ import annotations
 
@@ -53,6 +57,10 @@ _CONFIGS = {
     "small": WgmmaConfig(64, 128, 64, 4, 4),
     "tiny": WgmmaConfig(64, 64, 64, 4, 4),
 }
+# The sdd's tile when its halves may lie in two mask blocks of one column (kept_pairs): the tall
+# tile, 128 x 128 per block. None: every sdd takes the flat list of whole tiles (the tests set
+# it so to cover that path on the shapes that would pair).
+_SDD_PAIRS: WgmmaConfig | None = _CONFIGS["tall"]
 
 
 def available(device: torch.device) -> bool:
@@ -125,7 +133,8 @@ class Plan:
     C: int
     D: int
     cfg: WgmmaConfig
-    list_by: str | None        # kept_lists(by=...) of the reduction's lists; None: sdd's flat tile list
+    list_by: str | None        # kept_lists(by=...) of the reduction's lists; None: sdd's flat tile
+                               # list, "pairs": sdd's paired one (kept_pairs)
     keep: Tensor
     blocks: tuple
     line_block: int
@@ -134,12 +143,18 @@ class Plan:
     block: tuple
 
     def run(self, scale: float, bias: Tensor | None = None, bias_scale: float = 1.0) -> None:
-        from .block_sparse_matmul_triton import kept_lists
+        from .block_sparse_matmul_triton import kept_lists, kept_pairs
         cfg = self.cfg
         B, nR, nC = self.blocks
-        flat = self.list_by is None
+        pairs = self.list_by == "pairs"
+        flat = self.list_by is None or pairs
+        store_r = cfg.tile_r // 2 if pairs else cfg.tile_r
         programs = runtime.sm_resources(self.out.device)[0]  # persistent: one program an SM
-        if flat:  # tiles of kept blocks, then zeros for the dropped ones; their count is on the device
+        if pairs:  # tiles of pairs of kept blocks, then the dropped blocks; both counts on the device
+            counts, index, drop_index = kept_pairs(self.keep, blocks=self.blocks)
+            drop_counts, order, n_lines, line_len = counts, counts, 0, nC
+            n_tiles = cdiv(B * nR * nC + nC, 2) * (self.block[0] // store_r) * (self.block[1] // cfg.tile_c)  # a bound
+        elif flat:  # tiles of kept blocks, then zeros for the dropped ones; their count is on the device
             counts, index = kept_lists(self.keep, "all", blocks=self.blocks)
             drop_counts, drop_index = kept_lists(self.keep, "all", blocks=self.blocks, dropped=True)
             order, n_lines, line_len = counts, 0, nC
@@ -170,9 +185,9 @@ class Plan:
                 float(scale), float(bias_scale),
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
-                FLAT=flat, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
-                RED_BLOCK=self.red_block, BALANCE=balance, HAS_BIAS=bias is not None, X_T=self.x_t, Y_T=self.y_t,
-                num_warps=cfg.warps,
+                FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
+                RED_BLOCK=self.red_block, BALANCE=balance, HAS_BIAS=bias is not None, X_T=self.x_t,
+                Y_T=self.y_t, num_warps=cfg.warps,
             )
 
 
@@ -208,7 +223,9 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
         return None
     R, C = out_base.shape
     line_of_col = not lines_are_rows
-    if list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
+    if list_by == "pairs":  # sdd: a tile's halves lie in two mask blocks of one column
+        cfg = _SDD_PAIRS
+    elif list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
         cfg = _config(C, block[0], block[1], None)
     elif line_of_col:  # the tile's columns lie in one line
         cfg = _config(C, None, line_block, red_block)
@@ -252,8 +269,17 @@ def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, ou
         return None
     if out2.stride(1) != 1:  # the output mask is indexed by (row, column) of out as stored
         return None
-    return _plan(g2, b[0].t(), out2, N, keep, blocks, block, None, br, 0, lines_are_rows=True,
-                 has_bias=bias is not None)
+    return _plan(g2, b[0].t(), out2, N, keep, blocks, block, "pairs" if _pairs_fit(g2, block, blocks) else None, br,
+                 0, lines_are_rows=True, has_bias=bias is not None)
+
+
+def _pairs_fit(g2: Tensor, block, blocks) -> bool:
+    """Whether the paired sdd serves: its halves divide the mask blocks, g's rows are contiguous
+    (the two half copies split the X tile along its rows), and kept_pairs takes the mask."""
+    from .block_sparse_matmul_triton import pairs_fit
+    cfg = _SDD_PAIRS
+    return cfg is not None and block[0] % (cfg.tile_r // 2) == 0 and block[1] % cfg.tile_c == 0 and \
+        g2.stride(1) == 1 and pairs_fit(blocks)
 
 
 def plan_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, block, batched_out: bool, grad_keep, out: Tensor) -> Plan | None:

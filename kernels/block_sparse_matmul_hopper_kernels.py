@@ -13,7 +13,9 @@ operands are read through 2-D descriptors and whose reduction runs over ``D``:
     dsd_tn  X = aᵀ (K x M), Y = g (M x N); the reduction visits the kept row blocks of the
             output tile's column block of ``a`` (``kept_lists(by="col" / "col_sum")``)
     sdd     X = g (M x N), Y = bᵀ (N x K); every step, only for the tiles of kept output blocks
-            (a flat kept-block list, ``kept_lists(by="all")``); dropped ones get zeros (FLAT)
+            (a flat kept-block list, ``kept_lists(by="all")``); dropped ones get zeros (FLAT);
+            with PAIRS a tile is two half tiles in two kept blocks of one column block
+            (``kept_pairs``): a tall tile's efficiency where a tile may not cross a mask block
 
 An operand whose rows are contiguous is read as it is; one whose columns are contiguous is read
 through a descriptor over its transpose, and the shared-memory tile is handed to the MMA
@@ -56,32 +58,47 @@ def _tile_of(pid, grid_r, grid_c, GROUP: gl.constexpr):
 
 
 @gluon.jit
+def _block_tile(index_ptr, entry, sub, n_cblk, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+                STORE_R: gl.constexpr, TILE_C: gl.constexpr):
+    """(r0, c0) of (STORE_R x TILE_C) tile ``sub`` of the block listed at index[entry], a block
+    number (b*nR + r) * n_cblk + c (batch folded into the rows), its tiles row-major."""
+    TILES_C: gl.constexpr = BLOCK_COLS // TILE_C
+    blk = gl.load(index_ptr + entry).to(gl.int32)
+    return (blk // n_cblk) * BLOCK_ROWS + (sub // TILES_C) * STORE_R, (blk % n_cblk) * BLOCK_COLS + (sub % TILES_C) * TILE_C
+
+
+@gluon.jit
 def _tile_info(tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
                BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
-               TILE_D: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr, LINE_OF_COL: gl.constexpr,
-               LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr):
-    """Output tile number -> (r0, c0, reduction steps, offset of its line's list).
+               TILE_D: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr,
+               STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+               BALANCE: gl.constexpr):
+    """Output tile number -> (r0, c0, reduction steps, aux): aux is the offset of the tile's
+    line's list (lists), or with PAIRS the first row of the tile's second half.
 
-    FLAT: tiles of the kept blocks of a flat list (``kept_lists(by="all")``), each with the whole
-    reduction. Otherwise the tile's line (along the rows, or with LINE_OF_COL along the columns:
-    the caller swapped the operands to store a column-major output) lists the kept blocks its
-    reduction visits; BALANCE takes lines in ``order_ptr``'s order, most kept blocks first
-    (longest job first, as in the portable kernels)."""
+    FLAT: tiles of the kept blocks of a flat list (``kept_lists(by="all")``, line_len holds the
+    blocks per row), each with the whole reduction; with PAIRS the list holds pairs of blocks of
+    one column (``kept_pairs``) and a tile's two halves (STORE_R rows each) lie one in each.
+    Otherwise the tile's line (along the rows, or with LINE_OF_COL along the columns: the caller
+    swapped the operands to store a column-major output) lists the kept blocks its reduction
+    visits; BALANCE takes lines in ``order_ptr``'s order, most kept blocks first (longest job
+    first, as in the portable kernels)."""
     if FLAT:
-        # kept block number (b*nR + r) * n_cblk + c (line_len holds n_cblk), then the tile in it
-        TILES_C: gl.constexpr = BLOCK_COLS // TILE_C
-        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // TILE_R) * TILES_C
-        blk = gl.load(index_ptr + tile // TILES_PER_BLOCK).to(gl.int32)
+        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // STORE_R) * (BLOCK_COLS // TILE_C)
+        unit = tile // TILES_PER_BLOCK
         sub = tile % TILES_PER_BLOCK
-        r0 = (blk // line_len) * BLOCK_ROWS + (sub // TILES_C) * TILE_R
-        c0 = (blk % line_len) * BLOCK_COLS + (sub % TILES_C) * TILE_C
+        if PAIRS:
+            r0, c0 = _block_tile(index_ptr, 2 * unit, sub, line_len, BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
+            aux, _c = _block_tile(index_ptr, 2 * unit + 1, sub, line_len, BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
+        else:
+            r0, c0 = _block_tile(index_ptr, unit, sub, line_len, BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
+            aux = r0 * 0
         steps = gl.cdiv(D, TILE_D) + r0 * 0
-        line_base = r0 * 0
     else:
-        r0, c0, steps, line_base = _listed_tile(
+        r0, c0, steps, aux = _listed_tile(
             tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R, TILE_C, TILE_D, GROUP, LINE_OF_COL,
             LINE_BLOCK, RED_BLOCK, BALANCE)
-    return r0, c0, steps, line_base
+    return r0, c0, steps, aux
 
 
 @gluon.jit
@@ -116,22 +133,27 @@ def _listed_tile(tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R: gl
 
 
 @gluon.jit
-def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0, line_base, index_ptr,
+def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0, aux, index_ptr,
                 RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
-                X_T: gl.constexpr, Y_T: gl.constexpr):
+                PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
     """Start the TMA copies of reduction step ``step`` of a tile into stage ``load % STAGES``
-    (nothing when not ``live``)."""
+    (nothing when not ``live``). With PAIRS the X tile is two copies, rows r0 and aux."""
     if FLAT:
         d0 = step * TILE_D
     else:
         SUB: gl.constexpr = RED_BLOCK // TILE_D
         # a dead load reads the line's first entry (always in bounds) and copies nothing
-        entry = gl.load(index_ptr + line_base + gl.where(live, step // SUB, 0)).to(gl.int32)
+        entry = gl.load(index_ptr + aux + gl.where(live, step // SUB, 0)).to(gl.int32)
         d0 = entry * RED_BLOCK + (step % SUB) * TILE_D
     s = load % STAGES
     bar = ready.index(s)
-    mbarrier.expect(bar, x_desc.block_type.nbytes + y_desc.block_type.nbytes, pred=live)
-    if X_T:
+    X_COPIES: gl.constexpr = 1 + PAIRS
+    mbarrier.expect(bar, X_COPIES * x_desc.block_type.nbytes + y_desc.block_type.nbytes, pred=live)
+    if PAIRS:
+        xs = x_smem.index(s)
+        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, xs.slice(0, STORE_R), pred=live)
+        tma.async_copy_global_to_shared(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R), pred=live)
+    elif X_T:
         tma.async_copy_global_to_shared(x_desc, [d0, r0], bar, x_smem.index(s), pred=live)
     else:
         tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, x_smem.index(s), pred=live)
@@ -145,9 +167,9 @@ def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0,
 def _produce(x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
              n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
              BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
-             TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr,
-             LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr,
-             X_T: gl.constexpr, Y_T: gl.constexpr):
+             TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr,
+             STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+             BALANCE: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
     """One step of the producer cursor (tile, step of the next load): move past finished or empty
     tiles, then issue that load (nothing once the program's tiles are done). Returns the cursor
     and the count of loads issued."""
@@ -155,12 +177,36 @@ def _produce(x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r
         p_tile += programs
         p_r0, p_c0, p_steps, p_base = _tile_info(
             gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-            BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+            BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK,
+            RED_BLOCK, BALANCE)
         p_step = p_step * 0
     live = p_tile < n_tiles
     _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
-                RED_BLOCK, TILE_D, STAGES, FLAT, X_T, Y_T)
+                RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
     return p_tile, p_step + live.to(gl.int32), p_steps, p_r0, p_c0, p_base, loads + live.to(gl.int32)
+
+
+@gluon.jit
+def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout: gl.constexpr,
+              dtype: gl.constexpr, TILE_C: gl.constexpr, STORE_R: gl.constexpr, PAIRS: gl.constexpr,
+              HAS_BIAS: gl.constexpr):
+    """A finished tile: scale, bias, through shared memory to one TMA store (PAIRS: one a half,
+    the second skipped when the pair is one block twice). The store completes under the next
+    tile's main loop."""
+    acc = acc * scale
+    if HAS_BIAS:
+        offs_c = c0 + gl.arange(0, TILE_C, layout=gl.SliceLayout(0, acc_layout))
+        bias = gl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(gl.float32)
+        acc = acc + bias_scale * bias[None, :]
+    tma.store_wait(pendings=0)  # the previous tile's store has read out_smem
+    out_smem.store(acc.to(dtype))
+    fence_async_shared()
+    if PAIRS:
+        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+        if aux != r0:
+            tma.async_copy_shared_to_global(out_desc, [aux, c0], out_smem.slice(STORE_R, STORE_R))
+    else:
+        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
 
 
 @gluon.jit
@@ -172,7 +218,8 @@ def _listed_wgmma_kernel(
     scale, bias_scale,
     BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
     TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-    FLAT: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+    FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
+    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
     BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
     num_warps: gl.constexpr,
 ):
@@ -194,6 +241,13 @@ def _listed_wgmma_kernel(
     out only kept tiles keeps the programs' work even at any p (a grid over all tiles leaves
     each program a binomial share of kept ones).
 
+    PAIRS (with FLAT; X not transposed): the list holds pairs of kept blocks of one column block
+    (``kept_pairs``; ``count_ptr[1]`` / ``drop_index_ptr`` the dropped blocks). A tile's rows are
+    two halves of STORE_R = TILE_R / 2 rows, one in each block of its pair, read by two TMA copies
+    into the halves of one X tile and stored by two; both halves share the Y tile (the column
+    block), so a 256 x 128 tile serves 128 x 128 mask blocks. A pair of one block twice (an odd
+    column's last) is stored once. Without PAIRS, STORE_R = TILE_R.
+
     Persistent: each program takes tiles pid, pid + programs, ... of the ``n_tiles``. The loads
     run STAGES - 1 steps ahead of the MMAs across tile boundaries (a producer cursor over the
     program's (tile, step) sequence), so a short reduction does not drain the pipeline, and the
@@ -205,15 +259,17 @@ def _listed_wgmma_kernel(
     bias_scale = bias_scale.to(gl.float32)
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    if FLAT:
-        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // TILE_R) * (BLOCK_COLS // TILE_C)
+    if FLAT:  # the count of listed blocks (or pairs) is on the device
+        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // STORE_R) * (BLOCK_COLS // TILE_C)
         n_tiles = gl.load(count_ptr) * TILES_PER_BLOCK
 
     # --- descriptors, built on the device (launch plans replay plain pointer arguments)
     if X_T:
         x_block: gl.constexpr = [TILE_D, TILE_R]
+        x_copy: gl.constexpr = x_block
     else:
         x_block: gl.constexpr = [TILE_R, TILE_D]
+        x_copy: gl.constexpr = [STORE_R, TILE_D]  # PAIRS: one half per copy
     if Y_T:
         y_block: gl.constexpr = [TILE_C, TILE_D]
     else:
@@ -221,9 +277,9 @@ def _listed_wgmma_kernel(
     x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(x_block, dtype)
     y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(y_block, dtype)
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE_R, TILE_C], dtype)
-    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_block, x_layout)
+    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_copy, x_layout)
     y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [TILE_R, TILE_C], out_layout)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
 
     # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
     x_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, x_block), x_layout)
@@ -238,21 +294,22 @@ def _listed_wgmma_kernel(
     p_tile = pid
     p_r0, p_c0, p_steps, p_base = _tile_info(
         gl.minimum(p_tile, gl.maximum(n_tiles - 1, 0)), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-        BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
+        BALANCE)
     p_step = pid * 0
     loads = pid * 0
     for i in gl.static_range(STAGES - 1):
         p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
             x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
             n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, STAGES, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
+            TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
 
     # --- the consumer: the program's tiles in order
     used = pid * 0
     for tile in range(pid, n_tiles, programs):
-        r0, c0, steps, line_base = _tile_info(
+        r0, c0, steps, aux = _tile_info(
             tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
         acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
         for step in range(steps):
             stage = used % STAGES
@@ -270,30 +327,27 @@ def _listed_wgmma_kernel(
             p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
                 x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
                 n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-                TILE_C, TILE_D, STAGES, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
+                TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T,
+                Y_T)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-
-        # --- epilogue: scale, bias, through shared memory to one TMA store
-        acc = acc * scale
-        if HAS_BIAS:
-            offs_c = c0 + gl.arange(0, TILE_C, layout=gl.SliceLayout(0, acc_layout))
-            bias = gl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(gl.float32)
-            acc = acc + bias_scale * bias[None, :]
-        tma.store_wait(pendings=0)  # the previous tile's store has read out_smem
-        out_smem.store(acc.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+        _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
+                  TILE_C, STORE_R, PAIRS, HAS_BIAS)
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed
         tma.store_wait(pendings=0)
         out_smem.store(gl.zeros((TILE_R, TILE_C), dtype, layout=acc_layout))
         fence_async_shared()
-        n_zero = gl.load(drop_count_ptr) * TILES_PER_BLOCK
+        if PAIRS:
+            n_zero = gl.load(count_ptr + 1) * TILES_PER_BLOCK
+        else:
+            n_zero = gl.load(drop_count_ptr) * TILES_PER_BLOCK
         for tile in range(pid, n_zero, programs):
-            r0, c0, _s, _b = _tile_info(
-                tile, R, C, D, n_lines, line_len, count_ptr, drop_index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS,
-                TILE_R, TILE_C, TILE_D, GROUP, FLAT, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
-            tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+            r0, c0 = _block_tile(drop_index_ptr, tile // TILES_PER_BLOCK, tile % TILES_PER_BLOCK, line_len,
+                                 BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
+            if PAIRS:
+                tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+            else:
+                tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))

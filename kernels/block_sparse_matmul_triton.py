@@ -61,7 +61,7 @@ from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDAT
     candidate_configs,
     tuned_configs,
 )
-from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _kept_lists_kernel, _sdd_kernel
+from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _kept_lists_kernel, _kept_pairs_kernel, _sdd_kernel
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "KernelConfig",
     "candidate_configs",
     "kept_lists",
+    "kept_pairs",
     "tuned_configs",
 ]
 
@@ -313,6 +314,41 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
                 num_warps=4,
             )
     return (counts, index, order_t) if order else (counts, index)
+
+
+def pairs_fit(blocks: tuple) -> bool:
+    """Whether kept_pairs takes a (B, nR, nC) mask: not empty, and small enough for its
+    kernel's recount (each of the nC programs reads every flag; _ORDER_MAX_FLAG_READS)."""
+    B, nR, nC = blocks
+    n_blocks = hint(B * nR * nC)
+    return n_blocks > 0 and hint(nC) * n_blocks <= _ORDER_MAX_FLAG_READS
+
+
+def kept_pairs(keep: Tensor, blocks: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The paired sdd's lists (see _kept_pairs_kernel), built on the device in one launch:
+    (counts, index, drop_index) with counts[0] = pairs, counts[1] = dropped blocks; the pairs
+    are index[2i], index[2i + 1], two kept blocks of one column, numbered (b*nR + r)*nC + c;
+    the dropped blocks are drop_index[:counts[1]]. ``blocks`` as in kept_lists; the mask must
+    pass pairs_fit."""
+    B, nR, nC = keep.shape if blocks is None else blocks
+    if not pairs_fit((B, nR, nC)):
+        raise ValueError(f"kept_pairs: a mask of {(B, nR, nC)} blocks is empty or too large for the one-launch "
+                         f"lists (nC * blocks > {_ORDER_MAX_FLAG_READS}); check pairs_fit first")
+    n_entries = hint(B * nR)
+    device = keep.device
+    index_dtype = torch.int16 if known(B * nR * nC <= 2**15 - 1) else torch.int32
+    counts = launch_plans.empty(3, torch.int32, device)
+    index = launch_plans.empty(B * nR * nC + nC + 1, index_dtype, device)  # + one repeat per odd column
+    drop_index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
+    sb, sr, sc = keep.stride()
+    chunk = min(max(next_pow2(n_entries), 16), 1024)
+    with runtime.device_guard(keep):
+        launch(_kept_pairs_kernel)[(nC,)](
+            keep, counts, index, drop_index, nC, B * nR, sb, sr, sc, nR,
+            CHUNK=chunk, COUNT_LINES=max(1, min(next_pow2(hint(nC)), 4096 // chunk)), COUNT_ENTRIES=chunk,
+            num_warps=4,
+        )
+    return counts, index, drop_index
 
 
 # Each program of the lists kernel reads the whole mask once more to rank its line, so the

@@ -234,6 +234,28 @@ def test_kept_lists_flat(dropped):
         assert counts[0].item() == len(listed) and index[0, : len(listed)].tolist() == listed
 
 
+def test_kept_pairs():
+    """The paired sdd's lists: each column's kept blocks in order, its last repeated when their
+    count is odd (so a pair never spans two columns), then every dropped block column by column;
+    also through a padded view of the flags."""
+    gen = torch.Generator().manual_seed(10)
+    padded = (torch.rand(3, 6, 8, generator=gen) > 0.4).to(DEVICE)
+    B, nR, nC = 3, 5, 7
+    for keep, blocks in ((padded[:, :5, :7].contiguous(), None), (padded.reshape(18, 8)[:15, :7].reshape(3, 5, 7), (3, 5, 7))):
+        counts, index, drop_index = tri.kept_pairs(keep, blocks=blocks)
+        flags = keep.reshape(-1).tolist()
+        paired, dropped = [], []
+        for c in range(nC):
+            column = [e * nC + c for e in range(B * nR) if flags[e * nC + c]]
+            paired += column + column[-1:] * (len(column) % 2)
+            dropped += [e * nC + c for e in range(B * nR) if not flags[e * nC + c]]
+        assert counts[0].item() * 2 == len(paired) and index[: len(paired)].tolist() == paired
+        assert counts[1].item() == len(dropped) and drop_index[: len(dropped)].tolist() == dropped
+    assert not tri.pairs_fit((1, 0, 4))
+    with pytest.raises(ValueError, match="too large"):
+        tri.kept_pairs(keep, blocks=(1, 2**20, 64))
+
+
 def test_unsupported_reason():
     x = torch.zeros(2, 4, device=DEVICE)
     assert tri.unsupported_reason((x, x), (32, 32)) is None

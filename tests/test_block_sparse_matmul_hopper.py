@@ -86,21 +86,31 @@ def _problem(B, M, K, N, block, p, dtype, b_transposed, seed=0):
 
 
 @every_problem
-def test_dsd(shape, p, b_transposed, dtype):
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_dsd(shape, p, b_transposed, dtype, with_bias):
+    """With a bias and without."""
     B, M, K, N, block = shape
     a, b, g, bias, _, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
+    bias = bias if with_bias else None
     out = torch.empty(B, M, N, device="cuda", dtype=dtype)
     assert hopper.plan_dsd(a, b, keep, block, bias, None, out) is not None
     got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
-    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
+    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, None if bias is None else bias.float()))
 
 
 @every_problem
-def test_sdd(shape, p, b_transposed, dtype):
+@pytest.mark.parametrize("tiles", ["paired", "flat"])
+def test_sdd(shape, p, b_transposed, dtype, tiles, monkeypatch):
+    """Both sdd schedules: tiles whose halves lie in two kept blocks of a column (the default
+    where the blocks are 128 x 128), and whole tiles of one kept block (forced here)."""
     B, M, K, N, block = shape
+    if tiles == "flat":
+        monkeypatch.setattr(hopper, "_SDD_PAIRS", None)
     a, b, g, _, bias, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
     out = torch.empty(B, M, K, device="cuda", dtype=dtype)
-    assert hopper.plan_sdd(g, b, keep, block, bias, None, out) is not None
+    plan = hopper.plan_sdd(g, b, keep, block, bias, None, out)
+    assert plan is not None
+    assert (plan.list_by == "pairs") == (tiles == "paired" and block == (128, 128)), plan.list_by
     got = tri.sdd(g, b, keep, 1.25, block, bias, bias_scale=0.5)
     _close(got, ref.reference_sdd(g.float(), b.float(), keep, 1.25, block, bias.float(), bias_scale=0.5))
 
