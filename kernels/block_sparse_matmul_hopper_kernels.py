@@ -210,86 +210,80 @@ def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_sca
 
 
 @gluon.jit
-def _listed_wgmma_kernel(
-    x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
-    R, C, D, X0, X1, Y0, Y1,
-    stride_x, stride_y, stride_out,
-    n_lines, line_len, n_tiles,
-    scale, bias_scale,
-    BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
-    TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-    FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
-    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-    BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
-    num_warps: gl.constexpr,
-):
-    """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
-
-    X is stored (X0 x X1) with unit column stride: X itself (R x D), or with X_T its transpose.
-    Y likewise: (D x C), or with Y_T its transpose (C x D). All three descriptors zero-fill
-    reads and clip writes out of range, so ragged edges need no masks.
-
-    Lists (dsd, dsd_tn): the output tile's row r0 lies in line ``r0 // LINE_BLOCK`` (with
-    LINE_OF_COL its column c0, in line ``c0 // LINE_BLOCK``); the reduction visits the line's kept
-    blocks (``count_ptr`` / ``index_ptr``: entries are block numbers along D of size RED_BLOCK),
-    TILE_D at a time. ``n_tiles`` is the grid's tile count.
-
-    FLAT (sdd): the output is block-dropped (BLOCK_ROWS x BLOCK_COLS blocks, which TILE_R and
-    TILE_C divide). The tiles are those of the kept blocks, listed flat in ``count_ptr`` /
-    ``index_ptr`` (``line_len`` = blocks per row), each with the whole reduction; then the
-    dropped blocks' tiles (``drop_count_ptr`` / ``drop_index_ptr``) are stored as zeros. Dealing
-    out only kept tiles keeps the programs' work even at any p (a grid over all tiles leaves
-    each program a binomial share of kept ones).
-
-    PAIRS (with FLAT; X not transposed): the list holds pairs of kept blocks of one column block
-    (``kept_pairs``; ``count_ptr[1]`` / ``drop_index_ptr`` the dropped blocks). A tile's rows are
-    two halves of STORE_R = TILE_R / 2 rows, one in each block of its pair, read by two TMA copies
-    into the halves of one X tile and stored by two; both halves share the Y tile (the column
-    block), so a 256 x 128 tile serves 128 x 128 mask blocks. A pair of one block twice (an odd
-    column's last) is stored once. Without PAIRS, STORE_R = TILE_R.
-
-    Persistent: each program takes tiles pid, pid + programs, ... of the ``n_tiles``. The loads
-    run STAGES - 1 steps ahead of the MMAs across tile boundaries (a producer cursor over the
-    program's (tile, step) sequence), so a short reduction does not drain the pipeline, and the
-    descriptors and barriers are set up once per program, not once per tile. A tile's TMA store
-    completes under the next tile's main loop.
-    """
-    dtype: gl.constexpr = x_ptr.dtype.element_ty
-    scale = scale.to(gl.float32)
-    bias_scale = bias_scale.to(gl.float32)
+def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len, count_ptr,
+                index_ptr, order_ptr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr,
+                TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr,
+                LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr, X_T: gl.constexpr,
+                Y_T: gl.constexpr):
+    """SPECIALISE's producer (one warp): the program's tiles in order, each step's copies into the
+    next stage once the consumers have released it (``empty``); the list reads and TMA issues
+    stay off the MMA warps' path."""
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
-    if FLAT:  # the count of listed blocks (or pairs) is on the device
-        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // STORE_R) * (BLOCK_COLS // TILE_C)
-        n_tiles = gl.load(count_ptr) * TILES_PER_BLOCK
+    loads = pid * 0
+    for tile in range(pid, n_tiles, programs):
+        r0, c0, steps, aux = _tile_info(
+            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        for step in range(steps):
+            # a barrier starts as if its phase 1 had completed: the first round does not wait
+            mbarrier.wait(empty.index(loads % STAGES), ((loads // STAGES) & 1) ^ 1)
+            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, True, r0, c0, aux, index_ptr,
+                        RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
+            loads += 1
 
-    # --- descriptors, built on the device (launch plans replay plain pointer arguments)
-    if X_T:
-        x_block: gl.constexpr = [TILE_D, TILE_R]
-        x_copy: gl.constexpr = x_block
-    else:
-        x_block: gl.constexpr = [TILE_R, TILE_D]
-        x_copy: gl.constexpr = [STORE_R, TILE_D]  # PAIRS: one half per copy
-    if Y_T:
-        y_block: gl.constexpr = [TILE_C, TILE_D]
-    else:
-        y_block: gl.constexpr = [TILE_D, TILE_C]
-    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(x_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(y_block, dtype)
-    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE_R, TILE_C], dtype)
-    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_copy, x_layout)
-    y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
 
-    # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
-    x_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, x_block), x_layout)
-    y_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, y_block), y_layout)
-    out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
+@gluon.jit
+def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines, line_len,
+                   count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype: gl.constexpr,
+                   acc_layout: gl.constexpr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+                   TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
+                   GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
+                   LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+                   BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+    """SPECIALISE's consumers (the kernel's warps): per tile, the MMAs over its ready stages, one
+    in flight, each stage released (``empty``) once the MMA after it is issued and it is done;
+    then the epilogue."""
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    used = pid * 0
+    for tile in range(pid, n_tiles, programs):
+        r0, c0, steps, aux = _tile_info(
+            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
+        for step in range(steps):
+            stage = used % STAGES
+            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
+            xs = x_smem.index(stage)
+            ys = y_smem.index(stage)
+            if X_T:
+                xs = xs.permute((1, 0))
+            if Y_T:
+                ys = ys.permute((1, 0))
+            acc = warpgroup_mma(xs, ys, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=step > 0)  # the previous step's
+            used += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=steps > 0)
+        _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
+                  TILE_C, STORE_R, PAIRS, HAS_BIAS)
 
+
+@gluon.jit
+def _pipelined_tiles(x_desc, y_desc, x_smem, y_smem, out_smem, ready, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
+                     line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype: gl.constexpr,
+                     acc_layout: gl.constexpr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+                     TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
+                     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+                     BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+    """Without SPECIALISE: the same warps issue the loads (a producer cursor STAGES - 1 steps
+    ahead) and run the MMAs and epilogues."""
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
     # --- the producer cursor: (tile, step) of the next load, moved past tiles without steps
     p_tile = pid
     p_r0, p_c0, p_steps, p_base = _tile_info(
@@ -332,6 +326,112 @@ def _listed_wgmma_kernel(
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
                   TILE_C, STORE_R, PAIRS, HAS_BIAS)
+
+
+@gluon.jit
+def _listed_wgmma_kernel(
+    x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
+    R, C, D, X0, X1, Y0, Y1,
+    stride_x, stride_y, stride_out,
+    n_lines, line_len, n_tiles,
+    scale, bias_scale,
+    BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+    TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+    FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
+    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
+    BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
+    SPECIALISE: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
+
+    X is stored (X0 x X1) with unit column stride: X itself (R x D), or with X_T its transpose.
+    Y likewise: (D x C), or with Y_T its transpose (C x D). All three descriptors zero-fill
+    reads and clip writes out of range, so ragged edges need no masks.
+
+    Lists (dsd, dsd_tn): the output tile's row r0 lies in line ``r0 // LINE_BLOCK`` (with
+    LINE_OF_COL its column c0, in line ``c0 // LINE_BLOCK``); the reduction visits the line's kept
+    blocks (``count_ptr`` / ``index_ptr``: entries are block numbers along D of size RED_BLOCK),
+    TILE_D at a time. ``n_tiles`` is the grid's tile count.
+
+    FLAT (sdd): the output is block-dropped (BLOCK_ROWS x BLOCK_COLS blocks, which TILE_R and
+    TILE_C divide). The tiles are those of the kept blocks, listed flat in ``count_ptr`` /
+    ``index_ptr`` (``line_len`` = blocks per row), each with the whole reduction; then the
+    dropped blocks' tiles (``drop_count_ptr`` / ``drop_index_ptr``) are stored as zeros. Dealing
+    out only kept tiles keeps the programs' work even at any p (a grid over all tiles leaves
+    each program a binomial share of kept ones).
+
+    PAIRS (with FLAT; X not transposed): the list holds pairs of kept blocks of one column block
+    (``kept_pairs``; ``count_ptr[1]`` / ``drop_index_ptr`` the dropped blocks). A tile's rows are
+    two halves of STORE_R = TILE_R / 2 rows, one in each block of its pair, read by two TMA copies
+    into the halves of one X tile and stored by two; both halves share the Y tile (the column
+    block), so a 256 x 128 tile serves 128 x 128 mask blocks. A pair of one block twice (an odd
+    column's last) is stored once. Without PAIRS, STORE_R = TILE_R.
+
+    SPECIALISE: warp specialisation. One extra warp (PRODUCER_REGS registers) issues the loads,
+    the kernel's warps only wait for ready stages, run the MMAs and the epilogues, and release
+    each stage through a second ring of mbarriers (``empty``). Without it the same warps do
+    both, and every load issue costs the MMA warps a CTA-wide barrier or more (session 13's ncu
+    profile: 35-47 % of the big tiles' stall cycles at CTA barriers).
+
+    Persistent: each program takes tiles pid, pid + programs, ... of the ``n_tiles``. The loads
+    run STAGES - 1 steps ahead of the MMAs across tile boundaries (a producer cursor over the
+    program's (tile, step) sequence), so a short reduction does not drain the pipeline, and the
+    descriptors and barriers are set up once per program, not once per tile. A tile's TMA store
+    completes under the next tile's main loop.
+    """
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    scale = scale.to(gl.float32)
+    bias_scale = bias_scale.to(gl.float32)
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    if FLAT:  # the count of listed blocks (or pairs) is on the device
+        TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // STORE_R) * (BLOCK_COLS // TILE_C)
+        n_tiles = gl.load(count_ptr) * TILES_PER_BLOCK
+
+    # --- descriptors, built on the device (launch plans replay plain pointer arguments)
+    if X_T:
+        x_block: gl.constexpr = [TILE_D, TILE_R]
+        x_copy: gl.constexpr = x_block
+    else:
+        x_block: gl.constexpr = [TILE_R, TILE_D]
+        x_copy: gl.constexpr = [STORE_R, TILE_D]  # PAIRS: one half per copy
+    if Y_T:
+        y_block: gl.constexpr = [TILE_C, TILE_D]
+    else:
+        y_block: gl.constexpr = [TILE_D, TILE_C]
+    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(x_block, dtype)
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(y_block, dtype)
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE_R, TILE_C], dtype)
+    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_copy, x_layout)
+    y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
+    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
+
+    # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
+    x_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, x_block), x_layout)
+    y_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, y_block), y_layout)
+    out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
+    if SPECIALISE:
+        gl.warp_specialize([
+            (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
+                              line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
+                              BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
+                              LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)),
+            (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
+                           count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES,
+                           GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)),
+        ], [1], [PRODUCER_REGS])
+    else:
+        _pipelined_tiles(x_desc, y_desc, x_smem, y_smem, out_smem, ready, out_desc, bias_ptr, n_tiles, R, C, D,
+                         n_lines, line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
+                         BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
+                         LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)
+
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed
         tma.store_wait(pendings=0)
@@ -351,3 +451,4 @@ def _listed_wgmma_kernel(
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
