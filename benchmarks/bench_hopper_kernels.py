@@ -5,8 +5,9 @@ Each launcher builds its kept-block lists inside the timing; mask sampling is no
 (bench_kernels.py times the whole op). CUDA-graph medians (triton.testing.do_bench_cudagraph),
 bf16, random inputs, 128 x 128 blocks. The path is switched with SPARSEDROP_HOPPER. dX is
 also timed with the Hopper sdd's flat schedule (whole 128 x 128 tiles of one kept block), beside
-its default paired one (256 x 128 tiles, two kept blocks of a column), as hopper_flat_ms; every
-kernel also without warp specialisation (hopper._SPECIALISE = False) as hopper_one_partition_ms.
+its default paired one (256 x 128 tiles, two kept blocks of a column), as hopper_flat_ms.
+(Session 13's CSV also has hopper_one_partition_ms: the kernel before warp specialisation, from
+314ac9a, where it was a switch.)
 
     python benchmarks/bench_hopper_kernels.py [quick] [--out DIR]   # CSV: DIR/hopper_kernels.csv
 """
@@ -47,28 +48,21 @@ for (M, N, K) in SHAPES:
         paired, hopper._SDD_PAIRS = hopper._SDD_PAIRS, None
         flat_dx = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
         hopper._SDD_PAIRS = paired
-        hopper._SPECIALISE = False
-        unspecialised = {k: bench(fn) for k, fn in (
-            ("fwd", lambda: tri.dsd(a3, b3, keep, 1.0, (128, 128))),
-            ("dx", lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128))),
-            ("dw", lambda: tri.dsd_tn(a3, g3, keep, 1.0, (128, 128), False, out=dw_out)))}
-        hopper._SPECIALISE = True
         for k in ("fwd", "dx", "dw"):
             row = dict(gpu=dev, torch=torch.__version__, triton=triton.__version__, shape=f"{M}x{N}x{K}", p=p, kernel=k, cublas_ms=dense[k],
                        hopper_ms=res[("hopper", k)], triton_ms=res[("triton", k)],
-                       hopper_flat_ms=flat_dx if k == "dx" else "", hopper_one_partition_ms=unspecialised[k],
+                       hopper_flat_ms=flat_dx if k == "dx" else "",
                        hopper_vs_cublas=res[("hopper", k)] / dense[k], triton_vs_cublas=res[("triton", k)] / dense[k],
                        hopper_vs_ideal=res[("hopper", k)] / (dense[k] * (1 - p)))
             rows_out.append(row)
             print(f"{M}x{N}x{K} p={p} {k:3s} cublas {dense[k]:.4f}  hopper {res[('hopper', k)]:.4f} ({row['hopper_vs_cublas']:.3f})  "
                   f"triton {res[('triton', k)]:.4f} ({row['triton_vs_cublas']:.3f})  hopper/ideal {row['hopper_vs_ideal']:.3f}"
-                  + f"  one partition {unspecialised[k]:.4f} ({unspecialised[k] / dense[k]:.3f})"
                   + (f"  flat sdd {flat_dx:.4f} ({flat_dx / dense[k]:.3f})" if k == "dx" else ""), flush=True)
     tot = lambda path, p: sum(r[f"{path}_ms"] for r in rows_out if r["shape"] == f"{M}x{N}x{K}" and r["p"] == p)
     for p in (0.0, 0.1, 0.5):
         d = sum(dense.values())
-        print(f"  TOTAL {M}x{N}x{K} p={p}: hopper {tot('hopper', p)/d:.3f}  one partition {tot('hopper_one_partition', p)/d:.3f}  "
-              f"triton {tot('triton', p)/d:.3f} x cuBLAS (ideal {1-p:.2f})", flush=True)
+        print(f"  TOTAL {M}x{N}x{K} p={p}: hopper {tot('hopper', p)/d:.3f}  triton {tot('triton', p)/d:.3f} x cuBLAS "
+              f"(ideal {1-p:.2f})", flush=True)
 out_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else "benchmarks/results"
 os.makedirs(out_dir, exist_ok=True)
 gpu_name = dev.lower().replace(" ", "-")

@@ -61,12 +61,9 @@ _CONFIGS = {
 # tile, 128 x 128 per block. None: every sdd takes the flat list of whole tiles (the tests set
 # it so to cover that path on the shapes that would pair).
 _SDD_PAIRS: WgmmaConfig | None = _CONFIGS["tall"]
-# Warp specialisation: one producer warp issues the loads, the config's warps only compute (see
-# the kernel's SPECIALISE). False: the same warps do both (the tests cover both). The producer
-# gets PRODUCER_REGS registers a thread; the kernel's register cap is what fits its warps and the
-# producer's warpgroup in an SM's 64 K registers (the compiler moves the producer's spare
-# registers to the MMA warps).
-_SPECIALISE = True
+# The kernel's producer warp gets _PRODUCER_REGS registers a thread; the kernel's register cap is
+# what fits its warps and the producer's warpgroup in an SM's 64 K registers (the compiler moves
+# the producer's spare registers to the MMA warps).
 _PRODUCER_REGS = 40
 
 
@@ -198,8 +195,7 @@ class Plan:
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
                 RED_BLOCK=self.red_block, BALANCE=balance, HAS_BIAS=bias is not None, X_T=self.x_t,
-                Y_T=self.y_t, SPECIALISE=_SPECIALISE, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps,
-                **({"maxnreg": _max_registers(cfg.warps)} if _SPECIALISE else {}),
+                Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps, maxnreg=_max_registers(cfg.warps),
             )
 
 

@@ -1,8 +1,8 @@
 """The block-sparse matmuls of SparseDrop for Hopper (sm_90), written in Gluon (Triton's explicit
-dialect): TMA loads into a ring of shared-memory stages completed on mbarriers, and asynchronous
-warpgroup MMAs (wgmma) that keep one MMA in flight while the next stage's copy lands. Kernels
-only; the host side is in ``block_sparse_matmul_triton.py`` and the oracle in
-``block_sparse_matmul.py``. The portable ``@triton.jit`` kernels stay the path everywhere else
+dialect): a producer warp's TMA loads into a ring of shared-memory stages completed on
+mbarriers, and asynchronous warpgroup MMAs (wgmma) in the other warps that keep one MMA in flight
+while the next stages' copies land (warp specialisation). Kernels only; the host side is in
+``block_sparse_matmul_hopper.py`` and the oracle in ``block_sparse_matmul.py``. The portable ``@triton.jit`` kernels stay the path everywhere else
 (CPU interpreter, sm80, batched or strided operands).
 
 One kernel serves all three products, as a tiled matmul ``out (R x C) = scale * X @ Y`` whose
@@ -164,29 +164,6 @@ def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0,
 
 
 @gluon.jit
-def _produce(x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
-             n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-             BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
-             TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr,
-             STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-             BALANCE: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """One step of the producer cursor (tile, step of the next load): move past finished or empty
-    tiles, then issue that load (nothing once the program's tiles are done). Returns the cursor
-    and the count of loads issued."""
-    while (p_step >= p_steps) & (p_tile < n_tiles):
-        p_tile += programs
-        p_r0, p_c0, p_steps, p_base = _tile_info(
-            gl.minimum(p_tile, n_tiles - 1), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-            BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK,
-            RED_BLOCK, BALANCE)
-        p_step = p_step * 0
-    live = p_tile < n_tiles
-    _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, p_step, live, p_r0, p_c0, p_base, index_ptr,
-                RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
-    return p_tile, p_step + live.to(gl.int32), p_steps, p_r0, p_c0, p_base, loads + live.to(gl.int32)
-
-
-@gluon.jit
 def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout: gl.constexpr,
               dtype: gl.constexpr, TILE_C: gl.constexpr, STORE_R: gl.constexpr, PAIRS: gl.constexpr,
               HAS_BIAS: gl.constexpr):
@@ -216,8 +193,8 @@ def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, 
                 FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr,
                 LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr, X_T: gl.constexpr,
                 Y_T: gl.constexpr):
-    """SPECIALISE's producer (one warp): the program's tiles in order, each step's copies into the
-    next stage once the consumers have released it (``empty``); the list reads and TMA issues
+    """The producer partition (one warp): the program's tiles in order, each step's copies into
+    the next stage once the consumers have released it (``empty``); the list reads and TMA issues
     stay off the MMA warps' path."""
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
@@ -242,7 +219,7 @@ def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n
                    GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
                    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
                    BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """SPECIALISE's consumers (the kernel's warps): per tile, the MMAs over its ready stages, one
+    """The consumer partition (the kernel's warps): per tile, the MMAs over its ready stages, one
     in flight, each stage released (``empty``) once the MMA after it is issued and it is done;
     then the epilogue."""
     pid = gl.program_id(0)
@@ -273,62 +250,6 @@ def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n
 
 
 @gluon.jit
-def _pipelined_tiles(x_desc, y_desc, x_smem, y_smem, out_smem, ready, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
-                     line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype: gl.constexpr,
-                     acc_layout: gl.constexpr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
-                     TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
-                     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-                     BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """Without SPECIALISE: the same warps issue the loads (a producer cursor STAGES - 1 steps
-    ahead) and run the MMAs and epilogues."""
-    pid = gl.program_id(0)
-    programs = gl.num_programs(0)
-    # --- the producer cursor: (tile, step) of the next load, moved past tiles without steps
-    p_tile = pid
-    p_r0, p_c0, p_steps, p_base = _tile_info(
-        gl.minimum(p_tile, gl.maximum(n_tiles - 1, 0)), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
-        BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
-        BALANCE)
-    p_step = pid * 0
-    loads = pid * 0
-    for i in gl.static_range(STAGES - 1):
-        p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
-            x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
-            n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)
-
-    # --- the consumer: the program's tiles in order
-    used = pid * 0
-    for tile in range(pid, n_tiles, programs):
-        r0, c0, steps, aux = _tile_info(
-            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
-        acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
-        for step in range(steps):
-            stage = used % STAGES
-            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
-            xs = x_smem.index(stage)
-            ys = y_smem.index(stage)
-            if X_T:
-                xs = xs.permute((1, 0))
-            if Y_T:
-                ys = ys.permute((1, 0))
-            acc = warpgroup_mma(xs, ys, acc, is_async=True)
-            # keep this MMA in flight; the previous one is done, so its stage can be refilled
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            used += 1
-            p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads = _produce(
-                x_desc, y_desc, x_smem, y_smem, ready, p_tile, p_step, p_steps, p_r0, p_c0, p_base, loads, programs,
-                n_tiles, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-                TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T,
-                Y_T)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
-                  TILE_C, STORE_R, PAIRS, HAS_BIAS)
-
-
-@gluon.jit
 def _listed_wgmma_kernel(
     x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
     R, C, D, X0, X1, Y0, Y1,
@@ -340,7 +261,7 @@ def _listed_wgmma_kernel(
     FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
     BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
-    SPECIALISE: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
 
@@ -367,17 +288,15 @@ def _listed_wgmma_kernel(
     block), so a 256 x 128 tile serves 128 x 128 mask blocks. A pair of one block twice (an odd
     column's last) is stored once. Without PAIRS, STORE_R = TILE_R.
 
-    SPECIALISE: warp specialisation. One extra warp (PRODUCER_REGS registers) issues the loads,
-    the kernel's warps only wait for ready stages, run the MMAs and the epilogues, and release
-    each stage through a second ring of mbarriers (``empty``). Without it the same warps do
-    both, and every load issue costs the MMA warps a CTA-wide barrier or more (session 13's ncu
-    profile: 35-47 % of the big tiles' stall cycles at CTA barriers).
-
-    Persistent: each program takes tiles pid, pid + programs, ... of the ``n_tiles``. The loads
-    run STAGES - 1 steps ahead of the MMAs across tile boundaries (a producer cursor over the
-    program's (tile, step) sequence), so a short reduction does not drain the pipeline, and the
-    descriptors and barriers are set up once per program, not once per tile. A tile's TMA store
-    completes under the next tile's main loop.
+    Persistent and warp-specialised: each program takes tiles pid, pid + programs, ... of the
+    ``n_tiles``. One extra warp (PRODUCER_REGS registers) walks them and issues the loads, up to
+    STAGES steps ahead of the MMAs and across tile boundaries, so a short reduction does not
+    drain the pipeline; the kernel's warps wait for ready stages, run the MMAs and the epilogues,
+    and release each stage through a second ring of mbarriers (``empty``). When the same warps
+    did both (session 13, before), every load issue cost the MMA warps CTA-wide barriers: the
+    ncu profile put 35-47 % of the big tiles' stall cycles there, and this split took 1-8 % off
+    the three kernels. The descriptors and barriers are set up once per program, not once per
+    tile; a tile's TMA store completes under the next tile's main loop.
     """
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     scale = scale.to(gl.float32)
@@ -416,22 +335,15 @@ def _listed_wgmma_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
-    if SPECIALISE:
-        gl.warp_specialize([
-            (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
-                              line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
-                              BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
-                              LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)),
-            (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
-                           count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES,
-                           GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)),
-        ], [1], [PRODUCER_REGS])
-    else:
-        _pipelined_tiles(x_desc, y_desc, x_smem, y_smem, out_smem, ready, out_desc, bias_ptr, n_tiles, R, C, D,
-                         n_lines, line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
-                         BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
-                         LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)
-
+    gl.warp_specialize([
+        (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
+                          line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
+                          BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
+                          LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)),
+        (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
+                       count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES,
+                       GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)),
+    ], [1], [PRODUCER_REGS])
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed
         tma.store_wait(pendings=0)

@@ -25,13 +25,6 @@ on_hopper = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True, params=[True, False], ids=["specialised", "one_partition"])
-def schedule(request, monkeypatch):
-    """Every test with the warp-specialised kernel (a producer warp issues the loads) and with
-    the one where the same warps load and compute."""
-    monkeypatch.setattr(hopper, "_SPECIALISE", request.param)
-
-
 @pytest.fixture(autouse=True)
 def every_size_large(monkeypatch):
     """The Hopper path skips launch-bound problems; these test shapes are small, count them large."""
