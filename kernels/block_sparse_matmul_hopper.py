@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import runtime
 from .block_mask import cdiv
+from .kept_blocks import kept_lists, kept_pairs, pairs_fit
 
 try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
     from .block_sparse_matmul_hopper_kernels import _listed_wgmma_kernel
@@ -151,7 +152,6 @@ class Plan:
     block: tuple
 
     def run(self, scale: float, bias: Tensor | None = None, bias_scale: float = 1.0) -> None:
-        from .block_sparse_matmul_triton import kept_lists, kept_pairs
         cfg = self.cfg
         B, nR, nC = self.blocks
         pairs = self.list_by == "pairs"
@@ -284,7 +284,6 @@ def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, ou
 def _pairs_fit(g2: Tensor, block, blocks) -> bool:
     """Whether the paired sdd serves: its halves divide the mask blocks, g's rows are contiguous
     (the two half copies split the X tile along its rows), and kept_pairs takes the mask."""
-    from .block_sparse_matmul_triton import pairs_fit
     cfg = _SDD_PAIRS
     return cfg is not None and block[0] % (cfg.tile_r // 2) == 0 and block[1] % cfg.tile_c == 0 and \
         g2.stride(1) == 1 and pairs_fit(blocks)

@@ -846,7 +846,9 @@ def test_a_launch_bound_linear_site_launches_three_kernels(monkeypatch, problem_
                 return self.kernel[grid](*args, **kwargs)
             return run
 
+    from sparsedrop_compile.kernels import kept_blocks
     monkeypatch.setattr(tri, "launch", Recorder)
+    monkeypatch.setattr(kept_blocks, "launch", Recorder)  # the kept-block lists' launches
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(96, 64, generator=gen).to(DEVICE).requires_grad_()
     w = torch.randn(48, 64, generator=gen).to(DEVICE).requires_grad_()

@@ -269,7 +269,7 @@ def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims, size_class):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-    from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm, kept_blocks
     from sparsedrop_compile.kernels.block_mask import cdiv
 
     class CloningLaunch:
@@ -277,6 +277,7 @@ def test_traced_launchers_add_no_guard(monkeypatch, dynamic_dims, size_class):
             return lambda *args, **kwargs: [t.clone() for t in args if isinstance(t, torch.Tensor)]
 
     monkeypatch.setattr(bsm, "launch", lambda kernel: CloningLaunch())
+    monkeypatch.setattr(kept_blocks, "launch", lambda kernel: CloningLaunch())  # the kept-block lists
     if size_class == "large":  # kept-block lists and the persistent sdd (runtime.launch_bound)
         from sparsedrop_compile.kernels import runtime
 

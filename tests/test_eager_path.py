@@ -90,7 +90,7 @@ def test_eager_path_launches_kernels_without_the_tracing_wrapper(monkeypatch):
     wrap_triton costs a few hundred microseconds of Python per launch outside a trace."""
     from torch._library.triton import is_wrap_triton_enabled
 
-    from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
+    from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri, kept_blocks
 
     seen = []
 
@@ -100,6 +100,7 @@ def test_eager_path_launches_kernels_without_the_tracing_wrapper(monkeypatch):
 
     real_launch = tri.launch
     monkeypatch.setattr(tri, "launch", spy)
+    monkeypatch.setattr(kept_blocks, "launch", spy)  # the kept-block lists' launches
     x, w = _leaves((40, 48), (56, 48))
     sd.sparse_dropout_linear(x, w, None, p=P, block_size=BLOCK, kernel="triton").sum().backward()
     assert len(seen) >= 3, seen  # forward dsd, backward sdd and dsd_tn at least
