@@ -37,6 +37,7 @@ triton.runtime.driver.set_active(HopperWithoutDevice())
 from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as bsm
 from sparsedrop_compile.kernels import flash_attention_triton as fat
+from sparsedrop_compile.kernels import kept_blocks
 from sparsedrop_compile.kernels import runtime
 from sparsedrop_compile.kernels.block_mask import cdiv
 
@@ -55,7 +56,7 @@ class Record:
             recorded.setdefault(key, (self.kernel, named))
         return launch
 
-for module in (bsm, fat):
+for module in (bsm, fat, kept_blocks):  # kept_blocks: the kept-block lists' kernels
     module.launch = Record
     module.interpreting = lambda: False
 configs.interpreting = lambda: False
