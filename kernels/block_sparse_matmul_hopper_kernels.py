@@ -133,34 +133,33 @@ def _listed_tile(tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R: gl
 
 
 @gluon.jit
-def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, live, r0, c0, aux, index_ptr,
+def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, r0, c0, aux, index_ptr,
                 RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
                 PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """Start the TMA copies of reduction step ``step`` of a tile into stage ``load % STAGES``
-    (nothing when not ``live``). With PAIRS the X tile is two copies, rows r0 and aux."""
+    """Start the TMA copies of reduction step ``step`` of a tile into stage ``load % STAGES``.
+    With PAIRS the X tile is two copies, rows r0 and aux."""
     if FLAT:
         d0 = step * TILE_D
     else:
         SUB: gl.constexpr = RED_BLOCK // TILE_D
-        # a dead load reads the line's first entry (always in bounds) and copies nothing
-        entry = gl.load(index_ptr + aux + gl.where(live, step // SUB, 0)).to(gl.int32)
+        entry = gl.load(index_ptr + aux + step // SUB).to(gl.int32)
         d0 = entry * RED_BLOCK + (step % SUB) * TILE_D
     s = load % STAGES
     bar = ready.index(s)
     X_COPIES: gl.constexpr = 1 + PAIRS
-    mbarrier.expect(bar, X_COPIES * x_desc.block_type.nbytes + y_desc.block_type.nbytes, pred=live)
+    mbarrier.expect(bar, X_COPIES * x_desc.block_type.nbytes + y_desc.block_type.nbytes)
     if PAIRS:
         xs = x_smem.index(s)
-        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, xs.slice(0, STORE_R), pred=live)
-        tma.async_copy_global_to_shared(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R), pred=live)
+        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, xs.slice(0, STORE_R))
+        tma.async_copy_global_to_shared(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R))
     elif X_T:
-        tma.async_copy_global_to_shared(x_desc, [d0, r0], bar, x_smem.index(s), pred=live)
+        tma.async_copy_global_to_shared(x_desc, [d0, r0], bar, x_smem.index(s))
     else:
-        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, x_smem.index(s), pred=live)
+        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, x_smem.index(s))
     if Y_T:
-        tma.async_copy_global_to_shared(y_desc, [c0, d0], bar, y_smem.index(s), pred=live)
+        tma.async_copy_global_to_shared(y_desc, [c0, d0], bar, y_smem.index(s))
     else:
-        tma.async_copy_global_to_shared(y_desc, [d0, c0], bar, y_smem.index(s), pred=live)
+        tma.async_copy_global_to_shared(y_desc, [d0, c0], bar, y_smem.index(s))
 
 
 @gluon.jit
@@ -206,7 +205,7 @@ def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, 
         for step in range(steps):
             # a barrier starts as if its phase 1 had completed: the first round does not wait
             mbarrier.wait(empty.index(loads % STAGES), ((loads // STAGES) & 1) ^ 1)
-            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, True, r0, c0, aux, index_ptr,
+            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, r0, c0, aux, index_ptr,
                         RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
             loads += 1
 
