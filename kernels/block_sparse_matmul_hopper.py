@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import runtime
+from . import launch_plans, runtime
 from .block_mask import cdiv
 from .kept_blocks import kept_lists, kept_pairs, pairs_fit
 
@@ -62,10 +62,25 @@ _CONFIGS = {
 # tile, 128 x 128 per block. None: every sdd takes the flat list of whole tiles (the tests set
 # it so to cover that path on the shapes that would pair).
 _SDD_PAIRS: WgmmaConfig | None = _CONFIGS["tall"]
+# Stream-K for the listed schedule (dsd, dsd_tn): the reduction steps of all tiles are dealt out
+# evenly to the programs, a tile split between programs summed through fp32 partial sums, where
+# whole tiles would fill less than _STREAM_K_BELOW of their waves (a narrow output: the T5
+# weight gradient has 72 tiles for 132 SMs). None: that rule; True / False force it where the
+# lists allow (the tests cover both schedules on every shape).
+_STREAM_K: bool | None = None
+_STREAM_K_BELOW = 0.9
 # The kernel's producer warp gets _PRODUCER_REGS registers a thread; the kernel's register cap is
 # what fits its warps and the producer's warpgroup in an SM's 64 K registers (the compiler moves
 # the producer's spare registers to the MMA warps).
 _PRODUCER_REGS = 40
+
+
+def _stream_k(n_tiles: int, programs: int, iterations: int) -> bool:
+    """Whether the listed schedule of ``n_tiles`` tiles (at most ``iterations`` reduction steps
+    in all) runs stream-K on ``programs`` programs; the kernel's iteration arithmetic is int32."""
+    if _STREAM_K is False or n_tiles == 0 or programs * (iterations + 1) >= 2**31:
+        return False
+    return _STREAM_K or n_tiles / (cdiv(n_tiles, programs) * programs) < _STREAM_K_BELOW
 
 
 def _max_registers(warps: int) -> int:
@@ -151,6 +166,24 @@ class Plan:
     line_of_col: bool
     block: tuple
 
+    def _lines(self) -> tuple[int, int, int]:
+        """The listed schedule's (lines, entries a line, tiles when the lines are ranked): a line's
+        tiles are LINE_BLOCK / TILE_L across it, times those along the other side."""
+        B, nR, nC = self.blocks
+        cfg = self.cfg
+        n_lines, line_len = (B * nR, nC) if self.list_by == "row" else (nC, B * nR)
+        tile_l = cfg.tile_c if self.line_of_col else cfg.tile_r
+        other, tile_o = (self.R, cfg.tile_r) if self.line_of_col else (self.C, cfg.tile_c)
+        return n_lines, line_len, n_lines * (self.line_block // tile_l) * cdiv(other, tile_o)
+
+    def stream_k(self, programs: int) -> bool:
+        """Whether a launch on ``programs`` programs takes the stream-K schedule (see _STREAM_K;
+        the listed schedule only, and only where the lists can be ranked)."""
+        if self.list_by in (None, "pairs"):
+            return False
+        _, line_len, tiles = self._lines()
+        return _stream_k(tiles, programs, tiles * line_len * (self.red_block // self.cfg.tile_d))
+
     def run(self, scale: float, bias: Tensor | None = None, bias_scale: float = 1.0) -> None:
         cfg = self.cfg
         B, nR, nC = self.blocks
@@ -158,6 +191,7 @@ class Plan:
         flat = self.list_by is None or pairs
         store_r = cfg.tile_r // 2 if pairs else cfg.tile_r
         programs = runtime.sm_resources(self.out.device)[0]  # persistent: one program an SM
+        schedule = None  # stream-K's
         if pairs:  # tiles of pairs of kept blocks, then the dropped blocks; both counts on the device
             counts, index, drop_index = kept_pairs(self.keep, blocks=self.blocks)
             drop_counts, order, n_lines, line_len = counts, counts, 0, nC
@@ -168,25 +202,27 @@ class Plan:
             order, n_lines, line_len = counts, 0, nC
             n_tiles = B * nR * nC * (self.block[0] // cfg.tile_r) * (self.block[1] // cfg.tile_c)  # a bound
         else:
-            counts, index, order = kept_lists(self.keep, self.list_by, order=True, blocks=self.blocks)
+            n_lines, line_len, ranked_tiles = self._lines()
+            stream_k = self.stream_k(programs)
+            counts, index, order, *schedule = kept_lists(self.keep, self.list_by, order=True, blocks=self.blocks,
+                                                         stream_k=programs if stream_k else 0)
+            schedule = schedule[0] if schedule else None  # None also when the mask is too large to rank
             drop_counts = drop_index = counts  # unused
-            n_lines, line_len = (B * nR, nC) if self.list_by == "row" else (nC, B * nR)
-            tile_l = cfg.tile_c if self.line_of_col else cfg.tile_r
-            L, O, tile_o = (self.C, self.R, cfg.tile_r) if self.line_of_col else (self.R, self.C, cfg.tile_c)
-            if order is not None:
-                n_tiles = n_lines * (self.line_block // tile_l) * cdiv(O, tile_o)
-            else:
-                n_tiles = cdiv(L, tile_l) * cdiv(O, tile_o)
+            n_tiles = ranked_tiles if order is not None else cdiv(self.R, cfg.tile_r) * cdiv(self.C, cfg.tile_c)
         balance = not flat and order is not None
         if n_tiles == 0:
             return
+        # stream-K: every program takes a share; one fp32 partial-sum slot per program
+        partials = None if schedule is None else launch_plans.empty(programs * cfg.tile_r * cfg.tile_c, torch.float32,
+                                                                    self.out.device)
         runtime.set_scratch_allocator()
         X0, X1 = self.x.shape
         Y0, Y1 = self.y.shape
         with runtime.device_guard(self.out):
-            runtime.launch(_listed_wgmma_kernel)[(min(n_tiles, programs),)](
+            runtime.launch(_listed_wgmma_kernel)[(programs if partials is not None else min(n_tiles, programs),)](
                 self.x, self.y, self.out, bias if bias is not None else self.out,
                 counts, index, order if balance else counts, drop_counts, drop_index,
+                counts if schedule is None else schedule, counts if partials is None else partials,
                 self.R, self.C, self.D, X0, X1, Y0, Y1,
                 self.x.stride(0), self.y.stride(0), self.out.stride(0),
                 n_lines, line_len, n_tiles,
@@ -194,8 +230,8 @@ class Plan:
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
-                RED_BLOCK=self.red_block, BALANCE=balance, HAS_BIAS=bias is not None, X_T=self.x_t,
-                Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps, maxnreg=_max_registers(cfg.warps),
+                RED_BLOCK=self.red_block, BALANCE=balance, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
+                X_T=self.x_t, Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps, maxnreg=_max_registers(cfg.warps),
             )
 
 

@@ -132,6 +132,178 @@ def _listed_tile(tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R: gl
     return r0, c0, steps, line * line_len
 
 
+@gluon.constexpr_function
+def _line_layout(warps):
+    return gl.BlockedLayout([1], [32], [warps], [0])
+
+
+@gluon.jit
+def _sk_lines_upto(i, sched_ptr, n_lines, per_block, LINES: gl.constexpr, layout: gl.constexpr):
+    """How many lines (ranked) start at or before iteration i: line k starts at iteration
+    sched[k] * per_block (the kept blocks ranked before it, each ``per_block`` iterations)."""
+    n = 0
+    for l0 in range(0, n_lines, LINES):
+        k = l0 + gl.arange(0, LINES, layout=layout)
+        pre = gl.load(sched_ptr + k, mask=k < n_lines, other=0)
+        n += gl.sum(((pre * per_block <= i) & (k < n_lines)).to(gl.int32), 0)
+    return n
+
+
+@gluon.jit
+def _sk_span(t, sched_ptr, tiles_per_line, SUB: gl.constexpr):
+    """Stream-K tile t's first iteration and its iteration count: the tiles of the ranked lines
+    one line after another, each tile SUB steps per kept block of its line."""
+    k = t // tiles_per_line
+    pre = gl.load(sched_ptr + k)
+    steps = (gl.load(sched_ptr + k + 1) - pre) * SUB
+    return pre * SUB * tiles_per_line + (t % tiles_per_line) * steps, steps
+
+
+@gluon.jit
+def _sk_tile_at(i, sched_ptr, n_lines, tiles_per_line, SUB: gl.constexpr, layout: gl.constexpr):
+    """The stream-K tile holding iteration i (0 <= i < total)."""
+    k = gl.maximum(_sk_lines_upto(i, sched_ptr, n_lines, SUB * tiles_per_line, 128, layout) - 1, 0)
+    pre = gl.load(sched_ptr + k)
+    steps = gl.maximum((gl.load(sched_ptr + k + 1) - pre) * SUB, 1)
+    return k * tiles_per_line + (i - pre * SUB * tiles_per_line) // steps
+
+
+@gluon.jit
+def _sk_range(sched_ptr, n_lines, tiles_per_line, SUB: gl.constexpr, layout: gl.constexpr):
+    """This program's share of the iterations, [begin, end) of ``total``, and its segments: one
+    per tile it touches, the tiles t_b..t_e. With ``partial`` its share ends inside tile t_e
+    (see _sk_segment for the order it takes them in)."""
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    total = gl.load(sched_ptr + n_lines) * SUB * tiles_per_line
+    begin = pid * total // programs
+    end = (pid + 1) * total // programs
+    t_b = _sk_tile_at(begin, sched_ptr, n_lines, tiles_per_line, SUB, layout)
+    t_e = _sk_tile_at(gl.maximum(end - 1, 0), sched_ptr, n_lines, tiles_per_line, SUB, layout)
+    ts_e, steps_e = _sk_span(t_e, sched_ptr, tiles_per_line, SUB)
+    partial = end < ts_e + steps_e
+    n_segments = gl.where(end > begin, t_e - t_b + 1, 0)
+    return total, begin, end, t_b, t_e, partial, n_segments
+
+
+@gluon.jit
+def _sk_segment(seg, n_segments, begin, end, t_b, t_e, partial, sched_ptr, tiles_per_line, SUB: gl.constexpr):
+    """Segment ``seg`` of this program's share: (tile, its first iteration, first and end step,
+    whether it publishes a partial sum, whether it adds the others' partial sums).
+
+    The share is cut at tile boundaries. Only its last segment can stop short of its tile's end,
+    and only its first can start inside its tile. The one that stops short is taken first, and
+    its sum published for the program that ends the tile; then the whole tiles; the one that
+    starts inside its tile comes last, and adds the sums of the programs before it, which
+    published them first thing. A program thus only waits for programs of lower number (no wait
+    on one that may not have started: CTAs start in order), and only once its own share is
+    done but for the epilogue. Taken before the whole tiles, that wait held them up: this order
+    took 27-28 us off the 6000 x 2000 x 3000 weight gradient (session 14, calls 3 and 4)."""
+    if partial & (seg == 0):
+        t = t_e
+    else:
+        walk = n_segments - partial.to(gl.int32)  # tiles t_b .. t_b + walk - 1; t_b last
+        t = t_b + (seg - partial.to(gl.int32) + 1) % walk
+    ts, steps = _sk_span(t, sched_ptr, tiles_per_line, SUB)
+    s0 = gl.maximum(begin, ts) - ts
+    s1 = gl.minimum(end, ts + steps) - ts
+    publish = s1 < steps
+    gather = (s0 > 0) & (s1 == steps)
+    return t, ts, s0, s1, publish, gather
+
+
+@gluon.jit
+def _sk_tile(t, order_ptr, tiles_per_line, grid_o, line_len, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
+             LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr):
+    """Stream-K tile t -> (r0, c0, offset of its line's list): tile t % tiles_per_line of the
+    line ranked t // tiles_per_line, its tiles along the other side first."""
+    line = gl.load(order_ptr + t // tiles_per_line)
+    j = t % tiles_per_line
+    if LINE_OF_COL:
+        r0 = (j % grid_o) * TILE_R
+        c0 = line * LINE_BLOCK + (j // grid_o) * TILE_C
+    else:
+        r0 = line * LINE_BLOCK + (j // grid_o) * TILE_R
+        c0 = (j % grid_o) * TILE_C
+    return r0, c0, line * line_len
+
+
+@gluon.jit
+def _sk_geometry(R, C, n_lines, TILE_R: gl.constexpr, TILE_C: gl.constexpr, LINE_OF_COL: gl.constexpr,
+                 LINE_BLOCK: gl.constexpr):
+    """(tiles per line, tiles along the other side) of the stream-K order."""
+    if LINE_OF_COL:
+        grid_o = gl.cdiv(R, TILE_R)
+        per_line = (LINE_BLOCK // TILE_C) * grid_o
+    else:
+        grid_o = gl.cdiv(C, TILE_C)
+        per_line = (LINE_BLOCK // TILE_R) * grid_o
+    return per_line, grid_o
+
+
+@gluon.jit
+def _sk_offsets(TILE_R: gl.constexpr, TILE_C: gl.constexpr, acc_layout: gl.constexpr):
+    rows = gl.arange(0, TILE_R, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.arange(0, TILE_C, layout=gl.SliceLayout(0, acc_layout))
+    return rows[:, None] * TILE_C + cols[None, :]
+
+
+@gluon.jit
+def _sk_store_partial(acc, part_ptr, TILE_R: gl.constexpr, TILE_C: gl.constexpr, acc_layout: gl.constexpr):
+    """Write this program's partial sum (fp32) to its slot, kept in L2 for the program that adds it."""
+    gl.store(part_ptr + _sk_offsets(TILE_R, TILE_C, acc_layout), acc, eviction_policy="evict_last")
+
+
+@gluon.jit
+def _sk_raise_flag(flag_ptr):
+    """Say the partial sum is there: every consumer thread's stores happen before the flag,
+    which is made visible with them. Raised one segment after the stores (their latency under
+    that segment's MMAs) and before any wait of this program's own."""
+    gl.thread_barrier()
+    gl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _sk_gather(acc, ts, total, part_ptr, flag_ptr, TILE_R: gl.constexpr, TILE_C: gl.constexpr,
+               acc_layout: gl.constexpr):
+    """Add the partial sums of the earlier programs whose shares hold part of the tile that
+    starts at iteration ts: every non-empty program q < pid whose share ends after ts."""
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    first = gl.maximum(gl.cdiv((ts + 1) * programs, total) - 1, 0)  # least q with end(q) > ts
+    offs = _sk_offsets(TILE_R, TILE_C, acc_layout)
+    for q in range(first, pid):
+        if (q + 1) * total // programs > q * total // programs:
+            while gl.atomic_add(flag_ptr + q, 0, sem="acquire", scope="gpu") == 0:
+                pass
+            gl.thread_barrier()  # the flag was seen before any thread reads the sum
+            acc += gl.load(part_ptr + q * (TILE_R * TILE_C) + offs, cache_modifier=".cg")
+    return acc
+
+
+@gluon.jit
+def _mma_steps(x_smem, y_smem, ready, empty, acc, used, n_steps, STAGES: gl.constexpr, X_T: gl.constexpr,
+               Y_T: gl.constexpr):
+    """n_steps MMAs on the next ready stages, one in flight; each stage is released (``empty``)
+    once the MMA after it is issued and it is done, the last one once all are done."""
+    for step in range(n_steps):
+        stage = used % STAGES
+        mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
+        xs = x_smem.index(stage)
+        ys = y_smem.index(stage)
+        if X_T:
+            xs = xs.permute((1, 0))
+        if Y_T:
+            ys = ys.permute((1, 0))
+        acc = warpgroup_mma(xs, ys, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=step > 0)  # the previous step's
+        used += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=n_steps > 0)
+    return acc, used
+
+
 @gluon.jit
 def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, r0, c0, aux, index_ptr,
                 RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
@@ -187,70 +359,112 @@ def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_sca
 
 @gluon.jit
 def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len, count_ptr,
-                index_ptr, order_ptr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr, TILE_R: gl.constexpr,
-                TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr, LINE_OF_COL: gl.constexpr,
-                LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr, X_T: gl.constexpr,
-                Y_T: gl.constexpr):
-    """The producer partition (one warp): the program's tiles in order, each step's copies into
-    the next stage once the consumers have released it (``empty``); the list reads and TMA issues
-    stay off the MMA warps' path."""
+                index_ptr, order_ptr, sched_ptr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+                TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
+                GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
+                LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr,
+                STREAM_K: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+    """The producer partition (one warp): the program's tiles (or stream-K segments) in order,
+    each step's copies into the next stage once the consumers have released it (``empty``); the
+    list reads and TMA issues stay off the MMA warps' path."""
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     loads = pid * 0
-    for tile in range(pid, n_tiles, programs):
-        r0, c0, steps, aux = _tile_info(
-            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
-        for step in range(steps):
-            # a barrier starts as if its phase 1 had completed: the first round does not wait
-            mbarrier.wait(empty.index(loads % STAGES), ((loads // STAGES) & 1) ^ 1)
-            _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, r0, c0, aux, index_ptr,
-                        RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
-            loads += 1
+    if STREAM_K:
+        SUB: gl.constexpr = RED_BLOCK // TILE_D
+        per_line, grid_o = _sk_geometry(R, C, n_lines, TILE_R, TILE_C, LINE_OF_COL, LINE_BLOCK)
+        total, begin, end, t_b, t_e, partial, n_segments = _sk_range(sched_ptr, n_lines, per_line, SUB,
+                                                                     _line_layout(1))
+        for seg in range(n_segments):
+            t, ts, s0, s1, publish, gather = _sk_segment(seg, n_segments, begin, end, t_b, t_e, partial, sched_ptr,
+                                                         per_line, SUB)
+            r0, c0, aux = _sk_tile(t, order_ptr, per_line, grid_o, line_len, TILE_R, TILE_C, LINE_OF_COL, LINE_BLOCK)
+            loads = _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, s0, s1, r0, c0, aux, index_ptr,
+                                RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
+    else:
+        for tile in range(pid, n_tiles, programs):
+            r0, c0, steps, aux = _tile_info(
+                tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+                TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+            loads = _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, 0, steps, r0, c0, aux, index_ptr,
+                                RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
+
+
+@gluon.jit
+def _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, s0, s1, r0, c0, aux, index_ptr,
+                RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
+                PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+    """Steps s0..s1 of a tile, each into the next stage once it is free; returns the loads so far."""
+    for step in range(s0, s1):
+        # a barrier starts as if its phase 1 had completed: the first round does not wait
+        mbarrier.wait(empty.index(loads % STAGES), ((loads // STAGES) & 1) ^ 1)
+        _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, r0, c0, aux, index_ptr,
+                    RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
+        loads += 1
+    return loads
 
 
 @gluon.jit
 def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines, line_len,
-                   count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype: gl.constexpr,
+                   count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale, dtype: gl.constexpr,
                    acc_layout: gl.constexpr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
                    TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
                    GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
                    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-                   BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """The consumer partition (the kernel's warps): per tile, the MMAs over its ready stages, one
-    in flight, each stage released (``empty``) once the MMA after it is issued and it is done;
-    then the epilogue."""
+                   BALANCE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr,
+                   Y_T: gl.constexpr, WARPS: gl.constexpr):
+    """The consumer partition (the kernel's warps): per tile (or stream-K segment), the MMAs over
+    its ready stages, then the epilogue (or the partial sum's publication)."""
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     used = pid * 0
-    for tile in range(pid, n_tiles, programs):
-        r0, c0, steps, aux = _tile_info(
-            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-            TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
-        acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
-        for step in range(steps):
-            stage = used % STAGES
-            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
-            xs = x_smem.index(stage)
-            ys = y_smem.index(stage)
-            if X_T:
-                xs = xs.permute((1, 0))
-            if Y_T:
-                ys = ys.permute((1, 0))
-            acc = warpgroup_mma(xs, ys, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=step > 0)  # the previous step's
-            used += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=steps > 0)
-        _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
-                  TILE_C, STORE_R, PAIRS, HAS_BIAS)
+    if STREAM_K:
+        SUB: gl.constexpr = RED_BLOCK // TILE_D
+        TILE: gl.constexpr = TILE_R * TILE_C
+        flags = sched_ptr + n_lines + 1
+        per_line, grid_o = _sk_geometry(R, C, n_lines, TILE_R, TILE_C, LINE_OF_COL, LINE_BLOCK)
+        total, begin, end, t_b, t_e, partial, n_segments = _sk_range(sched_ptr, n_lines, per_line, SUB,
+                                                                     _line_layout(WARPS))
+        stored = pid < 0  # a partial sum stored, its flag not yet raised
+        for seg in range(n_segments):
+            t, ts, s0, s1, publish, gather = _sk_segment(seg, n_segments, begin, end, t_b, t_e, partial, sched_ptr,
+                                                         per_line, SUB)
+            r0, c0, aux = _sk_tile(t, order_ptr, per_line, grid_o, line_len, TILE_R, TILE_C, LINE_OF_COL, LINE_BLOCK)
+            acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
+            acc, used = _mma_steps(x_smem, y_smem, ready, empty, acc, used, s1 - s0, STAGES, X_T, Y_T)
+            if stored:
+                _sk_raise_flag(flags + pid)
+            stored = publish
+            if publish:
+                _sk_store_partial(acc, part_ptr + pid * TILE, TILE_R, TILE_C, acc_layout)
+            else:
+                if gather:
+                    acc = _sk_gather(acc, ts, total, part_ptr, flags, TILE_R, TILE_C, acc_layout)
+                _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
+                          TILE_C, STORE_R, PAIRS, HAS_BIAS)
+        if stored:
+            _sk_raise_flag(flags + pid)
+        # the tiles of lines with nothing kept (ranked last): zeros, plus the bias
+        kept_tiles = _sk_lines_upto(total - 1, sched_ptr, n_lines, SUB * per_line, 128, _line_layout(WARPS)) * per_line
+        for t in range(kept_tiles + pid, n_tiles, programs):
+            r0, c0, aux = _sk_tile(t, order_ptr, per_line, grid_o, line_len, TILE_R, TILE_C, LINE_OF_COL, LINE_BLOCK)
+            _epilogue(gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout), out_desc, out_smem, bias_ptr, r0, c0,
+                      aux, C, scale, bias_scale, acc_layout, dtype, TILE_C, STORE_R, PAIRS, HAS_BIAS)
+    else:
+        for tile in range(pid, n_tiles, programs):
+            r0, c0, steps, aux = _tile_info(
+                tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+                TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+            acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
+            acc, used = _mma_steps(x_smem, y_smem, ready, empty, acc, used, steps, STAGES, X_T, Y_T)
+            _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
+                      TILE_C, STORE_R, PAIRS, HAS_BIAS)
 
 
 @gluon.jit
 def _listed_wgmma_kernel(
     x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
+    sched_ptr, part_ptr,
     R, C, D, X0, X1, Y0, Y1,
     stride_x, stride_y, stride_out,
     n_lines, line_len, n_tiles,
@@ -259,7 +473,7 @@ def _listed_wgmma_kernel(
     TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
     FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-    BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
+    BALANCE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
@@ -336,12 +550,14 @@ def _listed_wgmma_kernel(
     acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
     gl.warp_specialize([
         (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
-                          line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype, acc_layout,
-                          BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R,
-                          LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T)),
+                          line_len, count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale, dtype,
+                          acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS,
+                          STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K, HAS_BIAS, X_T, Y_T,
+                          num_warps)),
         (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
-                       count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES,
-                       GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, X_T, Y_T)),
+                       count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D,
+                       STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K,
+                       X_T, Y_T)),
     ], [1], [PRODUCER_REGS])
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed

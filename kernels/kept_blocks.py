@@ -13,7 +13,8 @@ from .kept_blocks_kernels import _kept_lists_kernel, _kept_pairs_kernel
 from .runtime import hint, known, launch, next_pow2
 
 
-def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None, dropped: bool = False):
+def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None = None, dropped: bool = False,
+               stream_k: int = 0):
     """Per-line lists of kept blocks, built on the device in one launch (no host sync).
 
     by="row":      lines (b, r), entries c       -> counts (B*nR,), index (B*nR, nC)
@@ -36,6 +37,11 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
 
     ``dropped=True`` lists the dropped blocks instead (without ``order``).
 
+    ``stream_k=P`` (with ``order``) returns (counts, index, order, schedule): schedule (int32,
+    n_lines + 1 + P) holds at [k] the kept blocks of the lines ranked before order[k], at
+    [n_lines] all kept blocks, then P zeros (the flags of the Hopper kernel's stream-K
+    schedule, ``block_sparse_matmul_hopper_kernels.py``); None when order is.
+
     ``blocks`` = (B, nR, nC) when ``keep`` is padded (block_mask.padded): the flags are read
     through keep's strides, so the extra row and column are never seen.
     """
@@ -57,6 +63,7 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     lines, length = hint(n_lines), hint(line_len)
     with_order = order and not dropped and lines > 0 and length > 0 and lines * lines * length <= _ORDER_MAX_FLAG_READS
     order_t = launch_plans.empty(n_lines + 1, torch.int32, device) if with_order else None
+    schedule = launch_plans.empty(n_lines + 1 + stream_k, torch.int32, device) if with_order and stream_k else None
     # int16 entries on purpose: Triton's pipeliner skips loads narrower than 32 bits, so the
     # index load stays a plain (L1-hit) load issued with the tile loads it feeds. An int32 index
     # would be pipelined as a load of its own and split the stages between the two levels of
@@ -70,11 +77,13 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
         order_lines = max(1, min(next_pow2(lines), 4096 // chunk))
         with runtime.device_guard(keep):
             launch(_kept_lists_kernel)[(n_lines,)](
-                flags, counts, index, order_t if with_order else counts,
-                n_lines, line_len, L0, sl1, sl0, E0, se1, se0,
+                flags, counts, index, order_t if with_order else counts, counts if schedule is None else schedule,
+                n_lines, line_len, L0, sl1, sl0, E0, se1, se0, stream_k,
                 CHUNK=chunk, ORDER=with_order, ORDER_LINES=order_lines, ORDER_ENTRIES=chunk, DROPPED=dropped,
-                num_warps=4,
+                SCHEDULE=schedule is not None, num_warps=4,
             )
+    if stream_k and order:
+        return counts, index, order_t, schedule
     return (counts, index, order_t) if order else (counts, index)
 
 

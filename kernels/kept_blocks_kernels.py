@@ -10,10 +10,10 @@ import triton.language as tl
 
 @triton.jit
 def _kept_lists_kernel(
-    keep_ptr, count_ptr, index_ptr, order_ptr,
-    n_lines, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
+    keep_ptr, count_ptr, index_ptr, order_ptr, schedule_ptr,
+    n_lines, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0, n_flags,
     CHUNK: tl.constexpr, ORDER: tl.constexpr, ORDER_LINES: tl.constexpr, ORDER_ENTRIES: tl.constexpr,
-    DROPPED: tl.constexpr = False,
+    DROPPED: tl.constexpr = False, SCHEDULE: tl.constexpr = False,
 ):
     """One program per line of the mask: count its kept entries and write their numbers, in
     increasing order, to the front of the line's slot in ``index`` (a compaction by prefix sum).
@@ -29,6 +29,11 @@ def _kept_lists_kernel(
     see the others' counts without a grid-wide barrier, so it recounts every line itself: the
     whole mask is read once per line, which the launcher only allows for small masks (a few
     thousand lines; the flags stay in L2). This costs no extra launch and no host sync.
+
+    With SCHEDULE (and ORDER), the stream-K schedule of the Hopper kernel as well: the kept
+    blocks of the lines ranked before this one go to ``schedule[rank]`` (an exclusive prefix sum
+    in ``order``'s order), program 0 writes the total to ``schedule[n_lines]`` and zeroes the
+    ``n_flags`` flags after it (the kernel's partial-tile flags, which must start at 0).
     """
     line = tl.program_id(0)
     base = keep_ptr + (line // L0).to(tl.int64) * stride_l1 + (line % L0).to(tl.int64) * stride_l0
@@ -49,6 +54,8 @@ def _kept_lists_kernel(
     tl.store(count_ptr + line, total)
     if ORDER:
         rank = 0
+        kept_before = 0
+        kept_all = 0
         for j0 in range(0, n_lines, ORDER_LINES):
             j = j0 + tl.arange(0, ORDER_LINES)
             j_ok = j < n_lines
@@ -56,7 +63,16 @@ def _kept_lists_kernel(
                                ORDER_LINES, ORDER_ENTRIES)
             before = j_ok & ((c_j > total) | ((c_j == total) & (j < line)))
             rank += tl.sum(before.to(tl.int32), 0)
+            kept_before += tl.sum(tl.where(before, c_j, 0), 0)
+            kept_all += tl.sum(tl.where(j_ok, c_j, 0), 0)
         tl.store(order_ptr + rank, line)
+        if SCHEDULE:
+            tl.store(schedule_ptr + rank, kept_before)
+            if line == 0:
+                tl.store(schedule_ptr + n_lines, kept_all)
+                for f0 in range(0, n_flags, CHUNK):
+                    f = f0 + tl.arange(0, CHUNK)
+                    tl.store(schedule_ptr + n_lines + 1 + f, tl.zeros((CHUNK,), tl.int32), mask=f < n_flags)
 
 
 @triton.jit

@@ -398,6 +398,25 @@ def test_kept_lists_order():
         assert order.tolist() == sorted(range(len(c)), key=lambda l: (-c[l], l)), by
 
 
+def test_kept_lists_stream_k_schedule():
+    """stream_k=P: in the same launch, the exclusive prefix sums of the lines' kept counts in
+    ranked order, their total, and P zeroed flags."""
+    gen = torch.Generator().manual_seed(17)
+    keep = (torch.rand(2, 6, 5, generator=gen) > 0.45).to(DEVICE)
+    keep[0, :, 3] = False  # a line with nothing kept (it ranks last, its prefix is the total)
+    for by, lines in (("row", keep.reshape(12, 5)), ("col_sum", keep.permute(2, 0, 1).reshape(5, 12))):
+        for programs in (3, 1100):  # fewer flags than a chunk, and several chunks of them
+            counts, _, order, schedule = tri.kept_lists(keep, by, order=True, stream_k=programs)
+            n = lines.shape[0]
+            c = lines.sum(1).tolist()
+            ranked = sorted(range(n), key=lambda l: (-c[l], l))
+            assert order[:n].tolist() == ranked
+            prefix = [sum(c[l] for l in ranked[:k]) for k in range(n + 1)]
+            assert schedule.numel() == n + 1 + programs
+            assert schedule[: n + 1].tolist() == prefix, by
+            assert schedule[n + 1:].tolist() == [0] * programs
+
+
 def test_candidates_lead_with_balanced():
     for kind in ("dsd", "sdd", "dsd_tn"):
         cands = tri.candidate_configs(kind, 4096, 4096, 4096, (128, 128), torch.bfloat16, tma=False)

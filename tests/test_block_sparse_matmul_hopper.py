@@ -85,15 +85,28 @@ def _problem(B, M, K, N, block, p, dtype, b_transposed, seed=0):
     return a, b, g, bias_n, bias_k, keep
 
 
+def _schedule(monkeypatch, schedule):
+    """Force the listed schedule: whole tiles, or stream-K (the shapes here are small enough
+    that the default rule would take stream-K on most of them)."""
+    monkeypatch.setattr(hopper, "_STREAM_K", schedule == "stream_k")
+
+
+def _assert_schedule(plan, schedule):
+    assert plan is not None
+    assert plan.stream_k(runtime.sm_resources(plan.out.device)[0]) == (schedule == "stream_k")
+
+
 @every_problem
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-def test_dsd(shape, p, b_transposed, dtype, with_bias):
-    """With a bias and without."""
+@pytest.mark.parametrize("schedule", ["tiles", "stream_k"])
+def test_dsd(shape, p, b_transposed, dtype, with_bias, schedule, monkeypatch):
+    """With a bias and without; whole tiles and stream-K."""
     B, M, K, N, block = shape
+    _schedule(monkeypatch, schedule)
     a, b, g, bias, _, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
     bias = bias if with_bias else None
     out = torch.empty(B, M, N, device="cuda", dtype=dtype)
-    assert hopper.plan_dsd(a, b, keep, block, bias, None, out) is not None
+    _assert_schedule(hopper.plan_dsd(a, b, keep, block, bias, None, out), schedule)
     got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
     _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, None if bias is None else bias.float()))
 
@@ -121,18 +134,59 @@ def test_sdd(shape, p, b_transposed, dtype, tiles, monkeypatch):
 @pytest.mark.parametrize("out_layout", ["row_major", "weight_grad"])
 @pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_dsd_tn(shape, p, out_layout, dtype):
+@pytest.mark.parametrize("schedule", ["tiles", "stream_k"])
+def test_dsd_tn(shape, p, out_layout, dtype, schedule, monkeypatch):
     """The weight gradient summed over the batch, into a row-major (K, N) output or, as ops.py
-    writes a linear's, into (N, K) order (a column-major view: the transposed problem)."""
+    writes a linear's, into (N, K) order (a column-major view: the transposed problem); whole
+    tiles and stream-K."""
     B, M, K, N, block = shape
+    _schedule(monkeypatch, schedule)
     a, _, g, _, _, keep = _problem(B, M, K, N, block, p, dtype, True)
     if out_layout == "row_major":
         out = torch.empty(1, K, N, device="cuda", dtype=dtype)
     else:
         out = torch.empty(N, K, device="cuda", dtype=dtype).t().unsqueeze(0)
-    assert hopper.plan_dsd_tn(a, g, keep, block, False, None, out) is not None
+    _assert_schedule(hopper.plan_dsd_tn(a, g, keep, block, False, None, out), schedule)
     got = tri.dsd_tn(_poison(a, keep, block), g, keep, 1.25, block, False, out=out)
     _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("programs", [1, 5, 29, None], ids=lambda n: f"programs{n or 'all'}")
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.6, 0.97])
+def test_stream_k_shares(p, programs, monkeypatch):
+    """Stream-K on a T5 feed-forward output's shapes (weight gradient 768 x 3072, 72 tiles of 256
+    x 128; forward 1536 x 768), as the default rule picks it on the whole GPU, and forced with
+    the iterations dealt to 1 program (no partial sums), 5 (tiles cut into long pieces) and 29
+    (tiles summed from several programs' partial sums, some programs' shares inside one tile);
+    lines with nothing kept at high p."""
+    if programs is not None:
+        sm = runtime.sm_resources
+        monkeypatch.setattr(runtime, "sm_resources", lambda d: (programs, *sm(d)[1:]))
+        monkeypatch.setattr(hopper, "_STREAM_K", True)
+    block = (128, 128)
+    a, b, g, _, _, keep = _problem(1, 1536, 3072, 768, block, p, torch.bfloat16, True, seed=3)
+    wgrad = torch.empty(768, 3072, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
+    _assert_schedule(hopper.plan_dsd_tn(a, g, keep, block, False, None, wgrad), "stream_k")
+    got = tri.dsd_tn(_poison(a, keep, block), g, keep, 1.25, block, False, out=wgrad)
+    _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
+    monkeypatch.setattr(hopper, "_STREAM_K", True)
+    out = torch.empty(1, 1536, 768, device="cuda", dtype=torch.bfloat16)
+    _assert_schedule(hopper.plan_dsd(a, b, keep, block, None, None, out), "stream_k")
+    got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, None)
+    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, None))
+
+
+def test_stream_k_rule():
+    """Stream-K where whole tiles would fill less than 90 % of their waves, and only while the
+    kernel's int32 iteration arithmetic holds."""
+    assert hopper._stream_k(72, 132, 72 * 64 * 2)          # the T5 weight gradient: 0.55 of a wave
+    assert hopper._stream_k(192, 132, 192 * 64 * 2)        # 1.45 waves: 0.73
+    assert not hopper._stream_k(512, 132, 512 * 32 * 2)    # 3.9 waves: 0.97
+    assert not hopper._stream_k(132, 132, 132 * 64 * 2)    # one full wave
+    assert not hopper._stream_k(72, 132, 2**31 // 132)     # shares past int32
+    assert not hopper._stream_k(0, 132, 0)
 
 
 @gpu
