@@ -8,8 +8,8 @@ also timed with the Hopper sdd's flat schedule (whole 128 x 128 tiles of one kep
 its default paired one (256 x 128 tiles, two kept blocks of a column), as hopper_flat_ms; the
 forward and dW also with whole tiles per program (stream-K off), as hopper_tiles_ms, and
 stream_k says whether the default took stream-K there.
-(Session 13's CSV also has hopper_one_partition_ms: the kernel before warp specialisation, from
-314ac9a, where it was a switch.)
+(Session 13's run, results/raw/session13/call5_hopper_kernels.log, also timed the kernel
+before warp specialisation, from 314ac9a, where it was a switch.)
 
     python benchmarks/bench_hopper_kernels.py [quick] [--out DIR]   # CSV: DIR/hopper_kernels.csv
 """
