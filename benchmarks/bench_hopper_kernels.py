@@ -15,7 +15,7 @@ before warp specialisation, from 314ac9a, where it was a switch.)
 """
 import os, sys, torch, triton, csv
 from sparsedrop_compile import ops  # noqa
-from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper, block_sparse_matmul_triton as tri, runtime
+from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper, block_sparse_matmul_triton as tri
 from sparsedrop_compile.kernels.block_mask import cdiv
 torch.manual_seed(0)
 SHAPES = [(4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 14336), (8192, 768, 3072), (6000, 2000, 3000)]
@@ -50,11 +50,10 @@ for (M, N, K) in SHAPES:
         paired, hopper._SDD_PAIRS = hopper._SDD_PAIRS, None
         flat_dx = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
         hopper._SDD_PAIRS = paired
-        programs = runtime.sm_resources(x.device)[0]
         dw_out = torch.empty(N, K, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
         plans = {"fwd": hopper.plan_dsd(a3, b3, keep, (128, 128), None, None, torch.empty(1, M, N, device="cuda", dtype=torch.bfloat16)),
                  "dw": hopper.plan_dsd_tn(a3, g3, keep, (128, 128), False, None, dw_out)}
-        stream_k = {k: plan is not None and plan.stream_k(programs) for k, plan in plans.items()}
+        stream_k = {k: plan is not None and plan.stream_k for k, plan in plans.items()}
         rule, hopper._STREAM_K = hopper._STREAM_K, False
         tiles = {"fwd": bench(lambda: tri.dsd(a3, b3, keep, 1.0, (128, 128))),
                  "dw": bench(lambda: tri.dsd_tn(a3, g3, keep, 1.0, (128, 128), False, out=dw_out))}

@@ -128,20 +128,22 @@ def _keep_folds(keep: Tensor, blocks: tuple) -> bool:
     return B == 1 or keep.stride(0) == nR * keep.stride(1)
 
 
-def _config(C: int, r_divides: int | None, c_divides: int | None, d_divides: int | None) -> WgmmaConfig | None:
-    """The first config, in order of preference, whose tiles divide what they must (None: no
-    constraint): the mask block their rows or columns lie in, and the kept blocks the reduction
-    steps through. Big tiles first unless the output is narrow (C < 1024). A wave-quantisation
-    score was tried instead (session 12, call 4) and chose smaller tiles that ran slower on the
-    narrow T5 shape (weight gradient 0.114 vs 0.095 ms): this order is the measured one."""
-    def divides(n: int | None, tile: int) -> bool:
-        return n is None or n % tile == 0
+def _fits(cfg: WgmmaConfig, r_divides: int | None, c_divides: int | None, d_divides: int | None) -> bool:
+    """Whether cfg's tiles divide what they must (None: no constraint): the mask block their rows
+    or columns lie in, and the kept blocks the reduction steps through."""
+    return all(n is None or n % tile == 0
+               for n, tile in ((r_divides, cfg.tile_r), (c_divides, cfg.tile_c), (d_divides, cfg.tile_d)))
 
+
+def _config(C: int, r_divides: int | None, c_divides: int | None, d_divides: int | None) -> WgmmaConfig | None:
+    """The first config, in order of preference, that fits (_fits). Big tiles first unless the
+    output is narrow (C < 1024). A wave-quantisation score was tried instead (session 12, call 4)
+    and chose smaller tiles that ran slower on the narrow T5 shape (weight gradient 0.114 vs
+    0.095 ms): this order is the measured one. (Under stream-K, see _plan.)"""
     order = ("wide", "tall", "square", "small", "tiny") if C >= 1024 else ("square", "wide", "tall", "small", "tiny")
     for name in order:
-        cfg = _CONFIGS[name]
-        if divides(r_divides, cfg.tile_r) and divides(c_divides, cfg.tile_c) and divides(d_divides, cfg.tile_d):
-            return cfg
+        if _fits(_CONFIGS[name], r_divides, c_divides, d_divides):
+            return _CONFIGS[name]
     return None
 
 
@@ -165,6 +167,7 @@ class Plan:
     red_block: int
     line_of_col: bool
     block: tuple
+    stream_k: bool = False     # the listed schedule dealt out as stream-K (see _STREAM_K, _plan)
 
     def _lines(self) -> tuple[int, int, int]:
         """The listed schedule's (lines, entries a line, tiles when the lines are ranked): a line's
@@ -176,7 +179,7 @@ class Plan:
         other, tile_o = (self.R, cfg.tile_r) if self.line_of_col else (self.C, cfg.tile_c)
         return n_lines, line_len, n_lines * (self.line_block // tile_l) * cdiv(other, tile_o)
 
-    def stream_k(self, programs: int) -> bool:
+    def takes_stream_k(self, programs: int) -> bool:
         """Whether a launch on ``programs`` programs takes the stream-K schedule (see _STREAM_K;
         the listed schedule only, and only where the lists can be ranked)."""
         if self.list_by in (None, "pairs"):
@@ -203,9 +206,8 @@ class Plan:
             n_tiles = B * nR * nC * (self.block[0] // cfg.tile_r) * (self.block[1] // cfg.tile_c)  # a bound
         else:
             n_lines, line_len, ranked_tiles = self._lines()
-            stream_k = self.stream_k(programs)
             counts, index, order, *schedule = kept_lists(self.keep, self.list_by, order=True, blocks=self.blocks,
-                                                         stream_k=programs if stream_k else 0)
+                                                         stream_k=programs if self.stream_k else 0)
             schedule = schedule[0] if schedule else None  # None also when the mask is too large to rank
             drop_counts = drop_index = counts  # unused
             n_tiles = ranked_tiles if order is not None else cdiv(self.R, cfg.tile_r) * cdiv(self.C, cfg.tile_c)
@@ -271,14 +273,28 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
         cfg = _SDD_PAIRS
     elif list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
         cfg = _config(C, block[0], block[1], None)
-    elif line_of_col:  # the tile's columns lie in one line
-        cfg = _config(C, None, line_block, red_block)
-    else:
-        cfg = _config(C, line_block, None, red_block)
+    else:  # the tile's columns (or rows) lie in one line
+        fit = (None, line_block, red_block) if line_of_col else (line_block, None, red_block)
+        cfg = _config(C, *fit)
     if cfg is None:
         return None
-    return Plan(xv[0], xv[1], yv[0], yv[1], out_base, R, C, D, cfg, list_by, keep, blocks, line_block, red_block,
+    plan = Plan(xv[0], xv[1], yv[0], yv[1], out_base, R, C, D, cfg, list_by, keep, blocks, line_block, red_block,
                 line_of_col, block)
+    if list_by not in (None, "pairs"):
+        programs = runtime.sm_resources(out_base.device)[0]
+        plan.stream_k = plan.takes_stream_k(programs)
+        square = _CONFIGS["square"]
+        # Fewer big tiles than programs: every tile would be cut, and adding a 256-row tile's
+        # partial sum costs the program that ends it 6-10 us (its loads into registers beside
+        # the accumulator go out in four round trips; a 128 x 128 tile's in one). 128 x 128
+        # tiles took the T5 weight gradient from 80 to 70 us (p = 0) and 56 to 44 us (p = 0.5);
+        # where the big tiles are at least one wave (6000 x 2000 x 3000's), they lost (137 vs
+        # 168 us). Session 14, call 10.
+        if plan.stream_k and plan._lines()[2] < programs and cfg.tile_r * cfg.tile_c > square.tile_r * square.tile_c \
+                and _fits(square, *fit):
+            plan = dataclasses.replace(plan, cfg=square)
+            plan.stream_k = plan.takes_stream_k(programs)
+    return plan
 
 
 def plan_dsd(a: Tensor, b: Tensor, keep: Tensor, block, bias, out_keep, out: Tensor) -> Plan | None:

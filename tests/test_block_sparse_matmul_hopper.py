@@ -93,7 +93,7 @@ def _schedule(monkeypatch, schedule):
 
 def _assert_schedule(plan, schedule):
     assert plan is not None
-    assert plan.stream_k(runtime.sm_resources(plan.out.device)[0]) == (schedule == "stream_k")
+    assert plan.stream_k == (schedule == "stream_k")
 
 
 @every_problem
@@ -156,26 +156,32 @@ def test_dsd_tn(shape, p, out_layout, dtype, schedule, monkeypatch):
 @pytest.mark.parametrize("programs", [1, 5, 29, None], ids=lambda n: f"programs{n or 'all'}")
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.6, 0.97])
 def test_stream_k_shares(p, programs, monkeypatch):
-    """Stream-K on a T5 feed-forward output's shapes (weight gradient 768 x 3072, 72 tiles of 256
-    x 128; forward 1536 x 768), as the default rule picks it on the whole GPU, and forced with
-    the iterations dealt to 1 program (no partial sums), 5 (tiles cut into long pieces) and 29
-    (tiles summed from several programs' partial sums, some programs' shares inside one tile);
+    """Stream-K on a narrow weight gradient (1024 x 3072: 96 tiles of 256 x 128) and a forward
+    with a bias (1536 x 1024: 48 tiles of 128 x 256), as the default rule takes it on the whole
+    GPU (fewer big tiles than SMs: 128 x 128 tiles), and forced with the iterations dealt to 1
+    program (no partial sums), 5 (tiles cut into long pieces) and 29 (tiles summed from several
+    programs' partial sums, some programs' shares inside one tile), where the big tiles stay;
     lines with nothing kept at high p."""
     if programs is not None:
         sm = runtime.sm_resources
         monkeypatch.setattr(runtime, "sm_resources", lambda d: (programs, *sm(d)[1:]))
         monkeypatch.setattr(hopper, "_STREAM_K", True)
+    big = programs is not None  # the big tiles are at least as many as the programs
     block = (128, 128)
-    a, b, g, _, _, keep = _problem(1, 1536, 3072, 768, block, p, torch.bfloat16, True, seed=3)
-    wgrad = torch.empty(768, 3072, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
-    _assert_schedule(hopper.plan_dsd_tn(a, g, keep, block, False, None, wgrad), "stream_k")
+    a, b, g, bias, _, keep = _problem(1, 1536, 3072, 1024, block, p, torch.bfloat16, True, seed=3)
+    wgrad = torch.empty(1024, 3072, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
+    plan = hopper.plan_dsd_tn(a, g, keep, block, False, None, wgrad)
+    _assert_schedule(plan, "stream_k")
+    assert (plan.cfg.tile_r, plan.cfg.tile_c) == ((256, 128) if big else (128, 128))
     got = tri.dsd_tn(_poison(a, keep, block), g, keep, 1.25, block, False, out=wgrad)
     _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
     monkeypatch.setattr(hopper, "_STREAM_K", True)
-    out = torch.empty(1, 1536, 768, device="cuda", dtype=torch.bfloat16)
-    _assert_schedule(hopper.plan_dsd(a, b, keep, block, None, None, out), "stream_k")
-    got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, None)
-    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, None))
+    out = torch.empty(1, 1536, 1024, device="cuda", dtype=torch.bfloat16)
+    plan = hopper.plan_dsd(a, b, keep, block, bias, None, out)
+    _assert_schedule(plan, "stream_k")
+    assert (plan.cfg.tile_r, plan.cfg.tile_c) == ((128, 256) if big else (128, 128))
+    got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
+    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
 
 
 def test_stream_k_rule():
