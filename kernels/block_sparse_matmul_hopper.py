@@ -16,6 +16,9 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
 - no second mask (the output side's both-sides case stays on the portable kernels);
 - the tiles divide the mask blocks they must lie in.
 
+dsd and dsd_tn run stream-K (``_STREAM_K``) where whole tiles would fill their waves badly,
+with 128 x 128 tiles where the big ones would be fewer than the SMs (``_plan``).
+
 The sdd pairs kept blocks of a column into one 256 x 128 tile (``_SDD_PAIRS``) where the mask
 blocks are 128 x 128 (or multiples), g's rows are contiguous and ``kept_pairs`` takes the mask;
 otherwise its tiles are whole 128 x 128 (or smaller) tiles of one kept block.

@@ -17,6 +17,11 @@ operands are read through 2-D descriptors and whose reduction runs over ``D``:
             with PAIRS a tile is two half tiles in two kept blocks of one column block
             (``kept_pairs``): a tall tile's efficiency where a tile may not cross a mask block
 
+dsd and dsd_tn take their tiles whole, one per program turn, or with STREAM_K (narrow outputs:
+fewer tiles than fill the SMs' waves) as even shares of all tiles' reduction steps, a tile cut
+between programs summed through fp32 partial sums (the ``_sk_*`` helpers; the shares' order is
+in ``_sk_segment``).
+
 An operand whose rows are contiguous is read as it is; one whose columns are contiguous is read
 through a descriptor over its transpose, and the shared-memory tile is handed to the MMA
 permuted (X_T, Y_T): wgmma reads 16-bit operands of either major order from shared memory.
@@ -493,6 +498,11 @@ def _listed_wgmma_kernel(
     dropped blocks' tiles (``drop_count_ptr`` / ``drop_index_ptr``) are stored as zeros. Dealing
     out only kept tiles keeps the programs' work even at any p (a grid over all tiles leaves
     each program a binomial share of kept ones).
+
+    STREAM_K (lists, ranked): ``sched_ptr`` holds the ranked lines' exclusive prefix sums of
+    kept blocks, their total, then one flag per program (zeroed by the lists launch,
+    ``kept_lists(stream_k=P)``); ``part_ptr`` one TILE_R x TILE_C fp32 slot per program. The
+    grid is one program per SM, each taking an even share of the steps (see _sk_segment).
 
     PAIRS (with FLAT; X not transposed): the list holds pairs of kept blocks of one column block
     (``kept_pairs``; ``count_ptr[1]`` / ``drop_index_ptr`` the dropped blocks). A tile's rows are
