@@ -236,7 +236,8 @@ class Plan:
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
                 RED_BLOCK=self.red_block, BALANCE=balance, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
-                X_T=self.x_t, Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps, maxnreg=_max_registers(cfg.warps),
+                X_T=self.x_t, Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps,
+                maxnreg=_max_registers(cfg.warps),
             )
 
 

@@ -63,8 +63,9 @@ def _kept_lists_kernel(
                                ORDER_LINES, ORDER_ENTRIES)
             before = j_ok & ((c_j > total) | ((c_j == total) & (j < line)))
             rank += tl.sum(before.to(tl.int32), 0)
-            kept_before += tl.sum(tl.where(before, c_j, 0), 0)
-            kept_all += tl.sum(tl.where(j_ok, c_j, 0), 0)
+            if SCHEDULE:
+                kept_before += tl.sum(tl.where(before, c_j, 0), 0)
+                kept_all += tl.sum(tl.where(j_ok, c_j, 0), 0)
         tl.store(order_ptr + rank, line)
         if SCHEDULE:
             tl.store(schedule_ptr + rank, kept_before)
