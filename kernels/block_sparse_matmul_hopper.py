@@ -26,7 +26,6 @@ otherwise its tiles are whole 128 x 128 (or smaller) tiles of one kept block.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from torch import Tensor
@@ -91,11 +90,7 @@ def _max_registers(warps: int) -> int:
 
 
 def available(device: torch.device) -> bool:
-    if _listed_wgmma_kernel is None or runtime.interpreting() or device.type != "cuda":
-        return False
-    if os.environ.get("SPARSEDROP_HOPPER", "1") == "0":
-        return False
-    return runtime.capability(device)[0] == 9
+    return _listed_wgmma_kernel is not None and runtime.hopper_enabled(device)
 
 
 def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:

@@ -208,6 +208,14 @@ def tma_enabled(device: torch.device) -> bool:
     return capability(device)[0] >= 9
 
 
+def hopper_enabled(device: torch.device) -> bool:
+    """Whether the Gluon Hopper kernels may run on this device: an sm_90 GPU, not interpreted,
+    ``SPARSEDROP_HOPPER`` not 0 (each family also needs its kernels to have imported)."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("SPARSEDROP_HOPPER", "1") == "0":
+        return False
+    return capability(device)[0] == 9
+
+
 # Below this many multiply-adds (M N K) a matmul kernel is launch-bound: in a default-mode step
 # the host spends longer launching it than the GPU spends running it, so its config is chosen
 # for a cheap launch rather than for the last per cent of GPU time. 2**34 is ~35 us of bf16 work
