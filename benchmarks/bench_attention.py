@@ -67,9 +67,11 @@ SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad"
 HF_MASK_KINDS = ("bool_full_pad", "bool_full_causal_pad")
 HF_METHODS = ("sparsedrop_2pass", "sparsedrop_noclass", "sparsedrop_dense", "sdpa_p", "sdpa_p0")
 # sparsedrop_2pass / _atomic: the two backward strategies (BACKWARD_STRATEGY), same forward;
+# sparsedrop_portable: sparsedrop_2pass with the Hopper forward off (SPARSEDROP_HOPPER=0), the
+# A/B for the Gluon forward (the same run as sparsedrop_2pass elsewhere);
 # sparsedrop_dense: every tile kept, p = 0 (the kernels' dense speed, to set against sdpa_p0).
-METHODS = ("sparsedrop_2pass", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense", "sdpa_p", "sdpa_p0",
-           "eager", "sparsedrop_noclass")
+METHODS = ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense",
+           "sdpa_p", "sdpa_p0", "eager", "sparsedrop_noclass")
 DTYPE = torch.bfloat16
 # --smoke runs everything on CPU under Triton's interpreter with tiny shapes and a wall-clock
 # timer: it checks this script's plumbing where there is no GPU, its times mean nothing.
@@ -132,7 +134,7 @@ def make_inputs(b, h, s, d, mask_kind, seed=0):
 
 def attention_fn(method, q, k, v, mask, p, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if method in ("sparsedrop_2pass", "sparsedrop_atomic", "sparsedrop_noclass"):
+    if method in ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_atomic", "sparsedrop_noclass"):
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block)
     if method == "sparsedrop_dropkey":
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block, mode="dropkey")
@@ -161,13 +163,17 @@ def attention_fn(method, q, k, v, mask, p, causal, block):
 
 @contextlib.contextmanager
 def backward_strategy(method, head_dim):
-    """Run the sparsedrop_<strategy> methods with that backward (read when kernels launch)."""
+    """Run the sparsedrop_<strategy> methods with that backward (read when kernels launch), and
+    sparsedrop_portable with the Hopper forward off."""
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
     saved = dict(fat.BACKWARD_STRATEGY)
     saved_classify = fat.CLASSIFY_MASK_TILES
+    saved_hopper = os.environ.get("SPARSEDROP_HOPPER")
     cls = fat.head_dim_class(head_dim)  # the tables are keyed by head-dim class
-    if method in ("sparsedrop_2pass", "sparsedrop_noclass"):
+    if method == "sparsedrop_portable":
+        os.environ["SPARSEDROP_HOPPER"] = "0"
+    if method in ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_noclass"):
         fat.BACKWARD_STRATEGY[cls] = "two_pass"
     elif method == "sparsedrop_atomic":
         fat.BACKWARD_STRATEGY[cls] = "atomic"
@@ -178,6 +184,10 @@ def backward_strategy(method, head_dim):
     finally:
         fat.BACKWARD_STRATEGY.update(saved)
         fat.CLASSIFY_MASK_TILES = saved_classify
+        if saved_hopper is None:
+            os.environ.pop("SPARSEDROP_HOPPER", None)
+        else:
+            os.environ["SPARSEDROP_HOPPER"] = saved_hopper
 
 
 def fwd_bwd(fwd, q, k, v, grad):
@@ -257,7 +267,8 @@ def plot(rows, path: Path, title: str):
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
-        for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_atomic", "d-"), ("sparsedrop_dropkey", "^-"),
+        for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_portable", "o:"), ("sparsedrop_atomic", "d-"),
+                              ("sparsedrop_dropkey", "^-"),
                               ("sparsedrop_noclass", "v-"), ("sdpa_p", "s-"), ("eager", "x-")):
             pts = sorted((r["p"], r["median_ms"]) for r in sub if r["method"] == method)
             if pts:

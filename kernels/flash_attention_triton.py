@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import flash_attention_hopper as hopper
 from .block_mask import cdiv, dropout_scale
 from .flash_attention import (
     HEAD_DIM_RULE,
@@ -468,13 +469,29 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: 
     return dq, (dmask if mask_grad else None)
 
 
+def _hopper_forward(pb: _Problem, override) -> tuple[Tensor, Tensor] | None:
+    """(O, logsumexp) from the Gluon forward where it serves (``flash_attention_hopper``), else None."""
+    if hopper.unsupported_reason(pb.q, pb.k, pb.v, pb.mask_input, pb.dropkey, pb.block) is not None:
+        return None
+    out = empty_attention_out(pb.q, pb.v)
+    lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
+    hopper.launch_forward(pb.q, pb.k, pb.v, pb.keep, out, lse, pb.group, pb.sm_scale, pb.out_scale, pb.block,
+                          pb.causal, hopper.pick_config(pb.D, pb.block, override))
+    return out, lse
+
+
 def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, config=None):
     """(O, logsumexp) like ``flash_attention.reference_attention_forward``; ``config`` may map
-    "fwd" to a KernelConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to override
-    the choice."""
+    "fwd" to a KernelConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to run
+    the portable forward with, or "fwd_hopper" to a (block_m, block_n, stages, warps) tuple for
+    the Hopper forward where that serves (``flash_attention_hopper``)."""
     pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
-    cfg = _pick_config("fwd", pb.D, pb.block, (config or {}).get("fwd"))
-    out, lse = _launch_forward(pb, cfg)
+    config = config or {}
+    hop = None if "fwd" in config else _hopper_forward(pb, config.get("fwd_hopper"))
+    if hop is not None:
+        out, lse = hop
+    else:
+        out, lse = _launch_forward(pb, _pick_config("fwd", pb.D, pb.block, config.get("fwd")))
     if pb.squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return out, lse
