@@ -35,6 +35,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
+# Names Triton 3.9 changed (the GPU machine runs 3.6, CI 3.9): the TMA copies, 3.6's
+# async_copy_global_to_shared / _shared_to_global, are async_load / async_store there (same
+# arguments, the old names raise); the CTA barrier, 3.6's thread_barrier, is barrier.
+_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 
 @gluon.constexpr_function
 def _acc_layout(tile_r, tile_c, num_warps):
@@ -264,7 +271,7 @@ def _sk_raise_flag(flag_ptr):
     """Say the partial sum is there: every consumer thread's stores happen before the flag,
     which is made visible with them. Raised one segment after the stores (their latency under
     that segment's MMAs) and before any wait of this program's own."""
-    gl.thread_barrier()
+    _cta_barrier()
     gl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
 
 
@@ -281,7 +288,7 @@ def _sk_gather(acc, ts, total, part_ptr, flag_ptr, TILE_R: gl.constexpr, TILE_C:
         if (q + 1) * total // programs > q * total // programs:
             while gl.atomic_add(flag_ptr + q, 0, sem="acquire", scope="gpu") == 0:
                 pass
-            gl.thread_barrier()  # the flag was seen before any thread reads the sum
+            _cta_barrier()  # the flag was seen before any thread reads the sum
             acc += gl.load(part_ptr + q * (TILE_R * TILE_C) + offs, cache_modifier=".cg")
     return acc
 
@@ -327,16 +334,16 @@ def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, r0, c0, aux, 
     mbarrier.expect(bar, X_COPIES * x_desc.block_type.nbytes + y_desc.block_type.nbytes)
     if PAIRS:
         xs = x_smem.index(s)
-        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, xs.slice(0, STORE_R))
-        tma.async_copy_global_to_shared(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R))
+        _tma_load(x_desc, [r0, d0], bar, xs.slice(0, STORE_R))
+        _tma_load(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R))
     elif X_T:
-        tma.async_copy_global_to_shared(x_desc, [d0, r0], bar, x_smem.index(s))
+        _tma_load(x_desc, [d0, r0], bar, x_smem.index(s))
     else:
-        tma.async_copy_global_to_shared(x_desc, [r0, d0], bar, x_smem.index(s))
+        _tma_load(x_desc, [r0, d0], bar, x_smem.index(s))
     if Y_T:
-        tma.async_copy_global_to_shared(y_desc, [c0, d0], bar, y_smem.index(s))
+        _tma_load(y_desc, [c0, d0], bar, y_smem.index(s))
     else:
-        tma.async_copy_global_to_shared(y_desc, [d0, c0], bar, y_smem.index(s))
+        _tma_load(y_desc, [d0, c0], bar, y_smem.index(s))
 
 
 @gluon.jit
@@ -355,11 +362,11 @@ def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_sca
     out_smem.store(acc.to(dtype))
     fence_async_shared()
     if PAIRS:
-        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+        _tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
         if aux != r0:
-            tma.async_copy_shared_to_global(out_desc, [aux, c0], out_smem.slice(STORE_R, STORE_R))
+            _tma_store(out_desc, [aux, c0], out_smem.slice(STORE_R, STORE_R))
     else:
-        tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+        _tma_store(out_desc, [r0, c0], out_smem)
 
 
 @gluon.jit
@@ -582,9 +589,9 @@ def _listed_wgmma_kernel(
             r0, c0 = _block_tile(drop_index_ptr, tile // TILES_PER_BLOCK, tile % TILES_PER_BLOCK, line_len,
                                  BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
             if PAIRS:
-                tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+                _tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
             else:
-                tma.async_copy_shared_to_global(out_desc, [r0, c0], out_smem)
+                _tma_store(out_desc, [r0, c0], out_smem)
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))

@@ -39,6 +39,10 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 
 _LN2 = gl.constexpr(0.6931471805599453)
+# TMA copies: Triton 3.6 names them async_copy_global_to_shared / _shared_to_global; 3.9 renamed
+# them async_load / async_store (same arguments) and makes the old names raise.
+_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
 
 
 @gluon.constexpr_function
@@ -59,8 +63,8 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, BLOCK_N: gl.constexpr
     s = tile % STAGES
     bar = kv_bar.index(s)
     mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [tile * BLOCK_N, 0], bar, k_smem.index(s))
-    tma.async_copy_global_to_shared(v_desc, [tile * BLOCK_N, 0], bar, v_smem.index(s))
+    _tma_load(k_desc, [tile * BLOCK_N, 0], bar, k_smem.index(s))
+    _tma_load(v_desc, [tile * BLOCK_N, 0], bar, v_smem.index(s))
 
 
 @gluon.jit
@@ -158,7 +162,7 @@ def _attn_fwd_wgmma_kernel(
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+    _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         if i < n_tiles:
             _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, i, BLOCK_N, STAGES)
@@ -226,7 +230,7 @@ def _attn_fwd_wgmma_kernel(
     out = acc * gl.expand_dims(gl.convert_layout(out_scale / l_safe, o_rows), 1)
     q_smem.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [start_m, 0], q_smem)
+    _tma_store(o_desc, [start_m, 0], q_smem)
     lse = gl.where(l_ok, (m_i + gl.log2(l_safe)) * _LN2, float("inf"))
     gl.store(lse_ptr + pid_bh.to(gl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
     tma.store_wait(pendings=0)

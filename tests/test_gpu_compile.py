@@ -133,6 +133,70 @@ def test_every_launched_kernel_variant_compiles_for_hopper(tmp_path):
     assert compiled >= 20, out  # both size classes, two dtypes, the second masks, attention
 
 
+# The Gluon (Hopper-only) kernels, driven through their real host code on CPU tensors with the
+# device checks answered for an H200: every flavour the matmul plans launch (listed, stream-K on
+# and off, flat and paired sdd, bias, transposed operands) and the attention forward's configs.
+# Gluon cannot run under the interpreter, so this is CI's only check that they still build with
+# CI's Triton (the GPU machine runs another release).
+_GLUON = r"""
+from sparsedrop_compile.kernels import block_sparse_matmul_hopper as mmh
+from sparsedrop_compile.kernels import flash_attention_hopper as fah
+from sparsedrop_compile.kernels import launch_plans
+
+assert mmh._listed_wgmma_kernel is not None and fah._attn_fwd_wgmma_kernel is not None, "Gluon kernels did not import"
+recorded.clear()
+runtime.launch = Record
+class Skip:  # the kept-block list kernels are compiled by the test above; here their launches are skipped
+    def __init__(self, kernel):
+        pass
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+kept_blocks.launch = Skip
+runtime.hopper_enabled = lambda device: True
+runtime.LAUNCH_BOUND_WORK = 0
+launch_plans.recording = lambda: None
+
+def hopper_matmuls():
+    for B, M, K, N, block in ((1, 1024, 1152, 768, (128, 128)), (1, 2048, 768, 64, (128, 128)), (1, 704, 576, 448, (64, 64))):
+        a, g = torch.randn(B, M, K, dtype=torch.bfloat16), torch.randn(B, M, N, dtype=torch.bfloat16)
+        wt = torch.randn(N, K, dtype=torch.bfloat16).t().unsqueeze(0)
+        keep = torch.rand(B, cdiv(M, block[0]) + 1, cdiv(K, block[1]) + 1) > 0.3
+        bias = torch.randn(N, dtype=torch.bfloat16)
+        for stream_k in (False, True):
+            mmh._STREAM_K = stream_k
+            for b_op in (wt, wt.contiguous()):
+                bsm.dsd(a, b_op, keep, 1.25, block, bias, _supported=True)
+                bsm.sdd(g, b_op, keep, 1.25, block, _supported=True)
+            bsm.dsd_tn(a, g, keep, 1.25, block, False, _supported=True)
+    mmh._STREAM_K = None
+
+def hopper_attention():
+    B, H, S, D = 1, 2, 300, 128
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(B, H, S)
+    for block in ((64, 128), (32, 64)):
+        keep = torch.rand(B, H, cdiv(S, block[0]) + 1, cdiv(S, block[1]) + 1) > 0.3
+        for cfg in fah.CANDIDATES[128] + [fah.FwdConfig(128, 64, 3, 8)]:
+            if fah.fits(cfg, block):
+                for causal in (False, True):
+                    fah.launch_forward(q, k, v, keep, out, lse, 1, 0.088, 1.1, block, causal, cfg)
+
+hopper_matmuls()
+hopper_attention()
+names = sorted({name for name, _ in recorded})
+assert names == ["_attn_fwd_wgmma_kernel", "_listed_wgmma_kernel"], names
+"""
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="needs the ptxas that Triton's wheel ships")
+def test_gluon_hopper_kernels_compile_for_hopper(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    out = _run(_RECORD.split("for size_class in")[0] + _GLUON + _COMPILE, env)
+    compiled = int(out.split("compiled", 1)[1].split()[0])
+    assert compiled >= 12, out  # the matmul flavours and the attention configs, each specialisation once
+
+
 def _run(script: str, env: dict) -> str:
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
