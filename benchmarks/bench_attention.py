@@ -374,6 +374,7 @@ def run_sweep(args) -> list[dict]:
                     timed_rows.append(record(kind, cfg, make(cfg), check))
             best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
         t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
+        hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out))
 
         # Baselines at the same shape, fwd+bwd, for scale.
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -403,6 +404,33 @@ def run_sweep(args) -> list[dict]:
         print(f"\n  to adopt: put each pass's winner first in _CANDIDATE_TABLE[...][{fat.head_dim_class(d)}] and the faster "
               f"strategy in BACKWARD_STRATEGY[{fat.head_dim_class(d)}] in kernels/flash_attention_triton.py")
     return rows
+
+
+def hopper_sweep(pb, d, causal, args, info, shape, rows, bench, check):
+    """The Gluon Hopper forward's configs (``flash_attention_hopper``), where it serves this
+    problem: its candidates and the 128-row tiles over two warpgroups, timed like the passes
+    above (pass "fwd_hopper"; BLOCK_M / BLOCK_N / num_warps / num_stages as its config writes them)."""
+    from sparsedrop_compile.kernels import flash_attention_hopper as hopper
+    from sparsedrop_compile.kernels import flash_attention_triton as fat
+
+    reason = hopper.unsupported_reason(pb.q, pb.k, pb.v, None, False, pb.block)
+    if reason is not None:
+        print(f"  fwd_hopper: not timed ({reason})")
+        return
+    for cfg in hopper.CANDIDATES[d] + [hopper.FwdConfig(128, 128, 2, 8), hopper.FwdConfig(128, 64, 3, 8)]:
+        fn = lambda cfg=cfg: fat.attention_forward(pb.q, pb.k, pb.v, None, pb.keep, args.sweep_p, causal, None,  # noqa: E731
+                                                   False, pb.block, "post_softmax", {"fwd_hopper": cfg})
+        row = {**info, "shape": shape, "pass": "fwd_hopper", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+               "num_warps": cfg.warps, "num_stages": cfg.stages}
+        try:
+            row["max_err"] = check(fn())
+            row["median_ms"] = bench(fn)
+        except Exception as exc:  # noqa: BLE001 - a config that fails to compile is data too
+            row["median_ms"], row["max_err"] = float("nan"), float("nan")
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        rows.append(row)
+        harness.write_csv(args.csv_path, rows)
+        print(f"  fwd_hopper {cfg}: {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}", flush=True)
 
 
 def main(argv=None):
