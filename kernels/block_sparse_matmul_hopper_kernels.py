@@ -35,6 +35,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
+from .block_sparse_matmul_kernels import _grouped_tile  # a @triton.jit helper of scalars: Gluon inlines it too
+
 # Names Triton 3.9 changed (the GPU machine runs 3.6, CI 3.9): the TMA copies, 3.6's
 # async_copy_global_to_shared / _shared_to_global, are async_load / async_store there (same
 # arguments, the old names raise); the CTA barrier, 3.6's thread_barrier, is barrier.
@@ -56,17 +58,6 @@ def _acc_layout(tile_r, tile_c, num_warps):
 @gluon.constexpr_function
 def _staged(stages, block):
     return [stages] + list(block)
-
-
-@gluon.jit
-def _tile_of(pid, grid_r, grid_c, GROUP: gl.constexpr):
-    """Tile number -> (row, col) tile, GROUP row tiles at a time (L2 reuse of both operands)."""
-    width = GROUP * grid_c
-    group = pid // width
-    first_r = group * GROUP
-    size_r = gl.minimum(grid_r - first_r, GROUP)
-    in_group = pid % width
-    return first_r + in_group % size_r, in_group // size_r
 
 
 @gluon.jit
@@ -127,11 +118,11 @@ def _listed_tile(tile, R, C, n_lines, line_len, count_ptr, order_ptr, TILE_R: gl
         grid_o = gl.cdiv(C, TILE_C)
     if BALANCE:
         TILES_PER_LINE: gl.constexpr = LINE_BLOCK // TILE_L
-        pid_l, pid_o = _tile_of(tile, n_lines * TILES_PER_LINE, grid_o, GROUP)
+        pid_l, pid_o = _grouped_tile(tile, n_lines * TILES_PER_LINE, grid_o, GROUP)
         line = gl.load(order_ptr + pid_l // TILES_PER_LINE)
         l0 = line * LINE_BLOCK + (pid_l % TILES_PER_LINE) * TILE_L
     else:
-        pid_l, pid_o = _tile_of(tile, gl.cdiv(L, TILE_L), grid_o, GROUP)
+        pid_l, pid_o = _grouped_tile(tile, gl.cdiv(L, TILE_L), grid_o, GROUP)
         l0 = pid_l * TILE_L
         line = l0 // LINE_BLOCK
     if LINE_OF_COL:
