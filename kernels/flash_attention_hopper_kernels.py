@@ -38,6 +38,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
+from .flash_attention_kernels import _query_tile  # a @triton.jit helper of scalars: Gluon inlines it too
+
 _LN2 = gl.constexpr(0.6931471805599453)
 # TMA copies: Triton 3.6 names them async_copy_global_to_shared / _shared_to_global; 3.9 renamed
 # them async_load / async_store (same arguments) and makes the old names raise.
@@ -121,13 +123,7 @@ def _attn_fwd_wgmma_kernel(
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     qk_scale = qk_scale.to(gl.float32)
     out_scale = out_scale.to(gl.float32)
-    pid_m = gl.program_id(0)
-    if CAUSAL:  # the last query tiles see the most keys: start them first for a better tail
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    pid_bh = gl.program_id(1)
-    off_b = (pid_bh // H).to(gl.int64)
-    off_h = (pid_bh % H).to(gl.int64)
-    off_hk = off_h // GROUP
+    pid_m, pid_bh, off_b, off_h, off_hk = _query_tile(H, GROUP, CAUSAL)
     start_m = pid_m * BLOCK_M
 
     # --- descriptors over this (batch, head)'s rows, built on the device

@@ -393,6 +393,22 @@ def _fwd_inner(
 
 
 @triton.jit
+def _query_tile(H, GROUP, CAUSAL: tl.constexpr):
+    """A query-block program's (query tile, batch x head, batch, head, kv head), for the forward
+    and the dQ pass: axis 0 of the grid walks the query tiles, backwards under the causal mask
+    (the last tiles see the most keys: started first, they shorten the tail), axis 1 the
+    (batch, head) pairs. Scalars only, so the Gluon forward (flash_attention_hopper_kernels.py)
+    calls it too."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    return pid_m, pid_bh, off_b, off_h, off_h // GROUP
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Mask, Keep, Cls, Out, Lse,
     stride_qb, stride_qh, stride_qm,
@@ -411,14 +427,7 @@ def _attn_fwd(
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     out_scale = tl.cast(out_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        # The last query blocks see the most keys: start them first for a better tail.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hk = off_h // GROUP
+    pid_m, pid_bh, off_b, off_h, off_hk = _query_tile(H, GROUP, CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -789,13 +798,7 @@ def _attn_bwd_dq(
     dq_scale = tl.cast(dq_scale, tl.float32)
     dmask_scale = tl.cast(dmask_scale, tl.float32)
     delta_scale = tl.cast(delta_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hk = off_h // GROUP
+    pid_m, pid_bh, off_b, off_h, off_hk = _query_tile(H, GROUP, CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
