@@ -36,28 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 
 from .block_sparse_matmul_kernels import _grouped_tile  # a @triton.jit helper of scalars: Gluon inlines it too
-
-# Names Triton 3.9 changed (the GPU machine runs 3.6, CI 3.9): the TMA copies, 3.6's
-# async_copy_global_to_shared / _shared_to_global, are async_load / async_store there (same
-# arguments, the old names raise); the CTA barrier, 3.6's thread_barrier, is barrier.
-_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
-_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-
-
-@gluon.constexpr_function
-def _acc_layout(tile_r, tile_c, num_warps):
-    """wgmma's accumulator layout: warps stacked along rows (16 rows each, a warpgroup spans 64),
-    the rest along columns; each instruction as wide as the warp's columns allow (<= 256)."""
-    warps_r = min(num_warps, tile_r // 16)
-    warps_c = num_warps // warps_r
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_r, warps_c],
-                                     instr_shape=[16, min(256, tile_c // warps_c), 16])
-
-
-@gluon.constexpr_function
-def _staged(stages, block):
-    return [stages] + list(block)
+from .gluon_hopper import cta_barrier, mma_layout, staged, tma_load, tma_store
 
 
 @gluon.jit
@@ -262,7 +241,7 @@ def _sk_raise_flag(flag_ptr):
     """Say the partial sum is there: every consumer thread's stores happen before the flag,
     which is made visible with them. Raised one segment after the stores (their latency under
     that segment's MMAs) and before any wait of this program's own."""
-    _cta_barrier()
+    cta_barrier()
     gl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
 
 
@@ -279,7 +258,7 @@ def _sk_gather(acc, ts, total, part_ptr, flag_ptr, TILE_R: gl.constexpr, TILE_C:
         if (q + 1) * total // programs > q * total // programs:
             while gl.atomic_add(flag_ptr + q, 0, sem="acquire", scope="gpu") == 0:
                 pass
-            _cta_barrier()  # the flag was seen before any thread reads the sum
+            cta_barrier()  # the flag was seen before any thread reads the sum
             acc += gl.load(part_ptr + q * (TILE_R * TILE_C) + offs, cache_modifier=".cg")
     return acc
 
@@ -325,16 +304,16 @@ def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, r0, c0, aux, 
     mbarrier.expect(bar, X_COPIES * x_desc.block_type.nbytes + y_desc.block_type.nbytes)
     if PAIRS:
         xs = x_smem.index(s)
-        _tma_load(x_desc, [r0, d0], bar, xs.slice(0, STORE_R))
-        _tma_load(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R))
+        tma_load(x_desc, [r0, d0], bar, xs.slice(0, STORE_R))
+        tma_load(x_desc, [aux, d0], bar, xs.slice(STORE_R, STORE_R))
     elif X_T:
-        _tma_load(x_desc, [d0, r0], bar, x_smem.index(s))
+        tma_load(x_desc, [d0, r0], bar, x_smem.index(s))
     else:
-        _tma_load(x_desc, [r0, d0], bar, x_smem.index(s))
+        tma_load(x_desc, [r0, d0], bar, x_smem.index(s))
     if Y_T:
-        _tma_load(y_desc, [c0, d0], bar, y_smem.index(s))
+        tma_load(y_desc, [c0, d0], bar, y_smem.index(s))
     else:
-        _tma_load(y_desc, [d0, c0], bar, y_smem.index(s))
+        tma_load(y_desc, [d0, c0], bar, y_smem.index(s))
 
 
 @gluon.jit
@@ -353,11 +332,11 @@ def _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_sca
     out_smem.store(acc.to(dtype))
     fence_async_shared()
     if PAIRS:
-        _tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+        tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
         if aux != r0:
-            _tma_store(out_desc, [aux, c0], out_smem.slice(STORE_R, STORE_R))
+            tma_store(out_desc, [aux, c0], out_smem.slice(STORE_R, STORE_R))
     else:
-        _tma_store(out_desc, [r0, c0], out_smem)
+        tma_store(out_desc, [r0, c0], out_smem)
 
 
 @gluon.jit
@@ -547,15 +526,15 @@ def _listed_wgmma_kernel(
     out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
 
     # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
-    x_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, x_block), x_layout)
-    y_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, y_block), y_layout)
+    x_smem = gl.allocate_shared_memory(dtype, staged(STAGES, x_block), x_layout)
+    y_smem = gl.allocate_shared_memory(dtype, staged(STAGES, y_block), y_layout)
     out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    acc_layout: gl.constexpr = _acc_layout(TILE_R, TILE_C, num_warps)
+    acc_layout: gl.constexpr = mma_layout(TILE_R, TILE_C, num_warps)
     gl.warp_specialize([
         (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
                           line_len, count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale, dtype,
@@ -580,9 +559,9 @@ def _listed_wgmma_kernel(
             r0, c0 = _block_tile(drop_index_ptr, tile // TILES_PER_BLOCK, tile % TILES_PER_BLOCK, line_len,
                                  BLOCK_ROWS, BLOCK_COLS, STORE_R, TILE_C)
             if PAIRS:
-                _tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
+                tma_store(out_desc, [r0, c0], out_smem.slice(0, STORE_R))
             else:
-                _tma_store(out_desc, [r0, c0], out_smem)
+                tma_store(out_desc, [r0, c0], out_smem)
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))

@@ -39,24 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
     warpgroup_mma_wait
 
 from .flash_attention_kernels import _query_tile  # a @triton.jit helper of scalars: Gluon inlines it too
+from .gluon_hopper import mma_layout, staged, tma_load, tma_store
 
 _LN2 = gl.constexpr(0.6931471805599453)
-# TMA copies: Triton 3.6 names them async_copy_global_to_shared / _shared_to_global; 3.9 renamed
-# them async_load / async_store (same arguments) and makes the old names raise.
-_tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
-_tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
-
-
-@gluon.constexpr_function
-def _mma_layout(block_m, width, num_warps):
-    """wgmma's accumulator layout for a (block_m, width) product: warps stacked along the rows,
-    16 rows each (a warpgroup spans 64), one instruction as wide as the tile."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, width, 16])
-
-
-@gluon.constexpr_function
-def _staged(stages, block):
-    return [stages] + list(block)
 
 
 @gluon.jit
@@ -65,8 +50,8 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, tile, BLOCK_N: gl.constexpr
     s = tile % STAGES
     bar = kv_bar.index(s)
     mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [tile * BLOCK_N, 0], bar, k_smem.index(s))
-    _tma_load(v_desc, [tile * BLOCK_N, 0], bar, v_smem.index(s))
+    tma_load(k_desc, [tile * BLOCK_N, 0], bar, k_smem.index(s))
+    tma_load(v_desc, [tile * BLOCK_N, 0], bar, v_smem.index(s))
 
 
 @gluon.jit
@@ -139,8 +124,8 @@ def _attn_fwd_wgmma_kernel(
                                         [stride_om, 1], [BLOCK_M, HEAD_DIM], q_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)  # Q, then O on its way out
-    k_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, [BLOCK_N, HEAD_DIM]), kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, _staged(STAGES, [BLOCK_N, HEAD_DIM]), kv_layout)
+    k_smem = gl.allocate_shared_memory(dtype, staged(STAGES, [BLOCK_N, HEAD_DIM]), kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, staged(STAGES, [BLOCK_N, HEAD_DIM]), kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
@@ -158,13 +143,13 @@ def _attn_fwd_wgmma_kernel(
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
+    tma_load(q_desc, [start_m, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         if i < n_tiles:
             _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, i, BLOCK_N, STAGES)
 
-    s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
-    o_layout: gl.constexpr = _mma_layout(BLOCK_M, HEAD_DIM, num_warps)
+    s_layout: gl.constexpr = mma_layout(BLOCK_M, BLOCK_N, num_warps)
+    o_layout: gl.constexpr = mma_layout(BLOCK_M, HEAD_DIM, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -226,7 +211,7 @@ def _attn_fwd_wgmma_kernel(
     out = acc * gl.expand_dims(gl.convert_layout(out_scale / l_safe, o_rows), 1)
     q_smem.store(out.to(dtype))
     fence_async_shared()
-    _tma_store(o_desc, [start_m, 0], q_smem)
+    tma_store(o_desc, [start_m, 0], q_smem)
     lse = gl.where(l_ok, (m_i + gl.log2(l_safe)) * _LN2, float("inf"))
     gl.store(lse_ptr + pid_bh.to(gl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
     tma.store_wait(pendings=0)
