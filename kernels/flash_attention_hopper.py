@@ -74,7 +74,11 @@ def pick_config(head_dim: int, block: Sequence[int], override: FwdConfig | Seque
         cfg = override if isinstance(override, FwdConfig) else FwdConfig(*override)
         if not fits(cfg, block):
             raise ValueError(f"sparsedrop attention Hopper forward config {cfg}: its key tile must divide the mask "
-                             f"tile's {block[1]} keys and its query tile divide or span the mask tile's {block[0]} rows")
+                             f"tile's {block[1]} keys and its query tile divide or span the mask tile's {block[0]} rows; "
+                             "pick one that does, or leave \"fwd_hopper\" out for the default")
+        if cfg.warps * 16 != cfg.block_m:
+            raise ValueError(f"sparsedrop attention Hopper forward config {cfg}: each warp owns 16 query rows, so "
+                             f"warps must be block_m / 16 = {cfg.block_m // 16}")
         return cfg
     return next((c for c in CANDIDATES.get(head_dim, ()) if fits(c, block)), None)
 

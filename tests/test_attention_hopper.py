@@ -48,6 +48,8 @@ def test_config_override_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="must divide the mask tile's 32 keys"):
         hopper.pick_config(128, (64, 32), (64, 64, 3, 4))
     assert hopper.pick_config(128, (64, 128), (128, 128, 2, 8)) == hopper.FwdConfig(128, 128, 2, 8)
+    with pytest.raises(ValueError, match="warps must be block_m / 16 = 8"):
+        hopper.pick_config(128, (64, 128), (128, 64, 3, 4))
 
 
 def test_unsupported_reason_on_cpu_names_the_device():
