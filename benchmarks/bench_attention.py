@@ -39,6 +39,7 @@ from sparsedrop_compile import harness
 from sparsedrop_compile.attention_ops import sparse_dropout_attention  # noqa: E402
 from sparsedrop_compile.harness import capture_cuda_graph, do_bench, time_calls
 from sparsedrop_compile.kernels import flash_attention as fa  # noqa: E402
+from sparsedrop_compile.kernels import runtime  # noqa: E402
 
 # (name, batch, heads, seq, head_dim, causal, mask kind)
 SHAPES = [
@@ -159,6 +160,21 @@ def attention_fn(method, q, k, v, mask, p, causal, block):
             return torch.matmul(F.dropout(prob, p, training=True), v)
         return eager
     raise ValueError(method)
+
+
+def _tma_off(fn):
+    """fn run with TMA descriptors off (SPARSEDROP_TMA=0, read when kernels launch)."""
+    def run():
+        saved = os.environ.get("SPARSEDROP_TMA")
+        os.environ["SPARSEDROP_TMA"] = "0"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop("SPARSEDROP_TMA")
+            else:
+                os.environ["SPARSEDROP_TMA"] = saved
+    return run
 
 
 @contextlib.contextmanager
@@ -322,9 +338,12 @@ def run_sweep(args) -> list[dict]:
         print(f"\nsweep {shape} p={args.sweep_p} bf16 (each config checked against the reference)")
 
         def bench(fn):
+            # One pass is a few kernels of 0.02-2 ms: launched eagerly (through wrap_triton, a few
+            # hundred microseconds of Python each) the host, not the GPU, would set the time of
+            # the short ones. A captured CUDA graph's replay times the GPU alone.
             if DEVICE == "cpu":
                 return time_wall(fn, 1)
-            return do_bench(fn, warmup=10, rep=40)
+            return time_graph(fn, 30)
 
         def record(kind, cfg, fn, check):
             row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n,
@@ -360,11 +379,16 @@ def run_sweep(args) -> list[dict]:
             "bwd_fused": (lambda cfg: (lambda: fat._launch_dkdv(pb, grad, lse, delta, cfg, atomic_dq=True)),
                           lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv), err(r[2], ref_dq))),
         }
+        if runtime.tma_enabled(q.device):
+            # Where the single pass adds dQ by TMA bulk reductions, the same kernel with element
+            # atomics beside it (SPARSEDROP_TMA=0 while it is launched and captured).
+            passes["bwd_fused_elem"] = (lambda cfg: _tma_off(passes["bwd_fused"][0](cfg)), passes["bwd_fused"][1])
         best = {}
         for kind, (make, check) in passes.items():
             # Tiles under 32 x 32 are there for small mask tiles, not speed: not timed.
             # (The 256 class's first dQ and single-pass tiles, 32 x 16, are under it: time them.)
-            timed_rows = [record(kind, cfg, make(cfg), check) for cfg in fat.CANDIDATES[kind][fat.head_dim_class(d)]
+            table = fat.CANDIDATES["bwd_fused" if kind == "bwd_fused_elem" else kind][fat.head_dim_class(d)]
+            timed_rows = [record(kind, cfg, make(cfg), check) for cfg in table
                           if cfg.tile_m * cfg.tile_n >= 32 * 32 or fat.head_dim_class(d) == 256]
             ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
                         key=lambda r: r["median_ms"])
@@ -391,8 +415,9 @@ def run_sweep(args) -> list[dict]:
             for kind in passes:
                 fit = [r for r in best[kind] if tile[0] % r["BLOCK_M"] == 0 and tile[1] % r["BLOCK_N"] == 0]
                 picks[kind] = min(fit, key=lambda r: r["median_ms"]) if fit else None
-            for strategy, kinds in (("two_pass", ("fwd", "bwd_kv", "bwd_q")), ("atomic", ("fwd", "bwd_fused"))):
-                if any(picks[kind] is None for kind in kinds):
+            for strategy, kinds in (("two_pass", ("fwd", "bwd_kv", "bwd_q")), ("atomic", ("fwd", "bwd_fused")),
+                                    ("atomic_elem", ("fwd", "bwd_fused_elem"))):
+                if any(picks.get(kind) is None for kind in kinds):
                     continue
                 total = t_delta + sum(picks[kind]["median_ms"] for kind in kinds)
                 cfgs = {kind: (picks[kind]["BLOCK_M"], picks[kind]["BLOCK_N"], picks[kind]["num_warps"],
