@@ -506,8 +506,8 @@ def _dkdv_inner(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr,
-    MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, MASK_GRAD: tl.constexpr,
+    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One of a key block's two query ranges (``_query_range``) against the block, one head of
     its group, in the transposed (keys x queries) frame.
@@ -586,9 +586,14 @@ def _dkdv_inner(
                 # Single-pass backward: this chunk's share of dQ = dS K goes straight into an fp32
                 # buffer (scaled and cast once at the end), so no second pass recomputes P and dP.
                 dq_part = _dot(tl.trans(dst_lo), k, INTERPRET)
-                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                              mask=(offs_m < Sq)[:, None] if EVEN_D else (offs_m < Sq)[:, None] & d_ok[None, :],
-                              sem="relaxed")
+                if DQ_TMA:
+                    # One bulk reduction by the TMA unit (it clips rows past Sq and columns past
+                    # HEAD_DIM) instead of BLOCK_M x BLOCK_D element atomics from registers.
+                    dq_base.atomic_add([start_m, 0], dq_part)
+                else:
+                    tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
+                                  mask=(offs_m < Sq)[:, None] if EVEN_D else (offs_m < Sq)[:, None] & d_ok[None, :],
+                                  sem="relaxed")
             if MASK_GRAD:
                 tl.store(dmask_base + offs_m[None, :].to(tl.int64) * Sk + offs_n[:, None],
                          (dst * dmask_scale).to(dmask_base.dtype.element_ty),
@@ -611,12 +616,13 @@ def _attn_bwd_dkdv(
     H, H_KV, GROUP, Sq, Sk, qk_scale, dk_scale, dv_scale, dmask_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DROPKEY: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
     MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its GQA group.
 
-    With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) and,
+    With ATOMIC_DQ it also adds each chunk's dQ into the fp32 buffer dQacc (B, H, Sq, D) (with
+    DQ_TMA by the TMA unit's bulk reduction, else by element atomics) and,
     with MASK_GRAD, writes dS into dMask (B, H, Sq, Sk): the whole backward in one pass.
     """
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
@@ -653,7 +659,11 @@ def _attn_bwd_dkdv(
         delta_base = Delta + bh * Sq
         mask_cols = Mask + off_b * stride_mb + off_h * stride_mh + tl.minimum(offs_n, Sk - 1) * stride_mn
         keep_col = Keep + off_b * stride_eb + off_h * stride_eh + keep_n
-        dq_base = dQacc + bh * Sq * HEAD_DIM
+        if DQ_TMA:  # this head's (Sq, HEAD_DIM) rows of the buffer, as a TMA descriptor
+            dq_base = tl.make_tensor_descriptor(dQacc + bh * Sq * HEAD_DIM, shape=[Sq, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            dq_base = dQacc + bh * Sq * HEAD_DIM
         dmask_base = dMask + bh.to(tl.int64) * Sq * Sk  # B*H*Sq*Sk may pass 2**31
         # With tile classes both ranges are trimmed to this key block's non-hidden query
         # chunks [m_lo, m_hi) of this head's mask.
@@ -666,7 +676,7 @@ def _attn_bwd_dkdv(
                                  keep_col, cls_col, start_n, offs_n, m_lo, m_hi, Sq, Sk, stride_qm, stride_gm,
                                  stride_mm, stride_em, stride_cm, qk_scale, dmask_scale, block_q,
                                  BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
-                                 DROPKEY, stage == 0, ATOMIC_DQ, MASK_GRAD, SKIP, INTERPRET)
+                                 DROPKEY, stage == 0, ATOMIC_DQ, DQ_TMA, MASK_GRAD, SKIP, INTERPRET)
 
     dk = dk * dk_scale
     dv = dv * dv_scale

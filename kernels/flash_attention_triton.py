@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import flash_attention_hopper as hopper
+from . import runtime
 from .block_mask import cdiv, dropout_scale
 from .flash_attention import (
     HEAD_DIM_RULE,
@@ -420,13 +421,23 @@ def _launch_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg
     dk, dv = empty_grad_like(pb.k), empty_grad_like(pb.v)
     dq_acc = torch.zeros(pb.B, pb.H, pb.Sq, pb.D, device=pb.q.device, dtype=torch.float32) if atomic_dq else lse
     dmask = _dmask_buffer(pb) if mask_grad else lse
+    # On Hopper the dQ adds go out as TMA bulk reductions (see _attn_bwd_dkdv), through
+    # descriptors the kernel builds (Triton's scratch allocator, set here for eager launches).
+    # Not in code torch compiles (traced: fake tensors, or a dispatch mode current): torch's
+    # analysis of which arguments a user kernel writes (torch._higher_order_ops.triton_kernel_wrap,
+    # 2.11-2.13) does not count tt.descriptor_reduce as a write, so compiled code took dQacc as
+    # unwritten and read zeros (test_gpu_single_pass_backward_under_inductor). Compiled code keeps
+    # the element atomics, which that analysis sees.
+    dq_tma = atomic_dq and runtime.tma_enabled(pb.q.device) and not (runtime.tracing() or runtime.is_traced(pb.q))
+    if dq_tma:
+        runtime.set_scratch_allocator()
     grid = (cdiv(pb.Sk, cfg.tile_n), pb.B * pb.H_kv)
     launch(_attn_bwd_dkdv)[grid](
         pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dk, dv, dq_acc, dmask,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         pb.H, pb.H_kv, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         pb.out_scale, pb.block[0], pb.block[1],
-        ATOMIC_DQ=atomic_dq, MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
+        ATOMIC_DQ=atomic_dq, DQ_TMA=dq_tma, MASK_GRAD=mask_grad, **_tiled(pb, cfg, cls),
     )
     dq = empty_grad_like(pb.q).copy_(dq_acc.mul_(pb.sm_scale * pb.out_scale)) if atomic_dq else None
     return dk, dv, dq, (dmask if mask_grad else None)

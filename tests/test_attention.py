@@ -18,6 +18,7 @@ import sparsedrop_compile  # noqa: F401  (registers the ops)
 from sparsedrop_compile.attention_ops import sparse_dropout_attention
 from sparsedrop_compile.kernels import flash_attention as fa
 from sparsedrop_compile.kernels import flash_attention_triton as fat
+from sparsedrop_compile.kernels import runtime
 
 # Largest error allowed, as a fraction of the largest reference value: about 4 ulp of the dtype.
 REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
@@ -857,6 +858,58 @@ def test_gpu_matches_reference(case, monkeypatch):
         err = (a.float() - r).abs().max().item()
         budget = (lo.float() - r).abs().max().item()
         assert err <= 4 * budget + 1e-5 * r.abs().max().item(), f"{name}: error {err:.3g}, eager {dtype} error {budget:.3g}"
+
+
+# The single-pass backward adds dQ by TMA bulk reductions where TMA runs (Hopper) and by element
+# atomics elsewhere (SPARSEDROP_TMA=0 forces the latter): both ways on the same cases, ragged row
+# counts (the TMA box clips rows past Sq), padded head dims (it clips columns past D), GQA and dMask.
+DQ_ADD_CASES = [
+    (2, 16, 4, 1000, 80, True, None, torch.bfloat16, "post_softmax", "atomic"),
+    (2, 8, 8, 777, 64, False, "float_2d", torch.float16, "post_softmax", "atomic"),
+    (2, 8, 8, 300, 256, True, None, torch.bfloat16, "post_softmax", "atomic"),
+    (2, 12, 12, 333, 96, False, "bool_pad_full", torch.bfloat16, "dropkey", "atomic"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", ["1", "0"])
+@pytest.mark.parametrize("case", DQ_ADD_CASES, ids=[
+    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{c[8]}" for c in DQ_ADD_CASES])
+def test_gpu_single_pass_adds_dq_by_tma_and_by_atomics(case, tma, monkeypatch):
+    monkeypatch.setenv("SPARSEDROP_TMA", tma)
+    hopper_or_newer = torch.cuda.get_device_capability()[0] >= 9
+    assert runtime.tma_enabled(torch.device("cuda")) == (tma == "1" and hopper_or_newer)
+    test_gpu_matches_reference(case, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_gpu_single_pass_backward_under_inductor(monkeypatch):
+    """The single-pass backward. Eager on Hopper its dQ adds are TMA bulk reductions; compiled
+    by Inductor (which launches the kernels from its own code) they are element atomics, because
+    torch's analysis of what a user kernel writes misses TMA reductions (it then took the dQ
+    buffer as unwritten: dQ came out zero). Compiled must equal eager. The Gluon forward serves
+    only eager calls, so it is off here: both runs take the same forward."""
+    monkeypatch.setenv("SPARSEDROP_HOPPER", "0")
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, 128, "atomic")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, 300, 128, generator=g).to(torch.bfloat16).cuda() for _ in range(4))
+    keep = (torch.rand(fa.attention_keep_shape(q.shape, k.shape, (64, 128)), generator=g) >= 0.2).cuda()
+
+    def attention(q, k, v):
+        return torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.2, True, None, False, 64, 128, "post_softmax",
+                                              "triton")
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves]
+
+    got = run(torch.compile(attention, backend="inductor", fullgraph=True))
+    expected = run(attention)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        # The same kernels; only the order of the fp32 dQ adds may differ (before the bf16 cast).
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.gpu
