@@ -6,8 +6,9 @@ are those of ``flash_attention.reference_attention`` (read its docstring first).
 The backward has two strategies (``BACKWARD_STRATEGY``): "two_pass", one kernel that owns a key
 block and accumulates dK, dV (summed over a GQA group in registers) and one that owns a query
 block and accumulates dQ (and dMask when a float mask needs a gradient), deterministic; and
-"atomic", the first kernel alone, adding each chunk's dQ into an fp32 buffer with atomics (fewer
-FLOPs, not bitwise reproducible, so never used under ``torch.use_deterministic_algorithms``).
+"atomic", the first kernel alone, adding each chunk's dQ into an fp32 buffer (by TMA bulk
+reductions on Hopper, element atomics elsewhere; fewer FLOPs, not bitwise reproducible, so never
+used under ``torch.use_deterministic_algorithms``). Head dims 72-128 take it by default.
 
 Kernel tiles are independent of the mask tile (block splitting): every kernel tile lies inside
 one mask tile. That needs the mask tile's sides to be multiples of the kernel tile's;
@@ -134,9 +135,10 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {
         64: [(64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (16, 128, 8, 2, 0), (32, 64, 4, 2, 0),
-             (16, 64, 4, 2, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
-        128: [(16, 128, 8, 2, 0), (16, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 64, 8, 3, 0), (32, 32, 4, 2, 0),
-              (16, 16, 4, 2, 0)],
+             (16, 64, 4, 2, 0), (64, 64, 4, 3, 0), (64, 128, 4, 2, 0), (32, 128, 4, 3, 0), (32, 32, 4, 2, 0),
+             (16, 16, 4, 2, 0)],
+        128: [(64, 128, 8, 2, 0), (32, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 128, 8, 3, 0), (16, 128, 8, 2, 0),
+              (16, 64, 8, 3, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
         256: [(32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
 }
@@ -160,15 +162,18 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
 }
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
-# tile against the two-pass 9 (see the notes), but its fp32 atomics cost more than they save:
-# on an H200 (torch 2.11, triton 3.6, bf16, 8x16x1024x64, p=0.1) the best two-pass fwd+bwd took
-# 0.442 ms against 0.492 ms for the best single pass, and at 4x16x2048x128 causal 1.23 ms
-# against 1.41 ms (benchmarks/NOTES_attention.md). The first candidates above for head dim 64
-# are that sweep's winners for a 64x64 mask tile; for head dim 128 (4x16x2048x128 causal) the
-# winners for a 64x128 mask tile (1.01 ms): at this head dim not skipping dropped tiles in the
-# forward and dQ passes (skip mode 2) was fastest. The 256 class is unmeasured: two-pass, as the
-# others (the atomic pass would add 256 fp32 atomics per query row and key block).
-BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
+# tile against the two-pass 9 (see the notes) but adds dQ into an fp32 buffer; on Hopper those adds
+# go out as TMA bulk reductions (elsewhere as element atomics). H200 sweep, session 16 (torch 2.11,
+# triton 3.6, bf16, p=0.1, 64x128 mask tile, each pass timed alone by CUDA-graph replay;
+# benchmarks/NOTES_attention.md): at head dim 128 (4x16x2048x128 causal) the single pass with
+# 64 x 128 tiles took 0.675 ms against 0.749 for the two passes (0.491 dK/dV + 0.258 dQ), so 128
+# runs it; at head dim 64 the best single pass lost or tied (8x16x1024x64: 0.320 against 0.311;
+# 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. The first candidates for
+# head dim 64 are the sweeps' winners for a 64x64 mask tile; for head dim 128 the forward and
+# dQ winners for a 64x128 mask tile, where not skipping dropped tiles (skip mode 2) was fastest.
+# The 256 class is unmeasured: two-pass, as before (its single pass would hold a 256-wide dQ
+# product beside the dK and dV accumulators).
+BACKWARD_STRATEGY = {64: "two_pass", 128: "atomic", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
 # dim 64 ran as fast with 64x64, 64x128 and 128x128 mask tiles (0.442-0.444 ms), while head dim
