@@ -99,22 +99,25 @@ CLASSIFY_MASK_TILES = True
 # extent (next power of two, at least 16), so 80 and 96 compute like 128 and use its tiles, and
 # 8 to 64 use the 64 tiles (smaller dims only lighten them).
 #
-# The 256 class is a guess from resources alone, not timed (no GPU sweep has ranked it yet).
-# Shared memory: a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage,
+# The 256 class was first listed from resources alone; session 16's sweep on an H200
+# (4x16x2048x256 causal, p = 0.1, each pass by CUDA-graph replay) put the tiles that spill a
+# little first: forward 64x64 (0.694 ms against 0.971 for 64x32), dK/dV 64 q x 16 k with 2
+# stages (2.53 against 2.99 with 1), dQ 64x32 (0.920 against 2.51 for 32x16). Shared memory: a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage,
 # and an H100/H200 block gets at most 227 KB: the forward stages K and V (2 x BLOCK_N x 512 B a
 # stage), so 64 keys x 3 stages would be 192 KB before Q and scratch; stages stay at 1-2.
 # Registers bind first: an fp32 accumulator is rows x 1 KB (dK/dV: two of them), 64 a thread
 # for 64 rows with 8 warps. Compiled offline for sm_90 (Triton 3.9, causal, no mask and a
 # classified bool mask), every candidate below fits shared memory (at most 120 KB), and the
-# first of each list does not spill (forward 64x32: 72 B with a bool mask); 64x64 forward,
-# 32x32 dK/dV and 64x32 dQ tiles spill 400-900 B, the single pass with 32x32 tiles 1.8 KB.
+# 64x32 forward does not spill (72 B with a bool mask); 64x64 forward, 32x32 dK/dV and 64x32 dQ
+# tiles spill 400-900 B, the single pass with 32x32 tiles 1.8 KB, and the spilling ones were
+# faster all the same.
 _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "fwd": {
         64: [(64, 64, 4, 3, 0), (128, 64, 4, 3, 0), (128, 128, 8, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0),
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 32, 4, 3, 2), (128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0),
               (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        256: [(64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 4, 2, 0), (64, 64, 8, 2, 0),
+        256: [(64, 64, 8, 2, 0), (64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 4, 2, 0),
               (16, 16, 4, 1, 0)],
     },
     "bwd_kv": {
@@ -122,7 +125,7 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
              (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0), (16, 128, 8, 3, 0),
               (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
-        256: [(64, 16, 8, 1, 0), (32, 16, 8, 2, 0), (64, 16, 8, 2, 0), (16, 32, 8, 2, 0), (32, 32, 8, 2, 0),
+        256: [(64, 16, 8, 2, 0), (64, 16, 8, 1, 0), (32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (32, 32, 8, 2, 0),
               (16, 16, 4, 1, 0)],
     },
     "bwd_q": {
@@ -130,7 +133,7 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
              (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0),
               (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        256: [(32, 16, 8, 2, 0), (32, 32, 8, 2, 0), (64, 16, 8, 2, 0), (64, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
+        256: [(64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {
@@ -171,8 +174,8 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
 # 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. The first candidates for
 # head dim 64 are the sweeps' winners for a 64x64 mask tile; for head dim 128 the forward and
 # dQ winners for a 64x128 mask tile, where not skipping dropped tiles (skip mode 2) was fastest.
-# The 256 class is unmeasured: two-pass, as before (its single pass would hold a 256-wide dQ
-# product beside the dK and dV accumulators).
+# The 256 class keeps two passes: there the best single pass took 5.5 ms against 3.4 ms for the
+# two (4x16x2048x256 causal, same sweep).
 BACKWARD_STRATEGY = {64: "two_pass", 128: "atomic", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
