@@ -102,9 +102,10 @@ CLASSIFY_MASK_TILES = True
 # The 256 class was first listed from resources alone; session 16's sweep on an H200
 # (4x16x2048x256 causal, p = 0.1, each pass by CUDA-graph replay) put the tiles that spill a
 # little first: forward 64x64 (0.694 ms against 0.971 for 64x32), dK/dV 64 q x 16 k with 2
-# stages (2.53 against 2.99 with 1), dQ 64x32 (0.920 against 2.51 for 32x16). Shared memory: a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage,
-# and an H100/H200 block gets at most 227 KB: the forward stages K and V (2 x BLOCK_N x 512 B a
-# stage), so 64 keys x 3 stages would be 192 KB before Q and scratch; stages stay at 1-2.
+# stages (2.53 against 2.99 with 1), dQ 64x32 (0.920 against 2.51 for 32x16). Shared memory:
+# a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage, and an H100/H200
+# block gets at most 227 KB: the forward stages K and V (2 x BLOCK_N x 512 B a stage), so 64 keys
+# x 3 stages would be 192 KB before Q and scratch; stages stay at 1-2.
 # Registers bind first: an fp32 accumulator is rows x 1 KB (dK/dV: two of them), 64 a thread
 # for 64 rows with 8 warps. Compiled offline for sm_90 (Triton 3.9, causal, no mask and a
 # classified bool mask), every candidate below fits shared memory (at most 120 KB), and the
