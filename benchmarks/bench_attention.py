@@ -162,18 +162,26 @@ def attention_fn(method, q, k, v, mask, p, causal, block):
     raise ValueError(method)
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """os.environ[name] = value inside (None: left as it is), restored after."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _tma_off(fn):
     """fn run with TMA descriptors off (SPARSEDROP_TMA=0, read when kernels launch)."""
     def run():
-        saved = os.environ.get("SPARSEDROP_TMA")
-        os.environ["SPARSEDROP_TMA"] = "0"
-        try:
+        with _env("SPARSEDROP_TMA", "0"):
             return fn()
-        finally:
-            if saved is None:
-                os.environ.pop("SPARSEDROP_TMA")
-            else:
-                os.environ["SPARSEDROP_TMA"] = saved
     return run
 
 
@@ -185,10 +193,7 @@ def backward_strategy(method, head_dim):
 
     saved = dict(fat.BACKWARD_STRATEGY)
     saved_classify = fat.CLASSIFY_MASK_TILES
-    saved_hopper = os.environ.get("SPARSEDROP_HOPPER")
     cls = fat.head_dim_class(head_dim)  # the tables are keyed by head-dim class
-    if method == "sparsedrop_portable":
-        os.environ["SPARSEDROP_HOPPER"] = "0"
     if method in ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_noclass"):
         fat.BACKWARD_STRATEGY[cls] = "two_pass"
     elif method == "sparsedrop_atomic":
@@ -196,14 +201,11 @@ def backward_strategy(method, head_dim):
     if method == "sparsedrop_noclass":
         fat.CLASSIFY_MASK_TILES = False
     try:
-        yield fat.BACKWARD_STRATEGY[cls]
+        with _env("SPARSEDROP_HOPPER", "0" if method == "sparsedrop_portable" else None):
+            yield fat.BACKWARD_STRATEGY[cls]
     finally:
         fat.BACKWARD_STRATEGY.update(saved)
         fat.CLASSIFY_MASK_TILES = saved_classify
-        if saved_hopper is None:
-            os.environ.pop("SPARSEDROP_HOPPER", None)
-        else:
-            os.environ["SPARSEDROP_HOPPER"] = saved_hopper
 
 
 def fwd_bwd(fwd, q, k, v, grad):
