@@ -184,6 +184,8 @@ class _Replay:
     def __init__(self, kernel, grid, args, kwargs, compiled, slot: Callable[[Tensor], int]):
         names, defaults = _param_names(kernel)
         values = list(args) + [kwargs[n] if n in kwargs else defaults.get(n) for n in names[len(args):]]
+        if any(_holds_tensor(v) for v in values):
+            raise _Unplannable  # a replay would pass it on as recorded: with the recorded call's memory
         self.slots = [(i, slot(v)) for i, v in enumerate(values) if isinstance(v, Tensor)]
         self.values = [None if isinstance(v, Tensor) else v for v in values]
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -205,6 +207,12 @@ class _Replay:
 
 class _Unplannable(Exception):
     pass
+
+
+def _holds_tensor(v) -> bool:
+    """Whether a kernel argument that is not a tensor carries one (a TMA ``TensorDescriptor``
+    built on the host holds the tensor it describes)."""
+    return not isinstance(v, Tensor) and any(isinstance(x, Tensor) for x in getattr(v, "__dict__", {}).values())
 
 
 class _Slots:

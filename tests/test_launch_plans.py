@@ -150,6 +150,35 @@ def _add_kernel(x, y, out, n, BLOCK_SIZE: tl.constexpr):
 
 
 @launch_plans.planned(runtime.launch_settings)
+def _descriptor_launcher(x):
+    """2 * x, read through a TMA descriptor built on the host (as the attention kernels' tile
+    loops read their streamed operands on Hopper)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = launch_plans.empty(x.shape, x.dtype, x.device)
+    desc = TensorDescriptor(x, [x.numel()], [1], [64])
+    runtime.launch(_descriptor_double_kernel)[(triton.cdiv(x.numel(), 64),)](desc, out, x.numel(), BLOCK_SIZE=64)
+    return out
+
+
+@triton.jit
+def _descriptor_double_kernel(x_desc, out, n, BLOCK_SIZE: tl.constexpr):
+    start = tl.program_id(0) * BLOCK_SIZE
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    tl.store(out + offs, x_desc.load([start]) * 2, mask=offs < n)
+
+
+def test_a_launch_given_a_tensor_descriptor_is_never_planned():
+    """A descriptor holds the tensor it was built on: replayed as recorded, it would make later
+    calls read the recording call's memory."""
+    with runtime.direct_launches():
+        for call in range(4):
+            x = torch.randn(100, device=_device())
+            torch.testing.assert_close(_descriptor_launcher(x), x * 2, rtol=0, atol=0)
+    assert launch_plans.stats == {"recorded": 0, "replayed": 0, "refused": 1}
+
+
+@launch_plans.planned(runtime.launch_settings)
 def _filling_launcher(x):
     out = launch_plans.empty(x.shape, x.dtype, x.device)
     out.fill_(1.0)  # a torch op writing into a buffer: a replay, which only allocates, would skip it
