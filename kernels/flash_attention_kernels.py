@@ -88,6 +88,34 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 # 128 spilled 336 bytes instead of 248), and d_ok, unused with EVEN_D, is dead code.
 
 
+# --------------------------------------------------------------------------- TMA loads
+# With TMA_LOADS (Hopper and newer, where the host has checked alignment and built the
+# descriptors: flash_attention_triton._streamed) the K and V a query-block kernel (forward, dQ
+# pass) streams arrive as TMA descriptors of the (B, H, S, D) tensors, built on the host, in
+# place of their pointers. Each tile is one bulk copy into shared memory, which the pipeliner
+# issues ahead on mbarriers; the copy fills rows past Sk and columns past D (padded head dims)
+# with zeros, the values the pointer loads' masks give. Triton 3.6 does not pipeline these two
+# loops' pointer loads for sm_90 (no async copies in their TTGIR): each tile is loaded into
+# registers and stored to shared memory while the tensor cores wait. The query block, loaded
+# once, stays a pointer load. The dK/dV kernel keeps pointer loads: its loop is pipelined with
+# async copies already, and TMA copies of Q and dO measured faster at some shapes and slower at
+# others (benchmarks/NOTES_attention.md, session 17).
+@triton.jit
+def _head(T, off_b, off_h, stride_b, stride_h, TMA: tl.constexpr):
+    """Head (off_b, off_h) of a (B, H, S, D) operand as a tile loop reads it: with TMA the
+    descriptor itself (``_tma_rows`` takes the head's coordinates), else a pointer to its rows."""
+    if TMA:
+        return T
+    else:
+        return T + off_b * stride_b + off_h * stride_h
+
+
+@triton.jit
+def _tma_rows(desc, off_b, off_h, row, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row, row + BLOCK_R) of head (off_b, off_h), by one TMA copy."""
+    return desc.load([off_b.to(tl.int32), off_h.to(tl.int32), row, 0]).reshape(BLOCK_R, BLOCK_D)
+
+
 # --------------------------------------------------------------------------- mask tile classes
 # Before the attention kernels run, ``_classify_mask`` reads the mask once and writes, for each
 # kernel tile of a pass, one int8 class (see ``flash_attention_triton._tile_classes``):
@@ -296,15 +324,16 @@ def _query_range(start_n, Sq, m_lo, m_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 # constant True then, so no branch is emitted, exactly as when the kernels branched on DROPKEY.
 @triton.jit
 def _fwd_inner(
-    m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
+    m_i, l_i, acc, q, k_base, v_base, tb, th, mask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
     Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr,
-    MASKED: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, SKIP: tl.constexpr, TMA_LOADS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The online softmax of a query block over one of its two key ranges (``_key_range``);
-    MASKED tiles may hold keys past Sk or the diagonal."""
+    MASKED tiles may hold keys past Sk or the diagonal. With TMA_LOADS k_base and v_base are
+    descriptors and (tb, th) the head's coordinates in them (see "TMA loads" above)."""
     lo, hi = _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above
@@ -318,9 +347,12 @@ def _fwd_inner(
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
-            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if MASKED:
+            if not TMA_LOADS:
+                kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+                v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if TMA_LOADS:
+                kt = tl.trans(_tma_rows(k_base, tb, th, start_n, BLOCK_N, BLOCK_D))
+            elif MASKED:
                 kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
             else:
                 if EVEN_D:
@@ -328,7 +360,9 @@ def _fwd_inner(
                 else:
                     kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             if TILE_SKIP != _LAZY:
-                if MASKED:
+                if TMA_LOADS:
+                    v = _tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D)
+                elif MASKED:
                     v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
                 else:
                     if EVEN_D:
@@ -379,7 +413,9 @@ def _fwd_inner(
             else:
                 if kept:
                     if TILE_SKIP == _LAZY:
-                        if MASKED:
+                        if TMA_LOADS:
+                            v = _tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D)
+                        elif MASKED:
                             v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :],
                                         other=0.0)
                         else:
@@ -421,7 +457,7 @@ def _attn_fwd(
     H, GROUP, Sq, Sk, qk_scale, out_scale, block_q, block_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPKEY: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    DROPKEY: tl.constexpr, SKIP: tl.constexpr, TMA_LOADS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D  # no d masks (see "head dims" above)
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
@@ -436,8 +472,8 @@ def _attn_fwd(
 
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_base = _head(K, off_b, off_hk, stride_kb, stride_kh, TMA_LOADS)
+    v_base = _head(V, off_b, off_hk, stride_vb, stride_vh, TMA_LOADS)
     if MASK_SHARED:
         # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
         mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
@@ -454,10 +490,10 @@ def _attn_fwd(
     n_lo, n_hi = _live_span(cls_row, stride_cn, Sk, BLOCK_N, TILE_CLS)
     # Stage 0: the key tiles that need no mask; stage 1: the diagonal band and the ragged end.
     for stage in tl.static_range(2):
-        m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, k_base, v_base, mask_rows, keep_row, cls_row, start_m, n_lo,
+        m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, k_base, v_base, off_b, off_hk, mask_rows, keep_row, cls_row, start_m, n_lo,
                                    n_hi, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, block_k,
                                    BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
-                                   DROPKEY, stage == 1, SKIP, INTERPRET)
+                                   DROPKEY, stage == 1, SKIP, TMA_LOADS, INTERPRET)
 
     # Rows with no visible key (all masked, or every tile dropped in dropkey) give O = 0 and
     # lse = +inf, which makes the backward's P = exp(S - lse) exactly 0 there.
@@ -688,12 +724,13 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
+    dq, q, do, lse2, delta, k_base, v_base, tb, th, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo, n_hi,
     Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale, block_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr,
-    MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, MASK_GRAD: tl.constexpr, SKIP: tl.constexpr, TMA_LOADS: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """dQ (and dMask) of a query block over one of its two key ranges (``_key_range``)."""
     lo, hi = _key_range(start_m, Sk, n_lo, n_hi, BLOCK_M, BLOCK_N, CAUSAL, TILE_CLS, MASKED)
@@ -710,9 +747,12 @@ def _dq_inner(
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
-            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
-            if MASKED:
+            if not TMA_LOADS:
+                kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+                vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
+            if TMA_LOADS:
+                kt = tl.trans(_tma_rows(k_base, tb, th, start_n, BLOCK_N, BLOCK_D))
+            elif MASKED:
                 kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
             else:
                 if EVEN_D:
@@ -720,7 +760,9 @@ def _dq_inner(
                 else:
                     kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             if TILE_SKIP != _LAZY:
-                if MASKED:
+                if TMA_LOADS:
+                    vt = tl.trans(_tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D))
+                elif MASKED:
                     vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
                                  other=0.0)
                 else:
@@ -760,7 +802,9 @@ def _dq_inner(
             else:
                 if kept:
                     if TILE_SKIP == _LAZY:
-                        if MASKED:
+                        if TMA_LOADS:
+                            vt = tl.trans(_tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D))
+                        elif MASKED:
                             vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
                                          other=0.0)
                         else:
@@ -796,7 +840,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr, TILE_CLS: tl.constexpr, CAUSAL: tl.constexpr,
     DROPKEY: tl.constexpr, MASK_GRAD: tl.constexpr, DELTA_HERE: tl.constexpr,
-    SKIP: tl.constexpr, INTERPRET: tl.constexpr,
+    SKIP: tl.constexpr, TMA_LOADS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ of one query block (and its rows of dMask), looping over key chunks.
 
@@ -829,8 +873,8 @@ def _attn_bwd_dq(
         tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
     else:
         delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_base = _head(K, off_b, off_hk, stride_kb, stride_kh, TMA_LOADS)
+    v_base = _head(V, off_b, off_hk, stride_vb, stride_vh, TMA_LOADS)
     if MASK_SHARED:
         # One mask row for every query (e.g. a (B, 1, 1, Sk) padding mask): load it as a vector.
         mask_rows = Mask + off_b * stride_mb + off_h * stride_mh
@@ -845,10 +889,10 @@ def _attn_bwd_dq(
     n_lo, n_hi = _live_span(cls_row, stride_cn, Sk, BLOCK_N, TILE_CLS)
     # Stage 0: the key tiles that need no mask; stage 1: the diagonal band and the ragged end.
     for stage in tl.static_range(2):
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo,
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, off_b, off_hk, mask_rows, dmask_rows, keep_row, cls_row, start_m, n_lo,
                        n_hi, Sq, Sk, stride_kn, stride_vn, stride_mn, stride_en, stride_cn, qk_scale, dmask_scale,
                        block_k, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, MASK_KIND, MASK_SHARED, TILE_CLS, CAUSAL,
-                       DROPKEY, stage == 1, MASK_GRAD, SKIP, INTERPRET)
+                       DROPKEY, stage == 1, MASK_GRAD, SKIP, TMA_LOADS, INTERPRET)
 
     dq = dq * dq_scale
     tl.store(dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],

@@ -164,6 +164,12 @@ def as_config(config: KernelConfig | Sequence[int]) -> KernelConfig:
 CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
     kind: {d: [as_config(c) for c in table] for d, table in by_dim.items()} for kind, by_dim in _CANDIDATE_TABLE.items()
 }
+# Where the kernel with TMA loads (``_tma_loads``) has another winner than the table's first (which
+# compiled code, on pointer loads, takes), that config first when it fits. H200 sweep, session 17,
+# 4x16x2048x128 causal, p = 0.1: the forward with TMA loads at 64 x 64 with the dense product
+# (skip mode 2) 0.190 ms, at the table's first 64 x 32 0.227 (on pointer loads 64 x 32 is the best,
+# 0.220).
+TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 64, 4, 3, 2))}
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
 # tile against the two-pass 9 (see the notes) but adds dQ into an fp32 buffer; on Hopper those adds
@@ -217,7 +223,8 @@ def fits(config: KernelConfig, block: tuple[int, int]) -> bool:
     return block[0] % config.tile_m == 0 and block[1] % config.tile_n == 0
 
 
-def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None) -> KernelConfig:
+def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None, tma_loads: bool = False
+                 ) -> KernelConfig:
     if override is not None:
         cfg = as_config(override)
         if not fits(cfg, block):
@@ -226,6 +233,9 @@ def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None
                 f"the mask tile {block}; pick a config whose BLOCK_M divides {block[0]} and BLOCK_N divides {block[1]}"
             )
         return cfg
+    first = TMA_FIRST.get((kind, head_dim_class(head_dim))) if tma_loads else None
+    if first is not None and fits(first, block):
+        return first
     for cfg in CANDIDATES[kind][head_dim_class(head_dim)]:
         if fits(cfg, block):
             return cfg
@@ -390,16 +400,56 @@ def _tiled(pb: _Problem, cfg: KernelConfig, cls: _TileClasses) -> dict:
     }
 
 
+def _streamed(pb: _Problem, block_n: int) -> tuple[list, bool]:
+    """K and V as a query-block kernel (forward, dQ pass; BLOCK_N keys a tile) takes them, and
+    whether that is as TMA descriptors (flash_attention_kernels.py, "TMA loads"; ``_tma_loads``
+    says where). Otherwise the tensors themselves, read by pointer loads."""
+    kv = (pb.k, pb.v)
+    if not _tma_loads(pb, kv):
+        return list(kv), False
+    return [_rows_descriptor(t, block_n, pb.block_d) for t in kv], True
+
+
+def _tma_loads(pb: _Problem, tensors: Sequence[Tensor]) -> bool:
+    """Whether the kernels may read ``tensors`` through TMA descriptors: where TMA runs
+    (``runtime.tma_enabled``), in eager code only (Inductor emits the launch with the tensors),
+    on a problem that is not launch-bound (each launch encodes the descriptors on the host), every
+    base and stride 16-byte aligned with unit last stride (``runtime.tma_view_ok``)."""
+    if not runtime.tma_enabled(pb.q.device) or runtime.tracing() or runtime.is_traced(pb.q):
+        return False
+    if runtime.launch_bound_work(2 * pb.B * pb.H * pb.Sq * pb.Sk * pb.D, False):
+        return False
+    return all(runtime.tma_view_ok(t) for t in tensors)
+
+
+def _rows_descriptor(t: Tensor, block_rows: int, block_d: int):
+    """A TMA descriptor of the (B, H, S, D) tensor ``t`` whose box is ``block_rows`` x ``block_d``
+    of one head (the copy fills what lies past S or D with zeros). A size-1 dim's stride is never
+    used, but the copy engine wants every stride 16-byte aligned: it gets the packed value."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, S, D = t.shape
+    sb, sh, ss, _ = t.stride()
+    if S == 1:
+        ss = cdiv(D * t.element_size(), 16) * 16 // t.element_size()
+    if H == 1:
+        sh = S * ss
+    if B == 1:
+        sb = H * sh
+    return TensorDescriptor(t, [B, H, S, D], [sb, sh, ss, 1], [1, 1, block_rows, block_d])
+
+
 def _launch_forward(pb: _Problem, cfg: KernelConfig, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:
     cls = cls or _tile_classes(pb, [(cfg.tile_m, cfg.tile_n)])[0]
     out = empty_attention_out(pb.q, pb.v)
     lse = torch.empty(pb.B, pb.H, pb.Sq, device=pb.q.device, dtype=torch.float32)
     grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
+    (k, v), tma_loads = _streamed(pb, cfg.tile_n)
     launch(_attn_fwd)[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, out, lse,
+        pb.q, k, v, pb.mask, pb.keep, cls.tensor, out, lse,
         *pb.common(), *cls.strides, *out.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.out_scale, pb.block[0], pb.block[1],
-        **_tiled(pb, cfg, cls),
+        TMA_LOADS=tma_loads, **_tiled(pb, cfg, cls),
     )
     return out, lse
 
@@ -479,18 +529,29 @@ def _launch_dq(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, cfg: 
     dmask = _dmask_buffer(pb) if mask_grad else lse
     grid = (cdiv(pb.Sq, cfg.tile_m), pb.B * pb.H)
     o = out if out is not None else grad_out  # unread without DELTA_HERE
+    (k, v), tma_loads = _streamed(pb, cfg.tile_n)
     launch(_attn_bwd_dq)[grid](
-        pb.q, pb.k, pb.v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask, o,
+        pb.q, k, v, pb.mask, pb.keep, cls.tensor, grad_out, lse, delta, dq, dmask, o,
         *pb.common(), *cls.strides, *grad_out.stride()[:3], *dq.stride()[:3], *o.stride()[:3],
         pb.H, pb.group, pb.Sq, pb.Sk, pb.sm_scale * LOG2E, pb.sm_scale * pb.out_scale, pb.out_scale,
         _delta_scale(pb), pb.block[0], pb.block[1],
-        MASK_GRAD=mask_grad, DELTA_HERE=out is not None, **_tiled(pb, cfg, cls),
+        MASK_GRAD=mask_grad, DELTA_HERE=out is not None, TMA_LOADS=tma_loads, **_tiled(pb, cfg, cls),
     )
     return dq, (dmask if mask_grad else None)
 
 
+# Whether the Gluon forward (``flash_attention_hopper``) serves by default where it can; a
+# "fwd_hopper" config asks for it on one call. Off since the portable forward reads K and V by TMA
+# (session 17): where both serve, the portable one is faster, 0.190 against 0.208 ms at
+# 4x16x2048x128 causal, p = 0.1, on an H200 (benchmarks/NOTES_attention.md).
+HOPPER_FORWARD = False
+
+
 def _hopper_forward(pb: _Problem, override) -> tuple[Tensor, Tensor] | None:
-    """(O, logsumexp) from the Gluon forward where it serves (``flash_attention_hopper``), else None."""
+    """(O, logsumexp) from the Gluon forward where it is asked for (``override``, or
+    ``HOPPER_FORWARD``) and serves, else None."""
+    if override is None and not HOPPER_FORWARD:
+        return None
     if hopper.unsupported_reason(pb.q, pb.k, pb.v, pb.mask_input, pb.dropkey, pb.block) is not None:
         return None
     out = empty_attention_out(pb.q, pb.v)
@@ -511,7 +572,8 @@ def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa,
     if hop is not None:
         out, lse = hop
     else:
-        out, lse = _launch_forward(pb, _pick_config("fwd", pb.D, pb.block, config.get("fwd")))
+        out, lse = _launch_forward(pb, _pick_config("fwd", pb.D, pb.block, config.get("fwd"),
+                                                    tma_loads=_tma_loads(pb, (pb.k, pb.v))))
     if pb.squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return out, lse

@@ -829,18 +829,24 @@ def _low_precision_attention(q, k, v, mask, keep, p, causal, gqa, block, mode):
 @pytest.mark.parametrize("case", GPU_CASES, ids=[
     f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
     for c in GPU_CASES])
-def test_gpu_matches_reference(case, monkeypatch):
+def test_gpu_matches_reference(case, monkeypatch, heads_second=False):
     """Full size on the GPU, in the style of FlashAttention's tests: the kernel's error against
     the fp32 reference is bounded by the error of the same math done by eager PyTorch in the
     input dtype, times 4. The factor is measured, not hoped for: on CPU-interpreted runs
     (200-300 tokens) the bf16 ratio reached 2.95 (dV, causal) and fp16 stayed under 1.3. A
     flash backward rounds P and dS to the input dtype before its products and takes
     Δ = rowsum(dO ⊙ O) from the stored bf16 O, as FlashAttention does; in rows whose attention
-    sits on a few keys (the first causal rows) that rounding is not averaged away."""
+    sits on a few keys (the first causal rows) that rounding is not averaged away.
+    ``heads_second``: q, k, v, dO as (B, S, H, D) tensors viewed as (B, H, S, D), as HF's
+    attention layers hand them over."""
     b, hq, hkv, s, d, causal, mask_kind, dtype, mode, strategy = case
     monkeypatch.setitem(fat.BACKWARD_STRATEGY, fat.head_dim_class(d), strategy)
     g = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(b, h, s, d, generator=g).to(dtype).cuda() for h in (hq, hkv, hkv, hq))
+    if heads_second:
+        q, k, v, grad = (torch.randn(b, s, h, d, generator=g).to(dtype).cuda().transpose(1, 2)
+                         for h in (hq, hkv, hkv, hq))
+    else:
+        q, k, v, grad = (torch.randn(b, h, s, d, generator=g).to(dtype).cuda() for h in (hq, hkv, hkv, hq))
     mask = _mask(mask_kind, b, hq, s, s, dtype, g)
     mask = mask.cuda() if mask is not None else None
     block = fat.DEFAULT_BLOCK
@@ -880,6 +886,74 @@ def test_gpu_single_pass_adds_dq_by_tma_and_by_atomics(case, tma, monkeypatch):
     hopper_or_newer = torch.cuda.get_device_capability()[0] >= 9
     assert runtime.tma_enabled(torch.device("cuda")) == (tma == "1" and hopper_or_newer)
     test_gpu_matches_reference(case, monkeypatch)
+
+
+# K and V streamed through TMA descriptors in the forward and the dQ pass (flash_attention_kernels.py,
+# "TMA loads"), forced on at every size (SPARSEDROP_TMA=always; by default problems that are
+# launch-bound keep pointer loads): keys past Sk and padded head dims come in as the copies' zero
+# fill; GQA, masks of each kind, dMask, dropkey, both backward strategies, and q, k, v, dO as
+# head-second views (a row stride of H x D).
+TMA_LOAD_CASES = [
+    (2, 16, 4, 1000, 128, True, None, torch.float16, "post_softmax", "two_pass"),
+    (2, 16, 4, 1000, 80, True, None, torch.bfloat16, "post_softmax", "atomic"),
+    (2, 8, 8, 777, 64, False, "float_2d", torch.float16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 64, False, "float_2d", torch.bfloat16, "dropkey", "atomic"),
+    (4, 12, 12, 512, 64, False, "bool_pad_full", torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 12, 12, 1024, 64, False, "bool_causal_pad", torch.bfloat16, "dropkey", "atomic"),
+    (4, 12, 12, 512, 32, False, "bool_b11", torch.float16, "post_softmax", "atomic"),
+    (4, 16, 16, 1024, 8, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 80, False, "float_2d", torch.bfloat16, "dropkey", "two_pass"),
+    (2, 16, 4, 1000, 96, True, None, torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 8, 8, 777, 192, True, None, torch.bfloat16, "dropkey", "atomic"),
+    (2, 8, 8, 777, 256, True, "float_neginf", torch.bfloat16, "post_softmax", "two_pass"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_second", [False, True], ids=["bhsd", "bshd"])
+@pytest.mark.parametrize("case", TMA_LOAD_CASES, ids=[
+    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
+    for c in TMA_LOAD_CASES])
+def test_gpu_tma_loads_match_reference(case, heads_second, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    monkeypatch.setenv("SPARSEDROP_TMA", "always")
+    taken = []
+
+    def spy(pb, block_n):
+        kv, tma = real(pb, block_n)
+        taken.append(tma)
+        return kv, tma
+
+    real = fat._streamed
+    monkeypatch.setattr(fat, "_streamed", spy)
+    test_gpu_matches_reference(case, monkeypatch, heads_second)
+    # the forward, and with two passes the dQ pass: each took descriptors
+    assert taken == [True] * (2 if case[-1] == "two_pass" else 1), taken
+
+
+@pytest.mark.gpu
+def test_gpu_tma_loads_refuse_what_a_descriptor_cannot_read(monkeypatch):
+    """A descriptor needs a 16-byte aligned base and row stride: a view that starts 8 bytes into
+    its storage keeps the pointer loads, as does a launch-bound problem unless forced, and
+    anything traced (compiled code keeps pointer loads)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    monkeypatch.setenv("SPARSEDROP_TMA", "always")
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.ones(fa.attention_keep_shape(q.shape, k.shape, (64, 128)), dtype=torch.bool, device="cuda")
+
+    def takes_tma(q):
+        pb = fat._Problem(q, k, v, None, keep, 0.1, False, None, False, (64, 128), "post_softmax")
+        return fat._tma_loads(pb, (pb.q, pb.k))
+
+    assert takes_tma(q)
+    shifted = torch.randn(2 * 4 * 300 * 64 + 4, device="cuda", dtype=torch.bfloat16)[4:].view(2, 4, 300, 64)
+    assert shifted.data_ptr() % 16 == 8 and not takes_tma(shifted)
+    monkeypatch.setenv("SPARSEDROP_TMA", "1")
+    assert not takes_tma(q)  # 2 x 4 x 300 x 300 x 64 multiply-adds: launch-bound
+    monkeypatch.setenv("SPARSEDROP_TMA", "0")
+    assert not takes_tma(q)
 
 
 @pytest.mark.gpu
