@@ -68,10 +68,10 @@ SMOKE_SHAPES = [("1x2x128x64", 1, 2, 128, 64, False, None), ("1x2x96x64+boolpad"
 HF_MASK_KINDS = ("bool_full_pad", "bool_full_causal_pad")
 HF_METHODS = ("sparsedrop_2pass", "sparsedrop_noclass", "sparsedrop_dense", "sdpa_p", "sdpa_p0")
 # sparsedrop_2pass / _atomic: the two backward strategies (BACKWARD_STRATEGY), same forward;
-# sparsedrop_portable: sparsedrop_2pass with the Hopper forward off (SPARSEDROP_HOPPER=0), the
-# A/B for the Gluon forward (the same run as sparsedrop_2pass elsewhere);
+# sparsedrop_notma: the default backward with TMA off (SPARSEDROP_TMA=0: K and V by pointer loads,
+# the single pass's dQ adds by element atomics), the kernels compiled code runs; the A/B for TMA;
 # sparsedrop_dense: every tile kept, p = 0 (the kernels' dense speed, to set against sdpa_p0).
-METHODS = ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense",
+METHODS = ("sparsedrop_2pass", "sparsedrop_notma", "sparsedrop_atomic", "sparsedrop_dropkey", "sparsedrop_dense",
            "sdpa_p", "sdpa_p0", "eager", "sparsedrop_noclass")
 DTYPE = torch.bfloat16
 # --smoke runs everything on CPU under Triton's interpreter with tiny shapes and a wall-clock
@@ -135,7 +135,7 @@ def make_inputs(b, h, s, d, mask_kind, seed=0):
 
 def attention_fn(method, q, k, v, mask, p, causal, block):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if method in ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_atomic", "sparsedrop_noclass"):
+    if method in ("sparsedrop_2pass", "sparsedrop_notma", "sparsedrop_atomic", "sparsedrop_noclass"):
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block)
     if method == "sparsedrop_dropkey":
         return lambda: sparse_dropout_attention(q, k, v, mask, p=p, is_causal=causal, block=block, mode="dropkey")
@@ -188,20 +188,20 @@ def _tma_off(fn):
 @contextlib.contextmanager
 def backward_strategy(method, head_dim):
     """Run the sparsedrop_<strategy> methods with that backward (read when kernels launch), and
-    sparsedrop_portable with the Hopper forward off."""
+    sparsedrop_notma with the default backward and TMA off."""
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
     saved = dict(fat.BACKWARD_STRATEGY)
     saved_classify = fat.CLASSIFY_MASK_TILES
     cls = fat.head_dim_class(head_dim)  # the tables are keyed by head-dim class
-    if method in ("sparsedrop_2pass", "sparsedrop_portable", "sparsedrop_noclass"):
+    if method in ("sparsedrop_2pass", "sparsedrop_noclass"):
         fat.BACKWARD_STRATEGY[cls] = "two_pass"
     elif method == "sparsedrop_atomic":
         fat.BACKWARD_STRATEGY[cls] = "atomic"
     if method == "sparsedrop_noclass":
         fat.CLASSIFY_MASK_TILES = False
     try:
-        with _env("SPARSEDROP_HOPPER", "0" if method == "sparsedrop_portable" else None):
+        with _env("SPARSEDROP_TMA", "0" if method == "sparsedrop_notma" else None):
             yield fat.BACKWARD_STRATEGY[cls]
     finally:
         fat.BACKWARD_STRATEGY.update(saved)
@@ -285,7 +285,7 @@ def plot(rows, path: Path, title: str):
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
-        for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_portable", "o:"), ("sparsedrop_atomic", "d-"),
+        for method, style in (("sparsedrop_2pass", "o-"), ("sparsedrop_notma", "o:"), ("sparsedrop_atomic", "d-"),
                               ("sparsedrop_dropkey", "^-"),
                               ("sparsedrop_noclass", "v-"), ("sdpa_p", "s-"), ("eager", "x-")):
             pts = sorted((r["p"], r["median_ms"]) for r in sub if r["method"] == method)
@@ -382,14 +382,16 @@ def run_sweep(args) -> list[dict]:
                           lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv), err(r[2], ref_dq))),
         }
         if runtime.tma_enabled(q.device):
-            # Where the single pass adds dQ by TMA bulk reductions, the same kernel with element
-            # atomics beside it (SPARSEDROP_TMA=0 while it is launched and captured).
-            passes["bwd_fused_elem"] = (lambda cfg: _tma_off(passes["bwd_fused"][0](cfg)), passes["bwd_fused"][1])
+            # Where TMA runs (the tile loops' loads through descriptors, the single pass's dQ
+            # adds as bulk reductions), each pass also with TMA off beside it: pointer loads and
+            # element atomics (SPARSEDROP_TMA=0 while it is launched and captured).
+            for kind, (make, check) in list(passes.items()):
+                passes[kind + "_ptr"] = (lambda cfg, make=make: _tma_off(make(cfg)), check)
         best = {}
         for kind, (make, check) in passes.items():
             # Tiles under 32 x 32 are there for small mask tiles, not speed: not timed.
             # (The 256 class's first dQ and single-pass tiles, 32 x 16, are under it: time them.)
-            table = fat.CANDIDATES["bwd_fused" if kind == "bwd_fused_elem" else kind][fat.head_dim_class(d)]
+            table = fat.CANDIDATES[kind.removesuffix("_ptr")][fat.head_dim_class(d)]
             timed_rows = [record(kind, cfg, make(cfg), check) for cfg in table
                           if cfg.tile_m * cfg.tile_n >= 32 * 32 or fat.head_dim_class(d) == 256]
             ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
@@ -418,7 +420,8 @@ def run_sweep(args) -> list[dict]:
                 fit = [r for r in best[kind] if tile[0] % r["BLOCK_M"] == 0 and tile[1] % r["BLOCK_N"] == 0]
                 picks[kind] = min(fit, key=lambda r: r["median_ms"]) if fit else None
             for strategy, kinds in (("two_pass", ("fwd", "bwd_kv", "bwd_q")), ("atomic", ("fwd", "bwd_fused")),
-                                    ("atomic_elem", ("fwd", "bwd_fused_elem"))):
+                                    ("two_pass_ptr", ("fwd_ptr", "bwd_kv_ptr", "bwd_q_ptr")),
+                                    ("atomic_ptr", ("fwd_ptr", "bwd_fused_ptr"))):
                 if any(picks.get(kind) is None for kind in kinds):
                     continue
                 total = t_delta + sum(picks[kind]["median_ms"] for kind in kinds)
