@@ -92,14 +92,14 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 # With TMA_LOADS (Hopper and newer, where the host has checked alignment and built the
 # descriptors: flash_attention_triton._streamed) the K and V a query-block kernel (forward, dQ
 # pass) streams arrive as TMA descriptors of the (B, H, S, D) tensors, built on the host, in
-# place of their pointers. Each tile is one bulk copy into shared memory, which the pipeliner
-# issues ahead on mbarriers; the copy fills rows past Sk and columns past D (padded head dims)
-# with zeros, the values the pointer loads' masks give. Triton 3.6 does not pipeline these two
-# loops' pointer loads for sm_90 (no async copies in their TTGIR): each tile is loaded into
-# registers and stored to shared memory while the tensor cores wait. The query block, loaded
-# once, stays a pointer load. The dK/dV kernel keeps pointer loads: its loop is pipelined with
-# async copies already, and TMA copies of Q and dO measured faster at some shapes and slower at
-# others (benchmarks/NOTES_attention.md, session 17).
+# place of their pointers. Each tile is one bulk copy into shared memory, issued by one thread
+# and waited for on an mbarrier, where the pointer loads' async copies take every thread's
+# address arithmetic and registers (compiled for sm_90 with Triton 3.6: 92 against 121
+# registers a thread in the 64 x 64 forward, 128 against 158 in the dQ pass). The copy fills rows
+# past Sk and columns past D (padded head dims) with zeros, the values the pointer loads' masks
+# give. The query block, loaded once, stays a pointer load. The dK/dV kernel keeps pointer loads:
+# TMA copies of Q and dO measured faster at some shapes and slower at others, and slowed the
+# single pass (benchmarks/NOTES_attention.md, session 17).
 @triton.jit
 def _head(T, off_b, off_h, stride_b, stride_h, TMA: tl.constexpr):
     """Head (off_b, off_h) of a (B, H, S, D) operand as a tile loop reads it: with TMA the
