@@ -412,12 +412,16 @@ def _streamed(pb: _Problem, block_n: int) -> tuple[list, bool]:
 
 def _tma_loads(pb: _Problem, tensors: Sequence[Tensor]) -> bool:
     """Whether the kernels may read ``tensors`` through TMA descriptors: where TMA runs
-    (``runtime.tma_enabled``), in eager code only (Inductor emits the launch with the tensors),
-    on a problem that is not launch-bound (each launch encodes the descriptors on the host), every
-    base and stride 16-byte aligned with unit last stride (``runtime.tma_view_ok``)."""
+    (``runtime.tma_enabled``), in eager code only, on a problem that is not launch-bound
+    (``runtime.launch_bound``: each launch encodes the descriptors on the host), every base and
+    stride 16-byte aligned with unit last stride (``runtime.tma_view_ok``).
+
+    Not in code torch compiles: handed these descriptors, torch 2.11's analysis of which
+    arguments a user kernel writes failed (a KeyError on 'K' in its TMA metadata) and the
+    partitioner then rejected the graph (session 17, call 4). Compiled code keeps pointer loads."""
     if not runtime.tma_enabled(pb.q.device) or runtime.tracing() or runtime.is_traced(pb.q):
         return False
-    if runtime.launch_bound_work(2 * pb.B * pb.H * pb.Sq * pb.Sk * pb.D, False):
+    if pb.B * pb.H * pb.Sq * pb.Sk == 0 or runtime.launch_bound(pb.B * pb.H * pb.Sq, pb.Sk, 2 * pb.D):
         return False
     return all(runtime.tma_view_ok(t) for t in tensors)
 

@@ -935,8 +935,7 @@ def test_gpu_tma_loads_match_reference(case, heads_second, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_tma_loads_refuse_what_a_descriptor_cannot_read(monkeypatch):
     """A descriptor needs a 16-byte aligned base and row stride: a view that starts 8 bytes into
-    its storage keeps the pointer loads, as does a launch-bound problem unless forced, and
-    anything traced (compiled code keeps pointer loads)."""
+    its storage keeps the pointer loads, as does a launch-bound problem unless forced."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or newer GPU")
     monkeypatch.setenv("SPARSEDROP_TMA", "always")
@@ -954,6 +953,52 @@ def test_gpu_tma_loads_refuse_what_a_descriptor_cannot_read(monkeypatch):
     assert not takes_tma(q)  # 2 x 4 x 300 x 300 x 64 multiply-adds: launch-bound
     monkeypatch.setenv("SPARSEDROP_TMA", "0")
     assert not takes_tma(q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_second", [False, True], ids=["bhsd", "bshd"])
+def test_gpu_compiled_pointer_loads_equal_eager_tma_loads(heads_second, monkeypatch):
+    """Compiled code keeps pointer loads (torch could not take these kernels' descriptors, see
+    flash_attention_triton._tma_loads) while eager calls take TMA loads: the two must agree."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    monkeypatch.setenv("SPARSEDROP_TMA", "always")
+    monkeypatch.setitem(fat.BACKWARD_STRATEGY, 64, "two_pass")
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 300, 4, 64) if heads_second else (2, 4, 300, 64)
+    q, k, v, grad = (torch.randn(*shape, generator=g).to(torch.bfloat16).cuda() for _ in range(4))
+    if heads_second:
+        q, k, v, grad = (t.transpose(1, 2) for t in (q, k, v, grad))
+    keep = (torch.rand(fa.attention_keep_shape(q.shape, k.shape, (64, 128)), generator=g) >= 0.2).cuda()
+    traced = []
+
+    def spy(pb, block_n):
+        kv, tma = real(pb, block_n)
+        if runtime.is_traced(pb.q):
+            traced.append(tma)
+        return kv, tma
+
+    real = fat._streamed
+    monkeypatch.setattr(fat, "_streamed", spy)
+
+    def attention(q, k, v):
+        return torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.2, True, None, False, 64, 128, "post_softmax",
+                                              "triton")
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        return [out] + [t.grad for t in leaves]
+
+    got = run(torch.compile(attention, backend="inductor", fullgraph=True))
+    assert traced and not any(traced), traced  # the traced forward and dQ pass: pointer loads
+    eager = []
+    monkeypatch.setattr(fat, "_streamed", lambda pb, block_n: eager.append(real(pb, block_n)) or eager[-1])
+    expected = run(attention)
+    assert [tma for _, tma in eager] == [True, True]  # eager: the forward and the dQ pass by TMA
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.gpu
