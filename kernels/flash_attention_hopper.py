@@ -1,9 +1,12 @@
 """Tile-dropout attention on Hopper, host side: when the Gluon forward
 (``flash_attention_hopper_kernels.py``) serves an attention forward, and its launch.
 
-``flash_attention_triton.attention_forward`` asks ``unsupported_reason`` first and runs the
-portable forward when it names a reason; the backward is the portable one either way (it reads the same O
-and logsumexp). Same semantics and oracle (``flash_attention.reference_attention_forward``).
+``flash_attention_triton.attention_forward`` asks for this forward only where a config for it is
+given (``"fwd_hopper"``) or ``flash_attention_triton.HOPPER_FORWARD`` is set: since session 17 the
+portable forward, which reads K and V by TMA on Hopper, is the faster one where both serve. It
+then asks ``unsupported_reason`` first and runs the portable forward when it names a reason; the
+backward is the portable one either way (it reads the same O and logsumexp). Same semantics and
+oracle (``flash_attention.reference_attention_forward``).
 
 Conditions (each one is a fact the kernel relies on, not a tuning choice; ``unsupported_reason``
 names the first that fails):
