@@ -416,9 +416,10 @@ def _tma_loads(pb: _Problem, tensors: Sequence[Tensor]) -> bool:
     (``runtime.launch_bound``: each launch encodes the descriptors on the host), every base and
     stride 16-byte aligned with unit last stride (``runtime.tma_view_ok``).
 
-    Not in code torch compiles: handed these descriptors, torch 2.11's analysis of which
-    arguments a user kernel writes failed (a KeyError on 'K' in its TMA metadata) and the
-    partitioner then rejected the graph (session 17, call 4). Compiled code keeps pointer loads."""
+    Not in code torch compiles: a launch traced outside Dynamo (a triton_op's body) is recorded
+    without TMA metadata ("not yet supported in non-dynamo tracing", torch 2.11-2.13), and handed
+    these descriptors torch's analysis of what the kernel writes raised a KeyError and the graph
+    was rejected (session 17, call 4). Compiled code keeps pointer loads."""
     if not runtime.tma_enabled(pb.q.device) or runtime.tracing() or runtime.is_traced(pb.q):
         return False
     if pb.B * pb.H * pb.Sq * pb.Sk == 0 or runtime.launch_bound(pb.B * pb.H * pb.Sq, pb.Sk, 2 * pb.D):
