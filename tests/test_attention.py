@@ -805,6 +805,23 @@ GPU_CASES = [
 ]
 
 
+def _gpu_case_id(c) -> str:
+    return f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
+
+
+def _record_tma_loads(monkeypatch) -> list[tuple[bool, bool]]:
+    """From now on each launch of the forward or the dQ pass appends (traced?, took descriptors?)."""
+    taken, real = [], fat._streamed
+
+    def spy(pb, block_n):
+        kv, tma = real(pb, block_n)
+        taken.append((runtime.is_traced(pb.q), tma))
+        return kv, tma
+
+    monkeypatch.setattr(fat, "_streamed", spy)
+    return taken
+
+
 def _low_precision_attention(q, k, v, mask, keep, p, causal, gqa, block, mode):
     """The same math run in the inputs' dtype by eager PyTorch: the error budget of the dtype."""
     if gqa:
@@ -826,9 +843,7 @@ def _low_precision_attention(q, k, v, mask, keep, p, causal, gqa, block, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=[
-    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
-    for c in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_gpu_case_id)
 def test_gpu_matches_reference(case, monkeypatch, heads_second=False):
     """Full size on the GPU, in the style of FlashAttention's tests: the kernel's error against
     the fp32 reference is bounded by the error of the same math done by eager PyTorch in the
@@ -911,25 +926,15 @@ TMA_LOAD_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads_second", [False, True], ids=["bhsd", "bshd"])
-@pytest.mark.parametrize("case", TMA_LOAD_CASES, ids=[
-    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}{'-causal' if c[5] else ''}-{c[6]}-{str(c[7])[6:]}-{c[8]}-{c[9]}"
-    for c in TMA_LOAD_CASES])
+@pytest.mark.parametrize("case", TMA_LOAD_CASES, ids=_gpu_case_id)
 def test_gpu_tma_loads_match_reference(case, heads_second, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or newer GPU")
     monkeypatch.setenv("SPARSEDROP_TMA", "always")
-    taken = []
-
-    def spy(pb, block_n):
-        kv, tma = real(pb, block_n)
-        taken.append(tma)
-        return kv, tma
-
-    real = fat._streamed
-    monkeypatch.setattr(fat, "_streamed", spy)
+    taken = _record_tma_loads(monkeypatch)
     test_gpu_matches_reference(case, monkeypatch, heads_second)
     # the forward, and with two passes the dQ pass: each took descriptors
-    assert taken == [True] * (2 if case[-1] == "two_pass" else 1), taken
+    assert taken == [(False, True)] * (2 if case[-1] == "two_pass" else 1), taken
 
 
 @pytest.mark.gpu
@@ -970,16 +975,7 @@ def test_gpu_compiled_pointer_loads_equal_eager_tma_loads(heads_second, monkeypa
     if heads_second:
         q, k, v, grad = (t.transpose(1, 2) for t in (q, k, v, grad))
     keep = (torch.rand(fa.attention_keep_shape(q.shape, k.shape, (64, 128)), generator=g) >= 0.2).cuda()
-    traced = []
-
-    def spy(pb, block_n):
-        kv, tma = real(pb, block_n)
-        if runtime.is_traced(pb.q):
-            traced.append(tma)
-        return kv, tma
-
-    real = fat._streamed
-    monkeypatch.setattr(fat, "_streamed", spy)
+    taken = _record_tma_loads(monkeypatch)
 
     def attention(q, k, v):
         return torch.ops.sparsedrop.attention(q, k, v, None, keep, 0.2, True, None, False, 64, 128, "post_softmax",
@@ -992,11 +988,10 @@ def test_gpu_compiled_pointer_loads_equal_eager_tma_loads(heads_second, monkeypa
         return [out] + [t.grad for t in leaves]
 
     got = run(torch.compile(attention, backend="inductor", fullgraph=True))
-    assert traced and not any(traced), traced  # the traced forward and dQ pass: pointer loads
-    eager = []
-    monkeypatch.setattr(fat, "_streamed", lambda pb, block_n: eager.append(real(pb, block_n)) or eager[-1])
+    assert taken and taken == [(True, False)] * len(taken), taken  # traced forward and dQ pass: pointer loads
+    taken.clear()
     expected = run(attention)
-    assert [tma for _, tma in eager] == [True, True]  # eager: the forward and the dQ pass by TMA
+    assert taken == [(False, True)] * 2, taken  # eager: the forward and the dQ pass by TMA
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
