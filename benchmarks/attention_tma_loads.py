@@ -40,9 +40,10 @@ def main():
                                ba.time_graph(ba.fwd_only(attention), 30))
             finally:
                 fat._tma_loads = real
-        (tb, tf), (pb_, pf) = times["tma"], times["ptr"]
-        print(f"{b}x{h}x{s}x{d}{'-causal' if causal else ''}: fwd+bwd tma {tb:.4f} / ptr {pb_:.4f} ms ({tb / pb_:.3f}); "
-              f"fwd tma {tf:.4f} / ptr {pf:.4f} ms ({tf / pf:.3f})", flush=True)
+        (on_both, on_fwd), (off_both, off_fwd) = times["tma"], times["ptr"]
+        shape = f"{b}x{h}x{s}x{d}{'-causal' if causal else ''}"
+        print(f"{shape}: fwd+bwd tma {on_both:.4f} / ptr {off_both:.4f} ms ({on_both / off_both:.3f}); "
+              f"fwd tma {on_fwd:.4f} / ptr {off_fwd:.4f} ms ({on_fwd / off_fwd:.3f})", flush=True)
 
 
 if __name__ == "__main__":
