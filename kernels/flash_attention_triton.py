@@ -1,7 +1,8 @@
 """Flash attention with tile dropout (SparseDrop on P) in Triton, host side: support checks,
 configs, the backward strategy, mask tile classification and the launchers. The kernels are in
-``flash_attention_kernels.py`` (their docstring has the cost model and the scaling); semantics
-are those of ``flash_attention.reference_attention`` (read its docstring first).
+``flash_attention_kernels.py`` (the forward and shared helpers; its docstring has the cost model
+and the scaling) and ``flash_attention_backward_kernels.py``; semantics are those of
+``flash_attention.reference_attention`` (read its docstring first).
 
 The backward has two strategies (``BACKWARD_STRATEGY``): "two_pass", one kernel that owns a key
 block and accumulates dK, dV (summed over a GQA group in registers) and one that owns a query
@@ -38,6 +39,7 @@ from .flash_attention import (
     empty_grad_like,
     supported_head_dim,
 )
+from .flash_attention_backward_kernels import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
 from .flash_attention_kernels import (
     MASK_BOOL,
     MASK_FLOAT,
@@ -45,9 +47,6 @@ from .flash_attention_kernels import (
     SKIP_LAZY_LOAD,
     SKIP_NONE,
     SKIP_PREFETCH,
-    _attn_bwd_delta,
-    _attn_bwd_dkdv,
-    _attn_bwd_dq,
     _attn_fwd,
     _classify_mask,
 )
