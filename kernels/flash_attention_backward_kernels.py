@@ -29,7 +29,7 @@ from .flash_attention_kernels import (
     _need_mask,
     _query_range,
     _query_tile,
-    _tma_rows,
+    _kv_tile,
 )
 
 
@@ -273,29 +273,11 @@ def _dq_inner(
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
-            if not TMA_LOADS:
-                kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-                vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None]
-            if TMA_LOADS:
-                kt = tl.trans(_tma_rows(k_base, tb, th, start_n, BLOCK_N, BLOCK_D))
-            elif MASKED:
-                kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
-            else:
-                if EVEN_D:
-                    kt = tl.load(kt_ptrs)
-                else:
-                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
+                          MASKED, True, TMA_LOADS)
             if TILE_SKIP != _LAZY:
-                if TMA_LOADS:
-                    vt = tl.trans(_tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D))
-                elif MASKED:
-                    vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
-                                 other=0.0)
-                else:
-                    if EVEN_D:
-                        vt = tl.load(vt_ptrs)
-                    else:
-                        vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+                vt = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
+                              MASKED, True, TMA_LOADS)
             s = _dot(q, kt, INTERPRET) * qk_scale
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 pass  # read below, under a branch on the tile's class
@@ -328,16 +310,8 @@ def _dq_inner(
             else:
                 if kept:
                     if TILE_SKIP == _LAZY:
-                        if TMA_LOADS:
-                            vt = tl.trans(_tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D))
-                        elif MASKED:
-                            vt = tl.load(vt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None],
-                                         other=0.0)
-                        else:
-                            if EVEN_D:
-                                vt = tl.load(vt_ptrs)
-                            else:
-                                vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
+                        vt = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D,
+                                      EVEN_D, MASKED, True, TMA_LOADS)
                     dp = _dot(do, vt, INTERPRET)
                     ds = prob * (dp - delta[:, None])
                 else:

@@ -88,9 +88,13 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 # exactly the ops they built before head dims were padded, in the same order (Triton builds a
 # call's keyword arguments before its positional ones, so the mask still comes before the
 # pointers), and 64 and 128 compile to the same SASS (checked offline for sm_90, see
-# benchmarks/NOTES_attention.md). Not through a helper function: even inlined, a helper's call
-# site adds line-info labels that change ptxas's register allocation (a dK/dV kernel at head dim
-# 128 spilled 336 bytes instead of 248), and d_ok, unused with EVEN_D, is dead code.
+# benchmarks/NOTES_attention.md). Not through a helper function in general: even inlined, a
+# helper's call site adds line-info labels that change ptxas's register allocation (a dK/dV
+# kernel at head dim 128 spilled 336 bytes instead of 248), and d_ok, unused with EVEN_D, is dead
+# code. The one exception, ``_kv_tile`` (the K and V tiles of the forward and the dQ pass), was
+# checked offline (Triton 3.6, sm_90, 13 variants of the three kernels): the same instructions
+# and register counts as when the loads were written inline; in the dQ pass's pointer-load
+# variants ptxas numbered the registers differently.
 
 
 # --------------------------------------------------------------------------- TMA loads
@@ -119,6 +123,36 @@ def _head(T, off_b, off_h, stride_b, stride_h, TMA: tl.constexpr):
 def _tma_rows(desc, off_b, off_h, row, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows [row, row + BLOCK_R) of head (off_b, off_h), by one TMA copy."""
     return desc.load([off_b.to(tl.int32), off_h.to(tl.int32), row, 0]).reshape(BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _kv_tile(base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_n, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, TRANS: tl.constexpr,
+             TMA: tl.constexpr):
+    """Key tile [start_n, start_n + BLOCK_N) of K or V for a query-block loop (forward, dQ pass),
+    as (BLOCK_N, BLOCK_D), or transposed with TRANS: one TMA copy with TMA, else a pointer load
+    whose masks (keys past Sk with MASKED, columns past HEAD_DIM unless EVEN_D) read zeros."""
+    if TMA:
+        tile = _tma_rows(base, tb, th, start_n, BLOCK_N, BLOCK_D)
+        if TRANS:
+            tile = tl.trans(tile)
+    elif TRANS:
+        ptrs = base + offs_n[None, :] * stride_n + offs_d[:, None]
+        if MASKED:
+            tile = tl.load(ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+    else:
+        ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
 
 
 # --------------------------------------------------------------------------- mask tile classes
@@ -352,28 +386,11 @@ def _fwd_inner(
             offs_d = tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
             col_ok = offs_n < Sk
-            if not TMA_LOADS:
-                kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-                v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if TMA_LOADS:
-                kt = tl.trans(_tma_rows(k_base, tb, th, start_n, BLOCK_N, BLOCK_D))
-            elif MASKED:
-                kt = tl.load(kt_ptrs, mask=col_ok[None, :] if EVEN_D else col_ok[None, :] & d_ok[:, None], other=0.0)
-            else:
-                if EVEN_D:
-                    kt = tl.load(kt_ptrs)
-                else:
-                    kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
+                          MASKED, True, TMA_LOADS)
             if TILE_SKIP != _LAZY:
-                if TMA_LOADS:
-                    v = _tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D)
-                elif MASKED:
-                    v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :], other=0.0)
-                else:
-                    if EVEN_D:
-                        v = tl.load(v_ptrs)
-                    else:
-                        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                v = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
+                             MASKED, False, TMA_LOADS)
             s = _dot(q, kt, INTERPRET)
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 # Only tiles whose class says so read the mask (see the note above _need_mask).
@@ -418,16 +435,8 @@ def _fwd_inner(
             else:
                 if kept:
                     if TILE_SKIP == _LAZY:
-                        if TMA_LOADS:
-                            v = _tma_rows(v_base, tb, th, start_n, BLOCK_N, BLOCK_D)
-                        elif MASKED:
-                            v = tl.load(v_ptrs, mask=col_ok[:, None] if EVEN_D else col_ok[:, None] & d_ok[None, :],
-                                        other=0.0)
-                        else:
-                            if EVEN_D:
-                                v = tl.load(v_ptrs)
-                            else:
-                                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                        v = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D,
+                                     EVEN_D, MASKED, False, TMA_LOADS)
                     acc = _dot_acc(prob.to(v.dtype), v, acc, INTERPRET)
             m_i = m_new
     return m_i, l_i, acc
