@@ -382,10 +382,12 @@ def run_sweep(args) -> list[dict]:
                           lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv), err(r[2], ref_dq))),
         }
         if runtime.tma_enabled(q.device):
-            # Where TMA runs (the tile loops' loads through descriptors, the single pass's dQ
-            # adds as bulk reductions), each pass also with TMA off beside it: pointer loads and
-            # element atomics (SPARSEDROP_TMA=0 while it is launched and captured).
-            for kind, (make, check) in list(passes.items()):
+            # Where TMA runs (K and V through descriptors in the forward and the dQ pass, the
+            # single pass's dQ adds as bulk reductions), those passes also with TMA off beside
+            # them: pointer loads and element atomics (SPARSEDROP_TMA=0 while it is launched and
+            # captured). The dK/dV pass takes no TMA, so it is timed once.
+            for kind in ("fwd", "bwd_q", "bwd_fused"):
+                make, check = passes[kind]
                 passes[kind + "_ptr"] = (lambda cfg, make=make: _tma_off(make(cfg)), check)
         best = {}
         for kind, (make, check) in passes.items():
@@ -420,7 +422,7 @@ def run_sweep(args) -> list[dict]:
                 fit = [r for r in best[kind] if tile[0] % r["BLOCK_M"] == 0 and tile[1] % r["BLOCK_N"] == 0]
                 picks[kind] = min(fit, key=lambda r: r["median_ms"]) if fit else None
             for strategy, kinds in (("two_pass", ("fwd", "bwd_kv", "bwd_q")), ("atomic", ("fwd", "bwd_fused")),
-                                    ("two_pass_ptr", ("fwd_ptr", "bwd_kv_ptr", "bwd_q_ptr")),
+                                    ("two_pass_ptr", ("fwd_ptr", "bwd_kv", "bwd_q_ptr")),
                                     ("atomic_ptr", ("fwd_ptr", "bwd_fused_ptr"))):
                 if any(picks.get(kind) is None for kind in kinds):
                     continue
