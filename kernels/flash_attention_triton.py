@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import flash_attention_hopper as hopper
-from . import runtime
+from . import runtime, traced_descriptors
 from .block_mask import cdiv, dropout_scale
 from .flash_attention import (
     HEAD_DIM_RULE,
@@ -50,7 +50,7 @@ from .flash_attention_kernels import (
     _attn_fwd,
     _classify_mask,
 )
-from .runtime import KernelConfig, interpreting, launch
+from .runtime import KernelConfig, interpreting, known, launch
 
 __all__ = [
     "BACKWARD_STRATEGY",
@@ -411,17 +411,20 @@ def _streamed(pb: _Problem, block_n: int) -> tuple[list, bool]:
 
 def _tma_loads(pb: _Problem, tensors: Sequence[Tensor]) -> bool:
     """Whether the kernels may read ``tensors`` through TMA descriptors: where TMA runs
-    (``runtime.tma_enabled``), in eager code only, on a problem that is not launch-bound
-    (``runtime.launch_bound``: each launch encodes the descriptors on the host), every base and
-    stride 16-byte aligned with unit last stride (``runtime.tma_view_ok``).
+    (``runtime.tma_enabled``), on a problem that is not launch-bound (``runtime.launch_bound``:
+    each launch encodes the descriptors on the host), every base and stride 16-byte aligned with
+    unit last stride (``runtime.tma_view_ok``).
 
-    Not in code torch compiles: a launch traced outside Dynamo (a triton_op's body) is recorded
-    without TMA metadata ("not yet supported in non-dynamo tracing", torch 2.11-2.13), and handed
-    these descriptors torch's analysis of what the kernel writes raised a KeyError and the graph
-    was rejected (session 17, call 4). Compiled code keeps pointer loads."""
-    if not runtime.tma_enabled(pb.q.device) or runtime.tracing() or runtime.is_traced(pb.q):
+    In code torch compiles only where a traced launch can record host descriptors and Inductor
+    will launch the kernel through Triton's launcher (``traced_descriptors.usable``; the compiled
+    code rebuilds them before each launch). With the backend's defaults Inductor's static
+    launcher takes our kernels, and it cannot take a descriptor: compiled code keeps pointer loads."""
+    if not runtime.tma_enabled(pb.q.device):
         return False
-    if pb.B * pb.H * pb.Sq * pb.Sk == 0 or runtime.launch_bound(pb.B * pb.H * pb.Sq, pb.Sk, 2 * pb.D):
+    if (runtime.tracing() or runtime.is_traced(pb.q)) and not traced_descriptors.usable():
+        return False
+    if not all(known(n > 0) for n in (pb.B, pb.H, pb.Sq, pb.Sk)) \
+            or runtime.launch_bound(pb.B * pb.H * pb.Sq, pb.Sk, 2 * pb.D):
         return False
     return all(runtime.tma_view_ok(t) for t in tensors)
 
@@ -430,17 +433,15 @@ def _rows_descriptor(t: Tensor, block_rows: int, block_d: int):
     """A TMA descriptor of the (B, H, S, D) tensor ``t`` whose box is ``block_rows`` x ``block_d``
     of one head (the copy fills what lies past S or D with zeros). A size-1 dim's stride is never
     used, but the copy engine wants every stride 16-byte aligned: it gets the packed value."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     B, H, S, D = t.shape
     sb, sh, ss, _ = t.stride()
-    if S == 1:
+    if known(S == 1):
         ss = cdiv(D * t.element_size(), 16) * 16 // t.element_size()
-    if H == 1:
+    if known(H == 1):
         sh = S * ss
-    if B == 1:
+    if known(B == 1):
         sb = H * sh
-    return TensorDescriptor(t, [B, H, S, D], [sb, sh, ss, 1], [1, 1, block_rows, block_d])
+    return traced_descriptors.descriptor_of(t, (B, H, S, D), (sb, sh, ss, 1), (1, 1, block_rows, block_d))
 
 
 def _launch_forward(pb: _Problem, cfg: KernelConfig, cls: _TileClasses | None = None) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,9 @@
   on a GPU; a plain ``custom_op`` under the interpreter, whose kernels cannot be traced.
 - Facts about the device, cached per device (capability, SMs, shared memory, registers).
 - TMA (Hopper's tensor memory accelerator): whether an operand qualifies, and the strides a
-  descriptor takes. Descriptors are built inside the kernels (``tl.make_tensor_descriptor``),
-  because Inductor cannot trace host-side descriptors made inside a triton_op.
+  descriptor takes. The matmuls build descriptors inside the kernels (``tl.make_tensor_descriptor``);
+  attention's K and V reads take host-built ones, which traced launches record with the metadata
+  Inductor rebuilds them from (``traced_descriptors``).
 - Tuning: one tuner, with Inductor's policy. By default it takes the first candidate that runs
   (the candidate lists are ordered best guess first), so building a graph compiles one config
   per kernel and problem; with autotuning on (``mode="max-autotune"``, the backend's
@@ -37,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import launch_plans
+from . import launch_plans, traced_descriptors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -114,7 +115,27 @@ def launch(kernel):
         return kernel if rec is None else launch_plans.RecordingLaunch(kernel, rec)
     from torch.library import wrap_triton
 
-    return wrap_triton(kernel)
+    return _Wrapped(wrap_triton(kernel))
+
+
+class _Wrapped:
+    """A ``wrap_triton`` kernel whose traced launches may also take host-built TMA descriptors
+    (recorded with their metadata: ``traced_descriptors``)."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        with_grid = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            if tracing() and traced_descriptors.holds_descriptor(args, kwargs):
+                return traced_descriptors.traced_launch(with_grid, args, kwargs)
+            return with_grid(*args, **kwargs)
+
+        return call
 
 
 def tracing() -> bool:

@@ -11,6 +11,7 @@ from torch import fx
 
 from sparsedrop_compile import distributed, report
 from sparsedrop_compile.config import SparseDropConfig
+from sparsedrop_compile.kernels.traced_descriptors import STATIC_LAUNCH_ENV
 
 log = logging.getLogger("sparsedrop_compile")
 
@@ -124,7 +125,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, config: SparseDropConfig)
 # workers), unless the user has set it; the backend also patches the config for compiles that
 # run in this process. It reaches every user-defined kernel Inductor compiles in this process;
 # TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=0 in the environment opts out.
-STATIC_LAUNCH_ENV = "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"
+# Attention's K and V loads by TMA need Triton's launcher: with this switch on, compiled attention
+# keeps pointer loads (kernels/traced_descriptors.py).
 os.environ.setdefault(STATIC_LAUNCH_ENV, "1")
 
 

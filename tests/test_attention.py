@@ -960,19 +960,69 @@ def test_gpu_tma_loads_refuse_what_a_descriptor_cannot_read(monkeypatch):
     assert not takes_tma(q)
 
 
+def test_traced_descriptors_record_what_from_tensor_rebuilds():
+    """A traced launch's descriptor becomes its tensor plus torch's stable TMA metadata, and
+    compiled code rebuilds it with ``TensorDescriptor.from_tensor(tensor, block_shape)``: so the
+    tensor must carry the descriptor's shape and strides. ``descriptor_of`` views it so where a
+    size-1 dim's stride is packed; a descriptor whose strides its tensor does not carry is refused."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from sparsedrop_compile.kernels import traced_descriptors as td
+
+    t = torch.randn(4, 300, 1, 64, dtype=torch.bfloat16).transpose(1, 2)  # (B, H=1, S, D), head stride 64
+    packed = (300 * 64, 300 * 64, 64, 1)
+    desc = fat._rows_descriptor(t, 64, 128)
+    assert tuple(desc.strides) == packed and tuple(desc.base.stride()) == packed
+    assert desc.base.data_ptr() == t.data_ptr() and desc.block_shape == [1, 1, 64, 128]
+    args, meta = td.descriptor_arguments({"K": desc, "V": t, "n": 3})
+    assert args["K"] is desc.base and args["V"] is t and args["n"] == 3
+    assert meta == {"K": ("stable", ([1, 1, 64, 128],))}
+    rebuilt = TensorDescriptor.from_tensor(args["K"], meta["K"][1][0])
+    assert (list(rebuilt.shape), list(rebuilt.strides)) == (list(desc.shape), list(desc.strides))
+    assert td.holds_descriptor((t, desc), {}) and not td.holds_descriptor((t,), {"n": 3})
+
+    # K's own strides: nothing to view
+    u = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16)
+    assert fat._rows_descriptor(u, 64, 64).base is u
+    # a descriptor whose strides are not its tensor's would be rebuilt wrong: refused, by name
+    odd = TensorDescriptor(t, list(t.shape), list(packed), [1, 1, 64, 128])
+    with pytest.raises(ValueError, match="'K'.*descriptor_of"):
+        td.descriptor_arguments({"K": odd})
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads_second", [False, True], ids=["bhsd", "bshd"])
-def test_gpu_compiled_pointer_loads_equal_eager_tma_loads(heads_second, monkeypatch):
-    """Compiled code keeps pointer loads (torch could not take these kernels' descriptors, see
-    flash_attention_triton._tma_loads) while eager calls take TMA loads: the two must agree."""
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "one_head"])
+@pytest.mark.parametrize("static_launch", [False, True], ids=["python_launcher", "static_launcher"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_gpu_compiled_tma_loads_equal_eager_tma_loads(layout, static_launch, dynamic, monkeypatch):
+    """Compiled code takes the same TMA loads as eager calls where Inductor launches our kernels
+    through Triton's launcher: its traced launches record K and V as tensors plus descriptor
+    metadata (``traced_descriptors``), and Inductor's code rebuilds the descriptors before each
+    launch. Where its static launcher takes them (the backend's default), which cannot take a
+    descriptor, compiled code keeps pointer loads. Either way compiled must equal eager:
+    head-second views, one batch of one head (size-1 dims, whose strides the descriptor packs),
+    static and symbolic sizes. Kernels compile in this process (compile_threads=1), with the
+    launcher switch as given, and the caches are fresh (they key on the graph, not on it)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or newer GPU")
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
+
+    from sparsedrop_compile.kernels import traced_descriptors
+
+    torch._dynamo.reset()
     monkeypatch.setenv("SPARSEDROP_TMA", "always")
+    monkeypatch.setenv(traced_descriptors.STATIC_LAUNCH_ENV, "1" if static_launch else "0")
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
+    monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", static_launch)
+    monkeypatch.setattr(inductor_config, "use_static_cuda_launcher", True)
+    assert traced_descriptors.usable() == (not static_launch)
     monkeypatch.setitem(fat.BACKWARD_STRATEGY, 64, "two_pass")
     g = torch.Generator().manual_seed(0)
-    shape = (2, 300, 4, 64) if heads_second else (2, 4, 300, 64)
+    b, h = (1, 1) if layout == "one_head" else (2, 4)
+    shape = (b, 300, h, 64) if layout == "bshd" else (b, h, 300, 64)
     q, k, v, grad = (torch.randn(*shape, generator=g).to(torch.bfloat16).cuda() for _ in range(4))
-    if heads_second:
+    if layout == "bshd":
         q, k, v, grad = (t.transpose(1, 2) for t in (q, k, v, grad))
     keep = (torch.rand(fa.attention_keep_shape(q.shape, k.shape, (64, 128)), generator=g) >= 0.2).cuda()
     taken = _record_tma_loads(monkeypatch)
@@ -987,13 +1037,18 @@ def test_gpu_compiled_pointer_loads_equal_eager_tma_loads(heads_second, monkeypa
         out.backward(grad)
         return [out] + [t.grad for t in leaves]
 
-    got = run(torch.compile(attention, backend="inductor", fullgraph=True))
-    assert taken and taken == [(True, False)] * len(taken), taken  # traced forward and dQ pass: pointer loads
+    with fresh_inductor_cache():
+        got, code = run_and_get_code(run, torch.compile(attention, backend="inductor", fullgraph=True, dynamic=dynamic))
+    # traced forward and dQ pass (each traced more than once), each with descriptors or not
+    assert taken and taken == [(True, not static_launch)] * len(taken), taken
+    # the compiled code builds the descriptors: K and V, for the forward and the dQ pass
+    built = sum(c.count("TensorDescriptor.from_tensor(") for c in code)
+    assert (built == 0) if static_launch else (built >= 4), code
     taken.clear()
     expected = run(attention)
     assert taken == [(False, True)] * 2, taken  # eager: the forward and the dQ pass by TMA
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
-        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    for name, a, b_ in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b_, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.gpu
