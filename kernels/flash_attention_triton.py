@@ -9,7 +9,8 @@ block and accumulates dK, dV (summed over a GQA group in registers) and one that
 block and accumulates dQ (and dMask when a float mask needs a gradient), deterministic; and
 "atomic", the first kernel alone, adding each chunk's dQ into an fp32 buffer (by TMA bulk
 reductions on Hopper, element atomics elsewhere; fewer FLOPs, not bitwise reproducible, so never
-used under ``torch.use_deterministic_algorithms``). Head dims 72-128 take it by default.
+used under ``torch.use_deterministic_algorithms``). Every head dim takes two passes by default
+(``BACKWARD_STRATEGY``); "atomic" is there for a ``bwd`` config that asks for it.
 
 Kernel tiles are independent of the mask tile (block splitting): every kernel tile lies inside
 one mask tile. That needs the mask tile's sides to be multiples of the kernel tile's;
@@ -123,16 +124,16 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
     "bwd_kv": {
         64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
              (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0), (16, 128, 8, 3, 0),
-              (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+        128: [(64, 64, 4, 2, 0), (32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0),
+              (16, 128, 8, 3, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
         256: [(64, 16, 8, 2, 0), (64, 16, 8, 1, 0), (32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (32, 32, 8, 2, 0),
               (16, 16, 4, 1, 0)],
     },
     "bwd_q": {
         64: [(64, 64, 4, 3, 0), (128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0),
              (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        128: [(64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0), (128, 16, 8, 3, 0),
-              (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
+        128: [(64, 64, 4, 2, 2), (64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0),
+              (128, 16, 8, 3, 0), (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         256: [(64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
@@ -172,17 +173,21 @@ TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 6
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
 # tile against the two-pass 9 (see the notes) but adds dQ into an fp32 buffer; on Hopper those adds
-# go out as TMA bulk reductions (elsewhere as element atomics). H200 sweep, session 16 (torch 2.11,
-# triton 3.6, bf16, p=0.1, 64x128 mask tile, each pass timed alone by CUDA-graph replay;
-# benchmarks/NOTES_attention.md): at head dim 128 (4x16x2048x128 causal) the single pass with
-# 64 x 128 tiles took 0.675 ms against 0.749 for the two passes (0.491 dK/dV + 0.258 dQ), so 128
-# runs it; at head dim 64 the best single pass lost or tied (8x16x1024x64: 0.320 against 0.311;
-# 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. The first candidates for
-# head dim 64 are the sweeps' winners for a 64x64 mask tile; for head dim 128 the forward and
-# dQ winners for a 64x128 mask tile, where not skipping dropped tiles (skip mode 2) was fastest.
-# The 256 class keeps two passes: there the best single pass took 5.5 ms against 3.4 ms for the
-# two (4x16x2048x256 causal, same sweep).
-BACKWARD_STRATEGY = {64: "two_pass", 128: "atomic", 256: "two_pass"}
+# go out as TMA bulk reductions (elsewhere as element atomics). H200 sweeps (torch 2.11, triton
+# 3.6, bf16, p=0.1, each pass timed alone by CUDA-graph replay; benchmarks/NOTES_attention.md):
+# at head dim 64 the best single pass lost or tied (session 16; 8x16x1024x64: 0.320 against 0.311
+# ms; 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. At head dim 128 session 16
+# found the single pass with 64 x 128 tiles faster (0.675 ms against 0.749 at 4x16x2048x128
+# causal), but its table had no two-pass tile of 64 keys on 4 warps: session 18 timed those, and
+# dK/dV at 64 queries x 64 keys on 4 warps with 2 stages took 0.339 ms (against 0.493 for the
+# table's first, 32 x 128 on 8 warps) and dQ at 64 x 64 on 4 warps 0.231 (against 0.260), so
+# two passes take 0.570 ms against the single pass's 0.681 in the same run, and forward + backward
+# went 0.901 -> 0.785 ms (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The
+# first candidates for head dim 64 are the sweeps' winners for a 64x64 mask tile; for head dim 128
+# those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode 2: also fastest
+# with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best single pass took
+# 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
+BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
 # dim 64 ran as fast with 64x64, 64x128 and 128x128 mask tiles (0.442-0.444 ms), while head dim
