@@ -102,13 +102,18 @@ CLASSIFY_MASK_TILES = True
 # The 256 class was first listed from resources alone; session 16's sweep on an H200
 # (4x16x2048x256 causal, p = 0.1, each pass by CUDA-graph replay) put the tiles that spill a
 # little first: forward 64x64 (0.694 ms against 0.971 for 64x32), dK/dV 64 q x 16 k with 2
-# stages (2.53 against 2.99 with 1), dQ 64x32 (0.920 against 2.51 for 32x16). Shared memory:
+# stages (2.53 against 2.99 with 1), dQ 64x32 (0.920 against 2.51 for 32x16). Session 18 timed
+# 4-warp tiles and 64 x 64 dK/dV tiles beside them (call 6, 4x16x2048x256 causal, 8x8x1024x256
+# and 4x16x2048x192 causal; the firsts below by geometric mean): forward 64x64 on 4 warps, 1 stage
+# (0.425 ms against 0.673 at 2048x256), dK/dV 64 q x 64 k on 8 warps, 1 stage (1.43 against 2.52),
+# dQ 64x16 on 4 warps without skipping (0.717 against 0.858); forward + backward 4.12 -> 2.62 ms
+# (8x8x1024x256: 2.04 -> 1.11, head dim 192: 4.05 -> 2.54). Shared memory:
 # a (rows, 256) bf16/fp16 tile is rows x 512 B per operand and pipeline stage, and an H100/H200
 # block gets at most 227 KB: the forward stages K and V (2 x BLOCK_N x 512 B a stage), so 64 keys
 # x 3 stages would be 192 KB before Q and scratch; stages stay at 1-2.
 # Registers bind first: an fp32 accumulator is rows x 1 KB (dK/dV: two of them), 64 a thread
 # for 64 rows with 8 warps. Compiled offline for sm_90 (Triton 3.9, causal, no mask and a
-# classified bool mask), every candidate below fits shared memory (at most 120 KB), and the
+# classified bool mask), every candidate of session 16 fits shared memory (at most 120 KB), and the
 # 64x32 forward does not spill (72 B with a bool mask); 64x64 forward, 32x32 dK/dV and 64x32 dQ
 # tiles spill 400-900 B, the single pass with 32x32 tiles 1.8 KB, and the spilling ones were
 # faster all the same.
@@ -118,23 +123,24 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
              (128, 32, 4, 3, 0), (64, 128, 4, 3, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 32, 4, 3, 2), (128, 64, 8, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0), (128, 32, 8, 3, 0),
               (64, 64, 4, 3, 0), (64, 32, 4, 3, 0), (64, 128, 8, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        256: [(64, 64, 8, 2, 0), (64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 4, 2, 0),
-              (16, 16, 4, 1, 0)],
+        256: [(64, 64, 4, 1, 0), (64, 32, 4, 2, 0), (64, 64, 8, 2, 0), (64, 32, 8, 2, 0), (64, 16, 8, 2, 0),
+              (32, 32, 8, 2, 0), (32, 16, 4, 2, 0), (16, 16, 4, 1, 0)],
     },
     "bwd_kv": {
         64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
              (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 64, 4, 2, 0), (32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0),
               (16, 128, 8, 3, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
-        256: [(64, 16, 8, 2, 0), (64, 16, 8, 1, 0), (32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (32, 32, 8, 2, 0),
-              (16, 16, 4, 1, 0)],
+        256: [(64, 64, 8, 1, 0), (64, 32, 4, 2, 0), (64, 16, 8, 2, 0), (64, 16, 8, 1, 0), (32, 16, 8, 2, 0),
+              (16, 32, 8, 2, 0), (32, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
     "bwd_q": {
         64: [(64, 64, 4, 3, 0), (128, 32, 4, 3, 0), (128, 64, 8, 3, 0), (128, 32, 8, 3, 0), (128, 16, 4, 3, 0),
              (128, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 64, 4, 2, 2), (64, 32, 4, 3, 2), (128, 32, 8, 2, 0), (128, 64, 8, 2, 0), (128, 32, 8, 3, 0),
               (128, 16, 8, 3, 0), (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
-        256: [(64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0), (32, 16, 8, 2, 0), (16, 16, 4, 1, 0)],
+        256: [(64, 16, 4, 2, 2), (64, 32, 4, 2, 0), (64, 32, 8, 2, 0), (64, 16, 8, 2, 0), (32, 32, 8, 2, 0),
+              (32, 16, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
     # The single-pass backward: the bwd_kv kernel that also adds dQ atomically.
     "bwd_fused": {

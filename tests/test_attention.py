@@ -312,8 +312,9 @@ def test_triton_padded_head_dim_with_split_tiles_and_skip_modes(cfg):
 @pytest.mark.interpret
 @pytest.mark.parametrize("d,strategy", [(256, "two_pass"), (136, "atomic")])
 def test_triton_head_dim_256_class_with_its_first_tiles(d, strategy, monkeypatch):
-    """The default mask tile, so each pass runs the first candidate of the 256 table (64x32,
-    64x16, 32x16 tiles), with a classified bool mask and causal; 136 pads to 256."""
+    """The default mask tile, so each pass runs the first candidate of the 256 table (64x64
+    forward and dK/dV tiles, 64x16 dQ tiles), with a classified bool mask and causal; 136 pads to
+    256."""
     monkeypatch.setitem(fat.BACKWARD_STRATEGY, 256, strategy)
     q, k, v, grad, g = make_inputs(b=1, hq=2, sq=70, sk=70, d=d, dtype=torch.bfloat16)
     mask = _mask("bool_pad_full", 1, 2, 70, 70, torch.bfloat16, g)
