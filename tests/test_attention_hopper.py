@@ -65,6 +65,7 @@ def test_unsupported_reason_on_cpu_names_the_device():
     assert reason is not None and "Hopper" in reason
 
 
+@pytest.mark.interpret
 def test_portable_forward_when_hopper_forward_is_unavailable():
     """On CPU (the interpreter) attention_forward runs the portable kernel, with or without a
     Hopper config given: the result is the reference's."""
