@@ -991,6 +991,30 @@ def test_traced_descriptors_record_what_from_tensor_rebuilds():
         td.descriptor_arguments({"K": odd})
 
 
+def test_only_traced_launches_with_descriptors_take_the_descriptor_tracer(monkeypatch):
+    """``runtime.launch`` under wrap_triton (a GPU's path, never CI's interpreter): a traced launch
+    that hands the kernel a descriptor is recorded by ``traced_descriptors``; one without, or one
+    that is not traced, goes to the kernel as before."""
+    from sparsedrop_compile.kernels import traced_descriptors as td
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("kernel", grid))
+
+    monkeypatch.setattr(td, "traced_launch", lambda wrapped, args, kwargs: calls.append(("descriptors", args[1])))
+    t = torch.randn(2, 4, 64, 64, dtype=torch.bfloat16)
+    desc = fat._rows_descriptor(t, 64, 64)
+    launch = runtime._Wrapped(Kernel())
+    monkeypatch.setattr(runtime, "tracing", lambda: True)
+    launch[(1,)](t, desc, n=3)
+    launch[(2,)](t, t, n=3)
+    monkeypatch.setattr(runtime, "tracing", lambda: False)
+    launch[(3,)](t, desc)
+    assert calls == [("descriptors", desc), ("kernel", (2,)), ("kernel", (3,))]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "one_head"])
 @pytest.mark.parametrize("static_launch", [False, True], ids=["python_launcher", "static_launcher"])
