@@ -7,6 +7,7 @@ matmul(dropout(softmax)) chain that HF's "eager" attention runs?
     python benchmarks/bench_attention.py                 # full run: shapes x methods x p in {0.1, 0.3, 0.5}
     python benchmarks/bench_attention.py --quick         # p = 0.1 only, fewer repetitions
     python benchmarks/bench_attention.py --sweep         # time the kernel's candidate configs (~2-3 min)
+    python benchmarks/bench_attention.py --sweep --neighbours   # and the configs one step from the fastest
 
 Times are medians of CUDA-graph replays of one fwd+bwd step (so Python and dispatch overhead do
 not count; every method is timed the same way), falling back to triton.testing.do_bench where
@@ -315,6 +316,25 @@ def print_table(rows):
 
 
 # --------------------------------------------------------------------------- config sweep
+def _as_tuple(row) -> tuple:
+    """A sweep row's config as the candidate table writes it."""
+    return (row["BLOCK_M"], row["BLOCK_N"], row["num_warps"], row["num_stages"], row["skip_mode"])
+
+
+def neighbours(config: tuple) -> list[tuple]:
+    """The configs one step from ``config`` (the table's tuple form): the other warp count (4 or
+    8), each other stage count from 1 to 3, and each tile side halved or doubled within 16-128.
+    The sweep's ``--neighbours`` times them around its two fastest, so that a table that never
+    listed the best tile cannot hide it (session 18: the head-dim-128 backward's 4-warp 64 x 64
+    tiles, 13 % of the whole op, were in no table)."""
+    m, n, warps, stages, skip = config
+    out = [(m, n, 8 if warps == 4 else 4, stages, skip)]
+    out += [(m, n, warps, st, skip) for st in (1, 2, 3) if st != stages]
+    out += [(side, n, warps, stages, skip) for side in (m // 2, m * 2) if 16 <= side <= 128]
+    out += [(m, side, warps, stages, skip) for side in (n // 2, n * 2) if 16 <= side <= 128]
+    return out
+
+
 def run_sweep(args) -> list[dict]:
     """Time every candidate kernel config, pass by pass, and report the best per mask tile."""
     from sparsedrop_compile.kernels import flash_attention_triton as fat
@@ -396,12 +416,23 @@ def run_sweep(args) -> list[dict]:
             table = fat.CANDIDATES[kind.removesuffix("_ptr")][fat.head_dim_class(d)]
             timed_rows = [record(kind, cfg, make(cfg), check) for cfg in table
                           if cfg.tile_m * cfg.tile_n >= 32 * 32 or fat.head_dim_class(d) == 256]
-            ok = sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
-                        key=lambda r: r["median_ms"])
-            for r in ok[:2]:  # the other ways of skipping a tile, on the two fastest tiles
-                for skip in (fat.SKIP_LAZY_LOAD, fat.SKIP_NONE):
-                    cfg = fat.as_config((r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"], skip))
-                    timed_rows.append(record(kind, cfg, make(cfg), check))
+            seen = {_as_tuple(r) for r in timed_rows}
+
+            def fastest_two():
+                return sorted((r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05),
+                              key=lambda r: r["median_ms"])[:2]
+
+            def time_new(configs):
+                for tried in configs:
+                    if tried not in seen:
+                        seen.add(tried)
+                        timed_rows.append(record(kind, fat.as_config(tried), make(fat.as_config(tried)), check))
+
+            for r in fastest_two():  # the other ways of skipping a tile, on the two fastest tiles
+                time_new([(*_as_tuple(r)[:4], skip) for skip in (fat.SKIP_PREFETCH, fat.SKIP_LAZY_LOAD, fat.SKIP_NONE)])
+            if args.neighbours:  # one step from the two fastest, whatever the table lists
+                for r in fastest_two():
+                    time_new(neighbours(_as_tuple(r)))
             best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
         t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
         hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out))
@@ -474,6 +505,9 @@ def main(argv=None):
     parser.add_argument("--sweep-shape", action="append", default=None,
                         help="B,H,S,D[,causal] for --sweep; repeatable (default 8,16,1024,64)")
     parser.add_argument("--sweep-p", type=float, default=0.1)
+    parser.add_argument("--neighbours", action="store_true",
+                        help="with --sweep, also time the configs one step from each pass's two fastest (warps, "
+                             "stages, tile sides): about twice the sweep's time")
     parser.add_argument("--only", nargs="+", default=None, help="run only shapes whose name contains one of these")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU (interpreter, tiny shapes)")
