@@ -8,7 +8,8 @@ each recorded (kernel, specialisation) for sm_90 through Triton's own warm-up pa
 would. The matmuls' TMA variants are not reached on CPU tensors (no device to check them
 against); every pointer-load variant of both size classes (runtime.launch_bound), the second
 masks, and the attention passes (two-pass and single-pass backward, bool and float masks,
-dropkey; the forward and dQ pass also with K and V as TMA descriptors) are.
+dropkey, the tiles of each head-dim class; the forward and dQ pass also with K and V as TMA
+descriptors) are.
 
 It runs in a subprocess: the suite's TRITON_INTERPRET=1 turns the kernels into interpreted
 functions, which do not compile.
@@ -100,11 +101,25 @@ def attention(dtype):
                                        False, (64, 64), mode, mask is not None and mask.dtype != torch.bool,
                                        config={"bwd": strategy})
 
+def attention_wide_heads(dtype):
+    # The 128 and 256 classes' own tiles (head dims 72-128 and 136-256) at the default mask tile,
+    # without a mask and with a key-padding one, the default (two-pass) backward.
+    B, H, S = 1, 2, 200
+    for D in (128, 256):
+        q, k, v = (torch.randn(B, H, S, D, dtype=dtype) for _ in range(3))
+        keep = torch.rand(B, H, cdiv(S, 64) + 1, cdiv(S, 128) + 1) > 0.3
+        for mask in (None, torch.rand(B, 1, 1, S) > 0.2):
+            fat.attention_forward(q, k, v, mask, keep, 0.1, mask is None, None, False, fat.DEFAULT_BLOCK, "dropout")
+            out, lse = torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, H, S)
+            fat.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, keep, 0.1, mask is None, None,
+                                   False, fat.DEFAULT_BLOCK, "dropout", False)
+
 for size_class in ("launch-bound", "large"):
     runtime.LAUNCH_BOUND_WORK = 2**62 if size_class == "launch-bound" else 0
     for dtype in (torch.bfloat16, torch.float32):
         matmuls(dtype)
 attention(torch.bfloat16)
+attention_wide_heads(torch.bfloat16)
 """
 
 _COMPILE = r"""
@@ -122,10 +137,13 @@ sys.exit(1 if failed else 0)
 
 
 # The attention passes again with K and V streamed through TMA descriptors, as on a Hopper GPU
-# (eager calls only, so not in the recording the analysis below reads: compiled code never takes them).
+# (not in the recording the analysis below reads, whose stand-in tensors a descriptor cannot
+# cover; compiled code takes them only with Triton's launcher, traced_descriptors.usable, and
+# test_gpu_compiled_tma_loads_equal_eager_tma_loads checks it on the GPU).
 _TMA_ATTENTION = r"""
 fat._tma_loads = lambda pb, tensors: True
 attention(torch.bfloat16)
+attention_wide_heads(torch.bfloat16)
 assert any(hasattr(v, "block_shape") for _, named in recorded.values() for v in named.values()), "no TMA variant"
 """
 
