@@ -370,7 +370,6 @@ def run_sweep(args) -> list[dict]:
         def record(kind, cfg, fn, check):
             row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg.tile_m, "BLOCK_N": cfg.tile_n,
                    "num_warps": cfg.warps, "num_stages": cfg.stages, "skip_mode": cfg.skip}
-            as_tuple = (cfg.tile_m, cfg.tile_n, cfg.warps, cfg.stages, cfg.skip)  # as the candidate table writes it
             t0 = time.time()
             try:
                 result = fn()
@@ -383,7 +382,7 @@ def run_sweep(args) -> list[dict]:
             rows.append(row)
             harness.write_csv(args.csv_path, rows)  # after every config: a run cut short keeps its data
             flag = "" if row["max_err"] < 0.05 else "  <-- WRONG RESULT"
-            print(f"  {kind:6s} {str(as_tuple):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
+            print(f"  {kind:6s} {str(_as_tuple(row)):24s} {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}  "
                   f"({row['wall_s']} s){flag}{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
             return row
 

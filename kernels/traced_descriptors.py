@@ -56,9 +56,14 @@ def descriptor_of(t: Tensor, shape, strides, block_shape):
     from t's only in a size-1 dim's stride, which no address uses). Its base is then a view with
     exactly those strides, so that ``TensorDescriptor.from_tensor`` rebuilds it in compiled code."""
     TensorDescriptor = _descriptor_type()
-    if not all(_same(a, b) for a, b in zip((*t.shape, *t.stride()), (*shape, *strides))):
+    if not _carries(t, shape, strides):
         t = t.as_strided(list(shape), list(strides))
     return TensorDescriptor(t, list(shape), list(strides), list(block_shape))
+
+
+def _carries(t: Tensor, shape, strides) -> bool:
+    """Whether ``t`` has exactly this shape and these strides (for every size, no guard)."""
+    return all(_same(a, b) for a, b in zip((*t.shape, *t.stride()), (*shape, *strides)))
 
 
 def _same(a, b) -> bool:
@@ -85,7 +90,7 @@ def descriptor_arguments(combined_args: dict[str, Any]) -> tuple[dict[str, Any],
             continue
         base = value.base
         rebuilt = (len(value.shape) == base.dim()
-                   and all(_same(a, b) for a, b in zip((*base.shape, *base.stride()), (*value.shape, *value.strides)))
+                   and _carries(base, value.shape, value.strides)
                    and value.padding == "zero" and not getattr(value, "round_f32_to_tf32", False))
         if not rebuilt:
             raise ValueError(
