@@ -408,6 +408,8 @@ def run_sweep(args) -> list[dict]:
             for kind in ("fwd", "bwd_q", "bwd_fused"):
                 make, check = passes[kind]
                 passes[kind + "_ptr"] = (lambda cfg, make=make: _tma_off(make(cfg)), check)
+        if args.passes:
+            passes = {kind: entry for kind, entry in passes.items() if kind in args.passes}
         best = {}
         for kind, (make, check) in passes.items():
             # Tiles under 32 x 32 are there for small mask tiles, not speed: not timed.
@@ -434,7 +436,8 @@ def run_sweep(args) -> list[dict]:
                     time_new(neighbours(_as_tuple(r)))
             best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
         t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
-        hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out))
+        if not args.passes or "fwd_hopper" in args.passes:
+            hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out))
 
         # Baselines at the same shape, fwd+bwd, for scale.
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -507,6 +510,10 @@ def main(argv=None):
     parser.add_argument("--neighbours", action="store_true",
                         help="with --sweep, also time the configs one step from each pass's two fastest (warps, "
                              "stages, tile sides): about twice the sweep's time")
+    parser.add_argument("--passes", nargs="+", default=None,
+                        choices=["fwd", "bwd_kv", "bwd_q", "bwd_fused", "fwd_ptr", "bwd_q_ptr", "bwd_fused_ptr",
+                                 "fwd_hopper"],
+                        help="with --sweep, time only these passes (default: all)")
     parser.add_argument("--only", nargs="+", default=None, help="run only shapes whose name contains one of these")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU (interpreter, tiny shapes)")
