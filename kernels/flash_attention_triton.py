@@ -127,7 +127,7 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
               (32, 32, 8, 2, 0), (32, 16, 4, 2, 0), (16, 16, 4, 1, 0)],
     },
     "bwd_kv": {
-        64: [(32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
+        64: [(32, 128, 4, 3, 0), (32, 64, 4, 3, 0), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0), (64, 128, 8, 3, 0), (32, 128, 8, 3, 0),
              (16, 128, 8, 3, 0), (64, 64, 4, 2, 0), (32, 32, 4, 3, 0), (16, 16, 4, 2, 0)],
         128: [(64, 64, 4, 2, 0), (32, 128, 8, 2, 0), (16, 128, 8, 2, 0), (32, 64, 8, 2, 0), (16, 64, 8, 2, 0),
               (16, 128, 8, 3, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
@@ -148,7 +148,7 @@ _CANDIDATE_TABLE: dict[str, dict[int, list[tuple[int, int, int, int, int]]]] = {
              (16, 64, 4, 2, 0), (64, 64, 4, 3, 0), (64, 128, 4, 2, 0), (32, 128, 4, 3, 0), (32, 32, 4, 2, 0),
              (16, 16, 4, 2, 0)],
         128: [(64, 128, 8, 2, 0), (32, 128, 8, 3, 0), (32, 128, 8, 2, 0), (16, 128, 8, 3, 0), (16, 128, 8, 2, 0),
-              (16, 64, 8, 3, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
+              (16, 64, 8, 3, 0), (64, 64, 4, 2, 0), (32, 64, 4, 2, 0), (32, 32, 4, 2, 0), (16, 16, 4, 2, 0)],
         256: [(32, 16, 8, 2, 0), (16, 32, 8, 2, 0), (16, 16, 4, 1, 0)],
     },
 }
@@ -174,8 +174,16 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
 # compiled code, on pointer loads, takes), that config first when it fits. H200 sweep, session 17,
 # 4x16x2048x128 causal, p = 0.1: the forward with TMA loads at 64 x 64 with the dense product
 # (skip mode 2) 0.190 ms, at the table's first 64 x 32 0.227 (on pointer loads 64 x 32 is the best,
-# 0.220).
-TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 64, 4, 3, 2))}
+# 0.220). Session 19's sweep with --neighbours (call 1; 8x16x1024x64 and 16x32x2048x64 causal):
+# at head dim 64 the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the
+# table's first 0.1015 / 0.783 (on pointer loads 64 x 128 is 13-21 % slower than 64 x 64, session
+# 17), and the dQ pass at 64 x 64 on 2 stages 0.108 / 0.800 against 3 stages 0.115 / 0.858 (with
+# pointer loads 2 stages were not timed, so compiled code keeps 3).
+TMA_FIRST: dict[tuple[str, int], KernelConfig] = {
+    ("fwd", 128): as_config((64, 64, 4, 3, 2)),
+    ("fwd", 64): as_config((64, 128, 4, 2, 0)),
+    ("bwd_q", 64): as_config((64, 64, 4, 2, 0)),
+}
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
 # tile against the two-pass 9 (see the notes) but adds dQ into an fp32 buffer; on Hopper those adds
@@ -189,7 +197,9 @@ TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 6
 # table's first, 32 x 128 on 8 warps) and dQ at 64 x 64 on 4 warps 0.231 (against 0.260), so
 # two passes take 0.570 ms against the single pass's 0.681 in the same run, and forward + backward
 # went 0.901 -> 0.785 ms (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The
-# first candidates for head dim 64 are the sweeps' winners for a 64x64 mask tile; for head dim 128
+# first candidates for head dim 64 are the sweeps' winners for a 64x64 mask tile (dK/dV: for a
+# mask tile of 128 keys, 32 x 128 on 4 warps, session 19: 0.196 / 1.562 ms against 32 x 64's
+# 0.203 / 1.577 at 8x16x1024x64 / 16x32x2048x64 causal); for head dim 128
 # those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode 2: also fastest
 # with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best single pass took
 # 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
