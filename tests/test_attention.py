@@ -327,6 +327,38 @@ def test_triton_head_dim_256_class_with_its_first_tiles(d, strategy, monkeypatch
         assert_close_scaled(a, b, torch.bfloat16, name)
 
 
+def test_config_precedence_plain_then_tma_then_table():
+    """A config override wins; else PLAIN_FIRST's config for plain problems (no attention mask,
+    dropout after the softmax), then TMA_FIRST's where K and V come by TMA, where it fits the
+    mask tile; else the table's first that fits. Masked problems never take PLAIN_FIRST's."""
+    for (kind, cls, tma), cfg in fat.PLAIN_FIRST.items():
+        block = (cfg.tile_m * 2, cfg.tile_n)
+        assert fat._pick_config(kind, cls, block, tma_loads=tma, plain=True) is cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=tma, plain=False) is not cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=not tma, plain=True) is not cfg
+        # a mask tile it does not fit: the next rule
+        small = (16, 16)
+        assert fat._pick_config(kind, cls, small, tma_loads=tma, plain=True).tile_m == 16
+        override = (16, 16, 4, 2, 0)
+        assert fat._pick_config(kind, cls, block, override, tma_loads=tma, plain=True) == fat.as_config(override)
+    for (kind, cls), cfg in fat.TMA_FIRST.items():
+        block = (cfg.tile_m * 2, cfg.tile_n)
+        if (kind, cls, True) not in fat.PLAIN_FIRST:
+            assert fat._pick_config(kind, cls, block, tma_loads=True, plain=True) is cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=True, plain=False) is cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=False) is fat.CANDIDATES[kind][cls][0]
+
+
+def test_problem_is_plain_only_without_mask_in_post_softmax_mode():
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    keep = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
+    plain = lambda m, mode: fat._Problem(q, q, q, m, keep, 0.1, False, None, False, (64, 128), mode).plain  # noqa: E731
+    assert plain(None, "post_softmax")
+    assert not plain(mask, "post_softmax")
+    assert not plain(None, "dropkey")
+
+
 def test_head_dim_rule_and_config_classes():
     for d in range(8, 257, 8):
         assert fa.supported_head_dim(d), d
