@@ -24,12 +24,15 @@ from .flash_attention_kernels import (
     _dot_acc,
     _head,
     _key_range,
+    _key_step,
+    _kv_tile,
     _live_span,
     _load_mask,
-    _need_mask,
     _query_range,
     _query_tile,
-    _kv_tile,
+    _row_mask,
+    _step_flags,
+    _visible,
 )
 
 
@@ -83,8 +86,7 @@ def _dkdv_inner(
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner (flash_attention_kernels.py)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_m in range(lo, hi, BLOCK_M):
-        kept = tl.load(keep_col + (start_m // block_q) * stride_em) != 0
-        need_mask = _need_mask(cls_col, start_m // BLOCK_M, stride_cm, TILE_CLS)
+        kept, need_mask = _step_flags(keep_col, cls_col, start_m, block_q, stride_em, stride_cm, BLOCK_M, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -265,16 +267,11 @@ def _dq_inner(
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above _fwd_inner (flash_attention_kernels.py)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
+        kept, need_mask = _step_flags(keep_row, cls_row, start_n, block_k, stride_en, stride_cn, BLOCK_N, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, BLOCK_D)
-            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
-            col_ok = offs_n < Sk
-            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
-                          MASKED, True, TMA_LOADS)
+            offs_n, offs_d, d_ok, col_ok, kt = _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N, BLOCK_D,
+                                                         HEAD_DIM, MASKED, TMA_LOADS)
             if TILE_SKIP != _LAZY:
                 vt = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
                               MASKED, True, TMA_LOADS)
@@ -282,12 +279,7 @@ def _dq_inner(
             if MASK_KIND == _BOOL_MASK and TILE_CLS and not MASK_SHARED:
                 pass  # read below, under a branch on the tile's class
             elif MASK_KIND != _NO_MASK:
-                if MASK_SHARED:
-                    mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                                    TILE_CLS)[None, :]
-                else:
-                    mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn,
-                                    need_mask, MASK_KIND, TILE_CLS)
+                mv = _row_mask(mask_rows, offs_n, Sk, stride_mn, need_mask, MASK_KIND, MASK_SHARED, TILE_CLS)
                 if MASK_KIND == _FLOAT_MASK:
                     s = s + mv.to(tl.float32) * 1.4426950408889634
             # Masks are applied to P, after the exponent, so scale and shift fuse into one FMA.
@@ -300,10 +292,7 @@ def _dq_inner(
                 prob = tl.where(mv != 0, prob, 0.0)
             if MASKED:
                 # Keys past Sk must give exact zeros: exp2(0 - lse) of a zero key can overflow.
-                ok = col_ok[None, :]
-                if CAUSAL:
-                    ok = ok & (offs_m[:, None] >= offs_n[None, :])
-                prob = tl.where(ok, prob, 0.0)
+                prob = tl.where(_visible(offs_m, offs_n, col_ok, CAUSAL), prob, 0.0)
             if TILE_SKIP == _DENSE:
                 dp = _dot(do, vt, INTERPRET)
                 ds = prob * (dp * kept.to(tl.float32) - delta[:, None])

@@ -280,6 +280,56 @@ def _need_mask(cls_base, tile, stride, TILE_CLS: tl.constexpr):
         return True
 
 
+# --------------------------------------------------------------------------- one loop step
+# What each step of the three tile loops (``_fwd_inner``, ``_dq_inner``, ``_dkdv_inner``) starts
+# with, and the forward and dQ pass's masks: one home, so that the loops differ only in their math.
+
+
+@triton.jit
+def _step_flags(keep_line, cls_line, start, block_keep, stride_e, stride_c, BLOCK: tl.constexpr,
+                TILE_CLS: tl.constexpr):
+    """The keep flag of the loop's tile starting at ``start`` (its mask tile's, on the program's
+    line of flags) and whether it must read the attention mask (``_need_mask``)."""
+    kept = tl.load(keep_line + (start // block_keep) * stride_e) != 0
+    return kept, _need_mask(cls_line, start // BLOCK, stride_c, TILE_CLS)
+
+
+@triton.jit
+def _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """A query-block loop's key tile: its key offsets, the head-dim offsets and their bounds, and
+    Kᵀ (BLOCK_D, BLOCK_N) (``_kv_tile``)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
+    col_ok = offs_n < Sk
+    kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D,
+                  HEAD_DIM == BLOCK_D, MASKED, True, TMA_LOADS)
+    return offs_n, offs_d, d_ok, col_ok, kt
+
+
+@triton.jit
+def _row_mask(mask_rows, offs_n, Sk, stride_mn, need_mask, MASK_KIND: tl.constexpr, MASK_SHARED: tl.constexpr,
+              TILE_CLS: tl.constexpr):
+    """A query block's mask values over key tile ``offs_n`` (``_load_mask``): (1, BLOCK_N) from the
+    one row every query shares (MASK_SHARED), else (BLOCK_M, BLOCK_N). Key indices are clamped so
+    no load needs a predicate; the callers hide keys past Sk themselves."""
+    cols = tl.minimum(offs_n, Sk - 1)
+    if MASK_SHARED:
+        return _load_mask(mask_rows + cols * stride_mn, need_mask, MASK_KIND, TILE_CLS)[None, :]
+    else:
+        return _load_mask(mask_rows[:, None] + cols[None, :] * stride_mn, need_mask, MASK_KIND, TILE_CLS)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, col_ok, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): keys inside Sk and, under the causal mask, not after the query."""
+    ok = col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_m[:, None] >= offs_n[None, :])
+    return ok
+
+
 # --------------------------------------------------------------------------- loop ranges
 # Every kernel walks its tiles in two loops: the tiles that need neither the causal nor a bounds
 # mask (MASKED=False) and the others (MASKED=True: the diagonal band of a causal program, and in
@@ -378,16 +428,11 @@ def _fwd_inner(
     TILE_SKIP: tl.constexpr = _LAZY if DROPKEY else SKIP  # see the note above
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     for start_n in range(lo, hi, BLOCK_N):
-        kept = tl.load(keep_row + (start_n // block_k) * stride_en) != 0
-        need_mask = _need_mask(cls_row, start_n // BLOCK_N, stride_cn, TILE_CLS)
+        kept, need_mask = _step_flags(keep_row, cls_row, start_n, block_k, stride_en, stride_cn, BLOCK_N, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, BLOCK_D)
-            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
-            col_ok = offs_n < Sk
-            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
-                          MASKED, True, TMA_LOADS)
+            offs_n, offs_d, d_ok, col_ok, kt = _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N, BLOCK_D,
+                                                         HEAD_DIM, MASKED, TMA_LOADS)
             if TILE_SKIP != _LAZY:
                 v = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
                              MASKED, False, TMA_LOADS)
@@ -398,22 +443,14 @@ def _fwd_inner(
                     mv = tl.load(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn)
                     s = tl.where(mv != 0, s, float("-inf"))
             elif MASK_KIND != _NO_MASK:
-                # Key indices are clamped so mask loads never need a predicate; keys past Sk get -inf below.
-                if MASK_SHARED:
-                    mv = _load_mask(mask_rows + tl.minimum(offs_n, Sk - 1) * stride_mn, need_mask, MASK_KIND,
-                                    TILE_CLS)[None, :]
-                else:
-                    mv = _load_mask(mask_rows[:, None] + tl.minimum(offs_n, Sk - 1)[None, :] * stride_mn,
-                                    need_mask, MASK_KIND, TILE_CLS)
+                # keys past Sk get -inf below
+                mv = _row_mask(mask_rows, offs_n, Sk, stride_mn, need_mask, MASK_KIND, MASK_SHARED, TILE_CLS)
                 if MASK_KIND == _BOOL_MASK:
                     s = tl.where(mv != 0, s, float("-inf"))
                 else:
                     s = s * qk_scale + mv.to(tl.float32) * 1.4426950408889634
             if MASKED:
-                ok = col_ok[None, :]
-                if CAUSAL:
-                    ok = ok & (offs_m[:, None] >= offs_n[None, :])
-                s = tl.where(ok, s, float("-inf"))
+                s = tl.where(_visible(offs_m, offs_n, col_ok, CAUSAL), s, float("-inf"))
             if MASK_KIND == _FLOAT_MASK:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
             else:
