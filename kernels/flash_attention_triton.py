@@ -178,9 +178,8 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
 TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 64, 4, 3, 2))}
 # Where plain problems (no attention mask, causal or not; dropout after the softmax: what the sweep
 # times) have another winner: (kind, head-dim class, TMA loads) -> that config first when it fits,
-# before TMA_FIRST. Session 19 (call 1, sweep
-# with --neighbours, 8x16x1024x64 / 16x32x2048x64 causal, p = 0.1): the forward with TMA loads at
-# 64 x 128 on 2 stages 0.1005 / 0.759 ms against the table's first 0.1015 / 0.783 (on pointer loads
+# before TMA_FIRST. Session 19 (call 1, sweep with --neighbours, 8x16x1024x64 / 16x32x2048x64
+# causal, p = 0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the table's first 0.1015 / 0.783 (on pointer loads
 # 64 x 128 is 13-21 % slower, session 17); dK/dV at 32 x 128 on 4 warps 0.196 / 1.562 against
 # 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages 0.108 / 0.800 against 3 stages' 0.115 /
 # 0.858. With a key-padding mask the first two lost (call 3, 64x12x512x64: whole op 0.758 ms
@@ -204,8 +203,7 @@ PLAIN_FIRST: dict[tuple[str, int, bool], KernelConfig] = {
 # two passes take 0.570 ms against the single pass's 0.681 in the same run, and forward + backward
 # went 0.901 -> 0.785 ms (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The
 # first candidates for head dim 64 are the sweeps' winners for a 64x64 mask tile (without an
-# attention mask see PLAIN_FIRST); for head dim 128
-# those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode 2: also fastest
+# attention mask see PLAIN_FIRST); for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode 2: also fastest
 # with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best single pass took
 # 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
 BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}

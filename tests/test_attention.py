@@ -1057,8 +1057,9 @@ def test_gpu_compiled_tma_loads_equal_eager_tma_loads(layout, static_launch, dyn
     metadata (``traced_descriptors``), and Inductor's code rebuilds the descriptors before each
     launch. Where its static launcher takes them (the backend's default), which cannot take a
     descriptor, compiled code keeps pointer loads. Either way compiled must equal eager with the
-    same loads (TMA, or SPARSEDROP_TMA=0: the two pick their own tiles, ``fat.TMA_FIRST``, so
-    their sums differ by rounding, which the backward's dP - Δ magnifies): head-second views, one batch of one head (size-1 dims, whose strides the descriptor packs),
+    same loads (TMA, or SPARSEDROP_TMA=0: the two pick their own tiles, ``fat.TMA_FIRST`` and
+    ``fat.PLAIN_FIRST``, so their sums differ by rounding, which the backward's dP - Δ magnifies):
+    head-second views, one batch of one head (size-1 dims, whose strides the descriptor packs),
     static and symbolic sizes. Kernels compile in this process (compile_threads=1), with the
     launcher switch as given, and the caches are fresh (they key on the graph, not on it)."""
     if torch.cuda.get_device_capability()[0] < 9:
