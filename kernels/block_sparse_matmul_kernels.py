@@ -35,40 +35,6 @@ def _grouped_tile(tile, grid_r, grid_c, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _listed_tile(pid, R, N, n_lines, n_blk, order_ptr, count_ptr, walk_count, TILE_R: tl.constexpr,
-                 TILE_N: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, BALANCE: tl.constexpr,
-                 WALK: tl.constexpr):
-    """A listed kernel's (``_dsd_kernel``, ``_dsd_tn_kernel``) program -> its output tile: (batch,
-    first index r0 of its TILE_R rows along the listed dimension R, its column tile, its line of
-    kept-block lists, the number of kept entries it walks). TILE_R divides BLOCK, so a tile lies in
-    one block and shares its line's list.
-
-    BALANCE: programs take the lines in ``order_ptr``'s order (longest lists first), each line
-    BLOCK // TILE_R tiles, also the ragged last one, whose tiles past R run no iterations. Else grid
-    order; WALK (no lists) walks ``walk_count`` entries, every block of the line."""
-    grid_r = tl.cdiv(R, TILE_R)
-    grid_n = tl.cdiv(N, TILE_N)
-    if BALANCE:
-        TILES_PER_LINE: tl.constexpr = BLOCK // TILE_R
-        pid_r, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
-        line = tl.load(order_ptr + pid_r // TILES_PER_LINE)
-        bat = line // n_blk
-        r0 = (line % n_blk) * BLOCK + (pid_r % TILES_PER_LINE) * TILE_R
-        count = tl.where(r0 < R, tl.load(count_ptr + line), 0)
-    else:
-        tiles = grid_r * grid_n
-        bat = pid // tiles
-        pid_r, pid_n = _grouped_tile(pid % tiles, grid_r, grid_n, GROUP)
-        r0 = pid_r * TILE_R
-        line = bat * n_blk + r0 // BLOCK
-        if WALK:
-            count = walk_count
-        else:
-            count = tl.load(count_ptr + line)
-    return bat, r0, pid_n, line, count
-
-
-@triton.jit
 def _load_tile(ptrs, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     """Load a 2-D tile, masking only the edges that can be out of range (constexpr flags), so
     interior shapes keep unpredicated, vectorised loads."""
@@ -191,8 +157,29 @@ def _dsd_kernel(
     tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
-    bat, m0, pid_n, line, count = _listed_tile(tl.program_id(0), M, N, n_lines, n_rblk, order_ptr, row_count_ptr,
-                                               n_cblk, TILE_M, TILE_N, BLOCK_ROWS, GROUP, BALANCE, WALK)
+    grid_m = tl.cdiv(M, TILE_M)
+    grid_n = tl.cdiv(N, TILE_N)
+    pid = tl.program_id(0)
+    if BALANCE:
+        # Every row block is given BLOCK_ROWS // TILE_M row tiles, also the ragged last one:
+        # its tiles past M (MASK_M is set then) run no iterations and store nothing visible.
+        TILES_PER_LINE: tl.constexpr = BLOCK_ROWS // TILE_M
+        pid_r, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
+        line = tl.load(order_ptr + pid_r // TILES_PER_LINE)
+        bat = line // n_rblk
+        m0 = (line % n_rblk) * BLOCK_ROWS + (pid_r % TILES_PER_LINE) * TILE_M
+        count = tl.where(m0 < M, tl.load(row_count_ptr + line), 0)
+    else:
+        tiles = grid_m * grid_n
+        bat = pid // tiles
+        pid_m, pid_n = _grouped_tile(pid % tiles, grid_m, grid_n, GROUP)
+        m0 = pid_m * TILE_M
+        # TILE_M divides BLOCK_ROWS, so the whole tile lies in one row block and shares its list.
+        line = bat * n_rblk + m0 // BLOCK_ROWS
+        if WALK:
+            count = n_cblk
+        else:
+            count = tl.load(row_count_ptr + line)
     bat_b = bat % Bb
     n0 = pid_n * TILE_N
     if OUT_KEEP:
@@ -528,8 +515,26 @@ def _dsd_tn_kernel(
     tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
-    ob, k0, pid_n, line, count = _listed_tile(tl.program_id(0), K, N, n_lines, n_cblk, order_ptr, col_count_ptr,
-                                              list_len, TILE_K, TILE_N, BLOCK_COLS, GROUP, BALANCE, WALK)
+    grid_k = tl.cdiv(K, TILE_K)
+    grid_n = tl.cdiv(N, TILE_N)
+    pid = tl.program_id(0)
+    if BALANCE:
+        TILES_PER_LINE: tl.constexpr = BLOCK_COLS // TILE_K
+        pid_k, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
+        line = tl.load(order_ptr + pid_k // TILES_PER_LINE)
+        ob = line // n_cblk
+        k0 = (line % n_cblk) * BLOCK_COLS + (pid_k % TILES_PER_LINE) * TILE_K
+        count = tl.where(k0 < K, tl.load(col_count_ptr + line), 0)
+    else:
+        tiles = grid_k * grid_n
+        ob = pid // tiles
+        pid_k, pid_n = _grouped_tile(pid % tiles, grid_k, grid_n, GROUP)
+        k0 = pid_k * TILE_K
+        line = ob * n_cblk + k0 // BLOCK_COLS
+        if WALK:
+            count = list_len
+        else:
+            count = tl.load(col_count_ptr + line)
     n0 = pid_n * TILE_N
     entries = col_index_ptr + line.to(tl.int64) * list_len
     TILES_PER_BLOCK: tl.constexpr = BLOCK_ROWS // TILE_M
