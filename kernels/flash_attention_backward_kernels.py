@@ -24,7 +24,6 @@ from .flash_attention_kernels import (
     _dot_acc,
     _head,
     _key_range,
-    _key_step,
     _kv_tile,
     _live_span,
     _load_mask,
@@ -270,8 +269,14 @@ def _dq_inner(
         kept, need_mask = _step_flags(keep_row, cls_row, start_n, block_k, stride_en, stride_cn, BLOCK_N, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
-            offs_n, offs_d, d_ok, col_ok, kt = _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N, BLOCK_D,
-                                                         HEAD_DIM, MASKED, TMA_LOADS)
+            # offs_n and col_ok address dMask's stores: worked out here, not in a helper (see
+            # "one loop step" in flash_attention_kernels.py)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
+            col_ok = offs_n < Sk
+            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
+                          MASKED, True, TMA_LOADS)
             if TILE_SKIP != _LAZY:
                 vt = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
                               MASKED, True, TMA_LOADS)

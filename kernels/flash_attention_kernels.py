@@ -283,6 +283,11 @@ def _need_mask(cls_base, tile, stride, TILE_CLS: tl.constexpr):
 # --------------------------------------------------------------------------- one loop step
 # What each step of the three tile loops (``_fwd_inner``, ``_dq_inner``, ``_dkdv_inner``) starts
 # with, and the forward and dQ pass's masks: one home, so that the loops differ only in their math.
+# These helpers return values, never offsets a store is addressed with: torch decides which
+# arguments a kernel writes (and so which tensors compiled code must copy) by following each
+# store's address back through the ops that made it, and through a call it counts every argument
+# of the call, pointers the helper only reads included (tests/test_gpu_compile.py checks the
+# kernels' write sets).
 
 
 @triton.jit
@@ -292,20 +297,6 @@ def _step_flags(keep_line, cls_line, start, block_keep, stride_e, stride_c, BLOC
     line of flags) and whether it must read the attention mask (``_need_mask``)."""
     kept = tl.load(keep_line + (start // block_keep) * stride_e) != 0
     return kept, _need_mask(cls_line, start // BLOCK, stride_c, TILE_CLS)
-
-
-@triton.jit
-def _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA_LOADS: tl.constexpr):
-    """A query-block loop's key tile: its key offsets, the head-dim offsets and their bounds, and
-    Kᵀ (BLOCK_D, BLOCK_N) (``_kv_tile``)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
-    col_ok = offs_n < Sk
-    kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D,
-                  HEAD_DIM == BLOCK_D, MASKED, True, TMA_LOADS)
-    return offs_n, offs_d, d_ok, col_ok, kt
 
 
 @triton.jit
@@ -431,8 +422,12 @@ def _fwd_inner(
         kept, need_mask = _step_flags(keep_row, cls_row, start_n, block_k, stride_en, stride_cn, BLOCK_N, TILE_CLS)
         visit = kept if DROPKEY else True
         if visit:
-            offs_n, offs_d, d_ok, col_ok, kt = _key_step(k_base, tb, th, start_n, Sk, stride_kn, BLOCK_N, BLOCK_D,
-                                                         HEAD_DIM, MASKED, TMA_LOADS)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM  # dead code with EVEN_D
+            col_ok = offs_n < Sk
+            kt = _kv_tile(k_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_kn, BLOCK_N, BLOCK_D, EVEN_D,
+                          MASKED, True, TMA_LOADS)
             if TILE_SKIP != _LAZY:
                 v = _kv_tile(v_base, tb, th, start_n, offs_n, offs_d, col_ok, d_ok, stride_vn, BLOCK_N, BLOCK_D, EVEN_D,
                              MASKED, False, TMA_LOADS)
