@@ -277,3 +277,10 @@ def test_kernel_write_analysis_is_cached_per_specialisation_with_torchs_answer(t
     # analysis, being conservative, also counts the kept-block lists its persistent schedule reads).
     assert {w for k, w in writes if k in ("_dsd_kernel", "_dsd_tn_kernel")} == {"out_ptr"}, out
     assert "out_ptr" in {w for k, w in writes if k == "_sdd_kernel"}, out
+    # The attention kernels write their outputs and nothing else: an input counted as written
+    # (q, k, v, the mask, the flags) would be copied by compiled code before every launch. (A
+    # helper whose result addresses a store makes torch count the helper's every argument.)
+    outputs = {"_attn_fwd": {"Out", "Lse"}, "_attn_bwd_delta": {"Delta"}, "_attn_bwd_dq": {"dQ", "dMask", "Delta"},
+               "_attn_bwd_dkdv": {"dK", "dV", "dQacc", "dMask"}}
+    for kernel, written in outputs.items():
+        assert {w for k, w in writes if k == kernel} == written, (kernel, out)
