@@ -103,9 +103,10 @@ def attention(dtype):
 
 def attention_wide_heads(dtype):
     # The 128 and 256 classes' own tiles (head dims 72-128 and 136-256) at the default mask tile,
-    # without a mask and with a key-padding one, the default (two-pass) backward.
+    # without a mask and with a key-padding one, the default (two-pass) backward; and head dim
+    # 64's there, whose plain problems (no mask) take PLAIN_FIRST's 128-key tiles.
     B, H, S = 1, 2, 200
-    for D in (128, 256):
+    for D in (64, 128, 256):
         q, k, v = (torch.randn(B, H, S, D, dtype=dtype) for _ in range(3))
         keep = torch.rand(B, H, cdiv(S, 64) + 1, cdiv(S, 128) + 1) > 0.3
         for mask in (None, torch.rand(B, 1, 1, S) > 0.2):
