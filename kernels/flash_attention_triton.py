@@ -179,11 +179,12 @@ TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 6
 # Where plain problems (no attention mask, causal or not; dropout after the softmax: what the sweep
 # times) have another winner: (kind, head-dim class, TMA loads) -> that config first when it fits,
 # before TMA_FIRST. Session 19 (call 1, sweep with --neighbours, 8x16x1024x64 / 16x32x2048x64
-# causal, p = 0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the table's first 0.1015 / 0.783 (on pointer loads
-# 64 x 128 is 13-21 % slower, session 17); dK/dV at 32 x 128 on 4 warps 0.196 / 1.562 against
-# 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages 0.108 / 0.800 against 3 stages' 0.115 /
-# 0.858. With a key-padding mask the first two lost (call 3, 64x12x512x64: whole op 0.758 ms
-# against 0.692; 128-key tiles skip fewer fully padded keys), so the others keep the tables.
+# causal, p = 0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the
+# table's first 0.1015 / 0.783 (on pointer loads 64 x 128 is 13-21 % slower, session 17); dK/dV at
+# 32 x 128 on 4 warps 0.196 / 1.562 against 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages
+# 0.108 / 0.800 against 3 stages' 0.115 / 0.858. With a key-padding mask the first two lost (call 3,
+# 64x12x512x64: whole op 0.758 ms against 0.692; 128-key tiles skip fewer fully padded keys), so the
+# others keep the tables.
 PLAIN_FIRST: dict[tuple[str, int, bool], KernelConfig] = {
     ("fwd", 64, True): as_config((64, 128, 4, 2, 0)),
     ("bwd_kv", 64, False): as_config((32, 128, 4, 3, 0)),
@@ -192,20 +193,20 @@ PLAIN_FIRST: dict[tuple[str, int, bool], KernelConfig] = {
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
 # tile against the two-pass 9 (see the notes) but adds dQ into an fp32 buffer; on Hopper those adds
-# go out as TMA bulk reductions (elsewhere as element atomics). H200 sweeps (torch 2.11, triton
-# 3.6, bf16, p=0.1, each pass timed alone by CUDA-graph replay; benchmarks/NOTES_attention.md):
-# at head dim 64 the best single pass lost or tied (session 16; 8x16x1024x64: 0.320 against 0.311
-# ms; 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. At head dim 128 session 16
-# found the single pass with 64 x 128 tiles faster (0.675 ms against 0.749 at 4x16x2048x128
-# causal), but its table had no two-pass tile of 64 keys on 4 warps: session 18 timed those, and
-# dK/dV at 64 queries x 64 keys on 4 warps with 2 stages took 0.339 ms (against 0.493 for the
-# table's first, 32 x 128 on 8 warps) and dQ at 64 x 64 on 4 warps 0.231 (against 0.260), so
-# two passes take 0.570 ms against the single pass's 0.681 in the same run, and forward + backward
-# went 0.901 -> 0.785 ms (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The
-# first candidates for head dim 64 are the sweeps' winners for a 64x64 mask tile (without an
-# attention mask see PLAIN_FIRST); for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode 2: also fastest
-# with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best single pass took
-# 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
+# go out as TMA bulk reductions (elsewhere as element atomics). H200 sweeps (torch 2.11, triton 3.6,
+# bf16, p=0.1, each pass timed alone by CUDA-graph replay; benchmarks/NOTES_attention.md): at head
+# dim 64 the best single pass lost or tied (session 16; 8x16x1024x64: 0.320 against 0.311 ms;
+# 16x32x2048x64 causal: 2.63 against 2.42), so 64 keeps two passes. At head dim 128 session 16 found
+# the single pass with 64 x 128 tiles faster (0.675 ms against 0.749 at 4x16x2048x128 causal), but
+# its table had no two-pass tile of 64 keys on 4 warps: session 18 timed those, and dK/dV at 64
+# queries x 64 keys on 4 warps with 2 stages took 0.339 ms (against 0.493 for the table's first, 32
+# x 128 on 8 warps) and dQ at 64 x 64 on 4 warps 0.231 (against 0.260), so two passes take 0.570 ms
+# against the single pass's 0.681 in the same run, and forward + backward went 0.901 -> 0.785 ms
+# (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The first candidates for head
+# dim 64 are the sweeps' winners for a 64x64 mask tile (without an attention mask see PLAIN_FIRST);
+# for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode
+# 2: also fastest with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best
+# single pass took 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
 BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
@@ -264,7 +265,7 @@ def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None
     for first in firsts:
         if first is not None and fits(first, block):
             return first
-    for cfg in CANDIDATES[kind][head_dim_class(head_dim)]:
+    for cfg in CANDIDATES[kind][cls]:
         if fits(cfg, block):
             return cfg
     raise ValueError(f"sparsedrop attention: no {kind} kernel tile fits the mask tile {block}; "
