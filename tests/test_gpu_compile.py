@@ -101,7 +101,7 @@ def attention(dtype):
                                        False, (64, 64), mode, mask is not None and mask.dtype != torch.bool,
                                        config={"bwd": strategy})
 
-def attention_wide_heads(dtype):
+def attention_default_mask_tile(dtype):
     # The 128 and 256 classes' own tiles (head dims 72-128 and 136-256) at the default mask tile,
     # without a mask and with a key-padding one, the default (two-pass) backward; and head dim
     # 64's there, whose plain problems (no mask) take PLAIN_FIRST's 128-key tiles.
@@ -120,7 +120,7 @@ for size_class in ("launch-bound", "large"):
     for dtype in (torch.bfloat16, torch.float32):
         matmuls(dtype)
 attention(torch.bfloat16)
-attention_wide_heads(torch.bfloat16)
+attention_default_mask_tile(torch.bfloat16)
 """
 
 _COMPILE = r"""
@@ -144,7 +144,7 @@ sys.exit(1 if failed else 0)
 _TMA_ATTENTION = r"""
 fat._tma_loads = lambda pb, tensors: True
 attention(torch.bfloat16)
-attention_wide_heads(torch.bfloat16)
+attention_default_mask_tile(torch.bfloat16)
 assert any(hasattr(v, "block_shape") for _, named in recorded.values() for v in named.values()), "no TMA variant"
 """
 
