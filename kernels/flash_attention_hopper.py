@@ -153,14 +153,15 @@ DKDV_HEAD_DIMS = (64, 128)
 @dataclasses.dataclass(frozen=True)
 class DkdvConfig:
     block_m: int  # query rows a step
-    block_n: int  # keys a program owns (64 a warpgroup)
+    block_n: int  # keys a program owns (a multiple of 64 a warpgroup)
     stages: int  # Q/dO tiles in flight
-    warps: int  # block_n / 16
+    warps: int  # 4 or 8
 
 
 # The first that fits the mask tile is taken.
 DKDV_CANDIDATES: dict[int, list[DkdvConfig]] = {
-    64: [DkdvConfig(64, 64, 2, 4), DkdvConfig(32, 64, 3, 4), DkdvConfig(64, 128, 2, 8), DkdvConfig(32, 128, 3, 8)],
+    64: [DkdvConfig(64, 64, 2, 4), DkdvConfig(32, 64, 3, 4), DkdvConfig(64, 128, 2, 8), DkdvConfig(32, 128, 3, 8),
+         DkdvConfig(32, 128, 3, 4), DkdvConfig(64, 128, 2, 4)],
     128: [DkdvConfig(32, 64, 2, 4), DkdvConfig(64, 64, 2, 4), DkdvConfig(32, 128, 2, 8), DkdvConfig(64, 128, 2, 8)],
 }
 
@@ -180,9 +181,9 @@ def pick_dkdv_config(head_dim: int, block: Sequence[int],
             raise ValueError(f"sparsedrop attention Hopper dK/dV config {cfg}: its key tile must divide the mask "
                              f"tile's {block[1]} keys and its query tile the mask tile's {block[0]} rows; pick one "
                              "that does, or leave \"bwd_kv_hopper\" out for the default")
-        if cfg.warps * 16 != cfg.block_n or cfg.block_n % 64:
-            raise ValueError(f"sparsedrop attention Hopper dK/dV config {cfg}: a warpgroup owns 64 keys, so "
-                             f"block_n must be a multiple of 64 and warps block_n / 16")
+        if cfg.block_n % 64 or cfg.warps not in (4, 8) or cfg.warps * 16 > cfg.block_n:
+            raise ValueError(f"sparsedrop attention Hopper dK/dV config {cfg}: each warpgroup owns 64 keys or a "
+                             f"multiple, so block_n must be a multiple of 64 and warps 4 or 8, at most block_n / 16")
         return cfg
     return next((c for c in DKDV_CANDIDATES.get(head_dim, ()) if dkdv_fits(c, block)), None)
 

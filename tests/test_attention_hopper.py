@@ -96,8 +96,8 @@ def test_dkdv_config_fits_mask_tiles():
 def test_dkdv_config_override_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="must divide the mask tile's 32 keys"):
         hopper.pick_dkdv_config(64, (64, 32), (64, 64, 2, 4))
-    with pytest.raises(ValueError, match="block_n must be a multiple of 64 and warps block_n / 16"):
-        hopper.pick_dkdv_config(64, (64, 128), (64, 128, 2, 4))
+    with pytest.raises(ValueError, match="block_n must be a multiple of 64 and warps 4 or 8, at most block_n / 16"):
+        hopper.pick_dkdv_config(64, (64, 128), (64, 64, 2, 8))
     assert hopper.pick_dkdv_config(64, (64, 128), (32, 128, 3, 8)) == hopper.DkdvConfig(32, 128, 3, 8)
 
 
