@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import statistics
@@ -437,8 +436,8 @@ def run_sweep(args) -> list[dict]:
                     time_new(neighbours(_as_tuple(r)))
             best[kind] = [r for r in timed_rows if r["median_ms"] == r["median_ms"] and r["max_err"] < 0.05]
         t_delta = bench(lambda: fat._launch_delta(pb, out, grad))
-        hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out), (grad, lse, delta),
-                     lambda r: max(err(r[0], ref_dk), err(r[1], ref_dv)))
+        if not args.passes or "fwd_hopper" in args.passes:
+            hopper_sweep(pb, d, causal, args, info, shape, rows, bench, lambda r: err(r[0], ref_out))
 
         # Baselines at the same shape, fwd+bwd, for scale.
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -472,16 +471,21 @@ def run_sweep(args) -> list[dict]:
     return rows
 
 
-def hopper_sweep(pb, d, causal, args, info, shape, rows, bench, check_fwd, dkdv_args, check_dkdv):
-    """The Gluon Hopper kernels' configs (``flash_attention_hopper``), where they serve this
-    problem, timed like the passes above: the forward's candidates and 128-row tiles over two
-    warpgroups (pass "fwd_hopper"), the dK/dV pass's candidates and their 3-stage neighbours
-    ("bwd_kv_hopper"; BLOCK_M / BLOCK_N / num_warps / num_stages as the config writes them)."""
+def hopper_sweep(pb, d, causal, args, info, shape, rows, bench, check):
+    """The Gluon Hopper forward's configs (``flash_attention_hopper``), where it serves this
+    problem: its candidates and the 128-row tiles over two warpgroups, timed like the passes
+    above (pass "fwd_hopper"; BLOCK_M / BLOCK_N / num_warps / num_stages as its config writes them)."""
     from sparsedrop_compile.kernels import flash_attention_hopper as hopper
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
-    def time_config(kind, cfg, fn, check):
-        row = {**info, "shape": shape, "pass": kind, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+    reason = hopper.unsupported_reason(pb.q, pb.k, pb.v, None, False, pb.block)
+    if reason is not None:
+        print(f"  fwd_hopper: not timed ({reason})")
+        return
+    for cfg in hopper.CANDIDATES[d] + [hopper.FwdConfig(128, 128, 2, 8), hopper.FwdConfig(128, 64, 3, 8)]:
+        fn = lambda cfg=cfg: fat.attention_forward(pb.q, pb.k, pb.v, None, pb.keep, args.sweep_p, causal, None,  # noqa: E731
+                                                   False, pb.block, "post_softmax", {"fwd_hopper": cfg})
+        row = {**info, "shape": shape, "pass": "fwd_hopper", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                "num_warps": cfg.warps, "num_stages": cfg.stages}
         try:
             row["max_err"] = check(fn())
@@ -491,34 +495,7 @@ def hopper_sweep(pb, d, causal, args, info, shape, rows, bench, check_fwd, dkdv_
             row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         rows.append(row)
         harness.write_csv(args.csv_path, rows)
-        print(f"  {kind} {cfg}: {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}"
-              f"{'  ' + row.get('error', '') if 'error' in row else ''}", flush=True)
-
-    if not args.passes or "fwd_hopper" in args.passes:
-        reason = hopper.unsupported_reason(pb.q, pb.k, pb.v, None, False, pb.block)
-        if reason is not None:
-            print(f"  fwd_hopper: not timed ({reason})")
-        else:
-            for cfg in hopper.CANDIDATES[d] + [hopper.FwdConfig(128, 128, 2, 8), hopper.FwdConfig(128, 64, 3, 8)]:
-                fn = lambda cfg=cfg: fat.attention_forward(pb.q, pb.k, pb.v, None, pb.keep, args.sweep_p,  # noqa: E731
-                                                           causal, None, False, pb.block, "post_softmax",
-                                                           {"fwd_hopper": cfg})
-                time_config("fwd_hopper", cfg, fn, check_fwd)
-    if not args.passes or "bwd_kv_hopper" in args.passes:
-        grad, lse, delta = dkdv_args
-        dk, dv = torch.empty_like(pb.k), torch.empty_like(pb.v)
-        reason = hopper.dkdv_unsupported_reason(pb.q, pb.k, pb.v, grad, dk, dv, None, False, pb.block)
-        if reason is not None:
-            print(f"  bwd_kv_hopper: not timed ({reason})")
-            return
-        configs = list(hopper.DKDV_CANDIDATES[d])
-        configs += [dataclasses.replace(c, stages=3) for c in configs if c.stages != 3]
-        for cfg in configs:
-            def fn(cfg=cfg):
-                hopper.launch_dkdv(pb.q, pb.k, pb.v, pb.keep, grad, lse, delta, dk, dv, pb.group, pb.sm_scale,
-                                   pb.out_scale, pb.block, causal, cfg)
-                return dk, dv
-            time_config("bwd_kv_hopper", cfg, fn, check_dkdv)
+        print(f"  fwd_hopper {cfg}: {row['median_ms']:8.4f} ms  err {row['max_err']:.2e}", flush=True)
 
 
 def main(argv=None):
@@ -535,7 +512,7 @@ def main(argv=None):
                              "stages, tile sides): about twice the sweep's time")
     parser.add_argument("--passes", nargs="+", default=None,
                         choices=["fwd", "bwd_kv", "bwd_q", "bwd_fused", "fwd_ptr", "bwd_q_ptr", "bwd_fused_ptr",
-                                 "fwd_hopper", "bwd_kv_hopper"],
+                                 "fwd_hopper"],
                         help="with --sweep, time only these passes (default: all)")
     parser.add_argument("--only", nargs="+", default=None, help="run only shapes whose name contains one of these")
     parser.add_argument("--verbose", action="store_true")

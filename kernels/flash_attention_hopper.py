@@ -1,6 +1,5 @@
 """Tile-dropout attention on Hopper, host side: when the Gluon forward
-(``flash_attention_hopper_kernels.py``) serves an attention forward, when the Gluon dK/dV pass
-(``flash_attention_hopper_backward_kernels.py``) serves a backward's, and their launches.
+(``flash_attention_hopper_kernels.py``) serves an attention forward, and its launch.
 
 ``flash_attention_triton.attention_forward`` asks for this forward only where a config for it is
 given (``"fwd_hopper"``) or ``flash_attention_triton.HOPPER_FORWARD`` is set: since session 17 the
@@ -9,23 +8,18 @@ then asks ``unsupported_reason`` first and runs the portable forward when it nam
 backward is the portable one either way (it reads the same O and logsumexp). Same semantics and
 oracle (``flash_attention.reference_attention_forward``).
 
-The dK/dV pass: ``flash_attention_triton.attention_backward`` (two-pass strategy) asks
-``dkdv_unsupported_reason`` where a ``"bwd_kv_hopper"`` config is given or
-``flash_attention_triton.HOPPER_DKDV`` is set; the dQ pass (which also works out Δ) stays the
-portable one. Same oracle (``flash_attention.reference_attention_backward``).
-
 Conditions (each one is a fact the kernel relies on, not a tuning choice; ``unsupported_reason``
 names the first that fails):
 - a Hopper GPU (capability 9.x), Triton with Gluon's Hopper module, not the interpreter, the
   call not traced (Inductor cannot emit a Gluon kernel in its code), ``SPARSEDROP_HOPPER`` not 0;
-- fp16 or bf16; a head dim of ``HEAD_DIMS`` (forward) or ``DKDV_HEAD_DIMS`` (dK/dV): Gluon's
-  tensors take power-of-two sides, and at 64 the portable forward is faster;
+- fp16 or bf16; head dim 128 (Gluon's tensors take power-of-two sides, and at 64 the
+  portable forward is faster);
 - no attention mask, tile dropout after the softmax (``post_softmax``); masks and ``dropkey``
   take the portable kernels;
-- q, k, v (and dO, dK, dV) and the output 16-byte aligned with 16-byte strides and a unit last
-  stride (what a TMA descriptor takes);
+- q, k, v and the output 16-byte aligned with 16-byte strides and a unit last stride (what a TMA
+  descriptor takes);
 - a config whose key tile lies inside one mask tile column and whose query tile lies inside
-  one mask tile row or (forward only) spans whole ones.
+  one mask tile row or spans whole ones.
 """
 from __future__ import annotations
 
@@ -40,9 +34,8 @@ from .block_mask import cdiv
 
 try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
     from .flash_attention_hopper_kernels import _attn_fwd_wgmma_kernel
-    from .flash_attention_hopper_backward_kernels import _attn_bwd_dkdv_wgmma_kernel
 except Exception:  # noqa: BLE001  (ImportError, or an API this Triton lacks)
-    _attn_fwd_wgmma_kernel = _attn_bwd_dkdv_wgmma_kernel = None
+    _attn_fwd_wgmma_kernel = None
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (128,)
@@ -64,6 +57,10 @@ class FwdConfig:
 CANDIDATES: dict[int, list[FwdConfig]] = {
     d: [FwdConfig(64, 64, 3, 4), FwdConfig(64, 32, 3, 4), FwdConfig(64, 16, 3, 4)] for d in HEAD_DIMS
 }
+
+
+def available(device: torch.device) -> bool:
+    return _attn_fwd_wgmma_kernel is not None and runtime.hopper_enabled(device)
 
 
 def fits(cfg: FwdConfig, block: Sequence[int]) -> bool:
@@ -94,38 +91,28 @@ def _tma_ok(t: Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
 
 
-def _problem_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropkey: bool,
-                    head_dims: Sequence[int], extra: Sequence[Tensor] = ()) -> str | None:
-    """What both Hopper kernels need of a problem (4-D q, k, v and the ``extra`` tensors they read
-    or write by TMA), or why it fails them."""
-    if not runtime.hopper_enabled(q.device):
-        return "not a Hopper GPU with Gluon (or SPARSEDROP_HOPPER=0, or the interpreter)"
-    if runtime.tracing() or any(runtime.is_traced(t) for t in (q, k, v)):
-        return "traced: Inductor cannot emit a Gluon kernel"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
-    if q.shape[-1] not in head_dims:
-        return f"head dim {q.shape[-1]} (this Hopper kernel takes {tuple(head_dims)})"
-    if attn_mask is not None:
-        return "an attention mask"
-    if dropkey:
-        return "dropkey mode"
-    if not all(_tma_ok(t) for t in (q, k, v, *extra)):
-        return "q, k, v (or dO, dK, dV) not 16-byte aligned with a unit last stride"
-    return None
-
-
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropkey: bool,
                        block: Sequence[int]) -> str | None:
     """Why the Hopper forward cannot run this problem (4-D q, k, v), or None. The output it
     writes is fresh, (B, Sq, H, D) in memory (``empty_attention_out``): aligned for every head
     dim it takes."""
-    if _attn_fwd_wgmma_kernel is None:
-        return "Triton without the Gluon Hopper module this kernel is written in"
-    reason = _problem_reason(q, k, v, attn_mask, dropkey, HEAD_DIMS)
-    if reason is None and pick_config(q.shape[-1], block) is None:
+    if not available(q.device):
+        return "not a Hopper GPU with Gluon (or SPARSEDROP_HOPPER=0, or the interpreter)"
+    if runtime.tracing() or any(runtime.is_traced(t) for t in (q, k, v)):
+        return "traced: Inductor cannot emit a Gluon kernel"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (the Hopper forward takes {HEAD_DIMS})"
+    if attn_mask is not None:
+        return "an attention mask"
+    if dropkey:
+        return "dropkey mode"
+    if not all(_tma_ok(t) for t in (q, k, v)):
+        return "q, k or v not 16-byte aligned with a unit last stride"
+    if pick_config(q.shape[-1], block) is None:
         return f"no config fits the mask tile {tuple(block)}"
-    return reason
+    return None
 
 
 def launch_forward(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, out: Tensor, lse: Tensor, group: int,
@@ -143,78 +130,4 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, out: Tensor, l
             H, group, Sq, Sk, float(sm_scale * LOG2E), float(out_scale), int(block[0]), int(block[1]),
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=bool(causal),
             ROW_FLAGS=block[0] % cfg.block_m != 0, num_warps=cfg.warps,
-        )
-
-
-# --------------------------------------------------------------------------- the dK/dV pass
-DKDV_HEAD_DIMS = (64, 128)
-
-
-@dataclasses.dataclass(frozen=True)
-class DkdvConfig:
-    block_m: int  # query rows a step
-    block_n: int  # keys a program owns (a multiple of 64 a warpgroup)
-    stages: int  # Q/dO tiles in flight
-    warps: int  # 4 or 8
-
-
-# The first that fits the mask tile is taken.
-DKDV_CANDIDATES: dict[int, list[DkdvConfig]] = {
-    64: [DkdvConfig(64, 64, 2, 4), DkdvConfig(32, 64, 3, 4), DkdvConfig(64, 128, 2, 8), DkdvConfig(32, 128, 3, 8),
-         DkdvConfig(32, 128, 3, 4), DkdvConfig(64, 128, 2, 4)],
-    128: [DkdvConfig(32, 64, 2, 4), DkdvConfig(64, 64, 2, 4), DkdvConfig(32, 128, 2, 8), DkdvConfig(64, 128, 2, 8)],
-}
-
-
-def dkdv_fits(cfg: DkdvConfig, block: Sequence[int]) -> bool:
-    """The key tile inside one mask tile column, a step's query tile inside one mask tile row."""
-    return block[1] % cfg.block_n == 0 and block[0] % cfg.block_m == 0
-
-
-def pick_dkdv_config(head_dim: int, block: Sequence[int],
-                     override: DkdvConfig | Sequence[int] | None = None) -> DkdvConfig | None:
-    """``override`` (a DkdvConfig or a (block_m, block_n, stages, warps) tuple) if it fits, else
-    the first candidate for this head dim that fits the mask tile, else None."""
-    if override is not None:
-        cfg = override if isinstance(override, DkdvConfig) else DkdvConfig(*override)
-        if not dkdv_fits(cfg, block):
-            raise ValueError(f"sparsedrop attention Hopper dK/dV config {cfg}: its key tile must divide the mask "
-                             f"tile's {block[1]} keys and its query tile the mask tile's {block[0]} rows; pick one "
-                             "that does, or leave \"bwd_kv_hopper\" out for the default")
-        if cfg.block_n % 64 or cfg.warps not in (4, 8) or cfg.warps * 16 > cfg.block_n:
-            raise ValueError(f"sparsedrop attention Hopper dK/dV config {cfg}: each warpgroup owns 64 keys or a "
-                             f"multiple, so block_n must be a multiple of 64 and warps 4 or 8, at most block_n / 16")
-        return cfg
-    return next((c for c in DKDV_CANDIDATES.get(head_dim, ()) if dkdv_fits(c, block)), None)
-
-
-def dkdv_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, dk: Tensor, dv: Tensor,
-                            attn_mask: Tensor | None, dropkey: bool, block: Sequence[int]) -> str | None:
-    """Why the Hopper dK/dV pass cannot run this problem (4-D tensors), or None."""
-    if _attn_bwd_dkdv_wgmma_kernel is None:
-        return "Triton without the Gluon Hopper module this kernel is written in"
-    reason = _problem_reason(q, k, v, attn_mask, dropkey, DKDV_HEAD_DIMS, (grad_out, dk, dv))
-    if reason is None and pick_dkdv_config(q.shape[-1], block) is None:
-        return f"no config fits the mask tile {tuple(block)}"
-    return reason
-
-
-def launch_dkdv(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor,
-                dk: Tensor, dv: Tensor, group: int, sm_scale: float, out_scale: float, block: Sequence[int],
-                causal: bool, cfg: DkdvConfig) -> None:
-    """dK, dV (into ``dk``, ``dv``) of 4-D q, k, v, with the keep flags of (block_q, block_k)
-    mask tiles, the forward's logsumexp and Δ as the dQ pass stores it (both (B, H, Sq) fp32,
-    contiguous)."""
-    B, H, Sq, D = q.shape
-    H_kv, Sk = k.shape[1], k.shape[2]
-    runtime.set_scratch_allocator()
-    with runtime.device_guard(q):
-        runtime.launch(_attn_bwd_dkdv_wgmma_kernel)[(cdiv(Sk, cfg.block_n), B * H_kv)](
-            q, k, v, keep, grad_out, lse, delta, dk, dv,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *keep.stride(), *grad_out.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3],
-            H, H_kv, group, Sq, Sk, float(sm_scale * LOG2E), float(sm_scale * out_scale), float(out_scale),
-            int(block[0]), int(block[1]),
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=bool(causal),
-            num_warps=cfg.warps,
         )

@@ -598,25 +598,6 @@ def _hopper_forward(pb: _Problem, override) -> tuple[Tensor, Tensor] | None:
     return out, lse
 
 
-# Whether the Gluon dK/dV pass (``flash_attention_hopper``) serves the two-pass backward by default
-# where it can; a "bwd_kv_hopper" config asks for it on one call.
-HOPPER_DKDV = False
-
-
-def _hopper_dkdv(pb: _Problem, grad_out: Tensor, lse: Tensor, delta: Tensor, override) -> tuple | None:
-    """(dk, dv, None, None) from the Gluon dK/dV pass where it is asked for (``override``, or
-    ``HOPPER_DKDV``) and serves, else None."""
-    if override is None and not HOPPER_DKDV:
-        return None
-    dk, dv = empty_grad_like(pb.k), empty_grad_like(pb.v)
-    if hopper.dkdv_unsupported_reason(pb.q, pb.k, pb.v, grad_out, dk, dv, pb.mask_input, pb.dropkey,
-                                      pb.block) is not None:
-        return None
-    hopper.launch_dkdv(pb.q, pb.k, pb.v, pb.keep, grad_out, lse, delta, dk, dv, pb.group, pb.sm_scale, pb.out_scale,
-                       pb.block, pb.causal, hopper.pick_dkdv_config(pb.D, pb.block, override))
-    return dk, dv, None, None
-
-
 def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode, config=None):
     """(O, logsumexp) like ``flash_attention.reference_attention_forward``; ``config`` may map
     "fwd" to a KernelConfig or a (BLOCK_M, BLOCK_N, num_warps, num_stages[, skip]) tuple to run
@@ -637,10 +618,7 @@ def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa,
 
 def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode,
                        mask_grad, config=None):
-    """(dq, dk, dv, dmask or None) like ``flash_attention.reference_attention_backward``; ``config``
-    may map "bwd" to a strategy, "bwd_kv" / "bwd_q" / "bwd_fused" to portable configs (as
-    ``attention_forward``'s "fwd") and "bwd_kv_hopper" to a (block_m, block_n, stages, warps)
-    tuple for the Gluon dK/dV pass where that serves."""
+    """(dq, dk, dv, dmask or None) like ``flash_attention.reference_attention_backward``."""
     pb = _Problem(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa, block, mode)
     config = config or {}
     strategy = backward_strategy(pb.D, config.get("bwd"))
@@ -662,8 +640,7 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         # the dK/dV pass after it reads Δ without a launch of its own.
         delta = _empty_delta(pb)
         dq, dmask = _launch_dq(pb, grad_out, lse, delta, q_cfg, mask_grad, cls=q_cls, out=out)
-        hop = _hopper_dkdv(pb, grad_out, lse, delta, config.get("bwd_kv_hopper"))
-        dk, dv, _, _ = hop if hop is not None else _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
+        dk, dv, _, _ = _launch_dkdv(pb, grad_out, lse, delta, kv_cfg, cls=kv_cls)
     if pb.squeeze:
         dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
     if dmask is not None:

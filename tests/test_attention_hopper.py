@@ -1,13 +1,11 @@
-"""The Gluon (wgmma) attention forward and dK/dV pass on a Hopper GPU against the plain-PyTorch
-reference.
+"""The Gluon (wgmma) attention forward on a Hopper GPU against the plain-PyTorch reference.
 
 Gluon kernels cannot run under Triton's interpreter, so the kernel tests need an sm_90 GPU; the
 CPU tests check when the forward takes that path and which config it picks. Each GPU case asserts
 first that the Hopper forward serves it (so a silent fallback to the portable kernel cannot pass
 for it), then compares O and the logsumexp with the fp32 reference on the same bf16/fp16 inputs
 and the same keep flags, and the full op's gradients (the portable backward reads the Hopper
-forward's O and logsumexp) with the reference's. The dK/dV cases count the Gluon kernel's
-launches and compare dK and dV with the reference's on the same flags.
+forward's O and logsumexp) with the reference's.
 """
 from __future__ import annotations
 
@@ -80,48 +78,6 @@ def test_portable_forward_when_hopper_forward_is_unavailable():
                                                       False, (16, 16), "post_softmax")
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
     assert (out.float() - ref_out).abs().max().item() <= REL_TOL[torch.float16] * ref_out.abs().max().item()
-
-
-def test_dkdv_config_fits_mask_tiles():
-    cfg = hopper.DkdvConfig(64, 64, 2, 4)
-    assert hopper.dkdv_fits(cfg, (64, 128)) and hopper.dkdv_fits(cfg, (128, 64))
-    assert not hopper.dkdv_fits(cfg, (32, 128))  # a query step across two mask tile rows
-    assert not hopper.dkdv_fits(cfg, (64, 32))  # a key tile across two mask tile columns
-    assert hopper.pick_dkdv_config(64, (64, 128)) == hopper.DKDV_CANDIDATES[64][0]
-    assert hopper.pick_dkdv_config(128, (64, 128)) == hopper.DKDV_CANDIDATES[128][0]
-    assert hopper.pick_dkdv_config(64, (16, 16)) is None  # no step fits 16-row mask tiles
-    assert hopper.pick_dkdv_config(96, (64, 128)) is None  # not a power of two: Gluon's tiles cannot take it
-
-
-def test_dkdv_config_override_that_does_not_fit_is_refused():
-    with pytest.raises(ValueError, match="must divide the mask tile's 32 keys"):
-        hopper.pick_dkdv_config(64, (64, 32), (64, 64, 2, 4))
-    with pytest.raises(ValueError, match="block_n must be a multiple of 64 and warps 4 or 8, at most block_n / 16"):
-        hopper.pick_dkdv_config(64, (64, 128), (64, 64, 2, 8))
-    assert hopper.pick_dkdv_config(64, (64, 128), (32, 128, 3, 8)) == hopper.DkdvConfig(32, 128, 3, 8)
-
-
-def test_dkdv_unsupported_reason_on_cpu_names_the_device():
-    q = torch.zeros(1, 2, 64, 64, dtype=torch.bfloat16)
-    reason = hopper.dkdv_unsupported_reason(q, q, q, q, q, q, None, False, (64, 128))
-    assert reason is not None and "Hopper" in reason
-
-
-@pytest.mark.interpret
-def test_portable_backward_when_hopper_dkdv_is_unavailable():
-    """On CPU (the interpreter) a "bwd_kv_hopper" config changes nothing: the portable passes run
-    and the gradients are the reference's."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(1, 2, 40, 64, generator=g).to(torch.float16) for _ in range(4))
-    keep = torch.rand(fa.attention_keep_shape(q.shape, k.shape, (16, 16)), generator=g) >= 0.3
-    tail = (None, keep, 0.3, True, None, False, (16, 16), "post_softmax")
-    out, lse = fat.attention_forward(q, k, v, *tail)
-    got = fat.attention_backward(grad, q, k, v, out, lse, *tail, False, {"bwd_kv_hopper": (64, 64, 2, 4)})
-    ref = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), *tail, False)
-    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
-        err = (a.float() - r).abs().max().item()
-        bound = REL_TOL[torch.float16] * r.abs().max().item()
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
 # --------------------------------------------------------------------------- GPU: the kernel
@@ -248,63 +204,3 @@ def test_hopper_forward_equals_the_portable_forward(monkeypatch):
     out_p, lse_p = fat.attention_forward(*args)
     torch.testing.assert_close(lse_h, lse_p, atol=1e-4, rtol=0)
     torch.testing.assert_close(out_h.float(), out_p.float(), atol=2e-2 * out_p.abs().max().item(), rtol=0)
-
-
-
-# --------------------------------------------------------------------------- GPU: the dK/dV pass
-def _check_dkdv(monkeypatch, q, k, v, keep, p, causal, block, config):
-    """The backward with the Gluon dK/dV pass (its launches counted: a fallback to the portable
-    pass cannot pass for it) against the fp32 reference's dK and dV on the same flags."""
-    gqa = q.shape[1] != k.shape[1]
-    launches = []
-    real = hopper.launch_dkdv
-    monkeypatch.setattr(hopper, "launch_dkdv", lambda *a, **kw: launches.append(1) or real(*a, **kw))
-    g = torch.Generator().manual_seed(7)
-    grad = torch.randn(q.shape, generator=g).to(q.dtype).cuda()
-    args = (q, k, v, None, keep, p, causal, None, gqa, block, "post_softmax")
-    out, lse = fat.attention_forward(*args)
-    _, dk, dv, _ = fat.attention_backward(grad, q, k, v, out, lse, *args[3:], False,
-                                          {"bwd_kv_hopper": config} if config is not None else None)
-    assert launches == [1], "the Hopper dK/dV pass must serve this case"
-    _, ref_dk, ref_dv, _ = fa.reference_attention_backward(grad.float(), q.float(), k.float(), v.float(), *args[3:],
-                                                           False)
-    for name, got, ref in (("dk", dk, ref_dk), ("dv", dv, ref_dv)):
-        assert got.shape == ref.shape and got.dtype == q.dtype and torch.isfinite(got).all()
-        err = (got.float() - ref).abs().max().item()
-        bound = REL_TOL[q.dtype] * max(ref.abs().max().item(), 1e-6)
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
-
-
-@gpu
-@on_hopper
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dkdv_default_config(monkeypatch, shape, d, p):
-    monkeypatch.setattr(fat, "HOPPER_DKDV", True)
-    b, hq, hkv, sq, sk, _, causal, dtype, layout = shape
-    q, k, v, g = _inputs(b, hq, hkv, sq, sk, d, dtype, layout)
-    block = fat.DEFAULT_BLOCK
-    _check_dkdv(monkeypatch, q, k, v, _keep(q, k, p, block, g), p, causal, block, None)
-
-
-# Every candidate and its other stage count, at mask tiles of one and of several steps, every tile
-# kept and every tile dropped too.
-DKDV_CONFIGS = sorted({c for cs in hopper.DKDV_CANDIDATES.values() for c in cs}
-                      | {hopper.DkdvConfig(c.block_m, c.block_n, 5 - c.stages, c.warps)
-                         for cs in hopper.DKDV_CANDIDATES.values() for c in cs},
-                      key=lambda c: (c.block_m, c.block_n, c.stages))
-
-
-@gpu
-@on_hopper
-@pytest.mark.parametrize("config", DKDV_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}w{c.warps}")
-@pytest.mark.parametrize("block", [(64, 128), (128, 64), (128, 128)], ids=lambda b: f"{b[0]}x{b[1]}")
-@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("d", [64, 128])
-def test_dkdv_every_config(monkeypatch, config, block, p, d):
-    if not hopper.dkdv_fits(config, block):
-        pytest.skip("config does not fit the mask tile")
-    q, k, v, g = _inputs(1, 4, 2, 400, 450, d, torch.bfloat16, "bhsd", seed=d)
-    _check_dkdv(monkeypatch, q, k, v, _keep(q, k, p, block, g), p, True, block, config)
-    _check_dkdv(monkeypatch, q, k, v, _keep(q, k, p, block, g), p, False, block, config)

@@ -166,8 +166,7 @@ def test_every_launched_kernel_variant_compiles_for_hopper(tmp_path):
 
 # The Gluon (Hopper-only) kernels, driven through their real host code on CPU tensors with the
 # device checks answered for an H200: every flavour the matmul plans launch (listed, stream-K on
-# and off, flat and paired sdd, bias, transposed operands), the attention forward's configs and the
-# dK/dV pass's.
+# and off, flat and paired sdd, bias, transposed operands) and the attention forward's configs.
 # Gluon cannot run under the interpreter, so this is CI's only check that they still build with
 # CI's Triton (the GPU machine runs another release).
 _GLUON = r"""
@@ -175,8 +174,7 @@ from sparsedrop_compile.kernels import block_sparse_matmul_hopper as mmh
 from sparsedrop_compile.kernels import flash_attention_hopper as fah
 from sparsedrop_compile.kernels import launch_plans
 
-assert None not in (mmh._listed_wgmma_kernel, fah._attn_fwd_wgmma_kernel, fah._attn_bwd_dkdv_wgmma_kernel), \
-    "Gluon kernels did not import"
+assert mmh._listed_wgmma_kernel is not None and fah._attn_fwd_wgmma_kernel is not None, "Gluon kernels did not import"
 recorded.clear()
 runtime.launch = Record
 class Skip:  # the kept-block list kernels are compiled by the test above; here their launches are skipped
@@ -213,21 +211,11 @@ def hopper_attention():
             if fah.fits(cfg, block):
                 for causal in (False, True):
                     fah.launch_forward(q, k, v, keep, out, lse, 1, 0.088, 1.1, block, causal, cfg)
-    for D in fah.DKDV_HEAD_DIMS:  # the dK/dV pass: every candidate, causal or not, GQA
-        q, do = (torch.randn(B, 2 * H, S, D, dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(2))
-        lse, delta = torch.randn(B, 2 * H, S), torch.randn(B, 2 * H, S)
-        block = (64, 128)
-        keep = torch.rand(B, 2 * H, cdiv(S, block[0]) + 1, cdiv(S, block[1]) + 1) > 0.3
-        for cfg in fah.DKDV_CANDIDATES[D]:
-            for causal in (False, True):
-                fah.launch_dkdv(q, k, v, keep, do, lse, delta, torch.empty_like(k), torch.empty_like(v), 2, 0.088,
-                                1.1, block, causal, cfg)
 
 hopper_matmuls()
 hopper_attention()
 names = sorted({name for name, _ in recorded})
-assert names == ["_attn_bwd_dkdv_wgmma_kernel", "_attn_fwd_wgmma_kernel", "_listed_wgmma_kernel"], names
+assert names == ["_attn_fwd_wgmma_kernel", "_listed_wgmma_kernel"], names
 """
 
 
