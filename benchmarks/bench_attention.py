@@ -346,17 +346,18 @@ def run_sweep(args) -> list[dict]:
         parts = spec.split(",")
         b, h, s, d = (int(x) for x in parts[:4])
         causal = "causal" in parts[4:]
-        q, k, v, grad, _ = make_inputs(b, h, s, d, None)
+        # "keypad": the last quarter of every other sequence's keys padded, an expanded (B, 1, 1, S) bool mask
+        q, k, v, grad, mask = make_inputs(b, h, s, d, "bool" if "keypad" in parts[4:] else None)
         q, k, v = (t.detach() for t in (q, k, v))
         torch.manual_seed(1)
         # Every candidate tile divides 128 x 128, so one keep (at the sweep's p) times them all;
         # the fraction of dropped work is p whatever the mask tile.
         block = (128, 128)
         keep = fa.sample_attention_keep(q, k, args.sweep_p, *block)
-        pb = fat._Problem(q, k, v, None, keep, args.sweep_p, causal, None, False, block, "post_softmax")
-        ref_out, ref_lse = fa.reference_attention_forward(q, k, v, None, keep, args.sweep_p, causal, None, False, block,
+        pb = fat._Problem(q, k, v, mask, keep, args.sweep_p, causal, None, False, block, "post_softmax")
+        ref_out, ref_lse = fa.reference_attention_forward(q, k, v, mask, keep, args.sweep_p, causal, None, False, block,
                                                           "post_softmax")
-        shape = f"{b}x{h}x{s}x{d}" + ("-causal" if causal else "")
+        shape = f"{b}x{h}x{s}x{d}" + ("-causal" if causal else "") + ("-keypad" if mask is not None else "")
         print(f"\nsweep {shape} p={args.sweep_p} bf16 (each config checked against the reference)")
 
         def bench(fn):
@@ -388,7 +389,7 @@ def run_sweep(args) -> list[dict]:
 
         out, lse = fat._launch_forward(pb, fat._pick_config("fwd", d, block))
         delta = fat._launch_delta(pb, out, grad)
-        ref_dq, ref_dk, ref_dv, _ = fa.reference_attention_backward(grad, q, k, v, None, keep, args.sweep_p, causal,
+        ref_dq, ref_dk, ref_dv, _ = fa.reference_attention_backward(grad, q, k, v, mask, keep, args.sweep_p, causal,
                                                                     None, False, block, "post_softmax", False)
         err = lambda a, b: (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-6)  # noqa: E731
         passes = {
@@ -443,7 +444,8 @@ def run_sweep(args) -> list[dict]:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         base = {}
         for name, pp in (("sdpa_p", args.sweep_p), ("sdpa_p0", 0.0)):
-            fn = fwd_bwd(lambda pp=pp: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=pp, is_causal=causal),
+            fn = fwd_bwd(lambda pp=pp: F.scaled_dot_product_attention(qg, kg, vg, mask, dropout_p=pp,
+                                                                  is_causal=causal),
                          qg, kg, vg, grad)
             base[name], _ = timed(fn, 50)
 
@@ -478,7 +480,7 @@ def hopper_sweep(pb, d, causal, args, info, shape, rows, bench, check):
     from sparsedrop_compile.kernels import flash_attention_hopper as hopper
     from sparsedrop_compile.kernels import flash_attention_triton as fat
 
-    reason = hopper.unsupported_reason(pb.q, pb.k, pb.v, None, False, pb.block)
+    reason = hopper.unsupported_reason(pb.q, pb.k, pb.v, pb.mask_input, False, pb.block)
     if reason is not None:
         print(f"  fwd_hopper: not timed ({reason})")
         return
@@ -505,7 +507,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, nargs=2, metavar=("BQ", "BK"), help="mask tile (default: the kernels')")
     parser.add_argument("--sweep", action="store_true", help="time the kernel's candidate configs instead")
     parser.add_argument("--sweep-shape", action="append", default=None,
-                        help="B,H,S,D[,causal] for --sweep; repeatable (default 8,16,1024,64)")
+                        help="B,H,S,D[,causal][,keypad] for --sweep; repeatable (default 8,16,1024,64)")
     parser.add_argument("--sweep-p", type=float, default=0.1)
     parser.add_argument("--neighbours", action="store_true",
                         help="with --sweep, also time the configs one step from each pass's two fastest (warps, "
