@@ -346,8 +346,11 @@ def run_sweep(args) -> list[dict]:
         parts = spec.split(",")
         b, h, s, d = (int(x) for x in parts[:4])
         causal = "causal" in parts[4:]
-        # "keypad": the last quarter of every other sequence's keys padded, an expanded (B, 1, 1, S) bool mask
-        q, k, v, grad, mask = make_inputs(b, h, s, d, "bool" if "keypad" in parts[4:] else None)
+        # the last quarter of every other sequence's keys padded: "keypad" as an expanded (B, 1, 1, S) bool
+        # mask, "hfpad" materialised (B, 1, S, S) as HF builds it, "floatpad" additive (B, 1, 1, S)
+        masks = {"keypad": "bool", "hfpad": "bool_full_pad", "floatpad": "float"}
+        mask_kind = next((masks[x] for x in parts[4:] if x in masks), None)
+        q, k, v, grad, mask = make_inputs(b, h, s, d, mask_kind)
         q, k, v = (t.detach() for t in (q, k, v))
         torch.manual_seed(1)
         # Every candidate tile divides 128 x 128, so one keep (at the sweep's p) times them all;
@@ -357,7 +360,7 @@ def run_sweep(args) -> list[dict]:
         pb = fat._Problem(q, k, v, mask, keep, args.sweep_p, causal, None, False, block, "post_softmax")
         ref_out, ref_lse = fa.reference_attention_forward(q, k, v, mask, keep, args.sweep_p, causal, None, False, block,
                                                           "post_softmax")
-        shape = f"{b}x{h}x{s}x{d}" + ("-causal" if causal else "") + ("-keypad" if mask is not None else "")
+        shape = f"{b}x{h}x{s}x{d}" + ("-causal" if causal else "") + "".join(f"-{x}" for x in parts[4:] if x in masks)
         print(f"\nsweep {shape} p={args.sweep_p} bf16 (each config checked against the reference)")
 
         def bench(fn):
@@ -507,7 +510,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, nargs=2, metavar=("BQ", "BK"), help="mask tile (default: the kernels')")
     parser.add_argument("--sweep", action="store_true", help="time the kernel's candidate configs instead")
     parser.add_argument("--sweep-shape", action="append", default=None,
-                        help="B,H,S,D[,causal][,keypad] for --sweep; repeatable (default 8,16,1024,64)")
+                        help="B,H,S,D[,causal][,keypad|hfpad|floatpad] for --sweep; repeatable (default 8,16,1024,64)")
     parser.add_argument("--sweep-p", type=float, default=0.1)
     parser.add_argument("--neighbours", action="store_true",
                         help="with --sweep, also time the configs one step from each pass's two fastest (warps, "

@@ -176,19 +176,25 @@ CANDIDATES: dict[str, dict[int, list[KernelConfig]]] = {
 # (skip mode 2) 0.190 ms, at the table's first 64 x 32 0.227 (on pointer loads 64 x 32 is the best,
 # 0.220).
 TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 64, 4, 3, 2))}
-# Where plain problems (no attention mask, causal or not; dropout after the softmax: what the sweep
-# times) have another winner: (kind, head-dim class, TMA loads) -> that config first when it fits,
-# before TMA_FIRST. Session 19 (call 1, sweep with --neighbours, 8x16x1024x64 / 16x32x2048x64
-# causal, p = 0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the
-# table's first 0.1015 / 0.783 (on pointer loads 64 x 128 is 13-21 % slower, session 17); dK/dV at
-# 32 x 128 on 4 warps 0.196 / 1.562 against 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages
-# 0.108 / 0.800 against 3 stages' 0.115 / 0.858. With a key-padding mask the first two lost (call 3,
-# 64x12x512x64: whole op 0.758 ms against 0.692; 128-key tiles skip fewer fully padded keys), so the
-# others keep the tables.
-PLAIN_FIRST: dict[tuple[str, int, bool], KernelConfig] = {
-    ("fwd", 64, True): as_config((64, 128, 4, 2, 0)),
-    ("bwd_kv", 64, False): as_config((32, 128, 4, 3, 0)),
-    ("bwd_q", 64, True): as_config((64, 64, 4, 2, 0)),
+# Where a class of problems has another winner than the rules below it: (problem class, kind,
+# head-dim class, TMA loads) -> that config first when it fits, before TMA_FIRST. The problem classes
+# (``_Problem.problem_class``) are the problems each entry was timed on, dropout after the softmax:
+# "plain", no attention mask (causal or not); "bool_mask", a bool attention mask.
+# - plain, session 19 (call 1, sweep with --neighbours, 8x16x1024x64 / 16x32x2048x64 causal, p =
+#   0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the table's
+#   first 0.1015 / 0.783 (on pointer loads 64 x 128 is 13-21 % slower, session 17); dK/dV at 32 x 128
+#   on 4 warps 0.196 / 1.562 against 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages 0.108 /
+#   0.800 against 3 stages' 0.115 / 0.858. With a key-padding mask the first two lost (call 3,
+#   64x12x512x64: whole op 0.758 ms against 0.692; 128-key tiles skip fewer fully padded keys).
+# - bool_mask, session 20 (call 3, sweep with --neighbours, key padding: the last quarter of every
+#   other sequence's keys, 64x12x512x64 / 16x16x1024x64, p = 0.1): the forward on pointer loads (what
+#   compiled code runs) at 64 x 128 took 0.227 / 0.248 ms against the table's first (64 x 64) 0.287
+#   / 0.338; with TMA loads 64 x 64 stays the faster (0.177 / 0.214 against 0.185 / 0.209).
+PROBLEM_FIRST: dict[tuple[str, str, int, bool], KernelConfig] = {
+    ("plain", "fwd", 64, True): as_config((64, 128, 4, 2, 0)),
+    ("plain", "bwd_kv", 64, False): as_config((32, 128, 4, 3, 0)),
+    ("plain", "bwd_q", 64, True): as_config((64, 64, 4, 2, 0)),
+    ("bool_mask", "fwd", 64, False): as_config((64, 128, 4, 3, 0)),
 }
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
@@ -203,8 +209,8 @@ PLAIN_FIRST: dict[tuple[str, int, bool], KernelConfig] = {
 # x 128 on 8 warps) and dQ at 64 x 64 on 4 warps 0.231 (against 0.260), so two passes take 0.570 ms
 # against the single pass's 0.681 in the same run, and forward + backward went 0.901 -> 0.785 ms
 # (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The first candidates for head
-# dim 64 are the sweeps' winners for a 64x64 mask tile (without an attention mask see PLAIN_FIRST);
-# for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode
+# dim 64 are the sweeps' winners for a 64x64 mask tile (plain and bool-masked problems: see
+# PROBLEM_FIRST); for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode
 # 2: also fastest with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best
 # single pass took 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
 BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
@@ -248,9 +254,10 @@ def fits(config: KernelConfig, block: tuple[int, int]) -> bool:
 
 
 def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None, tma_loads: bool = False,
-                 plain: bool = False) -> KernelConfig:
-    """``override`` (it must fit the mask tile), else the first that fits of: PLAIN_FIRST's
-    config (``plain``: see ``_Problem.plain``), TMA_FIRST's (``tma_loads``), the table's."""
+                 problem: str | None = None) -> KernelConfig:
+    """``override`` (it must fit the mask tile), else the first that fits of: PROBLEM_FIRST's
+    config for the problem class (``problem``: see ``_Problem.problem_class``), TMA_FIRST's
+    (``tma_loads``), the table's."""
     if override is not None:
         cfg = as_config(override)
         if not fits(cfg, block):
@@ -260,7 +267,7 @@ def _pick_config(kind: str, head_dim: int, block: tuple[int, int], override=None
             )
         return cfg
     cls = head_dim_class(head_dim)
-    firsts = (PLAIN_FIRST.get((kind, cls, tma_loads)) if plain else None,
+    firsts = (PROBLEM_FIRST.get((problem, kind, cls, tma_loads)),
               TMA_FIRST.get((kind, cls)) if tma_loads else None)
     for first in firsts:
         if first is not None and fits(first, block):
@@ -337,8 +344,14 @@ class _Problem:
         self.keep = keep  # bool, an i1 pointer to Triton (Inductor cannot lower a bool -> uint8 view)
         self.causal = bool(is_causal)
         self.dropkey = mode == "dropkey"
-        # no attention mask and dropout after the softmax: the problems PLAIN_FIRST was timed on
-        self.plain = attn_mask is None and not self.dropkey
+        # the class of problems PROBLEM_FIRST's configs were timed on, dropout after the softmax:
+        # "plain" without an attention mask, "bool_mask" with a bool one; None for the others
+        if self.dropkey:
+            self.problem_class = None
+        elif attn_mask is None:
+            self.problem_class = "plain"
+        else:
+            self.problem_class = "bool_mask" if attn_mask.dtype == torch.bool else None
         self.sm_scale = float(default_scale(q, scale))
         if not self.sm_scale > 0:
             raise ValueError(f"sparsedrop attention Triton kernels: scale={scale!r}; they need a positive scale "
@@ -610,7 +623,8 @@ def attention_forward(q, k, v, attn_mask, keep, p, is_causal, scale, enable_gqa,
         out, lse = hop
     else:
         out, lse = _launch_forward(pb, _pick_config("fwd", pb.D, pb.block, config.get("fwd"),
-                                                    tma_loads=_tma_loads(pb, (pb.k, pb.v)), plain=pb.plain))
+                                                    tma_loads=_tma_loads(pb, (pb.k, pb.v)),
+                                                    problem=pb.problem_class))
     if pb.squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return out, lse
@@ -631,9 +645,9 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, keep, p, is_causa
         fused_cfg = _pick_config("bwd_fused", pb.D, pb.block, config.get("bwd_fused"))
         dk, dv, dq, dmask = _launch_dkdv(pb, grad_out, lse, delta, fused_cfg, atomic_dq=True, mask_grad=mask_grad)
     else:
-        kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"), plain=pb.plain)
+        kv_cfg = _pick_config("bwd_kv", pb.D, pb.block, config.get("bwd_kv"), problem=pb.problem_class)
         q_cfg = _pick_config("bwd_q", pb.D, pb.block, config.get("bwd_q"), tma_loads=_tma_loads(pb, (pb.k, pb.v)),
-                             plain=pb.plain)
+                             problem=pb.problem_class)
         # One read of the mask classifies it for both passes' tiles.
         kv_cls, q_cls = _tile_classes(pb, [(kv_cfg.tile_m, kv_cfg.tile_n), (q_cfg.tile_m, q_cfg.tile_n)])
         # The dQ pass goes first and works out Δ on the way (its programs load dO anyway), so

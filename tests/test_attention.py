@@ -327,36 +327,43 @@ def test_triton_head_dim_256_class_with_its_first_tiles(d, strategy, monkeypatch
         assert_close_scaled(a, b, torch.bfloat16, name)
 
 
-def test_config_precedence_plain_then_tma_then_table():
-    """A config override wins; else PLAIN_FIRST's config for plain problems (no attention mask,
-    dropout after the softmax), then TMA_FIRST's where K and V come by TMA, where it fits the
-    mask tile; else the table's first that fits. Masked problems never take PLAIN_FIRST's."""
-    for (kind, cls, tma), cfg in fat.PLAIN_FIRST.items():
+def test_config_precedence_problem_class_then_tma_then_table():
+    """A config override wins; else PROBLEM_FIRST's config for the problem's class (plain: no
+    attention mask; bool_mask: a bool one; dropout after the softmax), then TMA_FIRST's where K
+    and V come by TMA, where it fits the mask tile; else the table's first that fits. Other
+    classes, and the same class with the other loads, never take an entry's config."""
+    classes = ("plain", "bool_mask", None)
+    for (problem, kind, cls, tma), cfg in fat.PROBLEM_FIRST.items():
         block = (cfg.tile_m * 2, cfg.tile_n)
-        assert fat._pick_config(kind, cls, block, tma_loads=tma, plain=True) is cfg
-        assert fat._pick_config(kind, cls, block, tma_loads=tma, plain=False) is not cfg
-        assert fat._pick_config(kind, cls, block, tma_loads=not tma, plain=True) is not cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=tma, problem=problem) is cfg
+        for other in classes:
+            if other != problem:
+                assert fat._pick_config(kind, cls, block, tma_loads=tma, problem=other) is not cfg
+        assert fat._pick_config(kind, cls, block, tma_loads=not tma, problem=problem) is not cfg
         # a mask tile it does not fit: the next rule
         small = (16, 16)
-        assert fat._pick_config(kind, cls, small, tma_loads=tma, plain=True).tile_m == 16
+        assert fat._pick_config(kind, cls, small, tma_loads=tma, problem=problem).tile_m == 16
         override = (16, 16, 4, 2, 0)
-        assert fat._pick_config(kind, cls, block, override, tma_loads=tma, plain=True) == fat.as_config(override)
+        assert fat._pick_config(kind, cls, block, override, tma_loads=tma, problem=problem) == fat.as_config(override)
     for (kind, cls), cfg in fat.TMA_FIRST.items():
         block = (cfg.tile_m * 2, cfg.tile_n)
-        if (kind, cls, True) not in fat.PLAIN_FIRST:
-            assert fat._pick_config(kind, cls, block, tma_loads=True, plain=True) is cfg
-        assert fat._pick_config(kind, cls, block, tma_loads=True, plain=False) is cfg
+        for problem in classes:
+            if (problem, kind, cls, True) not in fat.PROBLEM_FIRST:
+                assert fat._pick_config(kind, cls, block, tma_loads=True, problem=problem) is cfg
         assert fat._pick_config(kind, cls, block, tma_loads=False) is fat.CANDIDATES[kind][cls][0]
 
 
-def test_problem_is_plain_only_without_mask_in_post_softmax_mode():
+def test_problem_class_names_the_mask_and_mode():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     keep = torch.ones(1, 2, 1, 1, dtype=torch.bool)
-    mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
-    plain = lambda m, mode: fat._Problem(q, q, q, m, keep, 0.1, False, None, False, (64, 128), mode).plain  # noqa: E731
-    assert plain(None, "post_softmax")
-    assert not plain(mask, "post_softmax")
-    assert not plain(None, "dropkey")
+    bool_mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
+    float_mask = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
+    problem = lambda m, mode: fat._Problem(q, q, q, m, keep, 0.1, False, None, False, (64, 128), mode).problem_class  # noqa: E731
+    assert problem(None, "post_softmax") == "plain"
+    assert problem(bool_mask, "post_softmax") == "bool_mask"
+    assert problem(float_mask, "post_softmax") is None
+    assert problem(None, "dropkey") is None
+    assert problem(bool_mask, "dropkey") is None
 
 
 def test_head_dim_rule_and_config_classes():
@@ -1058,7 +1065,7 @@ def test_gpu_compiled_tma_loads_equal_eager_tma_loads(layout, static_launch, dyn
     launch. Where its static launcher takes them (the backend's default), which cannot take a
     descriptor, compiled code keeps pointer loads. Either way compiled must equal eager with the
     same loads (TMA, or SPARSEDROP_TMA=0: the two pick their own tiles, ``fat.TMA_FIRST`` and
-    ``fat.PLAIN_FIRST``, so their sums differ by rounding, which the backward's dP - Δ magnifies):
+    ``fat.PROBLEM_FIRST``, so their sums differ by rounding, which the backward's dP - Δ magnifies):
     head-second views, one batch of one head (size-1 dims, whose strides the descriptor packs),
     static and symbolic sizes. Kernels compile in this process (compile_threads=1), with the
     launcher switch as given, and the caches are fresh (they key on the graph, not on it)."""

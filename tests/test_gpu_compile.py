@@ -104,7 +104,7 @@ def attention(dtype):
 def attention_default_mask_tile(dtype):
     # The 128 and 256 classes' own tiles (head dims 72-128 and 136-256) at the default mask tile,
     # without a mask and with a key-padding one, the default (two-pass) backward; and head dim
-    # 64's there, whose plain problems (no mask) take PLAIN_FIRST's 128-key tiles.
+    # 64's there, whose plain (no mask) and bool-masked problems take PROBLEM_FIRST's 128-key tiles.
     B, H, S = 1, 2, 200
     for D in (64, 128, 256):
         q, k, v = (torch.randn(B, H, S, D, dtype=dtype) for _ in range(3))
