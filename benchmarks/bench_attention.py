@@ -347,8 +347,10 @@ def run_sweep(args) -> list[dict]:
         b, h, s, d = (int(x) for x in parts[:4])
         causal = "causal" in parts[4:]
         # the last quarter of every other sequence's keys padded: "keypad" as an expanded (B, 1, 1, S) bool
-        # mask, "hfpad" materialised (B, 1, S, S) as HF builds it, "floatpad" additive (B, 1, 1, S)
-        masks = {"keypad": "bool", "hfpad": "bool_full_pad", "floatpad": "float"}
+        # mask, "hfpad" materialised (B, 1, S, S) as HF builds it ("hfcausalpad": and the causal mask in it),
+        # "floatpad" additive (B, 1, 1, S)
+        masks = {"keypad": "bool", "hfpad": "bool_full_pad", "hfcausalpad": "bool_full_causal_pad",
+                 "floatpad": "float"}
         mask_kind = next((masks[x] for x in parts[4:] if x in masks), None)
         q, k, v, grad, mask = make_inputs(b, h, s, d, mask_kind)
         q, k, v = (t.detach() for t in (q, k, v))
@@ -510,7 +512,8 @@ def main(argv=None):
     parser.add_argument("--block", type=int, nargs=2, metavar=("BQ", "BK"), help="mask tile (default: the kernels')")
     parser.add_argument("--sweep", action="store_true", help="time the kernel's candidate configs instead")
     parser.add_argument("--sweep-shape", action="append", default=None,
-                        help="B,H,S,D[,causal][,keypad|hfpad|floatpad] for --sweep; repeatable (default 8,16,1024,64)")
+                        help="B,H,S,D[,causal][,keypad|hfpad|hfcausalpad|floatpad] for --sweep; repeatable "
+                             "(default 8,16,1024,64)")
     parser.add_argument("--sweep-p", type=float, default=0.1)
     parser.add_argument("--neighbours", action="store_true",
                         help="with --sweep, also time the configs one step from each pass's two fastest (warps, "
