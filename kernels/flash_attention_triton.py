@@ -179,22 +179,35 @@ TMA_FIRST: dict[tuple[str, int], KernelConfig] = {("fwd", 128): as_config((64, 6
 # Where a class of problems has another winner than the rules below it: (problem class, kind,
 # head-dim class, TMA loads) -> that config first when it fits, before TMA_FIRST. The problem classes
 # (``_Problem.problem_class``) are the problems each entry was timed on, dropout after the softmax:
-# "plain", no attention mask (causal or not); "bool_mask", a bool attention mask.
+# "plain", no attention mask (causal or not); "bool_mask", a bool attention mask shared by every
+# query row (a key-padding (B, 1, 1, S) view); "bool_mask_rows", a bool mask whose rows differ
+# (HF's materialised (B, 1, S, S) padding or causal-plus-padding mask).
 # - plain, session 19 (call 1, sweep with --neighbours, 8x16x1024x64 / 16x32x2048x64 causal, p =
 #   0.1): the forward with TMA loads at 64 x 128 on 2 stages 0.1005 / 0.759 ms against the table's
 #   first 0.1015 / 0.783 (on pointer loads 64 x 128 is 13-21 % slower, session 17); dK/dV at 32 x 128
 #   on 4 warps 0.196 / 1.562 against 32 x 64's 0.203 / 1.577; dQ with TMA loads on 2 stages 0.108 /
 #   0.800 against 3 stages' 0.115 / 0.858. With a key-padding mask the first two lost (call 3,
 #   64x12x512x64: whole op 0.758 ms against 0.692; 128-key tiles skip fewer fully padded keys).
-# - bool_mask, session 20 (call 3, sweep with --neighbours, key padding: the last quarter of every
-#   other sequence's keys, 64x12x512x64 / 16x16x1024x64, p = 0.1): the forward on pointer loads (what
-#   compiled code runs) at 64 x 128 took 0.227 / 0.248 ms against the table's first (64 x 64) 0.287
-#   / 0.338; with TMA loads 64 x 64 stays the faster (0.177 / 0.214 against 0.185 / 0.209).
+# - bool masks, session 20 (calls 3-5, p = 0.1, the last quarter of every other sequence's keys
+#   padded): at head dims up to 64 the forward on pointer loads (what compiled code runs) at 64 x 128
+#   took 0.227 / 0.248 ms against the table's first (64 x 64) 0.287 / 0.338 with a key-padding view
+#   (64x12x512x64 / 16x16x1024x64), 0.410 against 0.558 with HF's materialised padding mask
+#   (64x12x512x64), 0.198 against 0.245 with its causal-plus-padding one (8x16x1024x64); with TMA
+#   loads 64 x 64 stays the faster. At head dims 72-128 with a materialised mask (call 7; padding at
+#   8x16x1024x128 / 4x16x2048x128, causal-plus-padding at 4x16x2048x128 / 16x16x512x128) the forward
+#   with TMA loads skipping dropped tiles' V loads (skip mode 1) took 0.260 / 0.478 / 0.350 / 0.147
+#   ms against TMA_FIRST's dense product (mode 2) 0.383 / 0.712 / 0.478 / 0.202, and dK/dV with the
+#   dense product 0.299 / 0.542 / 0.351 / 0.138 against the table's first (mode 0) 0.326 / 0.592 /
+#   0.403 / 0.155; with a key-padding view both defaults held (forward 0.187 against 0.216, dK/dV
+#   0.282 against 0.288 at 8x16x1024x128).
 PROBLEM_FIRST: dict[tuple[str, str, int, bool], KernelConfig] = {
     ("plain", "fwd", 64, True): as_config((64, 128, 4, 2, 0)),
     ("plain", "bwd_kv", 64, False): as_config((32, 128, 4, 3, 0)),
     ("plain", "bwd_q", 64, True): as_config((64, 64, 4, 2, 0)),
     ("bool_mask", "fwd", 64, False): as_config((64, 128, 4, 3, 0)),
+    ("bool_mask_rows", "fwd", 64, False): as_config((64, 128, 4, 3, 0)),
+    ("bool_mask_rows", "fwd", 128, True): as_config((64, 64, 4, 3, 1)),
+    ("bool_mask_rows", "bwd_kv", 128, False): as_config((64, 64, 4, 2, 2)),
 }
 
 # Which backward runs by default, per head-dim class. The single pass does 7 tile products per kept
@@ -344,14 +357,6 @@ class _Problem:
         self.keep = keep  # bool, an i1 pointer to Triton (Inductor cannot lower a bool -> uint8 view)
         self.causal = bool(is_causal)
         self.dropkey = mode == "dropkey"
-        # the class of problems PROBLEM_FIRST's configs were timed on, dropout after the softmax:
-        # "plain" without an attention mask, "bool_mask" with a bool one; None for the others
-        if self.dropkey:
-            self.problem_class = None
-        elif attn_mask is None:
-            self.problem_class = "plain"
-        else:
-            self.problem_class = "bool_mask" if attn_mask.dtype == torch.bool else None
         self.sm_scale = float(default_scale(q, scale))
         if not self.sm_scale > 0:
             raise ValueError(f"sparsedrop attention Triton kernels: scale={scale!r}; they need a positive scale "
@@ -367,6 +372,17 @@ class _Problem:
             self.mask = m.expand(self.B, self.H, self.Sq, self.Sk)
             self.mask_strides = self.mask.stride()
         self.mask_shared = self.mask_kind != MASK_NONE and self.mask_strides[2] == 0
+        # the class of problems PROBLEM_FIRST's configs were timed on, dropout after the softmax:
+        # "plain" without an attention mask, "bool_mask" with a bool one every query row shares,
+        # "bool_mask_rows" with one whose rows differ; None for the others
+        if self.dropkey:
+            self.problem_class = None
+        elif attn_mask is None:
+            self.problem_class = "plain"
+        elif attn_mask.dtype == torch.bool:
+            self.problem_class = "bool_mask" if self.mask_shared else "bool_mask_rows"
+        else:
+            self.problem_class = None
         self.interpret = interpreting()
 
     def common(self):

@@ -329,17 +329,19 @@ def test_triton_head_dim_256_class_with_its_first_tiles(d, strategy, monkeypatch
 
 def test_config_precedence_problem_class_then_tma_then_table():
     """A config override wins; else PROBLEM_FIRST's config for the problem's class (plain: no
-    attention mask; bool_mask: a bool one; dropout after the softmax), then TMA_FIRST's where K
-    and V come by TMA, where it fits the mask tile; else the table's first that fits. Other
-    classes, and the same class with the other loads, never take an entry's config."""
-    classes = ("plain", "bool_mask", None)
+    attention mask; bool_mask: a bool one every query row shares; bool_mask_rows: a bool one
+    whose rows differ; dropout after the softmax), then TMA_FIRST's where K and V come by TMA,
+    where it fits the mask tile; else the table's first that fits. A class without an entry for
+    the pass, or the same class with the other loads, never takes the entry's config."""
+    classes = ("plain", "bool_mask", "bool_mask_rows", None)
     for (problem, kind, cls, tma), cfg in fat.PROBLEM_FIRST.items():
         block = (cfg.tile_m * 2, cfg.tile_n)
         assert fat._pick_config(kind, cls, block, tma_loads=tma, problem=problem) is cfg
         for other in classes:
-            if other != problem:
-                assert fat._pick_config(kind, cls, block, tma_loads=tma, problem=other) is not cfg
-        assert fat._pick_config(kind, cls, block, tma_loads=not tma, problem=problem) is not cfg
+            if (other, kind, cls, tma) not in fat.PROBLEM_FIRST:
+                assert fat._pick_config(kind, cls, block, tma_loads=tma, problem=other) != cfg
+        if (problem, kind, cls, not tma) not in fat.PROBLEM_FIRST:
+            assert fat._pick_config(kind, cls, block, tma_loads=not tma, problem=problem) != cfg
         # a mask tile it does not fit: the next rule
         small = (16, 16)
         assert fat._pick_config(kind, cls, small, tma_loads=tma, problem=problem).tile_m == 16
@@ -356,11 +358,14 @@ def test_config_precedence_problem_class_then_tma_then_table():
 def test_problem_class_names_the_mask_and_mode():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     keep = torch.ones(1, 2, 1, 1, dtype=torch.bool)
-    bool_mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
+    bool_mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)  # a key-padding view: every query row shares it
+    materialised = bool_mask.expand(1, 1, 64, 64).contiguous()  # as HF builds it: a row per query
     float_mask = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
     problem = lambda m, mode: fat._Problem(q, q, q, m, keep, 0.1, False, None, False, (64, 128), mode).problem_class  # noqa: E731
     assert problem(None, "post_softmax") == "plain"
     assert problem(bool_mask, "post_softmax") == "bool_mask"
+    assert problem(materialised, "post_softmax") == "bool_mask_rows"
+    assert problem(materialised.tril(), "post_softmax") == "bool_mask_rows"
     assert problem(float_mask, "post_softmax") is None
     assert problem(None, "dropkey") is None
     assert problem(bool_mask, "dropkey") is None
@@ -825,6 +830,7 @@ GPU_CASES = [
     (2, 12, 12, 1024, 64, False, "bool_causal_pad", torch.bfloat16, "dropkey", "atomic"),
     (2, 8, 8, 777, 64, False, "float_neginf", torch.float16, "post_softmax", "two_pass"),
     (2, 8, 8, 300, 128, True, "float_neginf", torch.bfloat16, "post_softmax", "atomic"),
+    (4, 12, 12, 512, 128, False, "bool_pad_full", torch.bfloat16, "post_softmax", "two_pass"),
     # Head dims that are not 64 / 128 (padded ones masked), at the default mask tile: the 256
     # class's configs and every padded extent (8 -> 16, 80 and 96 -> 128, 136 and 192 -> 256).
     (4, 16, 16, 1024, 8, True, None, torch.bfloat16, "post_softmax", "two_pass"),
@@ -961,6 +967,9 @@ TMA_LOAD_CASES = [
     (2, 16, 4, 1000, 96, True, None, torch.bfloat16, "post_softmax", "two_pass"),
     (2, 8, 8, 777, 192, True, None, torch.bfloat16, "dropkey", "atomic"),
     (2, 8, 8, 777, 256, True, "float_neginf", torch.bfloat16, "post_softmax", "two_pass"),
+    # materialised bool masks in the 128 class: PROBLEM_FIRST's "bool_mask_rows" forward and dK/dV tiles
+    (2, 12, 12, 777, 128, False, "bool_causal_pad", torch.bfloat16, "post_softmax", "two_pass"),
+    (2, 12, 12, 512, 96, False, "bool_pad_full", torch.float16, "post_softmax", "two_pass"),
 ]
 
 
