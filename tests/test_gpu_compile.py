@@ -105,11 +105,13 @@ def attention_default_mask_tile(dtype):
     # The 128 and 256 classes' own tiles (head dims 72-128 and 136-256) at the default mask tile,
     # without a mask and with a key-padding one, the default (two-pass) backward; and head dim
     # 64's there, whose plain (no mask) and bool-masked problems take PROBLEM_FIRST's 128-key tiles.
+    # Up to 128 also with a materialised bool mask (PROBLEM_FIRST's "bool_mask_rows" tiles).
     B, H, S = 1, 2, 200
     for D in (64, 128, 256):
         q, k, v = (torch.randn(B, H, S, D, dtype=dtype) for _ in range(3))
         keep = torch.rand(B, H, cdiv(S, 64) + 1, cdiv(S, 128) + 1) > 0.3
-        for mask in (None, torch.rand(B, 1, 1, S) > 0.2):
+        masks = (None, torch.rand(B, 1, 1, S) > 0.2) + ((torch.rand(B, 1, S, S) > 0.2,) if D <= 128 else ())
+        for mask in masks:
             fat.attention_forward(q, k, v, mask, keep, 0.1, mask is None, None, False, fat.DEFAULT_BLOCK, "dropout")
             out, lse = torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, H, S)
             fat.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, keep, 0.1, mask is None, None,
