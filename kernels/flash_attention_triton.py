@@ -223,9 +223,9 @@ PROBLEM_FIRST: dict[tuple[str, str, int, bool], KernelConfig] = {
 # against the single pass's 0.681 in the same run, and forward + backward went 0.901 -> 0.785 ms
 # (8x16x1024x128 0.809 -> 0.696, 4x16x2048x80 causal 0.838 -> 0.777). The first candidates for head
 # dim 64 are the sweeps' winners for a 64x64 mask tile (plain and bool-masked problems: see
-# PROBLEM_FIRST); for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped tiles, skip mode
-# 2: also fastest with pointer loads, 0.247 ms). The 256 class keeps two passes: there the best
-# single pass took 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
+# PROBLEM_FIRST); for head dim 128 those of session 18 (the dQ pass's winner does not skip dropped
+# tiles, skip mode 2: also fastest with pointer loads, 0.247 ms). The 256 class keeps two passes:
+# there the best single pass took 5.5 ms against 3.4 ms for the two (4x16x2048x256 causal, session 16).
 BACKWARD_STRATEGY = {64: "two_pass", 128: "two_pass", 256: "two_pass"}
 
 # The mask tile the user layer uses by default (64 queries x 128 keys). On the H200 sweeps head
