@@ -474,7 +474,7 @@ def run_sweep(args) -> list[dict]:
                 print(f"  mask tile {tile[0]:3d}x{tile[1]:<3d} {strategy:8s}: {total:.4f} ms "
                       f"(x{base['sdpa_p'] / total:.2f} vs SDPA p, x{base['sdpa_p0'] / total:.2f} vs SDPA p=0)  {cfgs}")
         print(f"\n  to adopt: put each pass's winner first in _CANDIDATE_TABLE[...][{fat.head_dim_class(d)}] and the faster "
-              f"strategy in BACKWARD_STRATEGY[{fat.head_dim_class(d)}] in kernels/flash_attention_triton.py")
+              f"strategy in BACKWARD_STRATEGY[{fat.head_dim_class(d)}] in kernels/flash_attention_configs.py")
     return rows
 
 

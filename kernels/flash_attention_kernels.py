@@ -1,6 +1,7 @@
 """The flash-attention kernels of SparseDrop's tile dropout (``@triton.jit`` code only; the host
-side, configs and launchers are in ``flash_attention_triton.py``, the semantics and the
-plain-PyTorch oracle in ``flash_attention.py``: read ``reference_attention``'s docstring first).
+side and launchers are in ``flash_attention_triton.py``, the configs in
+``flash_attention_configs.py``, the semantics and the plain-PyTorch oracle in
+``flash_attention.py``: read ``reference_attention``'s docstring first).
 
 This file has the forward, the helpers both directions share (products, head dims, TMA loads,
 mask tile classes, loop ranges) and the conventions below; the backward kernels are in
