@@ -59,8 +59,11 @@ def _kept_lists_kernel(
         for j0 in range(0, n_lines, ORDER_LINES):
             j = j0 + tl.arange(0, ORDER_LINES)
             j_ok = j < n_lines
-            c_j = _line_counts(keep_ptr, j, j_ok, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
-                               ORDER_LINES, ORDER_ENTRIES)
+            c_j = tl.zeros((ORDER_LINES,), dtype=tl.int32)
+            for e0 in range(0, line_len, ORDER_ENTRIES):
+                offsets, ok = _flag_offsets(j, j_ok, e0, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
+                                            ORDER_ENTRIES)
+                c_j += tl.sum((tl.load(keep_ptr + offsets, mask=ok, other=0) != 0).to(tl.int32), 1)
             before = j_ok & ((c_j > total) | ((c_j == total) & (j < line)))
             rank += tl.sum(before.to(tl.int32), 0)
             if SCHEDULE:
@@ -77,19 +80,20 @@ def _kept_lists_kernel(
 
 
 @triton.jit
-def _line_counts(keep_ptr, j, j_ok, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0,
-                 LINES: tl.constexpr, ENTRIES: tl.constexpr):
-    """Kept counts of the lines ``j`` (LINES of them; those not ``j_ok`` count 0), in the
-    geometry of _kept_lists_kernel: how a program learns the other lines' counts without a
-    grid-wide barrier, by reading their flags itself."""
+def _flag_offsets(j, j_ok, e0, line_len, L0, stride_l1, stride_l0, E0, stride_e1, stride_e0, ENTRIES: tl.constexpr):
+    """Offsets from keep of the flags of lines ``j`` (a vector), entries e0 .. e0 + ENTRIES, in
+    the geometry of _kept_lists_kernel, and which of them exist: how a program counts the other
+    lines' kept entries without a grid-wide barrier, by reading their flags itself.
+
+    Offsets, not pointers or counts, on purpose: when torch traces a launch it counts as written
+    every argument from which a store's address is computed, and through a call every argument
+    of the call. The counts address stores (a line's rank, its place in the lists), so a helper
+    taking ``keep`` and returning counts made keep count as written, and compiled code at sizes
+    with kept-block lists failed to build (Inductor, torch 2.11: KeyError in the scheduler)."""
     j_base = (j // L0).to(tl.int64) * stride_l1 + (j % L0).to(tl.int64) * stride_l0
-    c_j = tl.zeros((LINES,), dtype=tl.int32)
-    for e0 in range(0, line_len, ENTRIES):
-        e = e0 + tl.arange(0, ENTRIES)
-        e_off = (e // E0) * stride_e1 + (e % E0) * stride_e0
-        f = tl.load(keep_ptr + j_base[:, None] + e_off[None, :], mask=j_ok[:, None] & (e < line_len)[None, :], other=0)
-        c_j += tl.sum((f != 0).to(tl.int32), 1)
-    return c_j
+    e = e0 + tl.arange(0, ENTRIES)
+    e_off = (e // E0) * stride_e1 + (e % E0) * stride_e0
+    return j_base[:, None] + e_off[None, :], j_ok[:, None] & (e < line_len)[None, :]
 
 
 @triton.jit
@@ -109,7 +113,7 @@ def _kept_pairs_kernel(
     Dropped blocks, column by column, from drop_index[(dropped blocks of the columns before c)].
     count[0] = pairs, count[1] = dropped blocks, written by program 0.
 
-    Each program counts every column itself (_line_counts), as the ranking of _kept_lists_kernel
+    Each program counts every column itself (_flag_offsets), as the ranking of _kept_lists_kernel
     does: the launcher allows it for small masks only.
     """
     c = tl.program_id(0)
@@ -120,8 +124,11 @@ def _kept_pairs_kernel(
     for j0 in range(0, n_cols, COUNT_LINES):
         j = j0 + tl.arange(0, COUNT_LINES)
         j_ok = j < n_cols
-        c_j = _line_counts(keep_ptr, j, j_ok, n_entries, n_cols, 0, stride_c, n_rblk, stride_b, stride_r,
-                           COUNT_LINES, COUNT_ENTRIES)
+        c_j = tl.zeros((COUNT_LINES,), dtype=tl.int32)
+        for e0 in range(0, n_entries, COUNT_ENTRIES):
+            offsets, ok = _flag_offsets(j, j_ok, e0, n_entries, n_cols, 0, stride_c, n_rblk, stride_b, stride_r,
+                                        COUNT_ENTRIES)
+            c_j += tl.sum((tl.load(keep_ptr + offsets, mask=ok, other=0) != 0).to(tl.int32), 1)
         pairs_j = (c_j + 1) // 2
         dropped_j = tl.where(j_ok, n_entries - c_j, 0)
         pairs_before += tl.sum(tl.where(j < c, pairs_j, 0), 0)

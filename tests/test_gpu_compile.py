@@ -280,6 +280,11 @@ def test_kernel_write_analysis_is_cached_per_specialisation_with_torchs_answer(t
     # analysis, being conservative, also counts the kept-block lists its persistent schedule reads).
     assert {w for k, w in writes if k in ("_dsd_kernel", "_dsd_tn_kernel")} == {"out_ptr"}, out
     assert "out_ptr" in {w for k, w in writes if k == "_sdd_kernel"}, out
+    # The kept-block lists write their lists and nothing else. With the flags counted as written
+    # (a helper taking keep returned the counts that address the stores), compiled code with
+    # these lists did not build: Inductor copied the flags and failed in its scheduler.
+    lists = {w for k, w in writes if k == "_kept_lists_kernel"}
+    assert {"count_ptr", "index_ptr"} <= lists <= {"count_ptr", "index_ptr", "order_ptr", "schedule_ptr"}, out
     # The attention kernels write their outputs and nothing else: an input counted as written
     # (q, k, v, the mask, the flags) would be copied by compiled code before every launch. (A
     # helper whose result addresses a store makes torch count the helper's every argument.)
