@@ -6,8 +6,8 @@ when every condition below holds, else they run the portable Triton kernels. Sam
 oracle (``block_sparse_matmul.py``).
 
 Conditions (each one is a fact the kernel relies on, not a tuning choice):
-- a Hopper GPU (capability 9.x), Triton with Gluon's Hopper module, not the interpreter, the
-  call not traced (Inductor cannot emit a Gluon kernel in its code), ``SPARSEDROP_HOPPER`` not 0;
+- a Hopper GPU (capability 9.x), Triton with Gluon's Hopper module, not the interpreter,
+  ``SPARSEDROP_HOPPER`` not 0;
 - fp16 or bf16 (wgmma's 16-bit operands, either major order from shared memory);
 - the problem is one 2-D matmul: batch 1, or a batch that folds into the rows (every matrix's
   rows a whole number of mask blocks, the right operand shared, the folded strides uniform);
@@ -22,10 +22,20 @@ with 128 x 128 tiles where the big ones would be fewer than the SMs (``_plan``).
 The sdd pairs kept blocks of a column into one 256 x 128 tile (``_SDD_PAIRS``) where the mask
 blocks are 128 x 128 (or multiples), g's rows are contiguous and ``kept_pairs`` takes the mask;
 otherwise its tiles are whole 128 x 128 (or smaller) tiles of one kept block.
+
+Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
+``@triton.jit`` source, which a Gluon kernel is not. So a traced call that the wgmma kernel would
+serve enters the graph as one opaque op (``sparsedrop::wgmma_dsd``, ``wgmma_sdd``,
+``wgmma_dsd_tn``), which Inductor calls as an extern kernel and which runs the launcher on the
+real tensors (its launches planned: ``launch_plans``). A traced tensor has no address, so its
+alignment is read off its storage offset, as Inductor assumes of its buffers; should an operand
+turn out misaligned at run time, the launcher runs the portable kernels. Symbolic sizes keep the
+portable kernels (deciding on them would add guards).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -75,6 +85,16 @@ _STREAM_K_BELOW = 0.9
 # what fits its warps and the producer's warpgroup in an SM's 64 K registers (the compiler moves
 # the producer's spare registers to the MMA warps).
 _PRODUCER_REGS = 40
+# Under torch.compile the wgmma kernel runs through an opaque op (``serve``), which costs the host
+# about 190 us a call on an H200 host (torch's custom-op layers, then the launcher's launch plan:
+# its buffers, views and two launches), against a few tens for the portable kernels, which
+# Inductor launches itself. Outside CUDA graphs it serves from this many multiply-adds up, where
+# the op's GPU time passes that; below, compiled code keeps the portable kernels. Under CUDA
+# graphs (Inductor's reduce-overhead mode) the host cost is paid once, at capture: any size not
+# launch-bound. Session 21: at p = 0.5, forward + backward of one compiled site in default mode
+# (do_bench, host included) took 2.33 ms against 2.95 at 8192 x 4096 x 14336 (2^38.8), but
+# 1.38 against 0.92 at 4096^3 (2^36).
+OPAQUE_MIN_WORK = 2**38
 
 
 def _stream_k(n_tiles: int, programs: int, iterations: int) -> bool:
@@ -103,7 +123,9 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:
         base, trans = t.t(), True
     else:
         return None
-    if (base.stride(0) * base.element_size()) % 16 or base.data_ptr() % 16 or base.shape[1] * base.element_size() < 16:
+    es = base.element_size()
+    address = base.storage_offset() * es if runtime.is_traced(base) else base.data_ptr()  # see the module doc
+    if (base.stride(0) * es) % 16 or address % 16 or base.shape[1] * es < 16:
         return None
     return base, trans
 
@@ -236,15 +258,16 @@ class Plan:
             )
 
 
-def _usable(work: int, *tensors: Tensor) -> bool:
-    """The device, dtype and call allow the wgmma kernel, and the problem (``work`` multiply-adds)
-    is not launch-bound (there the portable kernels' cheaper launch wins; runtime.launch_bound)."""
+def _usable(sizes: tuple, *tensors: Tensor) -> bool:
+    """The device, dtype and call allow the wgmma kernel, and the problem (the product of
+    ``sizes`` in multiply-adds) is not launch-bound (there the portable kernels' cheaper launch
+    wins; runtime.launch_bound). Traced with symbolic sizes: no (see the module doc)."""
     t0 = tensors[0]
     if not available(t0.device) or t0.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if runtime.launch_bound_work(work, False):
+    if runtime.has_symbolic_sizes(tensors) or any(isinstance(n, torch.SymInt) for n in sizes):
         return False
-    if runtime.tracing() or any(runtime.is_traced(t) for t in tensors):
+    if runtime.launch_bound_work(math.prod(sizes), False):
         return False
     return all(t.dtype == t0.dtype for t in tensors)
 
@@ -299,7 +322,7 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
 def plan_dsd(a: Tensor, b: Tensor, keep: Tensor, block, bias, out_keep, out: Tensor) -> Plan | None:
     """dsd: out (B, M, N) = (a ⊙ m) @ b; lines = row blocks of a, steps = their kept column blocks."""
     B, M, K = a.shape
-    if out_keep is not None or not _usable(B * M * K * b.shape[2], a, b, out, *([bias] if bias is not None else [])):
+    if out_keep is not None or not _usable((B, M, K, b.shape[2]), a, b, out, *([bias] if bias is not None else [])):
         return None
     br, bc = block
     if b.shape[0] != 1 and B != 1:
@@ -316,7 +339,7 @@ def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, ou
     """sdd: out (B, M, K) = (grad @ bᵀ) ⊙ m; every output tile inside one mask block."""
     B, M, N = grad.shape
     if reduce_keep is not None or \
-            not _usable(B * M * N * b.shape[1], grad, b, out, *([bias] if bias is not None else [])):
+            not _usable((B, M, N, b.shape[1]), grad, b, out, *([bias] if bias is not None else [])):
         return None
     br, bc = block
     if b.shape[0] != 1 and B != 1:
@@ -344,7 +367,7 @@ def plan_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, block, batched_out: bool,
     """dsd_tn: out (K, N) = (a ⊙ m)ᵀ @ grad summed over the batch; lines = column blocks of a,
     steps = their kept row blocks (of every batch entry)."""
     B, M, K = a.shape
-    if grad_keep is not None or not _usable(B * M * K * grad.shape[2], a, grad, out):
+    if grad_keep is not None or not _usable((B, M, K, grad.shape[2]), a, grad, out):
         return None
     br, bc = block
     if batched_out and B != 1:
@@ -355,3 +378,61 @@ def plan_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, block, batched_out: bool,
         return None
     return _plan(a2.t(), g2, out[0], B * M, keep, blocks, block, "col" if B == 1 else "col_sum", bc, br,
                  lines_are_rows=True)
+
+
+# --------------------------------------------------------------------------- under torch.compile
+def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = None, bias_scale: float = 1.0) -> bool:
+    """Serve a launcher's call on the wgmma kernel: run ``plan`` now, or, when the call is traced
+    (its tensors fake: torch.compile tracing an op body), record ``op`` (one of the opaque ops
+    below) with ``op_args``, the launcher's own arguments. Not a dispatch mode alone: a launch
+    plan's recording runs under one, with real tensors, and must record the launches themselves.
+    False: no plan, or while traced a symbolic scale or a problem below OPAQUE_MIN_WORK outside
+    CUDA graphs; the portable kernels serve the call."""
+    if plan is None:
+        return False
+    if any(runtime.is_traced(t) for t in op_args if isinstance(t, Tensor)):
+        if not all(isinstance(v, (int, float)) for v in (scale, bias_scale)):
+            return False
+        from torch._inductor import config as inductor_config
+
+        if plan.R * plan.C * plan.D < OPAQUE_MIN_WORK and not inductor_config.triton.cudagraphs:
+            return False
+        op(*op_args)
+        return True
+    plan.run(scale, bias, bias_scale)
+    return True
+
+
+def _launchers():
+    from . import block_sparse_matmul_triton as tri  # it imports this module
+
+    return tri
+
+
+@torch.library.custom_op("sparsedrop::wgmma_dsd", mutates_args=("out",))
+def wgmma_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+              bias: Tensor | None, out: Tensor) -> None:
+    """``block_sparse_matmul_triton.dsd(..., out=out)`` as one opaque op of a compiled graph."""
+    with runtime.direct_launches():
+        _launchers().dsd(a, b, keep, scale, (block_rows, block_cols), bias, out=out, _supported=True)
+
+
+@torch.library.custom_op("sparsedrop::wgmma_sdd", mutates_args=("out",))
+def wgmma_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+              bias: Tensor | None, bias_scale: float, out: Tensor) -> None:
+    """``block_sparse_matmul_triton.sdd(..., out=out)`` as one opaque op of a compiled graph."""
+    with runtime.direct_launches():
+        _launchers().sdd(grad, b, keep, scale, (block_rows, block_cols), bias, bias_scale=bias_scale, out=out,
+                         _supported=True)
+
+
+@torch.library.custom_op("sparsedrop::wgmma_dsd_tn", mutates_args=("out",))
+def wgmma_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
+                 batched_out: bool, out: Tensor) -> None:
+    """``block_sparse_matmul_triton.dsd_tn(..., out=out)`` as one opaque op of a compiled graph."""
+    with runtime.direct_launches():
+        _launchers().dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out, out=out, _supported=True)
+
+
+for _op in (wgmma_dsd, wgmma_sdd, wgmma_dsd_tn):
+    _op.register_fake(lambda *args: None)  # writes into ``out``, returns nothing

@@ -284,8 +284,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         return out.copy_(full if out_keep is None else _block_masked(full, out_keep, block))
     if config is None:
         plan = hopper.plan_dsd(a, b, keep, block, bias, out_keep, out)
-        if plan is not None:
-            plan.run(scale, bias)
+        if hopper.serve(plan, hopper.wgmma_dsd, (a, b, keep, scale, *block, bias, out), scale, bias):
             return out
     br, bc = block
     b_k_contig = _k_contig(b)
@@ -359,8 +358,8 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         return out.copy_(_block_masked((bias * bias_scale).expand(B, M, K), keep, block))
     if config is None:
         plan = hopper.plan_sdd(grad, b, keep, block, bias, reduce_keep, out)
-        if plan is not None:
-            plan.run(scale, bias, bias_scale)
+        if hopper.serve(plan, hopper.wgmma_sdd, (grad, b, keep, scale, *block, bias, bias_scale, out), scale, bias,
+                        bias_scale):
             return out
     br, bc = block
     n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)
@@ -447,8 +446,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         return out.zero_()
     if config is None:
         plan = hopper.plan_dsd_tn(a, grad, keep, block, batched_out, grad_keep, out)
-        if plan is not None:
-            plan.run(scale)
+        if hopper.serve(plan, hopper.wgmma_dsd_tn, (a, grad, keep, scale, *block, batched_out, out), scale):
             return out
     br, bc = block
     n_rblk, n_cblk = cdiv(M, br), cdiv(K, bc)

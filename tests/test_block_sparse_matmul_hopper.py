@@ -29,6 +29,7 @@ gpu = pytest.mark.gpu
 def every_size_large(monkeypatch):
     """The Hopper path skips launch-bound problems; these test shapes are small, count them large."""
     monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
+    monkeypatch.setattr(hopper, "OPAQUE_MIN_WORK", 0)  # compiled code: the opaque op at every size
     monkeypatch.delenv("SPARSEDROP_HOPPER", raising=False)
 
 
@@ -246,9 +247,13 @@ def test_eager_replays_launch_the_hopper_kernel():
         mask = ref.expand_block_keep(keep, 512, 1024, 128, 128)[0]
         _close(dx, torch.where(mask, (dy.float() @ w.detach().float()) / 0.7, 0.0))
     assert launch_plans.stats["replayed"] > replayed, "the eager calls were never replayed: the test checks nothing"
+    # A plan is recorded under a dispatch mode (launch_plans._OnlyViews) with real tensors: that
+    # must not count as traced, or the recorded (replayed) launches are the portable kernels.
+    recorded = {r.kernel for plan in launch_plans._plans.values() if plan is not None for r in plan.launches}
+    assert hopper._listed_wgmma_kernel in recorded, "the replays launch the portable kernels"
 
 
-def test_hopper_path_not_planned_without_a_hopper_gpu_or_when_traced():
+def test_hopper_path_not_planned_without_a_hopper_gpu():
     """On CPU tensors (and under the interpreter) the launchers never plan the Gluon kernels."""
     a = torch.randn(1, 256, 256, dtype=torch.bfloat16)
     b = torch.randn(1, 256, 256, dtype=torch.bfloat16)
@@ -257,3 +262,176 @@ def test_hopper_path_not_planned_without_a_hopper_gpu_or_when_traced():
     assert hopper.plan_dsd(a, b, keep, (128, 128), None, None, out) is None
     assert hopper.plan_sdd(a, b, keep, (128, 128), None, None, out) is None
     assert hopper.plan_dsd_tn(a, a, keep, (128, 128), False, None, out) is None
+
+
+# --------------------------------------------------------------------------- under torch.compile
+def _operands(device, dtype, seed=3):
+    """dsd / sdd / dsd_tn operands with ragged rows and a keep of about 40 % dropped blocks."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randn(2, 200, 96, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(1, 96, 80, device=device, dtype=dtype, generator=gen)
+    g = torch.randn(2, 200, 80, device=device, dtype=dtype, generator=gen)
+    bias = torch.randn(80, device=device, dtype=dtype, generator=gen)
+    keep = torch.rand(2, cdiv(200, 32), cdiv(96, 32), device=device, generator=gen) >= 0.4
+    return a, b, g, bias, keep
+
+
+@pytest.mark.interpret
+def test_opaque_ops_run_the_launchers():
+    """The ops a traced call records (sparsedrop::wgmma_*) write what the launchers compute into
+    ``out``, for every argument they pass on (bias, bias_scale, the summed weight gradient into a
+    transposed view). Here on CPU tensors, where the launchers run the portable kernels."""
+    a, b, g, bias, keep = _operands("cpu", torch.float32)
+    block, scale = (32, 32), 1 / 0.6
+    out = torch.empty(2, 200, 80)
+    torch.ops.sparsedrop.wgmma_dsd(a, b, keep, scale, *block, bias, out)
+    torch.testing.assert_close(out, ref.reference_dsd(a, b, keep, scale, block, bias), atol=1e-4, rtol=1e-4)
+    out = torch.empty(2, 200, 96)
+    bias_k = torch.linspace(-1, 1, 96)
+    torch.ops.sparsedrop.wgmma_sdd(g, b, keep, scale, *block, bias_k, 0.5, out)  # out = (g bᵀ) ⊙ m
+    torch.testing.assert_close(out, ref.reference_sdd(g, b, keep, scale, block, bias_k, bias_scale=0.5),
+                               atol=1e-4, rtol=1e-4)
+    dw = torch.empty(80, 96)
+    torch.ops.sparsedrop.wgmma_dsd_tn(a, g, keep, scale, *block, False, dw.t().unsqueeze(0))
+    torch.testing.assert_close(dw.t()[None], ref.reference_dsd_tn(a, g, keep, scale, block, False), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpret
+def test_traced_call_records_the_opaque_op(monkeypatch):
+    """While a call is traced (fake tensors, as when torch.compile traces an op body), a launcher
+    whose call the wgmma kernel would serve records one sparsedrop::wgmma_* node in the graph and
+    launches nothing; outside a trace the same call runs the plan."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ran = []
+
+    class FakePlan:
+        R, C, D = 200, 80, 96
+
+        def run(self, scale, bias=None, bias_scale=1.0):
+            ran.append(scale)
+
+    for name in ("plan_dsd", "plan_sdd", "plan_dsd_tn"):
+        monkeypatch.setattr(hopper, name, lambda *args: FakePlan())
+    a, b, g, bias, keep = _operands("cpu", torch.bfloat16)
+    calls = {
+        "wgmma_dsd": lambda a, b, g, keep: tri.dsd(a, b, keep, 2.0, (32, 32)),
+        "wgmma_sdd": lambda a, b, g, keep: tri.sdd(g, b, keep, 2.0, (32, 32)),
+        "wgmma_dsd_tn": lambda a, b, g, keep: tri.dsd_tn(a, g, keep, 2.0, (32, 32), False),
+    }
+    for op, call in calls.items():
+        graph = make_fx(call, tracing_mode="fake")(a, b, g, keep).graph
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert f"sparsedrop.{op}.default" in targets, targets
+        assert not any("triton_kernel_wrapper" in t for t in targets), targets
+    assert not ran, "a traced call ran the plan"
+    tri.dsd(a, b, keep, 2.0, (32, 32))
+    tri.sdd(g, b, keep, 2.0, (32, 32))
+    assert ran == [2.0, 2.0]
+
+
+def test_traced_call_with_symbolic_sizes_keeps_the_portable_kernels():
+    """Symbolic sizes: the plan would guard on them, so no wgmma plan while traced."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    seen = []
+
+    def call(a, b, keep, out):
+        seen.append(hopper._usable((a.shape[0], a.shape[1], a.shape[2], b.shape[2]), a, b, out))
+        return out
+
+    a, b, g, bias, keep = _operands("cpu", torch.bfloat16)
+    make_fx(call, tracing_mode="symbolic")(a, b, keep, torch.empty(2, 200, 80, dtype=torch.bfloat16))
+    assert seen == [False]
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_compiled_ops_run_the_hopper_kernel(side):
+    """torch.compile of the linear ops (forward and both gradients): the generated code calls the
+    opaque sparsedrop::wgmma_* ops (Inductor cannot emit the Gluon kernel itself), and output and
+    gradients equal the eager op's, which the other tests check against the reference; a second
+    call with new values checks the ops' launch plans. Input side: against the fp32 reference
+    too, with NaN in x's dropped blocks."""
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    block, scale = (128, 128), 1 / 0.6
+    w = torch.randn(640, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(640, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    if side == "input":
+        keep = torch.rand(1, 5, 8, device="cuda", generator=gen) >= 0.4
+        op = lambda x, w, b: torch.ops.sparsedrop.linear(x, w, b, keep, scale, *block, "triton")  # noqa: E731
+    else:
+        keep = torch.rand(1, 5, 5, device="cuda", generator=gen) >= 0.4
+        op = lambda x, w, b: torch.ops.sparsedrop.linear_out(x, w, b, keep, scale, *block, "triton")  # noqa: E731
+    compiled = torch.compile(op, fullgraph=True, dynamic=False)
+
+    def step(f, x, dy):
+        y = f(x, w, bias)
+        return (y, *torch.autograd.grad(y, (x, w, bias), dy))
+
+    for call in range(2):
+        x = torch.randn(640, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+        if side == "input":
+            x = _poison(x[None], keep, block)[0]
+        x.requires_grad_()
+        dy = torch.randn(640, 640, device="cuda", generator=gen, dtype=torch.bfloat16)
+        if call == 0:
+            got, code = run_and_get_code(step, compiled, x, dy)
+            code = "\n".join(code)
+            for name in ("wgmma_dsd", "wgmma_sdd", "wgmma_dsd_tn"):
+                assert f"sparsedrop.{name}" in code, f"compiled code does not call {name}"
+        else:
+            got = step(compiled, x, dy)
+        expected = step(op, x, dy)
+        for g, e in zip(got, expected):
+            _close(g, e)  # no NaN either: x's poisoned blocks are never read
+        if side == "input":
+            xm = ref._masked(x.detach().float()[None], keep, block)[0] * scale
+            _close(got[0], xm @ w.detach().float().t() + bias.detach().float())
+            _close(got[2], dy.float().t() @ xm)
+
+
+@pytest.mark.interpret
+def test_opaque_op_in_a_compiled_op_body_writes_in_place():
+    """Inductor compiling an op body that calls an opaque op (as a traced launcher records it):
+    the op writes straight into the body's buffer, through a transposed view (dsd_tn's weight
+    gradient), with no copy of the output, and the compiled result is the reference's. On CPU
+    tensors under the interpreter, where the op runs the portable kernels."""
+    from torch._inductor.utils import run_and_get_code
+    from sparsedrop_compile.kernels import launch_plans
+
+    def body(a: torch.Tensor, g: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        dw = launch_plans.empty((g.shape[2], a.shape[2]), a.dtype, a.device)
+        hopper.wgmma_dsd_tn(a, g, keep, 2.0, 32, 32, False, dw.t().unsqueeze(0))
+        return dw
+
+    op = torch.library.triton_op("sparsedrop_test::opaque_in_body", body, mutates_args=())
+    a, b, g, bias, keep = _operands("cpu", torch.float32)
+    got, code = run_and_get_code(torch.compile(lambda a, g, keep: op(a, g, keep) * 0.5), a, g, keep)
+    calls = [line for line in "\n".join(code).splitlines() if "sparsedrop.wgmma_dsd_tn" in line]
+    assert len(calls) == 1 and "reinterpret_tensor(buf" in calls[0], calls
+    assert "clone" not in "\n".join(code) and ".copy_(" not in "\n".join(code)
+    torch.testing.assert_close(got.t()[None], 0.5 * ref.reference_dsd_tn(a, g, keep, 2.0, (32, 32), False),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_traced_call_below_the_opaque_op_bound_keeps_the_portable_kernels(monkeypatch):
+    """Outside CUDA graphs a traced call below OPAQUE_MIN_WORK multiply-adds is not served (the
+    opaque op's host cost would pass its GPU time); under CUDA graphs it is."""
+    from torch._inductor import config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class FakePlan:
+        R, C, D = 256, 80, 96
+
+    recorded = []
+    monkeypatch.setattr(hopper, "OPAQUE_MIN_WORK", 256 * 80 * 96 + 1)
+    with FakeTensorMode() as mode:
+        out = mode.from_tensor(torch.empty(1, 256, 80))
+        for cudagraphs in (False, True):
+            monkeypatch.setattr(inductor_config.triton, "cudagraphs", cudagraphs)
+            recorded.append(hopper.serve(FakePlan(), lambda *args: None, (out,), 2.0))
+    assert recorded == [False, True]

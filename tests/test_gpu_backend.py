@@ -12,9 +12,26 @@ from sparsedrop_compile.models import build_model, example_batch
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(params=["as_is", "large", "large_portable"])
+def size_class(request, monkeypatch):
+    """The test sizes are launch-bound (fused, list-free kernels outside CUDA graphs); "large"
+    counts them GPU-bound (kept-block lists; on Hopper the Gluon kernels through opaque ops),
+    "large_portable" also with the Hopper path off (the portable kernels traced into the graph)."""
+    from sparsedrop_compile.kernels import runtime
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper
+
+    if request.param != "as_is":
+        monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
+        monkeypatch.setattr(hopper, "OPAQUE_MIN_WORK", 0)
+    if request.param == "large_portable":
+        monkeypatch.setenv("SPARSEDROP_HOPPER", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype):
+def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype, size_class):
     """Whatever RNG Inductor uses, the output equals block dropout with the mask the backward
     reveals: with dy = 1 and W > 0, dx is positive exactly in the kept blocks."""
     torch.manual_seed(0)
@@ -34,7 +51,7 @@ def test_linear_site_under_inductor_and_cuda_graphs(mode, dtype):
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_output_side_site_under_inductor_and_cuda_graphs(mode, dtype):
+def test_output_side_site_under_inductor_and_cuda_graphs(mode, dtype, size_class):
     """dropout(linear(x, W, b)) with x, W, b > 0: y > 0 everywhere, so the output is zero exactly
     in dropped blocks. Output and every gradient equal plain block dropout with that mask."""
     torch.manual_seed(0)
