@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as ba  # noqa: E402  (the inputs and timers of the attention benchmark)
 
+from sparsedrop_compile import harness  # noqa: E402
 from sparsedrop_compile.attention_ops import sparse_dropout_attention  # noqa: E402
 from sparsedrop_compile.kernels import runtime, traced_descriptors  # noqa: E402
 
@@ -56,8 +57,6 @@ METHODS = ("eager", "compiled", "compiled_pointers", "sdpa_compiled_p", "sdpa_co
 def plot(paths: list[Path], out: Path) -> None:
     """GPU time (CUDA-graph replay) per shape, one bar per method and launcher, from the CSVs of
     one or more runs (the static-launcher run and the Triton-launcher one side by side)."""
-    from sparsedrop_compile import harness
-
     plt = harness.pyplot()
     if plt is None:
         return
@@ -98,10 +97,7 @@ def main(argv=None):
         return
     if not torch.cuda.is_available():
         sys.exit("attention_compiled.py needs a CUDA GPU")
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        sys.exit(f"--methods: unknown {unknown}; expected some of {METHODS}")
+    methods = harness.chosen("--methods", args.methods, METHODS)
     shapes = [row for row in SHAPES if args.shapes is None or row[0] in args.shapes.split(",")]
     info, slug = ba.env_info()
     # Inductor's caches key on the graph, which is the same with either kind of load.

@@ -177,10 +177,7 @@ def main(argv=None) -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("linear_compiled.py needs a CUDA GPU")
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        sys.exit(f"--methods: unknown {unknown}; expected some of {METHODS}")
+    methods = harness.chosen("--methods", args.methods, METHODS)
     if "cublas" not in methods:
         methods.insert(0, "cublas")  # every ratio is against it
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -103,6 +103,17 @@ def time_calls(fn: Callable[[], object], n: int, device: str = "cuda") -> tuple[
 
 
 # --------------------------------------------------------------------------- environment
+def chosen(option: str, text: str, allowed: Iterable[str]) -> list[str]:
+    """A benchmark's comma-separated choice (``--methods a,b``) from ``allowed``; exits naming
+    the unknown ones and the valid choices."""
+    allowed = tuple(allowed)
+    picked = text.split(",")
+    unknown = sorted(set(picked) - set(allowed))
+    if unknown:
+        raise SystemExit(f"{option}: unknown {unknown}; expected some of {allowed}")
+    return picked
+
+
 def device_name(device: str, cpu: str = "cpu") -> str:
     """The CUDA device's name where ``device`` is "cuda", else ``cpu`` (what the gpu column says)."""
     return torch.cuda.get_device_name() if device == "cuda" else cpu
