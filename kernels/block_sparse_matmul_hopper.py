@@ -39,6 +39,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._library.triton import is_wrap_triton_enabled
 
 from . import launch_plans, runtime
 from .block_mask import cdiv
@@ -386,8 +387,8 @@ def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = No
     (its tensors fake: torch.compile tracing an op body), record ``op`` (one of the opaque ops
     below) with ``op_args``, the launcher's own arguments. Not a dispatch mode alone: a launch
     plan's recording runs under one, with real tensors, and must record the launches themselves.
-    False: no plan, or while traced a symbolic scale or a problem below OPAQUE_MIN_WORK outside
-    CUDA graphs; the portable kernels serve the call."""
+    False: no plan; while traced, a symbolic scale or a problem below OPAQUE_MIN_WORK outside
+    CUDA graphs; real tensors under another dispatch mode. The portable kernels serve the call."""
     if plan is None:
         return False
     if any(runtime.is_traced(t) for t in op_args if isinstance(t, Tensor)):
@@ -399,6 +400,12 @@ def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = No
             return False
         op(*op_args)
         return True
+    if runtime.tracing() and is_wrap_triton_enabled():
+        # Real tensors under a dispatch mode of someone else's (selective activation
+        # checkpointing, a flop counter): launches go through torch's wrapper there, which the
+        # portable kernels have always taken. (A launch plan records under a mode of its own, with
+        # the wrapper off: that recording must and does take the wgmma kernel.)
+        return False
     plan.run(scale, bias, bias_scale)
     return True
 

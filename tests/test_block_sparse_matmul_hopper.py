@@ -328,6 +328,21 @@ def test_traced_call_records_the_opaque_op(monkeypatch):
     tri.dsd(a, b, keep, 2.0, (32, 32))
     tri.sdd(g, b, keep, 2.0, (32, 32))
     assert ran == [2.0, 2.0]
+    # Real tensors under a dispatch mode: with torch's launch wrapper on (someone else's mode)
+    # the portable kernels serve, as always; with it off (a launch plan's recording) the plan runs.
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    plan = FakePlan()
+    with Watch():
+        assert not hopper.serve(plan, None, (a, b, keep), 2.0)
+        with set_wrap_triton_enabled(False):
+            assert hopper.serve(plan, None, (a, b, keep), 3.0)
+    assert ran == [2.0, 2.0, 3.0]
 
 
 def test_traced_call_with_symbolic_sizes_keeps_the_portable_kernels():
