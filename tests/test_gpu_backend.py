@@ -17,9 +17,7 @@ def size_class(request, monkeypatch):
     """The test sizes are launch-bound (fused, list-free kernels outside CUDA graphs); "large"
     counts them GPU-bound (kept-block lists; on Hopper the Gluon kernels through opaque ops),
     "large_portable" also with the Hopper path off (the portable kernels traced into the graph)."""
-    from sparsedrop_compile.kernels import runtime
-
-    from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper
+    from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper, runtime
 
     if request.param != "as_is":
         monkeypatch.setattr(runtime, "LAUNCH_BOUND_WORK", 0)
