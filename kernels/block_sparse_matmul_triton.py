@@ -62,7 +62,7 @@ from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDAT
     tuned_configs,
 )
 from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _sdd_kernel
-from .kept_blocks import kept_lists, kept_pairs, pairs_fit  # noqa: F401  (pairs_fit: read by the tests)
+from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit  # noqa: F401  (read by the tests)
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
 __all__ = [

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from . import launch_plans, runtime
-from .kept_blocks_kernels import _kept_lists_kernel, _kept_pairs_kernel
+from .block_mask import cdiv
+from .kept_blocks_kernels import _kept_grouped_kernel, _kept_lists_kernel, _kept_pairs_kernel
 from .runtime import hint, known, launch, next_pow2
 
 
@@ -117,6 +118,42 @@ def kept_pairs(keep: Tensor, blocks: tuple | None = None) -> tuple[Tensor, Tenso
         launch(_kept_pairs_kernel)[(nC,)](
             keep, counts, index, drop_index, nC, B * nR, sb, sr, sc, nR,
             CHUNK=chunk, COUNT_LINES=max(1, min(next_pow2(hint(nC)), 4096 // chunk)), COUNT_ENTRIES=chunk,
+            num_warps=4,
+        )
+    return counts, index, drop_index
+
+
+def grouped_fit(blocks: tuple, group: int) -> bool:
+    """Whether kept_grouped takes a (B, nR, nC) mask in groups of ``group`` row blocks: not
+    empty, and small enough for its kernel's recount (each of its programs reads every flag)."""
+    B, nR, nC = blocks
+    n_blocks = hint(B * nR * nC)
+    return n_blocks > 0 and hint(cdiv(B * nR, group) * nC) * n_blocks <= _ORDER_MAX_FLAG_READS
+
+
+def kept_grouped(keep: Tensor, group: int, blocks: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The flat sdd's lists in tile order (see _kept_grouped_kernel), built on the device in one
+    launch: (counts, index, drop_index) with counts[0] = kept blocks, counts[1] = dropped ones;
+    the kept blocks are index[:counts[0]], group by group of ``group`` row blocks (a power of two,
+    batch entries' rows in sequence), column by column within a group, numbered
+    (b*nR + r)*nC + c; the dropped ones drop_index[:counts[1]]. ``blocks`` as in kept_lists; the
+    mask must pass grouped_fit."""
+    B, nR, nC = keep.shape if blocks is None else blocks
+    if not grouped_fit((B, nR, nC), group) or group & (group - 1):
+        raise ValueError(f"kept_grouped: a mask of {(B, nR, nC)} blocks in groups of {group} rows is empty or too "
+                         f"large for the one-launch lists, or {group} is not a power of two; check grouped_fit first")
+    n_entries = hint(B * nR)
+    device = keep.device
+    index_dtype = torch.int16 if known(B * nR * nC <= 2**15 - 1) else torch.int32
+    counts = launch_plans.empty(3, torch.int32, device)
+    index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
+    drop_index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
+    sb, sr, sc = keep.stride()
+    entries = min(max(next_pow2(n_entries), 16), 1024)
+    with runtime.device_guard(keep):
+        launch(_kept_grouped_kernel)[(cdiv(B * nR, group) * nC,)](
+            keep, counts, index, drop_index, nC, B * nR, sb, sr, sc, nR,
+            GROUP=group, COUNT_LINES=max(1, min(next_pow2(hint(nC)), 4096 // entries)), COUNT_ENTRIES=entries,
             num_warps=4,
         )
     return counts, index, drop_index

@@ -3,6 +3,8 @@ to walk (``@triton.jit`` code only; the host side is ``kept_blocks.py``).
 
     _kept_lists_kernel  per-line lists of kept (or dropped) blocks, optionally ranked
     _kept_pairs_kernel  the paired sdd's lists (Hopper): kept blocks two per column, dropped ones
+    _kept_grouped_kernel  the flat sdd's lists (Hopper): kept blocks in groups of rows, column by
+                        column within a group (an L2-friendly tile order), dropped ones
 """
 import triton
 import triton.language as tl
@@ -160,3 +162,55 @@ def _kept_pairs_kernel(
     tl.store(kept_out + kept_n, last.to(index_ptr.dtype.element_ty), mask=(kept_n % 2) == 1)
     tl.store(count_ptr, pairs_all, mask=c == 0)
     tl.store(count_ptr + 1, dropped_all, mask=c == 0)
+
+
+@triton.jit
+def _kept_grouped_kernel(
+    keep_ptr, count_ptr, index_ptr, drop_index_ptr,
+    n_cols, n_entries, stride_b, stride_r, stride_c, n_rblk,
+    GROUP: tl.constexpr, COUNT_LINES: tl.constexpr, COUNT_ENTRIES: tl.constexpr,
+):
+    """The flat sdd's lists (Hopper), in one launch, in the order its tiles should run: one
+    program per line (g, c) = divmod(line, n_cols), the blocks of column c whose entries
+    e = b*nR + r lie in group g (GROUP entries each); lines group by group, column by column.
+    A wave of tiles then reads a few row blocks of the left operand and a run of column blocks of
+    the right one, which stay in L2; in plain row-major order a wave of a wide output streams the
+    whole right operand once per row block, column-major the whole left one per column.
+
+    Kept blocks go to index from the kept blocks of the lines before this one, dropped blocks to
+    drop_index likewise, each numbered (b*nR + r)*nC + c as in kept_lists(by="all"). count[0] =
+    kept blocks, count[1] = dropped blocks, written by program 0. Each program counts the blocks
+    of the lines before it itself (_flag_offsets), as _kept_pairs_kernel does: small masks only.
+    """
+    line = tl.program_id(0)
+    g = line // n_cols
+    c = line % n_cols
+    kept_before = 0
+    dropped_before = 0
+    kept_all = 0
+    for j0 in range(0, n_cols, COUNT_LINES):
+        j = j0 + tl.arange(0, COUNT_LINES)
+        j_ok = j < n_cols
+        for e0 in range(0, n_entries, COUNT_ENTRIES):
+            offsets, ok = _flag_offsets(j, j_ok, e0, n_entries, n_cols, 0, stride_c, n_rblk, stride_b, stride_r,
+                                        COUNT_ENTRIES)
+            kept = tl.load(keep_ptr + offsets, mask=ok, other=0) != 0
+            grp = (e0 + tl.arange(0, COUNT_ENTRIES)) // GROUP
+            earlier = ok & ((grp[None, :] < g) | ((grp[None, :] == g) & (j[:, None] < c)))
+            kept_before += tl.sum(tl.sum((kept & earlier).to(tl.int32), 1), 0)
+            dropped_before += tl.sum(tl.sum((~kept & earlier).to(tl.int32), 1), 0)
+            kept_all += tl.sum(tl.sum((kept & ok).to(tl.int32), 1), 0)
+    e = g * GROUP + tl.arange(0, GROUP)
+    valid = e < n_entries
+    flag = tl.load(keep_ptr + c.to(tl.int64) * stride_c + (e // n_rblk) * stride_b + (e % n_rblk) * stride_r,
+                   mask=valid, other=0)
+    number = e * n_cols + c
+    kept = (flag != 0) & valid
+    ones = kept.to(tl.int32)
+    tl.store(index_ptr + kept_before + tl.cumsum(ones, 0) - ones, number.to(index_ptr.dtype.element_ty), mask=kept)
+    dropped = (flag == 0) & valid
+    ones = dropped.to(tl.int32)
+    tl.store(drop_index_ptr + dropped_before + tl.cumsum(ones, 0) - ones, number.to(drop_index_ptr.dtype.element_ty),
+             mask=dropped)
+    tl.store(count_ptr, kept_all, mask=line == 0)
+    tl.store(count_ptr + 1, n_cols * n_entries - kept_all, mask=line == 0)

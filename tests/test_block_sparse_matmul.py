@@ -256,6 +256,31 @@ def test_kept_pairs():
         tri.kept_pairs(keep, blocks=(1, 2**20, 64))
 
 
+@pytest.mark.parametrize("group", [1, 2, 4, 16])
+def test_kept_grouped(group):
+    """The flat sdd's lists in tile order: kept blocks group by group of rows (batch entries' rows
+    in sequence), column by column within a group, in increasing row order within a column; the
+    dropped blocks likewise; also through a padded view of the flags."""
+    gen = torch.Generator().manual_seed(11)
+    padded = (torch.rand(3, 6, 8, generator=gen) > 0.4).to(DEVICE)
+    B, nR, nC = 3, 5, 7
+    for keep, blocks in ((padded[:, :5, :7].contiguous(), None), (padded.reshape(18, 8)[:15, :7].reshape(3, 5, 7), (3, 5, 7))):
+        counts, index, drop_index = tri.kept_grouped(keep, group, blocks=blocks)
+        flags = keep.reshape(-1).tolist()
+        listed, dropped = [], []
+        for g0 in range(0, B * nR, group):
+            for c in range(nC):
+                for e in range(g0, min(g0 + group, B * nR)):
+                    (listed if flags[e * nC + c] else dropped).append(e * nC + c)
+        assert counts[0].item() == len(listed) and index[: len(listed)].tolist() == listed
+        assert counts[1].item() == len(dropped) and drop_index[: len(dropped)].tolist() == dropped
+    assert not tri.grouped_fit((1, 0, 4), 8)
+    with pytest.raises(ValueError, match="too large"):
+        tri.kept_grouped(keep, 8, blocks=(1, 2**20, 64))
+    with pytest.raises(ValueError, match="power of two"):
+        tri.kept_grouped(keep, 3)
+
+
 def test_unsupported_reason():
     x = torch.zeros(2, 4, device=DEVICE)
     assert tri.unsupported_reason((x, x), (32, 32)) is None
