@@ -4,8 +4,9 @@ vs gᵀ @ x (the weight gradient written in (N, K) order, as ops.py does), at p 
 Each launcher builds its kept-block lists inside the timing; mask sampling is not included
 (bench_kernels.py times the whole op). CUDA-graph medians (triton.testing.do_bench_cudagraph),
 bf16, random inputs, 128 x 128 blocks. The path is switched with SPARSEDROP_HOPPER. dX is
-also timed with the Hopper sdd's flat schedule (whole 128 x 128 tiles of one kept block), beside
-its default paired one (256 x 128 tiles, two kept blocks of a column), as hopper_flat_ms; the
+also timed with the Hopper sdd's paired schedule (256 x 128 tiles, two kept blocks of a column;
+the default of sessions 13-21), beside its default flat one (whole 128 x 128 tiles of one kept
+block, listed in groups of rows, the PINGPONG kernel), as hopper_paired_ms; the
 forward and dW also with whole tiles per program (stream-K off), as hopper_tiles_ms, and
 stream_k says whether the default took stream-K there.
 (Session 13's run, results/raw/session13/call5_hopper_kernels.log, also timed the kernel
@@ -47,9 +48,9 @@ for (M, N, K) in SHAPES:
             res[(path, "dx")] = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
             res[(path, "dw")] = bench(lambda: tri.dsd_tn(a3, g3, keep, 1.0, (128, 128), False, out=dw_out))
         os.environ["SPARSEDROP_HOPPER"] = "1"
-        paired, hopper._SDD_PAIRS = hopper._SDD_PAIRS, None
-        flat_dx = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
-        hopper._SDD_PAIRS = paired
+        flat, hopper._SDD_PAIRS = hopper._SDD_PAIRS, hopper._CONFIGS["tall"]
+        paired_dx = bench(lambda: tri.sdd(g3, b3, keep, 1.0, (128, 128)))
+        hopper._SDD_PAIRS = flat
         dw_out = torch.empty(N, K, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
         plans = {"fwd": hopper.plan_dsd(a3, b3, keep, (128, 128), None, None, torch.empty(1, M, N, device="cuda", dtype=torch.bfloat16)),
                  "dw": hopper.plan_dsd_tn(a3, g3, keep, (128, 128), False, None, dw_out)}
@@ -61,14 +62,14 @@ for (M, N, K) in SHAPES:
         for k in ("fwd", "dx", "dw"):
             row = dict(gpu=dev, torch=torch.__version__, triton=triton.__version__, shape=f"{M}x{N}x{K}", p=p, kernel=k, cublas_ms=dense[k],
                        hopper_ms=res[("hopper", k)], triton_ms=res[("triton", k)],
-                       hopper_flat_ms=flat_dx if k == "dx" else "", hopper_tiles_ms=tiles.get(k, ""),
+                       hopper_paired_ms=paired_dx if k == "dx" else "", hopper_tiles_ms=tiles.get(k, ""),
                        stream_k=stream_k.get(k, False),
                        hopper_vs_cublas=res[("hopper", k)] / dense[k], triton_vs_cublas=res[("triton", k)] / dense[k],
                        hopper_vs_ideal=res[("hopper", k)] / (dense[k] * (1 - p)))
             rows_out.append(row)
             print(f"{M}x{N}x{K} p={p} {k:3s} cublas {dense[k]:.4f}  hopper {res[('hopper', k)]:.4f} ({row['hopper_vs_cublas']:.3f})  "
                   f"triton {res[('triton', k)]:.4f} ({row['triton_vs_cublas']:.3f})  hopper/ideal {row['hopper_vs_ideal']:.3f}"
-                  + (f"  flat sdd {flat_dx:.4f} ({flat_dx / dense[k]:.3f})" if k == "dx" else "")
+                  + (f"  paired sdd {paired_dx:.4f} ({paired_dx / dense[k]:.3f})" if k == "dx" else "")
                   + (f"  tiles {tiles[k]:.4f} ({tiles[k] / dense[k]:.3f}) stream_k={stream_k[k]}" if k in tiles else ""),
                   flush=True)
     tot = lambda path, p: sum(r[f"{path}_ms"] for r in rows_out if r["shape"] == f"{M}x{N}x{K}" and r["p"] == p)

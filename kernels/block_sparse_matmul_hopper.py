@@ -19,9 +19,10 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
 dsd and dsd_tn run stream-K (``_STREAM_K``) where whole tiles would fill their waves badly,
 with 128 x 128 tiles where the big ones would be fewer than the SMs (``_plan``).
 
-The sdd pairs kept blocks of a column into one 256 x 128 tile (``_SDD_PAIRS``) where the mask
-blocks are 128 x 128 (or multiples), g's rows are contiguous and ``kept_pairs`` takes the mask;
-otherwise its tiles are whole 128 x 128 (or smaller) tiles of one kept block.
+The sdd's tiles are whole tiles of one kept block each, listed group by group of row blocks
+(``kept_grouped``), run by the PINGPONG kernel (two consumer warpgroups taking turns, so one's
+epilogue hides under the other's MMAs: the sdd's reduction is the short side, N) where 128 x 128
+tiles fit; pairs of kept blocks of a column in one 256 x 128 tile (``_SDD_PAIRS``) are an option.
 
 Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
 ``@triton.jit`` source, which a Gluon kernel is not. So a traced call that the wgmma kernel would
@@ -43,7 +44,7 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from . import launch_plans, runtime
 from .block_mask import cdiv
-from .kept_blocks import kept_lists, kept_pairs, pairs_fit
+from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit
 
 try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
     from .block_sparse_matmul_hopper_kernels import _listed_wgmma_kernel
@@ -59,6 +60,7 @@ class WgmmaConfig:
     stages: int
     warps: int
     group: int = 8
+    pingpong: bool = False     # two consumer warpgroups of ``warps``, a tile each, taking turns (flat sdd only)
 
 
 # Output tile 128 x 256 (or 256 x 128 where the columns must lie in one 128-wide mask block) with
@@ -70,11 +72,20 @@ _CONFIGS = {
     "square": WgmmaConfig(128, 128, 64, 4, 8),
     "small": WgmmaConfig(64, 128, 64, 4, 4),
     "tiny": WgmmaConfig(64, 64, 64, 4, 4),
+    "pingpong": WgmmaConfig(128, 128, 64, 4, 4, pingpong=True),
 }
-# The sdd's tile when its halves may lie in two mask blocks of one column (kept_pairs): the tall
-# tile, 128 x 128 per block. None: every sdd takes the flat list of whole tiles (the tests set
-# it so to cover that path on the shapes that would pair).
-_SDD_PAIRS: WgmmaConfig | None = _CONFIGS["tall"]
+# The sdd's tiles. Flat: whole tiles of one kept block each, listed in groups of _SDD_GROUP row
+# blocks, column by column within a group (kept_grouped: a wave's operands stay in L2), or
+# row-major where the mask is too large for that list kernel (or _SDD_GROUP is None); where the
+# tile fits, the PINGPONG kernel runs them (_SDD_PINGPONG). Paired (_SDD_PAIRS, the tall tile,
+# 128 x 128 per block, halves in two kept blocks of one column: kept_pairs), the default of
+# sessions 13-21, is kept as an option. Session 22, call 2, dX alone against cuBLAS at p = 0.1,
+# paired / flat row-major / flat grouped 8 + PINGPONG: 4096^3 0.98 / 0.89 / 0.88, 8192 x 1024
+# x 4096 0.99 / 0.90 / 0.85, 8192 x 4096 x 14336 0.96 / 1.14 / 0.93, 8192 x 768 x 3072 1.06 /
+# 1.04 / 0.92; but 6000 x 2000 x 3000 1.03 / 1.09 / 1.15 (the one shape where paired wins).
+_SDD_PAIRS: WgmmaConfig | None = None
+_SDD_GROUP: int | None = 8
+_SDD_PINGPONG = True
 # Stream-K for the listed schedule (dsd, dsd_tn): the reduction steps of all tiles are dealt out
 # evenly to the programs, a tile split between programs summed through fp32 partial sums, where
 # whole tiles would fill less than _STREAM_K_BELOW of their waves (a narrow output: the T5
@@ -86,6 +97,10 @@ _STREAM_K_BELOW = 0.9
 # what fits its warps and the producer's warpgroup in an SM's 64 K registers (the compiler moves
 # the producer's spare registers to the MMA warps).
 _PRODUCER_REGS = 40
+# PINGPONG's second consumer warpgroup gets _CONSUMER_REGS registers a thread; Triton gives the
+# first (the kernel's own warps) 256, and 256 + 208 + 40 is what the cap of three warpgroups allows
+# (_max_registers(8), 168 a thread): setmaxnreg cannot hand out more than the launch reserved.
+_CONSUMER_REGS = 208
 # Under torch.compile the wgmma kernel runs through an opaque op (``serve``), which costs the host
 # about 190 us a call on an H200 host (torch's custom-op layers, then the launcher's launch plan:
 # its buffers, views and two launches), against a few tens for the portable kernels, which
@@ -221,8 +236,12 @@ class Plan:
             drop_counts, order, n_lines, line_len = counts, counts, 0, nC
             n_tiles = cdiv(B * nR * nC + nC, 2) * (self.block[0] // store_r) * (self.block[1] // cfg.tile_c)  # a bound
         elif flat:  # tiles of kept blocks, then zeros for the dropped ones; their count is on the device
-            counts, index = kept_lists(self.keep, "all", blocks=self.blocks)
-            drop_counts, drop_index = kept_lists(self.keep, "all", blocks=self.blocks, dropped=True)
+            if _SDD_GROUP and grouped_fit(self.blocks, _SDD_GROUP):
+                counts, index, drop_index = kept_grouped(self.keep, _SDD_GROUP, blocks=self.blocks)
+                drop_counts = counts[1:]
+            else:
+                counts, index = kept_lists(self.keep, "all", blocks=self.blocks)
+                drop_counts, drop_index = kept_lists(self.keep, "all", blocks=self.blocks, dropped=True)
             order, n_lines, line_len = counts, 0, nC
             n_tiles = B * nR * nC * (self.block[0] // cfg.tile_r) * (self.block[1] // cfg.tile_c)  # a bound
         else:
@@ -254,8 +273,9 @@ class Plan:
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
                 RED_BLOCK=self.red_block, BALANCE=balance, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
-                X_T=self.x_t, Y_T=self.y_t, PRODUCER_REGS=_PRODUCER_REGS, num_warps=cfg.warps,
-                maxnreg=_max_registers(cfg.warps),
+                X_T=self.x_t, Y_T=self.y_t, PINGPONG=cfg.pingpong, PRODUCER_REGS=_PRODUCER_REGS,
+                CONSUMER_REGS=_CONSUMER_REGS, num_warps=cfg.warps,
+                maxnreg=_max_registers(cfg.warps * (2 if cfg.pingpong else 1)),
             )
 
 
@@ -295,7 +315,9 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
     if list_by == "pairs":  # sdd: a tile's halves lie in two mask blocks of one column
         cfg = _SDD_PAIRS
     elif list_by is None:  # sdd: a tile lies inside one mask block of the (row-major) output
-        cfg = _config(C, block[0], block[1], None)
+        pingpong = _CONFIGS["pingpong"]
+        cfg = pingpong if _SDD_PINGPONG and _fits(pingpong, block[0], block[1], None) else \
+            _config(C, block[0], block[1], None)
     else:  # the tile's columns (or rows) lie in one line
         fit = (None, line_block, red_block) if line_of_col else (line_block, None, red_block)
         cfg = _config(C, *fit)

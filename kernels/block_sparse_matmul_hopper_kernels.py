@@ -17,6 +17,9 @@ operands are read through 2-D descriptors and whose reduction runs over ``D``:
             with PAIRS a tile is two half tiles in two kept blocks of one column block
             (``kept_pairs``): a tall tile's efficiency where a tile may not cross a mask block
 
+The flat sdd runs with PINGPONG: two consumer warpgroups, a 128 x 128 tile each, take turns at
+their main loops, so one's epilogue runs under the other's MMAs (``_consume_turns``).
+
 dsd and dsd_tn take their tiles whole, one per program turn, or with STREAM_K (narrow outputs:
 fewer tiles than fill the SMs' waves) as even shares of all tiles' reduction steps, a tile cut
 between programs summed through fp32 partial sums (the ``_sk_*`` helpers; the shares' order is
@@ -265,9 +268,11 @@ def _sk_gather(acc, ts, total, part_ptr, flag_ptr, TILE_R: gl.constexpr, TILE_C:
 
 @gluon.jit
 def _mma_steps(x_smem, y_smem, ready, empty, acc, used, n_steps, STAGES: gl.constexpr, X_T: gl.constexpr,
-               Y_T: gl.constexpr):
+               Y_T: gl.constexpr, handoff=None):
     """n_steps MMAs on the next ready stages, one in flight; each stage is released (``empty``)
-    once the MMA after it is issued and it is done, the last one once all are done."""
+    once the MMA after it is issued and it is done, the last one once all are done. ``handoff``
+    (an mbarrier; PINGPONG) is arrived on once the last MMA is issued: the other consumer may then
+    wait for its own stages (see _consume_turns)."""
     for step in range(n_steps):
         stage = used % STAGES
         mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
@@ -281,6 +286,8 @@ def _mma_steps(x_smem, y_smem, ready, empty, acc, used, n_steps, STAGES: gl.cons
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=step > 0)  # the previous step's
         used += 1
+    if handoff is not None:
+        mbarrier.arrive(handoff)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((used + STAGES - 1) % STAGES), pred=n_steps > 0)
     return acc, used
@@ -444,6 +451,53 @@ def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n
 
 
 @gluon.jit
+def _consume_turns(out_smem, x_smem, y_smem, ready, empty, turn, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
+                   line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype: gl.constexpr,
+                   acc_layout: gl.constexpr, BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
+                   TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
+                   GROUP: gl.constexpr, FLAT: gl.constexpr, LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr,
+                   RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr,
+                   Y_T: gl.constexpr, ROLE: gl.constexpr):
+    """One of PINGPONG's two consumer warpgroups: of the program's tiles, those of parity ROLE,
+    each in its own accumulator, so that one warpgroup's epilogue runs while the other's MMAs
+    keep the tensor cores busy.
+
+    The two take turns at their main loops (``turn``: ROLE waits on its own barrier, and arrives
+    on the other's once its last MMA is issued). The turns are what make the shared ring safe:
+    stage waits go by phase parity, so a consumer may only wait for a stage once every earlier
+    load in the ring has been seen complete, and the other consumer's tile, loaded just before,
+    is seen complete by it before it hands the turn over. A consumer steps its ring count over
+    the other's tiles (their step counts, read as the producer reads them).
+
+    Flat tiles only (the sdd's): with listed ones (dsd, dsd_tn, long reductions) two 128 x 128
+    tiles ran 1-13 % slower than one 128 x 256 tile of two cooperating warpgroups (session 22,
+    call 1), and stream-K's partial sums are not written here."""
+    gl.static_assert(FLAT, "PINGPONG serves flat tile lists only")
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    used = pid * 0
+    turns = pid * 0
+    k = pid * 0  # the program's tiles alternate, its first warpgroup 0's
+    for tile in range(pid, n_tiles, programs):
+        r0, c0, steps, aux = _tile_info(
+            tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
+            TILE_C, TILE_D, GROUP, FLAT, False, TILE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+        if (k & 1) == ROLE:
+            # warpgroup 0's first wait passes (a fresh barrier reads as if phase 1 had completed)
+            mbarrier.wait(turn.index(ROLE), (turns & 1) ^ (1 - ROLE))
+            acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
+            acc, used = _mma_steps(x_smem, y_smem, ready, empty, acc, used, steps, STAGES, X_T, Y_T,
+                                   turn.index(1 - ROLE))
+            turns += 1
+            _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
+                      TILE_C, TILE_R, False, HAS_BIAS)
+        else:
+            used += steps
+        k += 1
+    tma.store_wait(pendings=0)  # this warpgroup's stores have read its buffer
+
+
+@gluon.jit
 def _listed_wgmma_kernel(
     x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
     sched_ptr, part_ptr,
@@ -456,7 +510,7 @@ def _listed_wgmma_kernel(
     FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
     BALANCE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
 
@@ -497,6 +551,10 @@ def _listed_wgmma_kernel(
     ncu profile put 35-47 % of the big tiles' stall cycles there, and this split took 1-8 % off
     the three kernels. The descriptors and barriers are set up once per program, not once per
     tile; a tile's TMA store completes under the next tile's main loop.
+
+    PINGPONG (FLAT, not PAIRS): the kernel's warps are one consumer warpgroup, a second
+    (CONSUMER_REGS registers) joins it, each with its own tile and output buffer; they take the
+    program's tiles in turn (_consume_turns).
     """
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     scale = scale.to(gl.float32)
@@ -525,27 +583,48 @@ def _listed_wgmma_kernel(
     y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
     out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
 
-    # --- STAGES shared-memory buffers, one mbarrier each; one output tile buffer
+    # --- STAGES shared-memory buffers, one mbarrier each; an output tile buffer per consumer
     x_smem = gl.allocate_shared_memory(dtype, staged(STAGES, x_block), x_layout)
     y_smem = gl.allocate_shared_memory(dtype, staged(STAGES, y_block), y_layout)
-    out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     acc_layout: gl.constexpr = mma_layout(TILE_R, TILE_C, num_warps)
-    gl.warp_specialize([
-        (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
-                          line_len, count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale, dtype,
-                          acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT, PAIRS,
-                          STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K, HAS_BIAS, X_T, Y_T,
-                          num_warps)),
-        (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
-                       count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D,
-                       STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K,
-                       X_T, Y_T)),
-    ], [1], [PRODUCER_REGS])
+    if PINGPONG:  # two consumer warpgroups of num_warps, a tile and an output buffer each
+        outs = gl.allocate_shared_memory(dtype, [2, TILE_R, TILE_C], out_layout)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        gl.warp_specialize([
+            (_consume_turns, (outs.index(0), x_smem, y_smem, ready, empty, turn, out_desc, bias_ptr, n_tiles, R, C,
+                              D, n_lines, line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype,
+                              acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT,
+                              LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T, gl.constexpr(0))),
+            (_consume_turns, (outs.index(1), x_smem, y_smem, ready, empty, turn, out_desc, bias_ptr, n_tiles, R, C,
+                              D, n_lines, line_len, count_ptr, index_ptr, order_ptr, scale, bias_scale, dtype,
+                              acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT,
+                              LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, HAS_BIAS, X_T, Y_T, gl.constexpr(1))),
+            (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
+                           count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C,
+                           TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
+                           BALANCE, STREAM_K, X_T, Y_T)),
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        out_smem = outs.index(0)
+    else:
+        out_smem = gl.allocate_shared_memory(dtype, [TILE_R, TILE_C], out_layout)
+        gl.warp_specialize([
+            (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
+                              line_len, count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale,
+                              dtype, acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT,
+                              PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K, HAS_BIAS, X_T,
+                              Y_T, num_warps)),
+            (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
+                           count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C,
+                           TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
+                           BALANCE, STREAM_K, X_T, Y_T)),
+        ], [1], [PRODUCER_REGS])
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed
         tma.store_wait(pendings=0)
@@ -566,3 +645,6 @@ def _listed_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
+    if PINGPONG:
+        for i in gl.static_range(2):
+            mbarrier.invalidate(turn.index(i))

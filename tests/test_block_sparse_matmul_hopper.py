@@ -113,18 +113,21 @@ def test_dsd(shape, p, b_transposed, dtype, with_bias, schedule, monkeypatch):
 
 
 @every_problem
-@pytest.mark.parametrize("tiles", ["paired", "flat"])
+@pytest.mark.parametrize("tiles", ["grouped_pingpong", "grouped", "row_major", "paired"])
 def test_sdd(shape, p, b_transposed, dtype, tiles, monkeypatch):
-    """Both sdd schedules: tiles whose halves lie in two kept blocks of a column (the default
-    where the blocks are 128 x 128), and whole tiles of one kept block (forced here)."""
+    """Every sdd schedule: whole tiles of one kept block listed in groups of rows (kept_grouped),
+    by the PINGPONG kernel (the default where its tiles fit) or by one warpgroup pair; listed
+    row-major (kept_lists); tiles whose halves lie in two kept blocks of a column (paired)."""
     B, M, K, N, block = shape
-    if tiles == "flat":
-        monkeypatch.setattr(hopper, "_SDD_PAIRS", None)
+    monkeypatch.setattr(hopper, "_SDD_PINGPONG", tiles == "grouped_pingpong")
+    monkeypatch.setattr(hopper, "_SDD_GROUP", None if tiles == "row_major" else 8)
+    monkeypatch.setattr(hopper, "_SDD_PAIRS", hopper._CONFIGS["tall"] if tiles == "paired" else None)
     a, b, g, _, bias, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
     out = torch.empty(B, M, K, device="cuda", dtype=dtype)
     plan = hopper.plan_sdd(g, b, keep, block, bias, None, out)
     assert plan is not None
     assert (plan.list_by == "pairs") == (tiles == "paired" and block == (128, 128)), plan.list_by
+    assert plan.cfg.pingpong == (tiles == "grouped_pingpong" and block == (128, 128)), plan.cfg
     got = tri.sdd(g, b, keep, 1.25, block, bias, bias_scale=0.5)
     _close(got, ref.reference_sdd(g.float(), b.float(), keep, 1.25, block, bias.float(), bias_scale=0.5))
 

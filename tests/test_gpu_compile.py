@@ -168,7 +168,8 @@ def test_every_launched_kernel_variant_compiles_for_hopper(tmp_path):
 
 # The Gluon (Hopper-only) kernels, driven through their real host code on CPU tensors with the
 # device checks answered for an H200: every flavour the matmul plans launch (listed, stream-K on
-# and off, flat and paired sdd, bias, transposed operands) and the attention forward's configs.
+# and off, flat sdd with and without PINGPONG, paired sdd, bias, transposed operands) and the
+# attention forward's configs.
 # Gluon cannot run under the interpreter, so this is CI's only check that they still build with
 # CI's Triton (the GPU machine runs another release).
 _GLUON = r"""
@@ -199,9 +200,12 @@ def hopper_matmuls():
             mmh._STREAM_K = stream_k
             for b_op in (wt, wt.contiguous()):
                 bsm.dsd(a, b_op, keep, 1.25, block, bias, _supported=True)
-                bsm.sdd(g, b_op, keep, 1.25, block, _supported=True)
             bsm.dsd_tn(a, g, keep, 1.25, block, False, _supported=True)
-    mmh._STREAM_K = None
+        for pairs, pingpong in ((None, True), (None, False), (mmh._CONFIGS["tall"], False)):  # the sdd's tiles
+            mmh._SDD_PAIRS, mmh._SDD_PINGPONG = pairs, pingpong
+            for b_op in (wt, wt.contiguous()):
+                bsm.sdd(g, b_op, keep, 1.25, block, _supported=True)
+    mmh._STREAM_K, mmh._SDD_PAIRS, mmh._SDD_PINGPONG = None, None, True
 
 def hopper_attention():
     B, H, S, D = 1, 2, 300, 128
