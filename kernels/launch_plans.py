@@ -12,7 +12,8 @@ and scalar argument of the call, and the settings its choices read: see ``settin
 buffers it allocated, which views it took of its tensors and buffers, and which kernels it
 launched with which arguments. A later call with the same key allocates the same buffers, takes
 the same views of its own tensors and launches the same compiled kernels, without running the
-call's Python: one key lookup per call.
+call's Python: one key lookup per call. A view that a kernel receives at its base's own address
+is not taken again: the kernel is handed its base (see ``_Slots``).
 
 Plans nest. The eager op bodies (``ops.py``) are planned, and so are the launchers they call; a
 body that cannot be planned (it computes a tensor with a torch op, e.g. a copy of a broadcast
@@ -48,11 +49,22 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import runtime  # which imports this module: its functions are only called, never at import
+
 ENABLED = os.environ.get("SPARSEDROP_LAUNCH_PLANS", "1") != "0"
 _MAX_PLANS = 4096  # keys per process; the cache is emptied when full (a new shape costs one recording)
 
-_state = threading.local()  # .active: inside direct_launches; .settings: the settings read in that block;
-# .recorder: the recording in progress
+
+class _State(threading.local):
+    """Per thread (autograd runs backward on a thread of its own); class attributes are the
+    defaults every thread starts from."""
+
+    active = False  # inside direct_launches
+    settings: dict | None = None  # the settings read in that block, per settings function
+    recorder: "_Recorder | None" = None  # the recording in progress
+
+
+_state = _State()
 _plans: dict[tuple, "Plan | None"] = {}  # None: recorded, but not plannable
 _seen: set[tuple] = set()  # keys called once (the next call records)
 stats = {"recorded": 0, "replayed": 0, "refused": 0}  # read by tests and benchmarks
@@ -85,7 +97,7 @@ class active:
     ``runtime.direct_launches``; per thread, as autograd runs backward on its own thread)."""
 
     def __enter__(self):
-        self.prev = getattr(_state, "active", False), getattr(_state, "settings", None)
+        self.prev = _state.active, _state.settings
         _state.active = ENABLED
         _state.settings = {}  # settings() per launcher kind, read once per block: they cannot change inside
         return self
@@ -97,7 +109,7 @@ class active:
 
 def recording():
     """The recording in progress on this thread, or None (read by ``runtime.launch``)."""
-    return getattr(_state, "recorder", None)
+    return _state.recorder
 
 
 def empty(size, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -193,12 +205,13 @@ class _Replay:
         self.kernel, self.options = kernel, {k: v for k, v in kwargs.items() if k not in names}
         self.names = names
 
-    def __call__(self, tensors: list[Tensor], stream) -> None:
+    def __call__(self, tensors: list[Tensor], stream, hooks: bool) -> None:
+        """Launch on ``tensors`` (the replay's, by slot); ``hooks``: launch_hooks_set()."""
         values = self.values.copy()
         for i, s in self.slots:
             values[i] = tensors[s]
         c = self.compiled
-        if c is not None and not launch_hooks_set():
+        if c is not None and not hooks:
             g = self.grid
             c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None, *values)
         else:
@@ -218,7 +231,12 @@ def _holds_tensor(v) -> bool:
 class _Slots:
     """Numbers for the tensors of a recording, in the order a replay makes them: the call's
     tensor arguments, the buffers it allocated, then views of those (each a base slot and the
-    view's sizes, strides and storage offset relative to its base's)."""
+    view's sizes, strides and storage offset relative to its base's).
+
+    A kernel argument that is a view at its base's own address (offset 0) gets the base's slot,
+    so a replay takes no view for it: a launch reads a tensor argument's address, dtype and
+    16-byte alignment only (its sizes and strides are arguments of their own), and those are the
+    base's. The call's result is always a tensor of its own shape."""
 
     def __init__(self, rec: _Recorder):
         self.tensors = [*rec.inputs, *rec.buffers]
@@ -229,17 +247,32 @@ class _Slots:
             self.base_of[ptr] = None if ptr in self.base_of else i
         self.views: list[tuple] = []
 
-    def __call__(self, t: Tensor) -> int:
+    def argument(self, t: Tensor) -> int:
+        """The slot of a tensor a kernel receives."""
         slot = self.of.get(id(t))
-        if slot is not None:
+        if slot is None:
+            base, view = self._view(t)
+            slot = self.of[id(t)] = base if view[2] == 0 else self._add(base, view)
+        return slot
+
+    def result(self, t: Tensor) -> int:
+        """The slot of the call's result."""
+        slot = self.of.get(id(t))
+        if slot is not None and (slot >= len(self.tensors) or self.tensors[slot] is t):
             return slot
-        # Not an argument or a buffer: a view of exactly one of them, or the call is not plannable.
+        return self._add(*self._view(t))  # a view, taken even at its base's address
+
+    def _view(self, t: Tensor) -> tuple[int, tuple]:
+        """(base slot, (sizes, strides, offset from the base's)): t must view exactly one
+        argument or buffer, with its dtype, or the call is not plannable."""
         base = self.base_of.get(t.untyped_storage().data_ptr())
         if base is None or t.dtype != self.tensors[base].dtype:
             raise _Unplannable
-        self.views.append((base, tuple(t.shape), t.stride(), t.storage_offset() - self.tensors[base].storage_offset()))
-        slot = self.of[id(t)] = len(self.tensors) + len(self.views) - 1
-        return slot
+        return base, (tuple(t.shape), t.stride(), t.storage_offset() - self.tensors[base].storage_offset())
+
+    def _add(self, base: int, view: tuple) -> int:
+        self.views.append((base, *view))
+        return len(self.tensors) + len(self.views) - 1
 
 
 class Plan:
@@ -250,27 +283,28 @@ class Plan:
         if rec.other_ops or not rec.launches or not isinstance(result, Tensor):
             raise _Unplannable
         slots = _Slots(rec)
-        self.launches = [_Replay(*launch, slots) for launch in rec.launches]
-        self.result = slots(result)
-        self.buffers = [(tuple(t.shape), t.dtype, t.device) for t in rec.buffers]
+        self.launches = [_Replay(*launch, slots.argument) for launch in rec.launches]
+        self.result = slots.result(result)
+        # with their strides: torch.empty_strided parses its arguments faster than torch.empty
+        self.buffers = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in rec.buffers]
         self.views = slots.views
         self.needs_allocator = rec.needs_allocator
         self.cuda = rec.inputs[0].device.type == "cuda"
 
     def __call__(self, inputs: list[Tensor]) -> Tensor:
-        from .runtime import device_guard, set_scratch_allocator  # runtime imports this module
-
         tensors = list(inputs)
-        tensors += [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype, dev in self.buffers]
+        tensors += [torch.empty_strided(size, stride, dtype=dtype, device=dev)
+                    for size, stride, dtype, dev in self.buffers]
         for base, size, stride, offset in self.views:
             t = tensors[base]
             tensors.append(t.as_strided(size, stride, t.storage_offset() + offset))
         if self.needs_allocator:
-            set_scratch_allocator()
-        with device_guard(tensors[0]):  # the recorded kernels were loaded for this GPU
+            runtime.set_scratch_allocator()
+        hooks = launch_hooks_set()
+        with runtime.device_guard(tensors[0]):  # the recorded kernels were loaded for this GPU
             stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()) if self.cuda else None
             for launch in self.launches:
-                launch(tensors, stream)
+                launch(tensors, stream, hooks)
         return tensors[self.result]
 
 
@@ -284,11 +318,12 @@ def planned(settings: Callable[[], tuple]):
 
         @functools.wraps(launcher)
         def wrapper(*args, **kwargs):
-            if not getattr(_state, "active", False) or recording() is not None:
+            if not _state.active or _state.recorder is not None:
                 return launcher(*args, **kwargs)
+            named = sorted(kwargs.items())
             inputs = [a for a in args if isinstance(a, Tensor)]
-            inputs += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], Tensor)]
-            if len({id(t) for t in inputs}) != len(inputs):
+            inputs += [v for _, v in named if isinstance(v, Tensor)]
+            if len(set(map(id, inputs))) != len(inputs):
                 # One tensor in two roles: a replay maps tensors by role, and the key does not
                 # say which roles shared a tensor, so such calls always run in full.
                 return launcher(*args, **kwargs)
@@ -296,8 +331,7 @@ def planned(settings: Callable[[], tuple]):
             current = known_settings.get(settings)
             if current is None:
                 current = known_settings[settings] = settings()
-            key = (name, current, tuple(_describe(a) for a in args),
-                   tuple((k, _describe(kwargs[k])) for k in sorted(kwargs)))
+            key = (name, current, tuple(map(_describe, args)), tuple([(k, _describe(v)) for k, v in named]))
             plan = _plans.get(key)
             if plan is not None:
                 stats["replayed"] += 1

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 import triton
 from torch import Tensor
+from torch._inductor import config as inductor_config
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -253,8 +254,6 @@ def launch_bound(M, N, K) -> bool:
     every launch and which keeps Inductor from its static launcher) and no extra launch for work
     balance. Sizes may be symbolic (their hints decide: a choice of speed, never of result).
     ``SPARSEDROP_TMA=always`` counts every size as large (``=0`` turns TMA off: ``tma_enabled``)."""
-    from torch._inductor import config as inductor_config
-
     return launch_bound_work(hint(M) * hint(N) * hint(K), bool(inductor_config.triton.cudagraphs))
 
 
@@ -267,8 +266,6 @@ def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
 def launch_settings() -> tuple:
     """The process-wide settings the launchers' choices read besides their arguments (TMA and
     launch-bound rules, the Hopper path, autotuning, fp32 precision): part of every launch plan's key."""
-    from torch._inductor import config as inductor_config
-
     return (os.environ.get("SPARSEDROP_TMA"), os.environ.get("SPARSEDROP_HOPPER"), LAUNCH_BOUND_WORK, bool(inductor_config.triton.cudagraphs),
             autotune_enabled(), torch.get_float32_matmul_precision())
 

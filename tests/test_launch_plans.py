@@ -220,6 +220,32 @@ def test_views_of_the_arguments_and_buffers_are_replayed_at_each_calls_offsets()
     assert launch_plans.stats == {"recorded": 1, "replayed": 2, "refused": 0}
 
 
+@launch_plans.planned(runtime.launch_settings)
+def _flat_launcher(x, factor):
+    """factor * x (contiguous), launched on flat views of x and of a buffer at their own
+    addresses, and returned as a view of the buffer in x's shape."""
+    out = launch_plans.empty(x.numel(), x.dtype, x.device)
+    runtime.launch(_scaled_copy_kernel)[(triton.cdiv(x.numel(), 64),)](x.view(-1), out[:], x.numel(), factor,
+                                                                       BLOCK_SIZE=64)
+    return out.view(x.shape)
+
+
+def test_a_view_at_its_bases_address_is_replayed_as_its_base():
+    """A kernel reads a tensor argument's address (and dtype and alignment), not its sizes: a
+    replay hands it the base of a view at the base's own address and takes no view for it. The
+    result, a view at its base's address too, is still taken: the call returns its shape."""
+    with runtime.direct_launches():
+        for call in range(4):
+            x = torch.randn(10, 12, device=_device())
+            got = _flat_launcher(x, 1.5)
+            torch.testing.assert_close(got, 1.5 * x, rtol=0, atol=0)
+            assert got.shape == (10, 12)
+    assert launch_plans.stats == {"recorded": 1, "replayed": 2, "refused": 0}
+    (plan,) = [p for p in launch_plans._plans.values() if p is not None]
+    assert plan.views == [(1, (10, 12), (12, 1), 0)]  # the result's, of the buffer (slot 1, after x)
+    assert sorted(s for _, s in plan.launches[0].slots) == [0, 1]  # x and the buffer themselves
+
+
 def test_one_tensor_in_two_roles_is_never_replayed_for_two():
     """A call that passes one tensor as both operands must not record a plan that a later call
     with two different tensors (same key otherwise) would replay with one of them twice."""
