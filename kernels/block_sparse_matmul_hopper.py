@@ -36,6 +36,7 @@ portable kernels (deciding on them would add guards).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -432,13 +433,44 @@ def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = No
     return True
 
 
+@functools.cache
 def _launchers():
     from . import block_sparse_matmul_triton as tri  # it imports this module
 
     return tri
 
 
-@torch.library.custom_op("sparsedrop::wgmma_dsd", mutates_args=("out",))
+# The opaque ops are defined by schema on a Library, each with one CompositeExplicitAutograd
+# kernel and a fake one, not with custom_op, whose Python layers around a body (an autograd
+# wrapper, a version-counter bump that re-parses the arguments, the backend's aliasing check)
+# cost the host about 40 us a call against 3 for a schema op's dispatch (both on CPU, the body
+# empty). What of those layers matters here, the kernel does (_opaque): it bumps the version
+# counter of ``out`` as an in-place op does, and Dynamo never traces into it. No autograd
+# formula: only compiled graphs call these ops.
+_lib = torch.library.Library("sparsedrop", "FRAGMENT")
+
+
+def _opaque(schema: str):
+    """Decorator: define the op ``sparsedrop::<schema>``, whose last argument ``out`` the body
+    writes into (``Tensor(a!)``, returns nothing); returns the op."""
+    name = schema.split("(", 1)[0]
+
+    def register(body):
+        @torch.compiler.disable
+        def kernel(*args):
+            body(*args)
+            torch.autograd.graph.increment_version(args[-1])
+
+        _lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+        _lib.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"sparsedrop::{name}", lambda *args: None, lib=_lib)
+        return getattr(torch.ops.sparsedrop, name).default
+
+    return register
+
+
+@_opaque("wgmma_dsd(Tensor a, Tensor b, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, Tensor? bias, "
+         "Tensor(a!) out) -> ()")
 def wgmma_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
               bias: Tensor | None, out: Tensor) -> None:
     """``block_sparse_matmul_triton.dsd(..., out=out)`` as one opaque op of a compiled graph."""
@@ -446,7 +478,8 @@ def wgmma_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int,
         _launchers().dsd(a, b, keep, scale, (block_rows, block_cols), bias, out=out, _supported=True)
 
 
-@torch.library.custom_op("sparsedrop::wgmma_sdd", mutates_args=("out",))
+@_opaque("wgmma_sdd(Tensor grad, Tensor b, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, "
+         "Tensor? bias, float bias_scale, Tensor(a!) out) -> ()")
 def wgmma_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
               bias: Tensor | None, bias_scale: float, out: Tensor) -> None:
     """``block_sparse_matmul_triton.sdd(..., out=out)`` as one opaque op of a compiled graph."""
@@ -455,13 +488,10 @@ def wgmma_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: i
                          _supported=True)
 
 
-@torch.library.custom_op("sparsedrop::wgmma_dsd_tn", mutates_args=("out",))
+@_opaque("wgmma_dsd_tn(Tensor a, Tensor grad, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, "
+         "bool batched_out, Tensor(a!) out) -> ()")
 def wgmma_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
                  batched_out: bool, out: Tensor) -> None:
     """``block_sparse_matmul_triton.dsd_tn(..., out=out)`` as one opaque op of a compiled graph."""
     with runtime.direct_launches():
         _launchers().dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out, out=out, _supported=True)
-
-
-for _op in (wgmma_dsd, wgmma_sdd, wgmma_dsd_tn):
-    _op.register_fake(lambda *args: None)  # writes into ``out``, returns nothing

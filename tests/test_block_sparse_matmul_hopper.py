@@ -300,6 +300,40 @@ def test_opaque_ops_run_the_launchers():
 
 
 @pytest.mark.interpret
+def test_opaque_ops_are_schema_ops_that_write_in_place():
+    """The ops are defined by schema, with no Python autograd or in-place layers around the body
+    (custom_op's: about 40 us of host time a call), and keep what those did: a call bumps the
+    version counter of ``out``, and torch.compile, which functionalises the call, writes through
+    it in place, here into a graph input, without a copy."""
+    from torch._inductor.utils import run_and_get_code
+
+    for name in ("wgmma_dsd", "wgmma_sdd", "wgmma_dsd_tn"):
+        op = getattr(torch.ops.sparsedrop, name).default
+        out_arg = op._schema.arguments[-1]
+        assert out_arg.name == "out" and out_arg.alias_info.is_write and not op._schema.returns, op._schema
+        for key in ("Autograd", "ADInplaceOrView"):
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+    a, b, g, bias, keep = _operands("cpu", torch.float32)
+    out = torch.empty(2, 200, 80)
+    version = out._version
+    torch.ops.sparsedrop.wgmma_dsd(a, b, keep, 2.0, 32, 32, bias, out)
+    assert out._version > version
+
+    def f(a, b, keep, bias, out):
+        torch.ops.sparsedrop.wgmma_dsd(a, b, keep, 2.0, 32, 32, bias, out)
+        return out * 0.5
+
+    out.zero_()
+    got, code = run_and_get_code(torch.compile(f), a, b, keep, bias, out)
+    calls = [line for line in "\n".join(code).splitlines() if "sparsedrop.wgmma_dsd.default(" in line]
+    assert len(calls) == 1 and calls[0].strip().endswith("arg4_1)"), calls  # the input itself
+    assert "clone" not in "\n".join(code) and ".copy_(" not in "\n".join(code)
+    expected = ref.reference_dsd(a, b, keep, 2.0, (32, 32), bias)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, 0.5 * expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpret
 def test_traced_call_records_the_opaque_op(monkeypatch):
     """While a call is traced (fake tensors, as when torch.compile traces an op body), a launcher
     whose call the wgmma kernel would serve records one sparsedrop::wgmma_* node in the graph and
