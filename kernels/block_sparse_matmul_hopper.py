@@ -103,14 +103,18 @@ _PRODUCER_REGS = 40
 # (_max_registers(8), 168 a thread): setmaxnreg cannot hand out more than the launch reserved.
 _CONSUMER_REGS = 208
 # Under torch.compile the wgmma kernel runs through an opaque op (``serve``), which costs the host
-# about 190 us a call on an H200 host (torch's custom-op layers, then the launcher's launch plan:
-# its buffers, views and two launches), against a few tens for the portable kernels, which
-# Inductor launches itself. Outside CUDA graphs it serves from this many multiply-adds up, where
-# the op's GPU time passes that; below, compiled code keeps the portable kernels. Under CUDA
-# graphs (Inductor's reduce-overhead mode) the host cost is paid once, at capture: any size not
-# launch-bound. Session 21: at p = 0.5, forward + backward of one compiled site in default mode
-# (do_bench, host included) took 2.33 ms against 2.95 at 8192 x 4096 x 14336 (2^38.8), but
-# 1.38 against 0.92 at 4096^3 (2^36).
+# about 70 us a call on an H200 host (session 22; 190 before the ops were schema ops and replays
+# took fewer views: the launch-plan replay, its buffers and two launches through Triton's Python
+# launcher), against a few tens for the portable kernels, which Inductor launches itself. Outside
+# CUDA graphs it serves from this many multiply-adds up; below, compiled code keeps the portable
+# kernels. Under CUDA graphs (Inductor's reduce-overhead mode) the host cost is paid once, at
+# capture: any size not launch-bound. Where the bound sits is a question of whether the step is
+# GPU-bound, which one site cannot see. Session 22, BERT-base at p = 0.3, default mode, step time
+# against Inductor (raw/session22, calls 6-9): at 64 x 512 (FFN sites 2^36.6, the others 2^34.6)
+# 1.00x with this bound, 1.02x with 2^36, 1.07x with 0; at 16 x 512 (2^34.6 / 2^32.6, a host-bound
+# step) 0.76x with this bound and 0.60x with 0. A lone compiled site, forward + backward with the
+# host: 8192 x 4096 x 4096 (2^37) 1.20 ms against 1.09 with the portable kernels, 8192 x 4096 x
+# 14336 (2^38.8, session 21) 3.31 against 4.09.
 OPAQUE_MIN_WORK = 2**38
 
 
