@@ -88,6 +88,17 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     return (counts, index, order_t) if order else (counts, index)
 
 
+def _block_lists(blocks: tuple, extra: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """The buffers of one launch's lists of kept and dropped blocks of a (B, nR, nC) mask: counts
+    (3,), index (blocks + extra + 1,), drop_index (blocks + 1,); entries int16 where block numbers
+    fit (see kept_lists), a spare entry each (see kept_lists)."""
+    B, nR, nC = blocks
+    index_dtype = torch.int16 if known(B * nR * nC <= 2**15 - 1) else torch.int32
+    return (launch_plans.empty(3, torch.int32, device),
+            launch_plans.empty(B * nR * nC + extra + 1, index_dtype, device),
+            launch_plans.empty(B * nR * nC + 1, index_dtype, device))
+
+
 def pairs_fit(blocks: tuple) -> bool:
     """Whether kept_pairs takes a (B, nR, nC) mask: not empty, and small enough for its
     kernel's recount (each of the nC programs reads every flag; _ORDER_MAX_FLAG_READS)."""
@@ -107,11 +118,7 @@ def kept_pairs(keep: Tensor, blocks: tuple | None = None) -> tuple[Tensor, Tenso
         raise ValueError(f"kept_pairs: a mask of {(B, nR, nC)} blocks is empty or too large for the one-launch "
                          f"lists (nC * blocks > {_ORDER_MAX_FLAG_READS}); check pairs_fit first")
     n_entries = hint(B * nR)
-    device = keep.device
-    index_dtype = torch.int16 if known(B * nR * nC <= 2**15 - 1) else torch.int32
-    counts = launch_plans.empty(3, torch.int32, device)
-    index = launch_plans.empty(B * nR * nC + nC + 1, index_dtype, device)  # + one repeat per odd column
-    drop_index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
+    counts, index, drop_index = _block_lists((B, nR, nC), nC, keep.device)  # + one repeat per odd column
     sb, sr, sc = keep.stride()
     chunk = min(max(next_pow2(n_entries), 16), 1024)
     with runtime.device_guard(keep):
@@ -143,11 +150,7 @@ def kept_grouped(keep: Tensor, group: int, blocks: tuple | None = None) -> tuple
         raise ValueError(f"kept_grouped: a mask of {(B, nR, nC)} blocks in groups of {group} rows is empty or too "
                          f"large for the one-launch lists, or {group} is not a power of two; check grouped_fit first")
     n_entries = hint(B * nR)
-    device = keep.device
-    index_dtype = torch.int16 if known(B * nR * nC <= 2**15 - 1) else torch.int32
-    counts = launch_plans.empty(3, torch.int32, device)
-    index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
-    drop_index = launch_plans.empty(B * nR * nC + 1, index_dtype, device)
+    counts, index, drop_index = _block_lists((B, nR, nC), 0, keep.device)
     sb, sr, sc = keep.stride()
     entries = min(max(next_pow2(n_entries), 16), 1024)
     with runtime.device_guard(keep):
