@@ -71,6 +71,24 @@ _BASE_CONFIGS_32 = {
 }
 _MAX_CANDIDATES = 8
 
+# dsd_tn's output (a weight gradient, K x N) is often small beside its reduction over every
+# token: a 768 x 768 weight is 36 output tiles of 128 x 128 for an H200's 132 SMs, each a loop over
+# all 8192 tokens of a 16 x 512 batch (75 us against cuBLAS's 22 for the dense product, measured).
+# Such a problem splits each tile's reduction over up to _SPLIT_MAX programs (fp32 partial sums,
+# added in order by a second launch), as many as fill the SMs once, each keeping at least
+# _SPLIT_MIN_STEPS reduction steps.
+_SPLIT_MAX = 4
+_SPLIT_MIN_STEPS = 16
+
+
+def reduction_split(cfg: KernelConfig, rows: int, K: int, N: int, out_batches: int, sms: int) -> int:
+    """How many programs share each of dsd_tn's output tiles under ``cfg``: 1 unless the tiles
+    fill at most half of the ``sms`` SMs and the reduction over ``rows`` is long enough to share."""
+    tiles = out_batches * cdiv(K, cfg.tile_k) * cdiv(N, cfg.tile_n)
+    if 2 * tiles > sms:
+        return 1
+    return max(1, min(_SPLIT_MAX, sms // tiles, rows // (cfg.tile_m * _SPLIT_MIN_STEPS)))
+
 
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides n and is <= cap (n is a multiple of 16 here)."""
@@ -149,9 +167,11 @@ def tuned_configs() -> dict[tuple, KernelConfig]:
 
 
 def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: KernelConfig | None,
-            run: Callable[..., None], operands: tuple, second_keep: bool = False) -> KernelConfig:
+            run: Callable[..., None], operands: tuple, second_keep: bool = False,
+            split_over: tuple | None = None) -> KernelConfig:
     """The config to launch: ``config`` if given (checked), else the tuned one for ``key``
     (which must tell calls with a ``second_keep`` apart: see candidate_configs).
+    ``split_over`` (dsd_tn): (reduction rows, output batches), for ``reduction_split``.
 
     ``run(cfg, *operands)`` launches one config; while the operands are traced the candidates
     are timed on real stand-ins of them instead (``runtime.standin``).
@@ -165,6 +185,8 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
             _fail(kind, f"config {config} asks for TMA but these operands/device cannot use it")
         if config.walk and (kind == "sdd" or config.tma or config.balance):
             _fail(kind, f"config {config}: walk is a dsd / dsd_tn schedule, with pointer loads and without balance")
+        if config.split != 1 and (kind != "dsd_tn" or not 1 <= config.split <= 64):
+            _fail(kind, f"config {config}: split={config.split} is a dsd_tn schedule of 1 to 64 programs a tile")
         return config
     # A launch-bound kernel (runtime.launch_bound) takes a config that launches once and cheaply:
     # no TMA; sdd without its persistent schedule, dsd and dsd_tn walking every block instead of
@@ -181,6 +203,13 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         cands = [c for c in cands if not c.balance]
         if kind != "sdd":
             cands = [dataclasses.replace(c, walk=True) for c in cands]
+    device = next(t.device for t in operands if isinstance(t, Tensor))
+    if split_over is not None and device.type == "cuda" and not interpreting():
+        sms = runtime.sm_resources(device)[0]
+        rows, out_batches = (hint(n) for n in split_over)
+        split = [dataclasses.replace(c, split=n) for c in cands[:2]
+                 if (n := reduction_split(c, rows, hint(K), hint(N), out_batches, sms)) > 1]
+        cands = (split + cands)[:_MAX_CANDIDATES]
     if not any(runtime.is_traced(t) for t in operands):
         return _TUNER.pick(key, cands, lambda c: run(c, *operands))
     if not _TUNER.timed(len(cands)) or runtime.has_symbolic_sizes(operands):
@@ -188,7 +217,6 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
         # ``run`` closes over the symbolic ones): the first candidate whose buffers fit the
         # device's shared memory, without compiling it here. The compiled graph compiles what
         # it launches; a trial compile now would only double the compile time.
-        device = next(t.device for t in operands if isinstance(t, Tensor))
         elem = dtype.itemsize
         return _TUNER.first_that_fits(key, cands, lambda c: _fits_shared_memory(kind, c, elem, device))
     with runtime.real_tensors():

@@ -480,7 +480,7 @@ def _sdd_kernel(
 
 @triton.jit
 def _dsd_tn_kernel(
-    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr, g_keep_ptr, keep_ptr,
+    a, g, out_ptr, col_count_ptr, col_index_ptr, order_ptr, g_keep_ptr, keep_ptr, part_ptr,
     B, Bo, M, N, K, n_rblk, n_cblk, list_len, n_lines,
     stride_ab, stride_am, stride_ak,
     stride_gb, stride_gm, stride_gn,
@@ -493,9 +493,9 @@ def _dsd_tn_kernel(
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, GRAD_KEEP: tl.constexpr,
-    WALK: tl.constexpr,
+    WALK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile).
+    """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile), or SPLIT.
 
     The list of the tile's column block holds entries e = (bat - ob) * n_rblk + row_block: for a
     batched output only this batch entry's row blocks, for a summed one every (bat, row block)
@@ -511,6 +511,10 @@ def _dsd_tn_kernel(
     WALK (launch-bound problems, pointer loads, no BALANCE): no kept-block lists; the loop walks
     every entry of the line (list_len of them) and reads a dropped row block's ``a`` tile as
     zeros from the flags in ``keep``, as _dsd_kernel's WALK does.
+
+    SPLIT > 1 (a small output over a long reduction): SPLIT neighbouring programs share an output
+    tile, each taking one contiguous SPLIT-th of its reduction steps, and store their scaled fp32
+    sums in ``part_ptr`` (SPLIT, Bo, K, N); _sum_splits_kernel adds them up in order into ``out``.
     """
     tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
@@ -518,6 +522,8 @@ def _dsd_tn_kernel(
     grid_k = tl.cdiv(K, TILE_K)
     grid_n = tl.cdiv(N, TILE_N)
     pid = tl.program_id(0)
+    part = pid % SPLIT
+    pid = pid // SPLIT
     if BALANCE:
         TILES_PER_LINE: tl.constexpr = BLOCK_COLS // TILE_K
         pid_k, pid_n = _grouped_tile(pid, n_lines * TILES_PER_LINE, grid_n, GROUP)
@@ -542,13 +548,17 @@ def _dsd_tn_kernel(
     offs_k = k0 + tl.arange(0, TILE_K)
     offs_n = n0 + tl.arange(0, TILE_N)
     offs_m = tl.arange(0, TILE_M)
+    steps = count * TILES_PER_BLOCK
+    share = tl.cdiv(steps, SPLIT)
+    first = part * share
+    last = tl.minimum(steps, first + share)
     acc = tl.zeros((TILE_K, TILE_N), dtype=tl.float32)
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a, shape=[B, M, K], strides=[stride_ab, stride_am, 1],
                                            block_shape=[1, TILE_M, TILE_K])
         g_desc = tl.make_tensor_descriptor(g, shape=[B, M, N], strides=[stride_gb, stride_gm, 1],
                                            block_shape=[1, TILE_M, TILE_N])
-        for it in range(0, count * TILES_PER_BLOCK):
+        for it in range(first, last):
             e = tl.load(entries + it // TILES_PER_BLOCK).to(tl.int32)
             bat = ob + e // n_rblk
             m_start = (e % n_rblk) * BLOCK_ROWS + (it % TILES_PER_BLOCK) * TILE_M
@@ -560,7 +570,7 @@ def _dsd_tn_kernel(
     else:
         a_cols = a + offs_k[None, :] * stride_ak
         g_cols = g + offs_n[None, :] * stride_gn
-        for it in range(0, count * TILES_PER_BLOCK):
+        for it in range(first, last):
             if WALK:
                 e = it // TILES_PER_BLOCK
             else:
@@ -575,6 +585,10 @@ def _dsd_tn_kernel(
                                       MASK_N)
             acc = _mma(acc, tl.trans(a_t), g_t, PRECISION, UPCAST)
 
+    if SPLIT > 1:
+        ptrs = part_ptr + ((part * Bo + ob).to(tl.int64) * K + offs_k[:, None]) * N + offs_n[None, :]
+        _store_tile(ptrs, acc * scale, offs_k, offs_n, K, N, MASK_K, MASK_N)
+        return
     val = (acc * scale).to(out_ptr.dtype.element_ty)
     if OUT_DESC:
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[Bo, K, N], strides=[stride_ob, stride_ok, 1],
@@ -585,3 +599,21 @@ def _dsd_tn_kernel(
         _store_tile(ptrs, val, offs_k, offs_n, K, N, MASK_K, MASK_N)
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, K, N, stride_ps, stride_ob, stride_ok, stride_on,
+                       SPLIT: tl.constexpr, TILE_K: tl.constexpr, TILE_N: tl.constexpr):
+    """out[ob] = Σ_s part[s, ob] for _dsd_tn_kernel's SPLIT partial sums, added in split order
+    (the same order every call: the result does not depend on which program finished first).
+    ``part_ptr`` is (SPLIT, Bo, K, N) contiguous, ``stride_ps`` = Bo * K * N."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    ob = tl.program_id(2).to(tl.int64)
+    offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
+    offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)
+    inside = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    src = part_ptr + (ob * K + offs_k[:, None]) * N + offs_n[None, :]
+    acc = tl.zeros((TILE_K, TILE_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(src + s * stride_ps, mask=inside, other=0.0)
+    dst = out_ptr + ob * stride_ob + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=inside)

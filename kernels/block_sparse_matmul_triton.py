@@ -61,7 +61,7 @@ from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDAT
     candidate_configs,
     tuned_configs,
 )
-from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _sdd_kernel
+from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _sdd_kernel, _sum_splits_kernel
 from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit  # noqa: F401  (read by the tests)
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
@@ -465,13 +465,15 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
             grid = (Bo * n_cblk * (bc // cfg.tile_k) * cdiv(N, cfg.tile_n),)
         else:
             grid = (Bo * cdiv(K, cfg.tile_k) * cdiv(N, cfg.tile_n),)
-        out_desc = cfg.tma and out_desc_ok
+        out_desc = cfg.tma and out_desc_ok and cfg.split == 1
+        # split: cfg.split programs an output tile, their fp32 sums added by a second launch
+        part = launch_plans.empty((cfg.split, Bo, K, N), torch.float32, a.device) if cfg.split > 1 else None
         if cfg.tma:
             runtime.set_scratch_allocator()
         with runtime.device_guard(a):
-            launch(_dsd_tn_kernel)[grid](
+            launch(_dsd_tn_kernel)[(grid[0] * cfg.split,)](
                 a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
-                keep,
+                keep, part if part is not None else out,
                 B, Bo, M, N, K, n_rblk, n_cblk, n_rblk if batched_out else B * n_rblk, Bo * n_cblk,
                 *_strides(a, cfg.tma), *_strides(grad, cfg.tma), *_strides(out, out_desc),
                 *(grad_keep if grad_keep is not None else keep).stride(), *keep.stride(),
@@ -480,13 +482,17 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, OUT_DESC=out_desc,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
-                GRAD_KEEP=grad_keep is not None, WALK=cfg.walk,
+                GRAD_KEEP=grad_keep is not None, WALK=cfg.walk, SPLIT=cfg.split,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
+            if part is not None:
+                launch(_sum_splits_kernel)[(cdiv(K, 64), cdiv(N, 64), Bo)](
+                    part, out, K, N, part[0].numel(), *out.stride(), SPLIT=cfg.split, TILE_K=64, TILE_N=64)
 
     second = grad_keep is not None
     key = ("dsd_tn", hint(B), Bo if isinstance(Bo, int) else hint(Bo), hint(M), hint(N), hint(K), tuple(block), a.dtype,
            known(out.stride(-1) == 1), tma_ok, precision, a.device.index, second)
-    cfg = _choose("dsd_tn", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, grad, keep, out, grad_keep), second)
+    cfg = _choose("dsd_tn", key, M, N, K, block, a.dtype, tma_ok, config, run, (a, grad, keep, out, grad_keep), second,
+                  split_over=(M if batched_out else B * M, Bo))
     run(cfg, a, grad, keep, out, grad_keep)
     return out

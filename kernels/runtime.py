@@ -313,7 +313,8 @@ class KernelConfig:
     The tile fields are named after the problem's dims; each kernel family's host module says
     which tile is which. ``skip``, ``balance`` and ``walk`` are schedule choices that only some
     kernels read (the attention kernels' dropped-tile handling, the matmuls' work balance, and
-    the matmuls' walk over every block instead of a kept-block list).
+    the matmuls' walk over every block instead of a kept-block list); ``split`` is dsd_tn's
+    reduction split over that many programs per output tile.
     """
 
     tile_m: int
@@ -326,6 +327,7 @@ class KernelConfig:
     balance: bool = False
     skip: int = 0
     walk: bool = False
+    split: int = 1
 
     def __str__(self) -> str:
         return (
@@ -334,6 +336,7 @@ class KernelConfig:
             + ("_bal" if self.balance else "")
             + (f"_skip{self.skip}" if self.skip else "")
             + ("_walk" if self.walk else "")
+            + (f"_split{self.split}" if self.split > 1 else "")
         )
 
 

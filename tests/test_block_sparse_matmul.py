@@ -195,6 +195,59 @@ def test_explicit_tile_split_config():
     _assert_close(tri.dsd_tn(a, g, keep, 1.2, block, False, config=cfg), ref.reference_dsd_tn(*_d(a, g), keep, 1.2, block, False), dtype)
 
 
+# --------------------------------------------------------------------------- dsd_tn's split reduction
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("schedule", ["lists", "walk", "balanced"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}Bb{s[1]}_{s[2]}x{s[3]}x{s[4]}_blk{s[5][0]}x{s[5][1]}")
+def test_dsd_tn_split_reduction(shape, schedule, split):
+    """dsd_tn with each output tile's reduction shared by ``split`` programs (fp32 partial sums
+    added by _sum_splits_kernel), over kept-block lists, the walk over every block and the
+    balanced order: summed and batched outputs, a strided output (linear's weight.T layout), ragged
+    reductions whose last share is short or empty."""
+    B, Bb, M, K, N, block = shape
+    dtype = torch.float16
+    a, _, g, _, keep = _inputs(B, Bb, M, K, N, block, dtype, 0.4, seed=31)
+    batched = Bb == B and B > 1
+    Bo = B if batched else 1
+    cfg = tri.KernelConfig(tile_m=16, tile_n=16, tile_k=16, stages=1, warps=4, group=2, split=split,
+                           walk=schedule == "walk", balance=schedule == "balanced")
+    out = _nan_like((Bo, N, K), a).transpose(1, 2)  # (Bo, K, N) with N-major strides
+    tri.dsd_tn(_poison_dropped(a, keep, block), g, keep, 1.5, block, batched, out=out, config=cfg)
+    _assert_close(out, ref.reference_dsd_tn(*_d(a, g), keep, 1.5, block, batched), dtype)
+
+
+def test_dsd_tn_split_with_second_mask_and_empty_mask():
+    """The output side's dW (grad_keep masks the second operand) with a split reduction, and a
+    mask that keeps nothing (every share empty: exact zeros)."""
+    B, Bb, M, K, N, block = SHAPES[2]
+    dtype = torch.bfloat16
+    x, _, g, _, keep_out, keep_in = _out_side_inputs(B, Bb, M, K, N, block, dtype, 32)
+    cfg = tri.KernelConfig(tile_m=16, tile_n=16, tile_k=16, stages=1, warps=4, group=2, split=3)
+    dw = tri.dsd_tn(_poison_dropped(g, keep_out, block), _poison_dropped(x, keep_in, block), keep_out, 1.25, block,
+                    True, grad_keep=keep_in, out=_nan_like((B, N, K), g), config=cfg)
+    _assert_close(dw, ref.reference_dsd_tn(*_d(g, x), keep_out, 1.25, block, True, grad_keep=keep_in), dtype)
+    none = torch.zeros_like(keep_out)
+    out = tri.dsd_tn(g, x, none, 1.25, block, True, grad_keep=keep_in, out=_nan_like((B, N, K), g), config=cfg)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_reduction_split_rule():
+    """Split only where the output tiles fill at most half the SMs, as far as fills them once,
+    at most _SPLIT_MAX ways, and never below _SPLIT_MIN_STEPS reduction steps a program."""
+    from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
+
+    cfg = tri.KernelConfig(tile_m=64, tile_n=128, tile_k=128)
+    assert configs.reduction_split(cfg, 8192, 768, 768, 1, 132) == 3  # 36 tiles: 108 programs
+    assert configs.reduction_split(cfg, 2048, 768, 768, 1, 132) == 2  # 32 steps: two shares of 16
+    assert configs.reduction_split(cfg, 1024, 768, 768, 1, 132) == 1  # 16 steps: not shared
+    assert configs.reduction_split(cfg, 8192, 3072, 768, 1, 132) == 1  # 144 tiles fill the SMs
+    assert configs.reduction_split(cfg, 8192, 256, 256, 1, 132) == configs._SPLIT_MAX  # 4 tiles
+    assert configs.reduction_split(cfg, 8192, 768, 768, 4, 132) == 1  # batched: 144 tiles
+    with pytest.raises(ValueError, match="split=2 is a dsd_tn schedule"):
+        a, b, _, _, keep = _inputs(1, 1, 32, 32, 16, (16, 16), torch.float32, 0.0)
+        tri.dsd(a, b, keep, 1.0, (16, 16), config=dataclasses.replace(cfg, tile_m=16, tile_n=16, tile_k=16, split=2))
+
+
 def _lists(keep, by, line_len, **kw):
     """kept_lists' flat buffers (one spare entry) as (n_lines,) counts and (n_lines, line_len) index."""
     counts, index, *order = tri.kept_lists(keep, by, **kw)
@@ -690,6 +743,9 @@ def _check_every_config(kind, M, K, N, block, b_transposed):
     if tma_possible:
         configs += tri.candidate_configs(kind, M, N, K, block, a.dtype, tma=True)
     configs += _walk_variants(kind, configs)
+    if kind == "dsd_tn":  # the split reduction of the first tilings, over lists, balanced and walking
+        configs += [dataclasses.replace(c, split=n) for c in configs[:3] + _walk_variants(kind, configs)[:1]
+                    for n in (2, 4)]
     for cfg in dict.fromkeys(configs):
         if kind == "dsd":
             if cfg.tma and not (runtime.tma_view_ok(a) and runtime.tma_view_ok(tri._b_tma_view(b)) and N % 8 == 0):

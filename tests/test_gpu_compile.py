@@ -85,6 +85,10 @@ def matmuls(dtype):
     for batched in (False, True):
         bsm.dsd_tn(a, g, keep, 1.25, block, batched, _supported=True)
         bsm.dsd_tn(a, g, keep, 1.25, block, batched, grad_keep=out_keep, _supported=True)
+    for walk in (False, True):  # dsd_tn's split reduction (chosen on a GPU by its SM count)
+        split = bsm.KernelConfig(64, 64, 64, 3, 4, split=3, walk=walk)
+        bsm.dsd_tn(a, g, keep, 1.25, block, False, config=split, _supported=True)
+        bsm.dsd_tn(a, g, keep, 1.25, block, True, grad_keep=out_keep, config=split, _supported=True)
 
 def attention(dtype):
     B, H, S, D = 2, 2, 200, 64
@@ -280,9 +284,11 @@ def test_kernel_write_analysis_is_cached_per_specialisation_with_torchs_answer(t
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = _run(_RECORD + _ANALYSE, env)
     writes = eval(out.split("writes", 1)[1].splitlines()[0])  # (kernel, argument) pairs, printed sorted
-    # The dense-output matmuls write their output and nothing else; sdd its output (torch's
+    # The dense-output matmuls write their output and nothing else (dsd_tn's split reduction its
+    # partial sums instead, which _sum_splits_kernel adds into the output); sdd its output (torch's
     # analysis, being conservative, also counts the kept-block lists its persistent schedule reads).
-    assert {w for k, w in writes if k in ("_dsd_kernel", "_dsd_tn_kernel")} == {"out_ptr"}, out
+    assert {w for k, w in writes if k in ("_dsd_kernel", "_sum_splits_kernel")} == {"out_ptr"}, out
+    assert {w for k, w in writes if k == "_dsd_tn_kernel"} == {"out_ptr", "part_ptr"}, out
     assert "out_ptr" in {w for k, w in writes if k == "_sdd_kernel"}, out
     # The kept-block lists write their lists and nothing else. With the flags counted as written
     # (a helper taking keep returned the counts that address the stores), compiled code with
