@@ -1,6 +1,6 @@
 """Block-sparse Triton matmuls for SparseDrop, host side: the launchers of dsd
 (forward), sdd (grad of the activation) and dsd_tn (grad of the right operand). The kernels are
-in ``block_sparse_matmul_kernels.py``; same signatures and semantics as the ``reference_*``
+in ``block_sparse_matmul_kernels.py`` and ``block_sparse_matmul_sdd_kernels.py``; same signatures and semantics as the ``reference_*``
 functions in ``block_sparse_matmul.py``, which the tests use as the oracle.
 
 Every kernel skips dropped mask blocks instead of multiplying by zero:
@@ -61,7 +61,8 @@ from .block_sparse_matmul_configs import (  # noqa: F401  (_TUNER, _MAX_CANDIDAT
     candidate_configs,
     tuned_configs,
 )
-from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _sdd_kernel, _sum_splits_kernel
+from .block_sparse_matmul_kernels import _dsd_kernel, _dsd_tn_kernel, _sum_splits_kernel
+from .block_sparse_matmul_sdd_kernels import _sdd_kernel
 from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit  # noqa: F401  (read by the tests)
 from .runtime import KernelConfig, hint, interpreting, known, launch, next_pow2
 
