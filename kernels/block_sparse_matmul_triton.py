@@ -1,7 +1,8 @@
 """Block-sparse Triton matmuls for SparseDrop, host side: the launchers of dsd
 (forward), sdd (grad of the activation) and dsd_tn (grad of the right operand). The kernels are
-in ``block_sparse_matmul_kernels.py`` and ``block_sparse_matmul_sdd_kernels.py``; same signatures and semantics as the ``reference_*``
-functions in ``block_sparse_matmul.py``, which the tests use as the oracle.
+in ``block_sparse_matmul_kernels.py`` (sdd's in ``block_sparse_matmul_sdd_kernels.py``); same
+signatures and semantics as the ``reference_*`` functions in ``block_sparse_matmul.py``, which
+the tests use as the oracle.
 
 Every kernel skips dropped mask blocks instead of multiplying by zero:
 
