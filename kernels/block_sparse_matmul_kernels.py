@@ -376,7 +376,8 @@ def _sum_splits_kernel(part_ptr, out_ptr, K, N, stride_ps, stride_ob, stride_ok,
     inside = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     src = part_ptr + (ob * K + offs_k[:, None]) * N + offs_n[None, :]
     acc = tl.zeros((TILE_K, TILE_N), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(src + s * stride_ps, mask=inside, other=0.0)
+    for _ in tl.static_range(SPLIT):
+        acc += tl.load(src, mask=inside, other=0.0)
+        src += stride_ps  # a step at a time: s * stride_ps could pass int32 where stride_ps does not
     dst = out_ptr + ob * stride_ob + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=inside)
