@@ -16,7 +16,7 @@ from typing import Callable, NoReturn
 import torch
 from torch import Tensor
 
-from . import runtime
+from . import runtime, traced_descriptors
 from .block_mask import cdiv
 from .runtime import KernelConfig, hint, interpreting, next_pow2
 
@@ -90,6 +90,30 @@ def reduction_split(cfg: KernelConfig, rows: int, K: int, N: int, out_batches: i
     return max(1, min(_SPLIT_MAX, sms // tiles, rows // (cfg.tile_m * _SPLIT_MIN_STEPS)))
 
 
+def prefer_tma(kind: str, N, K, operands: tuple) -> bool:
+    """Whether a kernel whose operands can take TMA descriptors should try them first.
+
+    Measured per kernel on an H200 (session 24: bf16, p = 0 to 0.5, nine shapes from 8192 x 768 x
+    768 to 8192 x 4096 x 14336): with pointer loads sdd took 15-29 % less time than with TMA
+    loads, dsd_tn within 2.5 % either way, and dsd 0-19 % more at p <= 0.1 on the long
+    reductions (less at higher p, and 13-20 % less with N = 3072, K = 768). So TMA goes first
+    for dsd only, and not in code that torch compiles for launches outside CUDA graphs: there
+    Inductor's static launcher takes a pointer kernel, while a TMA one (its descriptors need
+    global scratch) goes through Triton's Python launcher at about 60 us a launch.
+
+    Except where pointer tiles cannot be vectorised: Triton assumes no alignment of a size or
+    stride that is not a multiple of 16 elements, so a tile masked along such a contiguous dim
+    loads an element at a time (6000 x 2000 x 3000: 1.6-14x TMA's time). Then TMA goes first."""
+    sizes = [N, K] + [s for t in operands if isinstance(t, Tensor) and t.dtype != torch.bool
+                      for s in t.stride() if hint(s) != 1]
+    if any(hint(s) % 16 for s in sizes):
+        return True
+    if kind != "dsd":
+        return False
+    compiled = any(runtime.is_traced(t) for t in operands if isinstance(t, Tensor))
+    return not (compiled and traced_descriptors.static_launch() and not runtime.cuda_graphs())
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides n and is <= cap (n is a multiple of 16 here)."""
     d = 16
@@ -104,13 +128,15 @@ def _fit_dim(extent: int, tile: int, floor: int = 16) -> int:
 
 
 def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int], dtype: torch.dtype, tma: bool = False,
-                      second_keep: bool = False) -> list[KernelConfig]:
+                      second_keep: bool = False, tma_first: bool = True) -> list[KernelConfig]:
     """The short, shape-pruned config list for one kernel and problem, best guess first.
 
     Tiles are clamped so tile_m divides the block rows and tile_k the block columns, and shrunk
     toward small problem extents; duplicates are dropped. ``second_keep``: the call has a second
     mask over the N dim (sdd's ``reduce_keep``, dsd's ``out_keep``, dsd_tn's ``grad_keep``), so
-    tile_n must divide the block columns too.
+    tile_n must divide the block columns too. ``tma``: the operands can take TMA descriptors;
+    then ``tma_first`` says whether the TMA variants come first (see ``prefer_tma``) or the
+    pointer ones, with TMA variants of the two best tilings after them for the tuner to time.
     """
     if kind not in _BASE_CONFIGS_16:
         raise ValueError(f"candidate_configs: kind={kind!r}, expected one of {sorted(_BASE_CONFIGS_16)}")
@@ -132,14 +158,15 @@ def candidate_configs(kind: str, M: int, N: int, K: int, block: tuple[int, int],
         out_tile = {"dsd": tm * tn, "sdd": tm * tk, "dsd_tn": tk * tn}[kind]
         if out_tile < 128 * 128 and warps > 4:
             warps = 4
-        cfg = KernelConfig(tm, tn, tk, stages, warps, 8, tma)
+        cfg = KernelConfig(tm, tn, tk, stages, warps, 8, False)
         if all(cfg != c for c, _ in out):
             out.append((cfg, out_tile))
     large = [c for c, area in out if area >= 128 * 128]
     out = large if big and large else [c for c, _ in out]
-    if tma:
-        # TMA usually wins on Hopper, but time the two best pointer variants against it too.
-        out = out[: _MAX_CANDIDATES - 4] + [dataclasses.replace(c, tma=False) for c in out[:2]]
+    if tma and tma_first:
+        out = [dataclasses.replace(c, tma=True) for c in out[: _MAX_CANDIDATES - 4]] + out[:2]
+    elif tma:
+        out = out[: _MAX_CANDIDATES - 4] + [dataclasses.replace(c, tma=True) for c in out[:2]]
     # The work-balanced schedule of the two best tilings goes first: at p = 0 it should cost
     # about what grid order does, with dropped blocks it is what makes time scale with (1 - p)
     # (the tuner also prefers it on near ties; see _Tuner.pick).
@@ -193,12 +220,14 @@ def _choose(kind: str, key: tuple, M, N, K, block, dtype, tma_ok: bool, config: 
     # a kept-block list, whose build is one more launch (explicit configs above may still ask for
     # any of these on any size).
     light = runtime.launch_bound(M, N, K)
-    key = (*key, light)
+    tma = tma_ok and not light
+    tma_first = tma and prefer_tma(kind, N, K, operands)
+    key = (*key, light, tma_first)
     cfg = _TUNER.cached(key)
     if cfg is not None:
         return cfg
-    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma_ok and not light,
-                              second_keep=second_keep)
+    cands = candidate_configs(kind, hint(M), hint(N), hint(K), block, dtype, tma=tma, second_keep=second_keep,
+                              tma_first=tma_first)
     if light:
         cands = [c for c in cands if not c.balance]
         if kind != "sdd":

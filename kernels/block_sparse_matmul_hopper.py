@@ -421,9 +421,7 @@ def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = No
     if any(runtime.is_traced(t) for t in op_args if isinstance(t, Tensor)):
         if not all(isinstance(v, (int, float)) for v in (scale, bias_scale)):
             return False
-        from torch._inductor import config as inductor_config
-
-        if plan.R * plan.C * plan.D < OPAQUE_MIN_WORK and not inductor_config.triton.cudagraphs:
+        if plan.R * plan.C * plan.D < OPAQUE_MIN_WORK and not runtime.cuda_graphs():
             return False
         op(*op_args)
         return True

@@ -39,8 +39,10 @@ Configs: each launcher takes one from a short candidate list, chosen once per pr
 (``block_sparse_matmul_configs.py``). Environment knobs:
     SPARSEDROP_AUTOTUNE=1   time the candidates (default 0: the first that runs, or fits)
     SPARSEDROP_TMA=0        never use TMA tensor descriptors (pointer loads only); by default
-                            launch-bound problems do not take them (runtime.launch_bound),
-                            =always counts every problem as large
+                            launch-bound problems do not take them (runtime.launch_bound), and
+                            of the others only dsd puts them first, outside compiled code that
+                            Inductor's static launcher runs (``prefer_tma``); =always counts
+                            every problem as large
 Under the interpreter (TRITON_INTERPRET=1) a single small config is used and TMA is off.
 """
 from __future__ import annotations

@@ -238,6 +238,12 @@ def hopper_enabled(device: torch.device) -> bool:
     return capability(device)[0] == 9
 
 
+def cuda_graphs() -> bool:
+    """Whether code torch compiles now will run under CUDA graphs (Inductor's
+    ``mode="reduce-overhead"``), whose replays launch nothing."""
+    return bool(inductor_config.triton.cudagraphs)
+
+
 # Below this many multiply-adds (M N K) a matmul kernel is launch-bound: in a default-mode step
 # the host spends longer launching it than the GPU spends running it, so its config is chosen
 # for a cheap launch rather than for the last per cent of GPU time. 2**34 is ~35 us of bf16 work
@@ -254,7 +260,7 @@ def launch_bound(M, N, K) -> bool:
     every launch and which keeps Inductor from its static launcher) and no extra launch for work
     balance. Sizes may be symbolic (their hints decide: a choice of speed, never of result).
     ``SPARSEDROP_TMA=always`` counts every size as large (``=0`` turns TMA off: ``tma_enabled``)."""
-    return launch_bound_work(hint(M) * hint(N) * hint(K), bool(inductor_config.triton.cudagraphs))
+    return launch_bound_work(hint(M) * hint(N) * hint(K), cuda_graphs())
 
 
 def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
@@ -266,7 +272,7 @@ def launch_bound_work(work: int, cuda_graphs: bool) -> bool:
 def launch_settings() -> tuple:
     """The process-wide settings the launchers' choices read besides their arguments (TMA and
     launch-bound rules, the Hopper path, autotuning, fp32 precision): part of every launch plan's key."""
-    return (os.environ.get("SPARSEDROP_TMA"), os.environ.get("SPARSEDROP_HOPPER"), LAUNCH_BOUND_WORK, bool(inductor_config.triton.cudagraphs),
+    return (os.environ.get("SPARSEDROP_TMA"), os.environ.get("SPARSEDROP_HOPPER"), LAUNCH_BOUND_WORK, cuda_graphs(),
             autotune_enabled(), torch.get_float32_matmul_precision())
 
 

@@ -278,7 +278,8 @@ def test_traced_launches_pick_a_config_without_running_one(monkeypatch, dynamic)
     # a candidate, in the launch-bound walk schedule this small problem gets
     assert dataclasses.replace(cfg, walk=False) in bsm.candidate_configs("dsd", 64, 32, 48, (32, 32), torch.float32)
     assert cfg.walk
-    assert bsm._TUNER.cached((*key, True)) == cfg  # the key records that this size is launch-bound
+    # the key records that this size is launch-bound (and that no TMA variant went first)
+    assert bsm._TUNER.cached((*key, True, False)) == cfg
 
     # The fit: two operand tiles per stage (+ the TMA epilogue's output tile) against the SM's
     # shared memory, here a GPU of 64 KiB.
@@ -299,8 +300,9 @@ def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
     descriptors need scratch memory that Triton allocates on every launch, and Inductor's static
     launcher refuses them), sdd no persistent schedule and dsd / dsd_tn the walk over every block
     (no kept-block lists, each one more launch); large ones, or any size under CUDA graphs
-    (replays launch nothing), take TMA and lists. An explicit TMA config is still taken at any
-    size; an explicit walk config must be a pointer-load dsd or dsd_tn one."""
+    (replays launch nothing), take lists, and TMA where ``prefer_tma`` says so. An explicit TMA
+    config is still taken at any size; an explicit walk config must be a pointer-load dsd or
+    dsd_tn one."""
     import torch._inductor.config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -325,10 +327,14 @@ def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
         for kind in ("dsd", "sdd", "dsd_tn"):
             cfg = bsm._choose(kind, ("test_launch_bound", kind, M, N, K), M, N, K, (128, 128), torch.bfloat16, True, None,
                               run, (a,))
-            assert cfg.tma == (not light), (kind, M, N, K, cfg)
+            assert cfg.tma == (not light and configs.prefer_tma(kind, N, K, (a,))), (kind, M, N, K, cfg)
             assert cfg.walk == (light and kind != "sdd"), (kind, M, N, K, cfg)
             if kind == "sdd" or light:
                 assert cfg.balance == (not light), (kind, M, N, K, cfg)
+        with inductor_config.patch({"triton.cudagraphs": True}):  # no launch costs: dsd's TMA variant first
+            cfg = bsm._choose("dsd", ("test_launch_bound_graphs", M, N, K), M, N, K, (128, 128), torch.bfloat16, True,
+                              None, run, (a,))
+        assert cfg.tma and not cfg.walk, (M, N, K, cfg)
     explicit = bsm.candidate_configs("dsd", *small, (128, 128), torch.bfloat16, tma=True)[0]
     assert explicit.tma
     assert bsm._choose("dsd", ("test_tma_explicit",), *small, (128, 128), torch.bfloat16, True, explicit, run, ()) == explicit
@@ -336,3 +342,40 @@ def test_launch_bound_kernels_take_configs_that_launch_cheaply(monkeypatch):
         cfg = dataclasses.replace(bsm.candidate_configs(kind, *small, (128, 128), torch.bfloat16)[0], **bad)
         with pytest.raises(ValueError, match="walk is a dsd / dsd_tn schedule"):
             bsm._choose(kind, ("test_walk_explicit", kind), *small, (128, 128), torch.bfloat16, True, cfg, run, ())
+
+
+def test_tma_goes_first_only_where_measured_faster(monkeypatch):
+    """``prefer_tma`` (session 24's per-kernel times on an H200): pointer loads first for sdd and
+    dsd_tn, TMA first for dsd unless torch compiles the launch for Inductor's static launcher
+    outside CUDA graphs (a TMA kernel goes through Triton's Python launcher instead); TMA first
+    for every kernel where a size or stride is not a multiple of 16 elements (pointer tiles load
+    an element at a time there). The list keeps the other kind's two best tilings for the tuner."""
+    import torch._inductor.config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsedrop_compile.kernels import block_sparse_matmul_configs as configs
+    from sparsedrop_compile.kernels import traced_descriptors
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # the GPU's candidate lists
+    eager = torch.empty(1, 4096, 1024, dtype=torch.bfloat16)
+    odd_stride = torch.empty(1, 4096, 1032, dtype=torch.bfloat16)[..., :1024]
+    with FakeTensorMode():
+        traced = torch.empty(1, 4096, 1024, dtype=torch.bfloat16, device="cuda")
+    for kind in ("dsd", "sdd", "dsd_tn"):
+        assert configs.prefer_tma(kind, 4096, 1024, (eager,)) == (kind == "dsd"), kind
+        assert configs.prefer_tma(kind, 2000, 3000, (eager,)), kind  # K = 3000: not a multiple of 16
+        assert configs.prefer_tma(kind, 4096, 1024, (odd_stride,)), kind  # row stride 1032
+        monkeypatch.setattr(traced_descriptors, "static_launch", lambda: True)
+        assert not configs.prefer_tma(kind, 4096, 1024, (traced,)), kind
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            assert configs.prefer_tma(kind, 4096, 1024, (traced,)) == (kind == "dsd"), kind
+        monkeypatch.setattr(traced_descriptors, "static_launch", lambda: False)
+        assert configs.prefer_tma(kind, 4096, 1024, (traced,)) == (kind == "dsd"), kind
+
+        for first in (True, False):
+            cands = configs.candidate_configs(kind, 4096, 4096, 1024, (128, 128), torch.bfloat16, tma=True,
+                                              tma_first=first)
+            assert cands[0].tma == first and cands[0].balance, (kind, first, cands)
+            others = [c for c in cands if c.tma != first]
+            assert len(others) == 2 and not any(c.balance for c in others), (kind, first, cands)
+            assert {dataclasses.replace(c, tma=first) for c in others} <= set(cands), (kind, first, cands)
