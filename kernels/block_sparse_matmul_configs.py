@@ -99,11 +99,13 @@ def prefer_tma(kind: str, N, K, operands: tuple) -> bool:
     reductions (less at higher p, and 13-20 % less with N = 3072, K = 768). So TMA goes first
     for dsd only, and not in code that torch compiles for launches outside CUDA graphs: there
     Inductor's static launcher takes a pointer kernel, while a TMA one (its descriptors need
-    global scratch) goes through Triton's Python launcher at about 60 us a launch.
+    global scratch) goes through Triton's Python launcher (NOTES_kernels §16-17: about 60 us a
+    launch in a profile, though a host-bound BERT step was no faster without them).
 
-    Except where pointer tiles cannot be vectorised: Triton assumes no alignment of a size or
-    stride that is not a multiple of 16 elements, so a tile masked along such a contiguous dim
-    loads an element at a time (6000 x 2000 x 3000: 1.6-14x TMA's time). Then TMA goes first."""
+    Except where a size or stride is not a multiple of 16 elements: Triton sees no alignment
+    there, which the kernels restore only in part (``_aligned``: 16-byte loads, but at 6000 x
+    2000 x 3000 the pointer tiles still took 5-14 % longer than TMA's, which need no alignment
+    from the compiler). Then TMA goes first."""
     sizes = [N, K] + [s for t in operands if isinstance(t, Tensor) and t.dtype != torch.bool
                       for s in t.stride() if hint(s) != 1]
     if any(hint(s) % 16 for s in sizes):

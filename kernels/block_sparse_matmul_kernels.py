@@ -102,6 +102,18 @@ def _mma(acc, x, y, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    """``x``, which the host found to be a multiple of ALIGN, written so that the compiler can
+    prove it. Triton knows an integer argument's alignment only when it is a multiple of 16, so
+    a pointer tile along a dim of 3000 elements, or over rows 3000 apart, was loaded an element
+    at a time and not pipelined (NOTES_kernels §17); with K = K // 8 * 8 it takes 16-byte loads.
+    Exact when ALIGN divides x, as the host checks (never for a unit stride)."""
+    if ALIGN > 1:
+        x = x // ALIGN * ALIGN
+    return x
+
+
+@triton.jit
 def _block_kept(keep_ptr, bat, r0, c0, stride_b, stride_r, stride_c, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Whether the mask block holding row r0, column c0 of batch entry ``bat`` is kept, as a
     (1, 1) tensor that broadcasts over a tile (Triton's interpreter takes no scalar load mask)."""
@@ -133,7 +145,7 @@ def _dsd_kernel(
     HAS_BIAS: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, OUT_KEEP: tl.constexpr,
-    WALK: tl.constexpr,
+    WALK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """out[bat] = scale * (a[bat] ⊙ m) @ b[bat % Bb] (+ bias); one program per (bat, M tile, N tile).
 
@@ -154,10 +166,22 @@ def _dsd_kernel(
     WALK (launch-bound problems, pointer loads, no BALANCE): no kept-block lists; the loop walks
     every column block of the row block and reads a dropped one's ``a`` tile as zeros from the
     flags in ``keep``. Dense work on the GPU, one launch fewer on the host.
+
+    ALIGN: N, K and the operands' strides other than their unit ones (a's over K, b's over K
+    with B_K_CONTIG, else over N) are multiples of it (see _aligned).
     """
     tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
+    N = _aligned(N, ALIGN)
+    K = _aligned(K, ALIGN)
+    stride_ab = _aligned(stride_ab, ALIGN)
+    stride_am = _aligned(stride_am, ALIGN)
+    stride_bb = _aligned(stride_bb, ALIGN)
+    if B_K_CONTIG:
+        stride_bn = _aligned(stride_bn, ALIGN)
+    else:
+        stride_bk = _aligned(stride_bk, ALIGN)
     grid_m = tl.cdiv(M, TILE_M)
     grid_n = tl.cdiv(N, TILE_N)
     pid = tl.program_id(0)
@@ -256,7 +280,7 @@ def _dsd_tn_kernel(
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr,
     USE_TMA: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BALANCE: tl.constexpr, GRAD_KEEP: tl.constexpr,
-    WALK: tl.constexpr, SPLIT: tl.constexpr,
+    WALK: tl.constexpr, SPLIT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """out[ob] = scale * Σ (a[bat] ⊙ m)ᵀ @ g[bat]; one program per (ob, K tile, N tile), or SPLIT.
 
@@ -278,10 +302,18 @@ def _dsd_tn_kernel(
     SPLIT > 1 (a small output over a long reduction): SPLIT neighbouring programs share an output
     tile, each taking one contiguous SPLIT-th of its reduction steps, and store their scaled fp32
     sums in ``part_ptr`` (SPLIT, Bo, K, N); _sum_splits_kernel adds them up in order into ``out``.
+
+    ALIGN: N, K and the batch and row strides of ``a`` and ``g`` are multiples of it (see _aligned).
     """
     tl.static_assert(not (WALK and (USE_TMA or BALANCE)), "WALK takes pointer loads in grid order")
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
+    N = _aligned(N, ALIGN)
+    K = _aligned(K, ALIGN)
+    stride_ab = _aligned(stride_ab, ALIGN)
+    stride_am = _aligned(stride_am, ALIGN)
+    stride_gb = _aligned(stride_gb, ALIGN)
+    stride_gm = _aligned(stride_gm, ALIGN)
     grid_k = tl.cdiv(K, TILE_K)
     grid_n = tl.cdiv(N, TILE_N)
     pid = tl.program_id(0)

@@ -11,7 +11,7 @@ gradient of dropout -> matmul, and the forward of a matmul with block dropout on
 import triton
 import triton.language as tl
 
-from .block_sparse_matmul_kernels import _grouped_tile, _load_tile, _mma, _store_tile
+from .block_sparse_matmul_kernels import _aligned, _grouped_tile, _load_tile, _mma, _store_tile
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _sdd_kernel(
     USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr, OUT_DESC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     PERSISTENT: tl.constexpr, SPLIT_TAIL: tl.constexpr, HALF_K: tl.constexpr, LINES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RED_KEEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RED_KEEP: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """out[bat] = (scale * (g[bat] [⊙ m_red]) @ b[bat % Bb]ᵀ [+ bias_scale * bias]) ⊙ m.
 
@@ -155,10 +155,22 @@ def _sdd_kernel(
     output columns, no reduction across programs, no atomics) run by 2R programs. Then each
     program stores zeros into its share of the dropped tiles (cheap, and overlapping the other
     programs' matmuls).
+
+    ALIGN: N, K, g's batch and row strides and b's strides other than its unit one (over K with
+    B_K_CONTIG, else over N) are multiples of it (see _aligned).
     """
     # Float arguments arrive as fp64 from Inductor's launcher (fp32 from Triton's): fix them at fp32.
     scale = tl.cast(scale, tl.float32)
     bias_scale = tl.cast(bias_scale, tl.float32)
+    N = _aligned(N, ALIGN)
+    K = _aligned(K, ALIGN)
+    stride_gb = _aligned(stride_gb, ALIGN)
+    stride_gm = _aligned(stride_gm, ALIGN)
+    stride_bb = _aligned(stride_bb, ALIGN)
+    if B_K_CONTIG:
+        stride_bn = _aligned(stride_bn, ALIGN)
+    else:
+        stride_bk = _aligned(stride_bk, ALIGN)
     # Descriptors are built once per program (a persistent program reuses them for all its tiles).
     # The persistent schedule stores through pointers: its tiles include split halves.
     if USE_TMA:

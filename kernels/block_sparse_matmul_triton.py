@@ -193,6 +193,19 @@ def _b_strides(b: Tensor, tma: bool, b_k_contig: bool) -> tuple:
     return runtime.tma_strides(b)
 
 
+def _alignment(elem_size: int, values: Sequence, unit_strides: Sequence) -> int:
+    """A kernel's ALIGN: the largest power of two, up to 16 bytes of elements, that every one of
+    ``values`` (sizes and strides the kernel rewrites with _aligned) is known to be a multiple
+    of, provided every one of ``unit_strides`` is known to be 1; else 1 (nothing rewritten).
+    Known for every size, not from hints: the kernel's arithmetic is exact only then."""
+    if not all(known(s == 1) for s in unit_strides):
+        return 1
+    align = max(1, 16 // elem_size)
+    while align > 1 and not all(known(v % align == 0) for v in values):
+        align //= 2
+    return align
+
+
 def _b_tma_view(b: Tensor) -> Tensor:
     """b (Bb, K, N) as the row-major view a descriptor needs: (Bb, N, K) when K is contiguous."""
     return b.transpose(1, 2) if _k_contig(b) else b
@@ -309,19 +322,22 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
             grid = (B * cdiv(M, cfg.tile_m) * cdiv(N, cfg.tile_n),)
         if cfg.tma:
             runtime.set_scratch_allocator()
+        sa, sb = _strides(a, cfg.tma), _b_strides(b, cfg.tma, b_k_contig)
+        align = _alignment(a.element_size(), (N, K, sa[0], sa[1], sb[0], sb[2] if b_k_contig else sb[1]),
+                           (sa[2], sb[1] if b_k_contig else sb[2]))
         with runtime.device_guard(a):
             launch(_dsd_kernel)[grid](
                 a, b, bias if bias is not None else out, out, counts, index, order if balance else counts,
                 out_keep if out_keep is not None else keep, keep,
                 B, M, N, K, Bb, n_rblk, cdiv(K, bc), B * n_rblk,
-                *_strides(a, cfg.tma), *_b_strides(b, cfg.tma, b_k_contig), bias.stride(0) if bias is not None else 0,
+                *sa, *sb, bias.stride(0) if bias is not None else 0,
                 *_strides(out, cfg.tma), *(out_keep if out_keep is not None else keep).stride(), *keep.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 HAS_BIAS=bias is not None, **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
-                OUT_KEEP=out_keep is not None, WALK=cfg.walk,
+                OUT_KEEP=out_keep is not None, WALK=cfg.walk, ALIGN=align,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
 
@@ -397,11 +413,14 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
             red_counts, red_index = counts, index  # unused
         if cfg.tma:
             runtime.set_scratch_allocator()
+        sg, sb = _strides(grad, cfg.tma), _b_strides(b, cfg.tma, b_k_contig)
+        align = _alignment(grad.element_size(), (N, K, sg[0], sg[1], sb[0], sb[2] if b_k_contig else sb[1]),
+                           (sg[2], sb[1] if b_k_contig else sb[2]))
         with runtime.device_guard(grad):
             compiled = launch(_sdd_kernel)[grid](
                 grad, b, out, flags, counts, index, bias if bias is not None else out, red_counts, red_index,
                 B, M, N, K, Bb, n_rblk, n_cblk, n_lines, cdiv(N, bc),
-                *_strides(grad, cfg.tma), *_b_strides(b, cfg.tma, b_k_contig), *_strides(out, cfg.tma),
+                *sg, *sb, *_strides(out, cfg.tma),
                 *flags.stride(), bias.stride(0) if bias is not None else 0,
                 float(scale), float(bias_scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
@@ -409,7 +428,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
                 USE_TMA=cfg.tma, B_K_CONTIG=b_k_contig, OUT_DESC=cfg.tma,
                 PRECISION=precision, UPCAST=interpreting() and grad.dtype == torch.bfloat16,
                 PERSISTENT=persistent, SPLIT_TAIL=split, HALF_K=cfg.tile_k // 2 if split else cfg.tile_k, LINES=max(16, next_pow2(hint(n_lines))) if persistent else 16,
-                HAS_BIAS=bias is not None, RED_KEEP=reduce_keep is not None,
+                HAS_BIAS=bias is not None, RED_KEEP=reduce_keep is not None, ALIGN=align,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
         if persistent:
@@ -474,19 +493,21 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         part = launch_plans.empty((cfg.split, Bo, K, N), torch.float32, a.device) if cfg.split > 1 else None
         if cfg.tma:
             runtime.set_scratch_allocator()
+        sa, sg = _strides(a, cfg.tma), _strides(grad, cfg.tma)
+        align = _alignment(a.element_size(), (N, K, sa[0], sa[1], sg[0], sg[1]), (sa[2], sg[2]))
         with runtime.device_guard(a):
             launch(_dsd_tn_kernel)[(grid[0] * cfg.split,)](
                 a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
                 keep, part if part is not None else out,
                 B, Bo, M, N, K, n_rblk, n_cblk, n_rblk if batched_out else B * n_rblk, Bo * n_cblk,
-                *_strides(a, cfg.tma), *_strides(grad, cfg.tma), *_strides(out, out_desc),
+                *sa, *sg, *_strides(out, out_desc),
                 *(grad_keep if grad_keep is not None else keep).stride(), *keep.stride(),
                 float(scale),
                 BLOCK_ROWS=br, BLOCK_COLS=bc, TILE_M=cfg.tile_m, TILE_N=cfg.tile_n, TILE_K=cfg.tile_k, GROUP=cfg.group,
                 **_masks(M, N, K, cfg, block),
                 USE_TMA=cfg.tma, OUT_DESC=out_desc,
                 PRECISION=precision, UPCAST=interpreting() and a.dtype == torch.bfloat16, BALANCE=balance,
-                GRAD_KEEP=grad_keep is not None, WALK=cfg.walk, SPLIT=cfg.split,
+                GRAD_KEEP=grad_keep is not None, WALK=cfg.walk, SPLIT=cfg.split, ALIGN=align,
                 num_warps=cfg.warps, num_stages=cfg.stages,
             )
             if part is not None:

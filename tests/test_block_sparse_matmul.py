@@ -134,6 +134,73 @@ def test_dsd_tn(shape, dtype):
     _assert_close(out, ref.reference_dsd_tn(*_d(a, g), keep, 2.0, block, batched), dtype)
 
 
+# Sizes and strides that are multiples of 8 but not of 16 elements: the kernels rewrite them as
+# x // ALIGN * ALIGN so that the compiler sees the alignment (tri._alignment, _aligned). The
+# expected ALIGN per case; a row stride of 75 (a padded view of a) or 76 lowers it.
+ALIGN_CASES = [  # (M, K, N, a's padded row length or None, expected ALIGN for 16-bit / fp32 of
+    (56, 72, 40, None, (8, 4), (8, 4)),  # dsd and dsd_tn, then of sdd, which reads g and b, not a)
+    (56, 76, 40, None, (4, 4), (4, 4)),
+    (56, 72, 40, 75, (1, 1), (8, 4)),
+]
+
+
+@pytest.mark.parametrize("dtype", [t[0] for t in TOLERANCES], ids=str)
+@pytest.mark.parametrize("case", ALIGN_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}_row{c[3]}")
+@pytest.mark.parametrize("b_transposed", [False, True], ids=["b_kn", "b_nk"])
+def test_alignment_hint_is_exact(case, dtype, b_transposed, monkeypatch):
+    """The three launchers pass the ALIGN their operands allow, and with it compute what the
+    reference does on ragged shapes (the mask blocks end inside K and M)."""
+    M, K, N, row, aligns, sdd_aligns = case
+    B, Bb, block, p = 2, 1, (32, 32), 0.5
+    a, b, g, _, keep = _inputs(B, Bb, M, K, N, block, dtype, p, seed=5, b_transposed=b_transposed)
+
+    def rows_apart(t):  # a view of t whose rows lie `row` elements apart
+        if row is None:
+            return t
+        return torch.cat([t, torch.zeros(B, M, row - K, dtype=dtype, device=t.device)], dim=2)[..., :K]
+    seen = {}
+    real_launch = tri.launch
+
+    def recording_launch(kernel):
+        launcher = real_launch(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    seen[getattr(kernel, "__name__", None) or kernel.fn.__name__] = kwargs["ALIGN"]
+                    return launcher[grid](*args, **kwargs)
+                return call
+        return Grid()
+
+    monkeypatch.setattr(tri, "launch", recording_launch)
+    expected_align = aligns[1] if dtype == torch.float32 else aligns[0]
+    scale = 1 / (1 - p)
+    out = tri.dsd(rows_apart(_poison_dropped(a, keep, block)), b, keep, scale, block, out=_nan_like((B, M, N), a))
+    _assert_close(out, ref.reference_dsd(*_d(a, b), keep, scale, block), dtype)
+    out = tri.sdd(g, b, keep, scale, block, out=_nan_like((B, M, K), g))
+    _assert_close(out, ref.reference_sdd(*_d(g, b), keep, scale, block), dtype)
+    out = tri.dsd_tn(rows_apart(_poison_dropped(a, keep, block)), g, keep, scale, block, False, out=_nan_like((1, K, N), a))
+    _assert_close(out, ref.reference_dsd_tn(*_d(a, g), keep, scale, block, False), dtype)
+    sdd_align = sdd_aligns[1] if dtype == torch.float32 else sdd_aligns[0]
+    assert seen == {"_dsd_kernel": expected_align, "_dsd_tn_kernel": expected_align, "_sdd_kernel": sdd_align}, seen
+
+
+def test_alignment_needs_unit_strides_and_known_multiples():
+    """_alignment: 16 bytes' worth of elements at most, halved until every value divides, 1
+    when a stride meant to be the unit one is not, or a symbolic value is not known to divide."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    assert tri._alignment(2, (40, 72, 56 * 72, 72), (1,)) == 8
+    assert tri._alignment(4, (40, 72), (1,)) == 4
+    assert tri._alignment(2, (40, 76), (1,)) == 4
+    assert tri._alignment(2, (40, 75), (1,)) == 1
+    assert tri._alignment(2, (40, 72), (1, 40)) == 1
+    env = ShapeEnv()
+    rows = env.create_unbacked_symint()  # any row count
+    assert tri._alignment(2, (40, 72, rows * 72), (1,)) == 8  # a multiple of 72 is one of 8
+    assert tri._alignment(2, (40, 72, rows), (1,)) == 1  # not known to divide: no hint
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_all_three_at_p(p):
     """One shape through all kernels at several drop rates, linear's transposed b included."""
