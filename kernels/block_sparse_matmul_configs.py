@@ -93,14 +93,15 @@ def reduction_split(cfg: KernelConfig, rows: int, K: int, N: int, out_batches: i
 def prefer_tma(kind: str, N, K, operands: tuple) -> bool:
     """Whether a kernel whose operands can take TMA descriptors should try them first.
 
-    Measured per kernel on an H200 (session 24: bf16, p = 0 to 0.5, nine shapes from 8192 x 768 x
-    768 to 8192 x 4096 x 14336): with pointer loads sdd took 15-29 % less time than with TMA
-    loads, dsd_tn within 2.5 % either way, and dsd 0-19 % more at p <= 0.1 on the long
-    reductions (less at higher p, and 13-20 % less with N = 3072, K = 768). So TMA goes first
-    for dsd only, and not in code that torch compiles for launches outside CUDA graphs: there
-    Inductor's static launcher takes a pointer kernel, while a TMA one (its descriptors need
-    global scratch) goes through Triton's Python launcher (NOTES_kernels §16-17: about 60 us a
-    launch in a profile, though a host-bound BERT step was no faster without them).
+    Measured per kernel on an H200 (session 24: bf16, p = 0 to 0.5, the eight shapes of
+    NOTES_kernels §17 that are not launch-bound): with pointer loads sdd took 15-29 % less time than
+    with TMA loads (but at 6000 x 2000 x 3000, below), dsd_tn from 6 % less to 4 % more, and dsd
+    0-19 % more at p <= 0.1 on the long reductions (less at higher p, and 13-20 % less with N =
+    3072, K = 768). So TMA goes first for dsd only, and not in code that torch compiles for launches
+    outside CUDA graphs: there Inductor's static launcher takes a pointer kernel, while a TMA one
+    (its descriptors need global scratch) goes through Triton's Python launcher (NOTES_kernels
+    §16-17: about 60 us a launch in a profile, though a host-bound BERT step was no faster without
+    them).
 
     Except where a size or stride is not a multiple of 16 elements: Triton sees no alignment
     there, which the kernels restore only in part (``_aligned``: 16-byte loads, but at 6000 x
