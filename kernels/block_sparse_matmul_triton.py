@@ -206,6 +206,14 @@ def _alignment(elem_size: int, values: Sequence, unit_strides: Sequence) -> int:
     return align
 
 
+def _operands_alignment(elem_size: int, N, K, x: tuple, y: tuple, y_k_contig: bool = False) -> int:
+    """_alignment for a kernel's two operands as the kernels rewrite them: ``x`` (batch, row,
+    col) strides with unit col stride; ``y`` (batch, k, n) strides (sdd's and dsd's b, dsd_tn's
+    g) whose unit stride is k's with ``y_k_contig``, else n's; N and K."""
+    y_row, y_unit = (y[2], y[1]) if y_k_contig else (y[1], y[2])
+    return _alignment(elem_size, (N, K, x[0], x[1], y[0], y_row), (x[2], y_unit))
+
+
 def _b_tma_view(b: Tensor) -> Tensor:
     """b (Bb, K, N) as the row-major view a descriptor needs: (Bb, N, K) when K is contiguous."""
     return b.transpose(1, 2) if _k_contig(b) else b
@@ -323,8 +331,7 @@ def dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, int]
         if cfg.tma:
             runtime.set_scratch_allocator()
         sa, sb = _strides(a, cfg.tma), _b_strides(b, cfg.tma, b_k_contig)
-        align = _alignment(a.element_size(), (N, K, sa[0], sa[1], sb[0], sb[2] if b_k_contig else sb[1]),
-                           (sa[2], sb[1] if b_k_contig else sb[2]))
+        align = _operands_alignment(a.element_size(), N, K, sa, sb, b_k_contig)
         with runtime.device_guard(a):
             launch(_dsd_kernel)[grid](
                 a, b, bias if bias is not None else out, out, counts, index, order if balance else counts,
@@ -414,8 +421,7 @@ def sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block: tuple[int, i
         if cfg.tma:
             runtime.set_scratch_allocator()
         sg, sb = _strides(grad, cfg.tma), _b_strides(b, cfg.tma, b_k_contig)
-        align = _alignment(grad.element_size(), (N, K, sg[0], sg[1], sb[0], sb[2] if b_k_contig else sb[1]),
-                           (sg[2], sb[1] if b_k_contig else sb[2]))
+        align = _operands_alignment(grad.element_size(), N, K, sg, sb, b_k_contig)
         with runtime.device_guard(grad):
             compiled = launch(_sdd_kernel)[grid](
                 grad, b, out, flags, counts, index, bias if bias is not None else out, red_counts, red_index,
@@ -494,7 +500,7 @@ def dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block: tuple[int
         if cfg.tma:
             runtime.set_scratch_allocator()
         sa, sg = _strides(a, cfg.tma), _strides(grad, cfg.tma)
-        align = _alignment(a.element_size(), (N, K, sa[0], sa[1], sg[0], sg[1]), (sa[2], sg[2]))
+        align = _operands_alignment(a.element_size(), N, K, sa, sg)
         with runtime.device_guard(a):
             launch(_dsd_tn_kernel)[(grid[0] * cfg.split,)](
                 a, grad, out, counts, index, order if balance else counts, grad_keep if grad_keep is not None else keep,
