@@ -17,12 +17,14 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
 - the tiles divide the mask blocks they must lie in.
 
 dsd and dsd_tn run stream-K (``_STREAM_K``) where whole tiles would fill their waves badly,
-with 128 x 128 tiles where the big ones would be fewer than the SMs (``_plan``).
+with 128 x 128 tiles where the big ones would be fewer than the SMs; where 128 x 128 tiles fill
+their waves and the operands' rows are 128-byte aligned, those whole instead (``_plan``).
 
 The sdd's tiles are whole tiles of one kept block each, listed group by group of row blocks
 (``kept_grouped``), run by the PINGPONG kernel (two consumer warpgroups taking turns, so one's
 epilogue hides under the other's MMAs: the sdd's reduction is the short side, N) where 128 x 128
 tiles fit; pairs of kept blocks of a column in one 256 x 128 tile (``_SDD_PAIRS``) are an option.
+
 
 Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
 ``@triton.jit`` source, which a Gluon kernel is not. So a traced call that the wgmma kernel would
@@ -87,6 +89,16 @@ _CONFIGS = {
 _SDD_PAIRS: WgmmaConfig | None = None
 _SDD_GROUP: int | None = 8
 _SDD_PINGPONG = True
+# Operands whose rows do not start on 128-byte boundaries (a row stride or base address that is
+# not a multiple of 128 bytes: 64 bf16 elements) cost these kernels 20-30 %; presumably each
+# 128-byte piece of a row that TMA reads (the swizzle's width) then straddles two 128-byte lines.
+# Session 25, calls 1-2, 6000 x 2000 x 3000 at p = 0.1 against the same problem with its rows
+# padded to a multiple of 64 elements: forward 133.4 against 105.9 us, dX 130.3 / 112.0, dW
+# 133.1 / 109.2 (cuBLAS 117 / 126 / 120). Bigger tiles, which read fewer bytes a multiply-add,
+# lose less there, so _plan takes 128 x 128 tiles in place of stream-K only on aligned rows.
+# (Copying the weight into aligned rows first, and the paired sdd tiles on unaligned rows, won
+# at p <= 0.1 and lost at p >= 0.3: NOTES_kernels §18.)
+_ROW_ALIGN = 128
 # Stream-K for the listed schedule (dsd, dsd_tn): the reduction steps of all tiles are dealt out
 # evenly to the programs, a tile split between programs summed through fp32 partial sums, where
 # whole tiles would fill less than _STREAM_K_BELOW of their waves (a narrow output: the T5
@@ -145,10 +157,29 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:
     else:
         return None
     es = base.element_size()
-    address = base.storage_offset() * es if runtime.is_traced(base) else base.data_ptr()  # see the module doc
-    if (base.stride(0) * es) % 16 or address % 16 or base.shape[1] * es < 16:
+    if (base.stride(0) * es) % 16 or _address(base) % 16 or base.shape[1] * es < 16:
         return None
     return base, trans
+
+
+def _address(base: Tensor) -> int:
+    """A tensor's address as far as alignment goes: traced, its storage offset in bytes (see the
+    module doc)."""
+    es = base.element_size()
+    return base.storage_offset() * es if runtime.is_traced(base) else base.data_ptr()
+
+
+def _rows_aligned(*operands: Tensor) -> bool:
+    """Whether each operand's rows as TMA reads them (its ``_rows_view`` base) start on
+    _ROW_ALIGN-byte boundaries."""
+    for t in operands:
+        v = _rows_view(t)
+        if v is None:
+            return False
+        base = v[0]
+        if (base.stride(0) * base.element_size()) % _ROW_ALIGN or _address(base) % _ROW_ALIGN:
+            return False
+    return True
 
 
 def _fold(t: Tensor, rows_per_block: int | None) -> Tensor | None:
@@ -334,16 +365,26 @@ def _plan(x2: Tensor, y2: Tensor, out2: Tensor, D: int, keep, blocks, block, lis
         programs = runtime.sm_resources(out_base.device)[0]
         plan.stream_k = plan.takes_stream_k(programs)
         square = _CONFIGS["square"]
-        # Fewer big tiles than programs: every tile would be cut, and adding a 256-row tile's
-        # partial sum costs the program that ends it 6-10 us (its loads into registers beside
-        # the accumulator go out in four round trips; a 128 x 128 tile's in one). 128 x 128
-        # tiles took the T5 weight gradient from 80 to 70 us (p = 0) and 56 to 44 us (p = 0.5);
-        # where the big tiles are at least one wave (6000 x 2000 x 3000's), they lost (137 vs
-        # 168 us). Session 14, call 10.
-        if plan.stream_k and plan._lines()[2] < programs and cfg.tile_r * cfg.tile_c > square.tile_r * square.tile_c \
-                and _fits(square, *fit):
-            plan = dataclasses.replace(plan, cfg=square)
-            plan.stream_k = plan.takes_stream_k(programs)
+        if plan.stream_k and cfg.tile_r * cfg.tile_c > square.tile_r * square.tile_c and _fits(square, *fit):
+            smaller = dataclasses.replace(plan, cfg=square)
+            smaller.stream_k = smaller.takes_stream_k(programs)
+            # Fewer big tiles than programs: every tile would be cut, and adding a 256-row tile's
+            # partial sum costs the program that ends it 6-10 us (its loads into registers beside
+            # the accumulator go out in four round trips; a 128 x 128 tile's in one). 128 x 128
+            # tiles took the T5 weight gradient from 80 to 70 us (p = 0) and 56 to 44 us (p = 0.5);
+            # where the big tiles are at least one wave (6000 x 2000 x 3000's), they lost (137 vs
+            # 168 us). Session 14, call 10.
+            if plan._lines()[2] < programs:
+                plan = smaller
+            # 128 x 128 tiles that fill their waves (whole tiles, no partial sums) beat the big
+            # ones' stream-K where the rows are aligned: dW at 6144 x 2048 x 3072 (192 tiles of
+            # 256 x 128, 384 of 128 x 128) 0.965 / 0.913 / 0.591 x cuBLAS at p = 0 / 0.1 / 0.5
+            # against 1.078 / 1.023 / 0.673 (session 25, call 1; 4096 x 2048 x 3072 in call 2:
+            # 0.992 / 0.936 / 0.606 against 1.146 / 1.086 / 0.728). With unaligned rows (see
+            # _ROW_ALIGN) the big tiles, which read fewer bytes a multiply-add, win: 6000 x 2000
+            # x 3000, 1.144 / 1.119 / 0.686 against 1.291 / 1.237 / 0.714.
+            elif not smaller.stream_k and _rows_aligned(x2, y2):
+                plan = smaller
     return plan
 
 

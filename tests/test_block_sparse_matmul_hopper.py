@@ -132,6 +132,40 @@ def test_sdd(shape, p, b_transposed, dtype, tiles, monkeypatch):
     _close(got, ref.reference_sdd(g.float(), b.float(), keep, 1.25, block, bias.float(), bias_scale=0.5))
 
 
+def _wider_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """``t`` (2-D or 3-D, rows contiguous) as a view into a buffer whose rows are ``extra``
+    elements longer: the same values, another row stride."""
+    base = torch.full((*t.shape[:-1], t.shape[-1] + extra), float("nan"), device=t.device, dtype=t.dtype)
+    view = base[..., : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("rows", ["aligned", "unaligned"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dsd_tn_takes_whole_square_tiles_where_they_fill_the_waves(rows, p, monkeypatch):
+    """A weight gradient (768 x 1024, wide enough for the big tiles first) whose 24 tiles of
+    256 x 128 fill 0.75 of their waves on 16 programs and whose 48 of 128 x 128 fill them:
+    whole 128 x 128 tiles where the rows are aligned, the big tiles' stream-K where the
+    activation's rows are not (session 25's measurements, _plan)."""
+    sm = runtime.sm_resources
+    monkeypatch.setattr(runtime, "sm_resources", lambda d: (16, *sm(d)[1:]))
+    block = (128, 128)
+    a, _, g, _, _, keep = _problem(1, 512, 1024, 768, block, p, torch.bfloat16, True, seed=5)
+    a_read = _poison(a, keep, block)
+    if rows == "unaligned":
+        a_read = _wider_rows(a_read, 8)
+    wgrad = torch.empty(768, 1024, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
+    plan = hopper.plan_dsd_tn(a_read, g, keep, block, False, None, wgrad)
+    assert plan is not None
+    expected = ((128, 128), False) if rows == "aligned" else ((256, 128), True)
+    assert ((plan.cfg.tile_r, plan.cfg.tile_c), plan.stream_k) == expected
+    got = tri.dsd_tn(a_read, g, keep, 1.25, block, False, out=wgrad)
+    _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
+
+
 @gpu
 @on_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -265,6 +299,22 @@ def test_hopper_path_not_planned_without_a_hopper_gpu():
     assert hopper.plan_dsd(a, b, keep, (128, 128), None, None, out) is None
     assert hopper.plan_sdd(a, b, keep, (128, 128), None, None, out) is None
     assert hopper.plan_dsd_tn(a, a, keep, (128, 128), False, None, out) is None
+
+
+def test_rows_aligned_reads_the_rows_tma_reads():
+    """_rows_aligned: every operand's rows (as TMA reads them: the base of a transposed view)
+    start on 128-byte boundaries, by row stride and by address (traced: storage offset)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.empty(2000, 3072, dtype=torch.bfloat16)
+        assert hopper._rows_aligned(w, w.t())                    # 6144-byte rows; the transpose reads w's
+        assert not hopper._rows_aligned(w[:, :3000].contiguous())  # 6000-byte rows
+        assert hopper._rows_aligned(w[:, :3000])                 # a view keeps the 6144-byte stride
+        assert not hopper._rows_aligned(w[:, 8:])                # starts 16 bytes in
+        assert hopper._rows_aligned(w[:, 64:])                   # 128 bytes in
+        assert not hopper._rows_aligned(w, torch.empty(64, 1000, dtype=torch.float32).t())  # 4000-byte rows
+        assert hopper._rows_aligned(torch.empty(64, 1024, dtype=torch.float32).t())
 
 
 # --------------------------------------------------------------------------- under torch.compile
