@@ -18,12 +18,15 @@ Conditions (each one is a fact the kernel relies on, not a tuning choice):
 
 dsd and dsd_tn run stream-K (``_STREAM_K``) where whole tiles would fill their waves badly,
 with 128 x 128 tiles where the big ones would be fewer than the SMs; where 128 x 128 tiles fill
-their waves and the operands' rows are 128-byte aligned, those whole instead (``_plan``).
+their waves and the operands' rows are 32-byte aligned, those whole instead (``_plan``).
 
 The sdd's tiles are whole tiles of one kept block each, listed group by group of row blocks
 (``kept_grouped``), run by the PINGPONG kernel (two consumer warpgroups taking turns, so one's
 epilogue hides under the other's MMAs: the sdd's reduction is the short side, N) where 128 x 128
 tiles fit; pairs of kept blocks of a column in one 256 x 128 tile (``_SDD_PAIRS``) are an option.
+
+A right operand (the weight) of dsd and sdd whose rows do not start on 32-byte boundaries is
+copied into rows that do before a large launch (``_ROW_ALIGN``, ``Plan.copy_y``).
 
 
 Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
@@ -47,6 +50,7 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from . import launch_plans, runtime
 from .block_mask import cdiv
+from .block_sparse_matmul_kernels import _copy_rows_kernel
 from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit
 
 try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
@@ -89,16 +93,28 @@ _CONFIGS = {
 _SDD_PAIRS: WgmmaConfig | None = None
 _SDD_GROUP: int | None = 8
 _SDD_PINGPONG = True
-# Operands whose rows do not start on 128-byte boundaries (a row stride or base address that is
-# not a multiple of 128 bytes: 64 bf16 elements) cost these kernels 20-30 %; presumably each
-# 128-byte piece of a row that TMA reads (the swizzle's width) then straddles two 128-byte lines.
-# Session 25, calls 1-2, 6000 x 2000 x 3000 at p = 0.1 against the same problem with its rows
-# padded to a multiple of 64 elements: forward 133.4 against 105.9 us, dX 130.3 / 112.0, dW
-# 133.1 / 109.2 (cuBLAS 117 / 126 / 120). Bigger tiles, which read fewer bytes a multiply-add,
-# lose less there, so _plan takes 128 x 128 tiles in place of stream-K only on aligned rows.
-# (Copying the weight into aligned rows first, and the paired sdd tiles on unaligned rows, won
-# at p <= 0.1 and lost at p >= 0.3: NOTES_kernels §18.)
-_ROW_ALIGN = 128
+# Operands whose rows do not start on 32-byte boundaries (a row stride or base address that is
+# not a multiple of 32 bytes: 16 bf16 elements) cost these kernels 20-30 %: each 128-byte piece
+# of a row that TMA reads (the swizzle's width) then touches five 32-byte sectors of L2, not
+# four (our reading of the figures below; no profile taken). Session 25 (raw/session25), 6000 x
+# 2000 x 3000 at p = 0.1 (x's and the weight's rows 6000 bytes apart) against the same problem with its rows
+# padded to a multiple of 64 elements (call 2): forward 133.4 against 105.9 us, dX 130.3 /
+# 112.0, dW 133.1 / 109.2 (cuBLAS 117 / 126 / 120). The right operand of dsd and sdd (the
+# weight, read again by every row of tiles) is most of it: its rows padded alone gave forward
+# 106.8 and dX 115.4 us. So where those rows are unaligned and at least _COPY_Y_MIN_ROWS output
+# rows read them, the launch copies the operand into rows _COPY_ROW_BYTES apart first
+# (``Plan.copy_y``; call 5, forward + dX + dW against cuBLAS's three products at p = 0 / 0.1 /
+# 0.3 / 0.5: 6000 x 2000 x 3000 1.053 / 1.027 / 0.850 / 0.697 against 1.200 / 1.148 / 0.921 /
+# 0.735; 8192 x 1000 x 3000 1.312 / 1.240 / 1.063 / 0.790 against 1.529 / 1.428 / 1.181 /
+# 0.868; 8192 x 3000 x 1000 1.321 / 1.271 / 1.041 / 0.819 against 1.475 / 1.418 / 1.128 /
+# 0.891). Rows of 8000 bytes (64 bytes off a 128-byte line, a whole number of sectors) cost
+# nothing to read: 8192 x 4000 x 4000 with the copy 1.042 / 0.963 / 0.770 / 0.589, without
+# 1.033 / 0.944 / 0.764 / 0.578, hence 32 bytes. Bigger tiles, which read fewer bytes a
+# multiply-add, lose less on unaligned rows, so _plan takes 128 x 128 tiles in place of stream-K
+# only on aligned ones.
+_ROW_ALIGN = 32
+_COPY_ROW_BYTES = 128
+_COPY_Y_MIN_ROWS = 4096
 # Stream-K for the listed schedule (dsd, dsd_tn): the reduction steps of all tiles are dealt out
 # evenly to the programs, a tile split between programs summed through fp32 partial sums, where
 # whole tiles would fill less than _STREAM_K_BELOW of their waves (a narrow output: the T5
@@ -240,6 +256,7 @@ class Plan:
     line_of_col: bool
     block: tuple
     stream_k: bool = False     # the listed schedule dealt out as stream-K (see _STREAM_K, _plan)
+    copy_y: bool = False       # Y read from a copy with aligned rows (see _ROW_ALIGN, _copy_y)
 
     def _lines(self) -> tuple[int, int, int]:
         """The listed schedule's (lines, entries a line, tiles when the lines are ranked): a line's
@@ -296,13 +313,14 @@ class Plan:
         runtime.set_scratch_allocator()
         X0, X1 = self.x.shape
         Y0, Y1 = self.y.shape
+        y = _aligned_copy(self.y) if self.copy_y else self.y
         with runtime.device_guard(self.out):
             runtime.launch(_listed_wgmma_kernel)[(programs if partials is not None else min(n_tiles, programs),)](
-                self.x, self.y, self.out, bias if bias is not None else self.out,
+                self.x, y, self.out, bias if bias is not None else self.out,
                 counts, index, order if balance else counts, drop_counts, drop_index,
                 counts if schedule is None else schedule, counts if partials is None else partials,
                 self.R, self.C, self.D, X0, X1, Y0, Y1,
-                self.x.stride(0), self.y.stride(0), self.out.stride(0),
+                self.x.stride(0), y.stride(0), self.out.stride(0),
                 n_lines, line_len, n_tiles,
                 float(scale), float(bias_scale),
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
@@ -313,6 +331,29 @@ class Plan:
                 CONSUMER_REGS=_CONSUMER_REGS, num_warps=cfg.warps,
                 maxnreg=_max_registers(cfg.warps * (2 if cfg.pingpong else 1)),
             )
+
+
+def _aligned_copy(t: Tensor) -> Tensor:
+    """``t`` (2-D, unit column stride) copied by one launch into a buffer whose rows start on
+    _COPY_ROW_BYTES-byte boundaries: a view of the same sizes, another row stride."""
+    rows, cols = t.shape
+    es = t.element_size()
+    stride = cdiv(cols, _COPY_ROW_BYTES // es) * (_COPY_ROW_BYTES // es)
+    buf = launch_plans.empty(rows * stride, t.dtype, t.device)
+    block = 1024
+    with runtime.device_guard(t):
+        runtime.launch(_copy_rows_kernel)[(rows, cdiv(cols, block))](
+            t, buf, cols, t.stride(0), stride, ALIGN=math.gcd(t.stride(0), cols, 16 // es), BLOCK=block, num_warps=4)
+    return buf.view(rows, stride)[:, :cols]
+
+
+def _copy_y(plan: Plan | None) -> Plan | None:
+    """dsd and sdd: read the right operand from an aligned copy where its rows are unaligned and
+    at least _COPY_Y_MIN_ROWS output rows read it (see _ROW_ALIGN); not for a transposed problem
+    (a column-major output), whose right operand is the activation."""
+    if plan is not None and not plan.line_of_col and plan.R >= _COPY_Y_MIN_ROWS and not _rows_aligned(plan.y):
+        plan.copy_y = True
+    return plan
 
 
 def _usable(sizes: tuple, *tensors: Tensor) -> bool:
@@ -400,8 +441,8 @@ def plan_dsd(a: Tensor, b: Tensor, keep: Tensor, block, bias, out_keep, out: Ten
     a2, out2 = _fold(a, br), _fold(out, br)
     if a2 is None or out2 is None or not _keep_folds(keep, blocks) or (bias is not None and bias.stride(0) != 1):
         return None
-    return _plan(a2, b[0], out2, K, keep, blocks, block, "row", br, bc, lines_are_rows=True,
-                 has_bias=bias is not None)
+    return _copy_y(_plan(a2, b[0], out2, K, keep, blocks, block, "row", br, bc, lines_are_rows=True,
+                         has_bias=bias is not None))
 
 
 def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, out: Tensor) -> Plan | None:
@@ -420,8 +461,8 @@ def plan_sdd(grad: Tensor, b: Tensor, keep: Tensor, block, bias, reduce_keep, ou
         return None
     if out2.stride(1) != 1:  # the output mask is indexed by (row, column) of out as stored
         return None
-    return _plan(g2, b[0].t(), out2, N, keep, blocks, block, "pairs" if _pairs_fit(g2, block, blocks) else None, br,
-                 0, lines_are_rows=True, has_bias=bias is not None)
+    return _copy_y(_plan(g2, b[0].t(), out2, N, keep, blocks, block, "pairs" if _pairs_fit(g2, block, blocks) else None,
+                         br, 0, lines_are_rows=True, has_bias=bias is not None))
 
 
 def _pairs_fit(g2: Tensor, block, blocks) -> bool:

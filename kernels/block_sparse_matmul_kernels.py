@@ -9,6 +9,7 @@ matmul kernel shares (``@triton.jit`` code only; the sparse-output kernel is in
                     [m_g: GRAD_KEEP, g's dropped blocks read as zeros; SPLIT: a small output's
                     reduction shared by SPLIT programs a tile, added up by _sum_splits_kernel]
     _sdd_kernel     (block_sparse_matmul_sdd_kernels.py)     sparse out
+    _copy_rows_kernel  a matrix into rows of another stride (the Hopper launchers' aligned copy)
 
 The bracketed second masks serve a matmul with block dropout on its output (and on both sides):
 see ``block_sparse_matmul.py``. All masks of one call share the block size.
@@ -413,3 +414,18 @@ def _sum_splits_kernel(part_ptr, out_ptr, K, N, stride_ps, stride_ob, stride_ok,
         src += stride_ps  # a step at a time: s * stride_ps could pass int32 where stride_ps does not
     dst = out_ptr + ob * stride_ob + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _copy_rows_kernel(src_ptr, dst_ptr, cols, stride_src, stride_dst, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[r, :cols] = src[r, :cols]: a matrix copied into rows of another stride (the Hopper
+    launchers' copy of a right operand whose rows are not 32-byte aligned, into rows that are).
+    One program a row and BLOCK columns. ALIGN (see _aligned) divides cols and the source's row
+    stride: the column mask is then constant over ALIGN elements, and the loads and stores that
+    wide (with a bare cols of 3000 they were one element each, and the copy 2-3x slower)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < _aligned(cols, ALIGN)
+    v = tl.load(src_ptr + r * _aligned(stride_src, ALIGN) + c, mask=ok)
+    tl.store(dst_ptr + r * stride_dst + c, v, mask=ok)
+

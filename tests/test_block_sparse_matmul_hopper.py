@@ -141,6 +141,31 @@ def _wider_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
     return view
 
 
+@every_problem
+def test_unaligned_weight_rows_are_read_from_an_aligned_copy(shape, p, b_transposed, dtype, monkeypatch):
+    """dsd and sdd read a right operand whose rows do not start on 32-byte boundaries from an
+    aligned copy (Plan.copy_y; every size counted large enough here); an unaligned left operand
+    (g) is read as it is. Against the reference, the same values in every layout."""
+    monkeypatch.setattr(hopper, "_COPY_Y_MIN_ROWS", 0)
+    B, M, K, N, block = shape
+    a, b, g, bias_n, bias_k, keep = _problem(B, M, K, N, block, p, dtype, b_transposed)
+    es = b.element_size()
+    for b_extra, g_extra in ((0, 0), (8, 0), (0, 8)):
+        b_v = (_wider_rows(b.transpose(1, 2), b_extra).transpose(1, 2) if b_transposed else _wider_rows(b, b_extra)) \
+            if b_extra else b
+        g_v = _wider_rows(g, g_extra) if g_extra else g
+        b_rows = b_v.stride(-1) if b_transposed else b_v.stride(-2)  # the row stride TMA reads b by
+        unaligned = (b_rows * es) % 32 != 0
+        dsd = hopper.plan_dsd(a, b_v, keep, block, bias_n, None, torch.empty(B, M, N, device="cuda", dtype=dtype))
+        sdd = hopper.plan_sdd(g_v, b_v, keep, block, bias_k, None, torch.empty(B, M, K, device="cuda", dtype=dtype))
+        assert dsd is not None and sdd is not None
+        assert dsd.copy_y == unaligned and sdd.copy_y == unaligned, (b_v.stride(), dsd.copy_y, sdd.copy_y)
+        got = tri.dsd(_poison(a, keep, block), b_v, keep, 1.25, block, bias_n)
+        _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias_n.float()))
+        got = tri.sdd(g_v, b_v, keep, 1.25, block, bias_k, bias_scale=0.5)
+        _close(got, ref.reference_sdd(g.float(), b.float(), keep, 1.25, block, bias_k.float(), bias_scale=0.5))
+
+
 @gpu
 @on_hopper
 @pytest.mark.parametrize("rows", ["aligned", "unaligned"])
@@ -262,32 +287,39 @@ def test_sparse_dropout_linear_op_matches_portable_kernels():
 
 @gpu
 @on_hopper
-def test_eager_replays_launch_the_hopper_kernel():
+@pytest.mark.parametrize("k", [1024, 1000], ids=["aligned_rows", "unaligned_rows"])
+def test_eager_replays_launch_the_hopper_kernel(k, monkeypatch):
     """The eager functional path records each call's launches once and replays them (launch
     plans): the Gluon kernel must be among the recorded launches, so every replay with new
-    values is right, not only the first call."""
+    values is right, not only the first call; with a weight of 2000-byte rows, the aligned copy
+    of it too (Plan.copy_y, every size counted large enough)."""
     from sparsedrop_compile import ops as sd_ops
     from sparsedrop_compile.kernels import launch_plans
+    from sparsedrop_compile.kernels.block_sparse_matmul_kernels import _copy_rows_kernel
 
+    monkeypatch.setattr(hopper, "_COPY_Y_MIN_ROWS", 0)  # not in a plan's key: plans from here on are this test's
+    launch_plans.clear()
     gen = torch.Generator(device="cuda").manual_seed(2)
-    w = torch.randn(640, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(640, k, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
     keep = torch.rand(1, 4, 8, device="cuda", generator=gen) >= 0.3
     replayed = launch_plans.stats["replayed"]
     for _ in range(4):
-        x = torch.randn(512, 1024, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(512, k, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(512, 640, device="cuda", generator=gen, dtype=torch.bfloat16)
         y = sd_ops.linear_call(x, w, None, keep, 1 / 0.7, 128, 128, "triton")
         dx, dw = torch.autograd.grad(y, (x, w), dy)
         xm = ref._masked(x.detach().float()[None], keep, (128, 128))[0] / 0.7
         _close(y, xm @ w.detach().float().t())
         _close(dw, dy.float().t() @ xm)
-        mask = ref.expand_block_keep(keep, 512, 1024, 128, 128)[0]
+        mask = ref.expand_block_keep(keep, 512, k, 128, 128)[0]
         _close(dx, torch.where(mask, (dy.float() @ w.detach().float()) / 0.7, 0.0))
     assert launch_plans.stats["replayed"] > replayed, "the eager calls were never replayed: the test checks nothing"
     # A plan is recorded under a dispatch mode (launch_plans._OnlyViews) with real tensors: that
     # must not count as traced, or the recorded (replayed) launches are the portable kernels.
     recorded = {r.kernel for plan in launch_plans._plans.values() if plan is not None for r in plan.launches}
     assert hopper._listed_wgmma_kernel in recorded, "the replays launch the portable kernels"
+    assert (_copy_rows_kernel in recorded) == (k == 1000), "the unaligned weight's copy is not (or wrongly) replayed"
+    launch_plans.clear()
 
 
 def test_hopper_path_not_planned_without_a_hopper_gpu():
@@ -303,7 +335,7 @@ def test_hopper_path_not_planned_without_a_hopper_gpu():
 
 def test_rows_aligned_reads_the_rows_tma_reads():
     """_rows_aligned: every operand's rows (as TMA reads them: the base of a transposed view)
-    start on 128-byte boundaries, by row stride and by address (traced: storage offset)."""
+    start on 32-byte boundaries, by row stride and by address (traced: storage offset)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -311,10 +343,22 @@ def test_rows_aligned_reads_the_rows_tma_reads():
         assert hopper._rows_aligned(w, w.t())                    # 6144-byte rows; the transpose reads w's
         assert not hopper._rows_aligned(w[:, :3000].contiguous())  # 6000-byte rows
         assert hopper._rows_aligned(w[:, :3000])                 # a view keeps the 6144-byte stride
+        assert hopper._rows_aligned(w[:, :4000 // 2].contiguous())  # 4000-byte rows: whole sectors
         assert not hopper._rows_aligned(w[:, 8:])                # starts 16 bytes in
-        assert hopper._rows_aligned(w[:, 64:])                   # 128 bytes in
-        assert not hopper._rows_aligned(w, torch.empty(64, 1000, dtype=torch.float32).t())  # 4000-byte rows
-        assert hopper._rows_aligned(torch.empty(64, 1024, dtype=torch.float32).t())
+        assert hopper._rows_aligned(w[:, 16:])                   # 32 bytes in
+        assert not hopper._rows_aligned(w, torch.empty(64, 1004, dtype=torch.float32).t())  # 4016-byte rows
+        assert hopper._rows_aligned(torch.empty(64, 1000, dtype=torch.float32).t())
+
+
+@pytest.mark.interpret
+def test_aligned_copy_keeps_the_values_and_aligns_the_rows():
+    """_aligned_copy (the copy kernel, here under Triton's interpreter): the same values, rows a
+    multiple of 128 bytes apart, from rows 16-byte aligned (bf16, fp32) or not even that (fp16)."""
+    for dtype, cols, extra in ((torch.bfloat16, 3000, 8), (torch.float16, 72, 3), (torch.float32, 1004, 4)):
+        src = torch.randn(37, cols + extra, dtype=dtype)[:, :cols]
+        got = hopper._aligned_copy(src)
+        assert got.shape == src.shape and (got.stride(0) * got.element_size()) % 128 == 0 and got.stride(1) == 1
+        assert torch.equal(got, src)
 
 
 # --------------------------------------------------------------------------- under torch.compile
