@@ -172,8 +172,8 @@ def test_every_launched_kernel_variant_compiles_for_hopper(tmp_path):
 
 # The Gluon (Hopper-only) kernels, driven through their real host code on CPU tensors with the
 # device checks answered for an H200: every flavour the matmul plans launch (listed, stream-K on
-# and off, flat sdd with and without PINGPONG, paired sdd, bias, transposed operands) and the
-# attention forward's configs.
+# and off, flat sdd with and without PINGPONG, paired sdd, bias, transposed operands, the aligned
+# copy of an unaligned weight) and the attention forward's configs.
 # Gluon cannot run under the interpreter, so this is CI's only check that they still build with
 # CI's Triton (the GPU machine runs another release).
 _GLUON = r"""
@@ -210,6 +210,13 @@ def hopper_matmuls():
             for b_op in (wt, wt.contiguous()):
                 bsm.sdd(g, b_op, keep, 1.25, block, _supported=True)
     mmh._STREAM_K, mmh._SDD_PAIRS, mmh._SDD_PINGPONG = None, None, True
+    mmh._COPY_Y_MIN_ROWS = 0  # a weight of 2000-byte rows, read from an aligned copy (_copy_rows_kernel)
+    a, g = torch.randn(1, 512, 1000, dtype=torch.bfloat16), torch.randn(1, 512, 640, dtype=torch.bfloat16)
+    wt = torch.randn(640, 1000, dtype=torch.bfloat16).t().unsqueeze(0)
+    keep = torch.rand(1, 5, 9) > 0.3
+    bsm.dsd(a, wt, keep, 1.25, (128, 128), _supported=True)
+    bsm.sdd(g, wt, keep, 1.25, (128, 128), _supported=True)
+    mmh._COPY_Y_MIN_ROWS = 4096
 
 def hopper_attention():
     B, H, S, D = 1, 2, 300, 128
@@ -225,7 +232,16 @@ def hopper_attention():
 hopper_matmuls()
 hopper_attention()
 names = sorted({name for name, _ in recorded})
-assert names == ["_attn_fwd_wgmma_kernel", "_listed_wgmma_kernel"], names
+assert names == ["_attn_fwd_wgmma_kernel", "_copy_rows_kernel", "_listed_wgmma_kernel"], names
+
+# The aligned copy's loads are 16 bytes wide on rows of 1000 bf16 elements: with a column bound
+# that Triton could not see as a multiple of 8 they were one element each, and the copy 2-3x
+# slower (NOTES_kernels §18).
+import re
+kernel, named = next(v for (name, _), v in recorded.items() if name == "_copy_rows_kernel")
+args = {k: (torch.empty(16, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in named.items()}
+loads = re.findall(r"ld\.global[\w.]*", kernel.warmup(grid=(1,), **args).asm["ptx"])
+assert loads and all(".v4." in op for op in loads), loads
 """
 
 
