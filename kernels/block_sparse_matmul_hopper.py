@@ -28,7 +28,6 @@ tiles fit; pairs of kept blocks of a column in one 256 x 128 tile (``_SDD_PAIRS`
 A right operand (the weight) of dsd and sdd whose rows do not start on 32-byte boundaries is
 copied into rows that do before a large launch (``_ROW_ALIGN``, ``Plan.copy_y``).
 
-
 Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
 ``@triton.jit`` source, which a Gluon kernel is not. So a traced call that the wgmma kernel would
 serve enters the graph as one opaque op (``sparsedrop::wgmma_dsd``, ``wgmma_sdd``,
@@ -97,9 +96,9 @@ _SDD_PINGPONG = True
 # not a multiple of 32 bytes: 16 bf16 elements) cost these kernels 20-30 %: each 128-byte piece
 # of a row that TMA reads (the swizzle's width) then touches five 32-byte sectors of L2, not
 # four (our reading of the figures below; no profile taken). Session 25 (raw/session25), 6000 x
-# 2000 x 3000 at p = 0.1 (x's and the weight's rows 6000 bytes apart) against the same problem with its rows
-# padded to a multiple of 64 elements (call 2): forward 133.4 against 105.9 us, dX 130.3 /
-# 112.0, dW 133.1 / 109.2 (cuBLAS 117 / 126 / 120). The right operand of dsd and sdd (the
+# 2000 x 3000 at p = 0.1 (x's and the weight's rows 6000 bytes apart) against the same problem
+# with its rows padded to a multiple of 64 elements (call 2): forward 133.4 against 105.9 us, dX
+# 130.3 / 112.0, dW 133.1 / 109.2 (cuBLAS 117 / 126 / 120). The right operand of dsd and sdd (the
 # weight, read again by every row of tiles) is most of it: its rows padded alone gave forward
 # 106.8 and dX 115.4 us. So where those rows are unaligned and at least _COPY_Y_MIN_ROWS output
 # rows read them, the launch copies the operand into rows _COPY_ROW_BYTES apart first
