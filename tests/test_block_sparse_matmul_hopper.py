@@ -343,7 +343,7 @@ def test_rows_aligned_reads_the_rows_tma_reads():
         assert hopper._rows_aligned(w, w.t())                    # 6144-byte rows; the transpose reads w's
         assert not hopper._rows_aligned(w[:, :3000].contiguous())  # 6000-byte rows
         assert hopper._rows_aligned(w[:, :3000])                 # a view keeps the 6144-byte stride
-        assert hopper._rows_aligned(w[:, :4000 // 2].contiguous())  # 4000-byte rows: whole sectors
+        assert hopper._rows_aligned(w[:, :2000].contiguous())    # 4000-byte rows: whole sectors
         assert not hopper._rows_aligned(w[:, 8:])                # starts 16 bytes in
         assert hopper._rows_aligned(w[:, 16:])                   # 32 bytes in
         assert not hopper._rows_aligned(w, torch.empty(64, 1004, dtype=torch.float32).t())  # 4016-byte rows
