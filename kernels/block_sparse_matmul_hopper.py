@@ -342,7 +342,8 @@ def _aligned_copy(t: Tensor) -> Tensor:
     block = 1024
     with runtime.device_guard(t):
         runtime.launch(_copy_rows_kernel)[(rows, cdiv(cols, block))](
-            t, buf, cols, t.stride(0), stride, ALIGN=math.gcd(t.stride(0), cols, 16 // es), BLOCK=block, num_warps=4)
+            t, buf, cols, t.stride(0), stride, ALIGN=_launchers()._alignment(es, (cols, t.stride(0)), (t.stride(1),)),
+            BLOCK=block, num_warps=4)
     return buf.view(rows, stride)[:, :cols]
 
 
