@@ -121,6 +121,15 @@ _COPY_Y_MIN_ROWS = 4096
 # lists allow (the tests cover both schedules on every shape).
 _STREAM_K: bool | None = None
 _STREAM_K_BELOW = 0.9
+# Whole tiles of ranked lines (dsd, dsd_tn without stream-K) are dealt out to the persistent
+# programs round by round, every other round in reverse (``_dealt_tile``), so that the program
+# holding a round's dearest tile holds the next round's cheapest; dealt every round in order,
+# program 0 held the dearest tile of each. Session 26, call 1 (raw/session26), each kernel
+# alone, three fresh masks per p, snake / in order: forward at 8192 x 1024 x 4096 0.961 / 0.918
+# / 0.921 at p = 0.1 / 0.3 / 0.5, at 8192 x 3072 x 768 0.937 at p = 0.5, dW at 4096^3 0.962 at
+# p = 0.5; 0.97-1.0 elsewhere (p = 0, where every tile costs the same, within the noise).
+# False: every round in order.
+_SNAKE = True
 # The kernel's producer warp gets _PRODUCER_REGS registers a thread; the kernel's register cap is
 # what fits its warps and the producer's warpgroup in an SM's 64 K registers (the compiler moves
 # the producer's spare registers to the MMA warps).
@@ -325,7 +334,7 @@ class Plan:
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
-                RED_BLOCK=self.red_block, BALANCE=balance, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
+                RED_BLOCK=self.red_block, BALANCE=balance, SNAKE=balance and _SNAKE, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
                 X_T=self.x_t, Y_T=self.y_t, PINGPONG=cfg.pingpong, PRODUCER_REGS=_PRODUCER_REGS,
                 CONSUMER_REGS=_CONSUMER_REGS, num_warps=cfg.warps,
                 maxnreg=_max_registers(cfg.warps * (2 if cfg.pingpong else 1)),

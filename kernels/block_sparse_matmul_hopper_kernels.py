@@ -38,7 +38,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
-from .block_sparse_matmul_kernels import _grouped_tile  # a @triton.jit helper of scalars: Gluon inlines it too
+from .block_sparse_matmul_kernels import _dealt_tile, _dealt_turns, _grouped_tile  # @triton.jit helpers of scalars:
+# Gluon inlines them too
 from .gluon_hopper import cta_barrier, mma_layout, staged, tma_load, tma_store
 
 
@@ -352,7 +353,7 @@ def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, 
                 TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
                 GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
                 LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr, BALANCE: gl.constexpr,
-                STREAM_K: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+                SNAKE: gl.constexpr, STREAM_K: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
     """The producer partition (one warp): the program's tiles (or stream-K segments) in order,
     each step's copies into the next stage once the consumers have released it (``empty``); the
     list reads and TMA issues stay off the MMA warps' path."""
@@ -371,10 +372,11 @@ def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, 
             loads = _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, s0, s1, r0, c0, aux, index_ptr,
                                 RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
     else:
-        for tile in range(pid, n_tiles, programs):
+        for turn in range(_dealt_turns(n_tiles, pid, programs, SNAKE)):
             r0, c0, steps, aux = _tile_info(
-                tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-                TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+                _dealt_tile(turn, pid, programs, SNAKE), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+                BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK,
+                RED_BLOCK, BALANCE)
             loads = _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, 0, steps, r0, c0, aux, index_ptr,
                                 RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
 
@@ -400,8 +402,8 @@ def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n
                    TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr,
                    GROUP: gl.constexpr, FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
                    LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-                   BALANCE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr,
-                   Y_T: gl.constexpr, WARPS: gl.constexpr):
+                   BALANCE: gl.constexpr, SNAKE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+                   X_T: gl.constexpr, Y_T: gl.constexpr, WARPS: gl.constexpr):
     """The consumer partition (the kernel's warps): per tile (or stream-K segment), the MMAs over
     its ready stages, then the epilogue (or the partial sum's publication)."""
     pid = gl.program_id(0)
@@ -440,10 +442,11 @@ def _consume_tiles(x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n
             _epilogue(gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout), out_desc, out_smem, bias_ptr, r0, c0,
                       aux, C, scale, bias_scale, acc_layout, dtype, TILE_C, STORE_R, PAIRS, HAS_BIAS)
     else:
-        for tile in range(pid, n_tiles, programs):
+        for turn in range(_dealt_turns(n_tiles, pid, programs, SNAKE)):
             r0, c0, steps, aux = _tile_info(
-                tile, R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R,
-                TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE)
+                _dealt_tile(turn, pid, programs, SNAKE), R, C, D, n_lines, line_len, count_ptr, index_ptr, order_ptr,
+                BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK,
+                RED_BLOCK, BALANCE)
             acc = gl.zeros((TILE_R, TILE_C), gl.float32, layout=acc_layout)
             acc, used = _mma_steps(x_smem, y_smem, ready, empty, acc, used, steps, STAGES, X_T, Y_T)
             _epilogue(acc, out_desc, out_smem, bias_ptr, r0, c0, aux, C, scale, bias_scale, acc_layout, dtype,
@@ -509,8 +512,8 @@ def _listed_wgmma_kernel(
     TILE_R: gl.constexpr, TILE_C: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
     FLAT: gl.constexpr, PAIRS: gl.constexpr, STORE_R: gl.constexpr,
     LINE_OF_COL: gl.constexpr, LINE_BLOCK: gl.constexpr, RED_BLOCK: gl.constexpr,
-    BALANCE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr,
-    PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    BALANCE: gl.constexpr, SNAKE: gl.constexpr, STREAM_K: gl.constexpr, HAS_BIAS: gl.constexpr, X_T: gl.constexpr,
+    Y_T: gl.constexpr, PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
 
@@ -543,7 +546,7 @@ def _listed_wgmma_kernel(
     column's last) is stored once. Without PAIRS, STORE_R = TILE_R.
 
     Persistent and warp-specialised: each program takes tiles pid, pid + programs, ... of the
-    ``n_tiles``. One extra warp (PRODUCER_REGS registers) walks them and issues the loads, up to
+    ``n_tiles``, with SNAKE (ranked lines) every other round in reverse (``_dealt_tile``). One extra warp (PRODUCER_REGS registers) walks them and issues the loads, up to
     STAGES steps ahead of the MMAs and across tile boundaries, so a short reduction does not
     drain the pipeline; the kernel's warps wait for ready stages, run the MMAs and the epilogues,
     and release each stage through a second ring of mbarriers (``empty``). When the same warps
@@ -609,7 +612,7 @@ def _listed_wgmma_kernel(
             (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
                            count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C,
                            TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
-                           BALANCE, STREAM_K, X_T, Y_T)),
+                           BALANCE, SNAKE, STREAM_K, X_T, Y_T)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
         out_smem = outs.index(0)
     else:
@@ -618,12 +621,12 @@ def _listed_wgmma_kernel(
             (_consume_tiles, (x_smem, y_smem, out_smem, ready, empty, out_desc, bias_ptr, n_tiles, R, C, D, n_lines,
                               line_len, count_ptr, index_ptr, order_ptr, sched_ptr, part_ptr, scale, bias_scale,
                               dtype, acc_layout, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C, TILE_D, STAGES, GROUP, FLAT,
-                              PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, STREAM_K, HAS_BIAS, X_T,
-                              Y_T, num_warps)),
+                              PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK, BALANCE, SNAKE, STREAM_K,
+                              HAS_BIAS, X_T, Y_T, num_warps)),
             (_load_tiles, (x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, n_lines, line_len,
                            count_ptr, index_ptr, order_ptr, sched_ptr, BLOCK_ROWS, BLOCK_COLS, TILE_R, TILE_C,
                            TILE_D, STAGES, GROUP, FLAT, PAIRS, STORE_R, LINE_OF_COL, LINE_BLOCK, RED_BLOCK,
-                           BALANCE, STREAM_K, X_T, Y_T)),
+                           BALANCE, SNAKE, STREAM_K, X_T, Y_T)),
         ], [1], [PRODUCER_REGS])
     if FLAT:
         # the dropped blocks' tiles: one zero tile in shared memory, stored as often as needed

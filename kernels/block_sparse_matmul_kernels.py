@@ -37,6 +37,31 @@ def _grouped_tile(tile, grid_r, grid_c, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _dealt_tile(turn, pid, programs, SNAKE: tl.constexpr):
+    """The tile a persistent program takes at its ``turn``: the tiles are dealt out in rounds of
+    ``programs``, round t's tiles t * programs + 0, 1, ... to programs 0, 1, ... in turn; with
+    SNAKE every odd round is dealt in reverse. Over tiles ranked by cost (the listed schedule's
+    lines, most kept blocks first) a plain deal gives program 0 the dearest tile of every round
+    and the last program the cheapest; the reversed rounds even that out. Each round's tiles
+    still run side by side, so their shared operand bands stay in L2 as before."""
+    if SNAKE:
+        return turn * programs + pid + (turn % 2) * (programs - 1 - 2 * pid)
+    return turn * programs + pid
+
+
+@triton.jit
+def _dealt_turns(n_tiles, pid, programs, SNAKE: tl.constexpr):
+    """How many of ``n_tiles`` tiles program ``pid`` takes in _dealt_tile's deal: a tile each
+    full round, and one of the last, partial round if its place in that round's order comes
+    before the round's end. Its turns 0 .. count - 1 are all in range."""
+    full = n_tiles // programs
+    place = pid
+    if SNAKE:
+        place = pid + (full % 2) * (programs - 1 - 2 * pid)
+    return full + (place < n_tiles - full * programs).to(tl.int32)
+
+
+@triton.jit
 def _load_tile(ptrs, offs_r, offs_c, R, C, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
     """Load a 2-D tile, masking only the edges that can be out of range (constexpr flags), so
     interior shapes keep unpredicated, vectorised loads."""

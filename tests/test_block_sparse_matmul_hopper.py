@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sparsedrop_compile import ops  # noqa: F401  (registers torch.ops.sparsedrop)
 from sparsedrop_compile.kernels import block_sparse_matmul as ref
@@ -17,6 +19,7 @@ from sparsedrop_compile.kernels import block_sparse_matmul_hopper as hopper
 from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
 from sparsedrop_compile.kernels import runtime
 from sparsedrop_compile.kernels.block_mask import cdiv
+from sparsedrop_compile.kernels.block_sparse_matmul_kernels import _dealt_tile, _dealt_turns
 
 on_hopper = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and hopper._listed_wgmma_kernel is not None),
@@ -245,6 +248,65 @@ def test_stream_k_shares(p, programs, monkeypatch):
     assert (plan.cfg.tile_r, plan.cfg.tile_c) == ((128, 256) if big else (128, 128))
     got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
     _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
+
+
+@gpu
+@on_hopper
+@pytest.mark.parametrize("snake", [True, False], ids=["snake", "in_order"])
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+def test_whole_tiles_dealt_over_several_rounds(p, programs, snake, monkeypatch):
+    """Whole tiles of ranked lines on fewer programs than tiles (the shapes above fit in one
+    round on a whole GPU), so that each program takes several, every other round in reverse
+    with the snake deal, the last round partial: the forward (40 tiles of 128 x 128) with a bias
+    and the weight gradient in (N, K) order."""
+    sm = runtime.sm_resources
+    monkeypatch.setattr(runtime, "sm_resources", lambda d: (programs, *sm(d)[1:]))
+    monkeypatch.setattr(hopper, "_STREAM_K", False)
+    monkeypatch.setattr(hopper, "_SNAKE", snake)
+    block = (128, 128)
+    a, b, g, bias, _, keep = _problem(1, 1000, 1096, 520, block, p, torch.bfloat16, True, seed=5)
+    out = torch.empty(1, 1000, 520, device="cuda", dtype=torch.bfloat16)
+    _assert_schedule(hopper.plan_dsd(a, b, keep, block, bias, None, out), "tiles")
+    got = tri.dsd(_poison(a, keep, block), b, keep, 1.25, block, bias)
+    _close(got, ref.reference_dsd(a.float(), b.float(), keep, 1.25, block, bias.float()))
+    wgrad = torch.empty(520, 1096, device="cuda", dtype=torch.bfloat16).t().unsqueeze(0)
+    _assert_schedule(hopper.plan_dsd_tn(a, g, keep, block, False, None, wgrad), "tiles")
+    got = tri.dsd_tn(_poison(a, keep, block), g, keep, 1.25, block, False, out=wgrad)
+    _close(got, ref.reference_dsd_tn(a.float(), g.float(), keep, 1.25, block, False))
+
+
+@triton.jit
+def _deal_probe(out_ptr, n_tiles, SLOTS: tl.constexpr, SNAKE: tl.constexpr):
+    """Each program writes how many tiles the deal gives it, then the tiles, turn by turn."""
+    pid = tl.program_id(0)
+    turns = _dealt_turns(n_tiles, pid, tl.num_programs(0), SNAKE)
+    tl.store(out_ptr + pid * SLOTS, turns)
+    for turn in range(turns):
+        tl.store(out_ptr + pid * SLOTS + 1 + turn, _dealt_tile(turn, pid, tl.num_programs(0), SNAKE))
+
+
+@pytest.mark.interpret
+def test_deal_gives_every_tile_to_one_program():
+    """_dealt_turns / _dealt_tile (the Gluon kernel's persistent deal, here under Triton's
+    interpreter): every tile to exactly one program; in order, program i takes i, i + P, ...;
+    with the snake deal, odd rounds go to the programs in reverse, partial last rounds included."""
+    for programs in (1, 3, 7):
+        for n_tiles in (0, 1, 2, 3, 5, 7, 8, 20, 21, 22):
+            for snake in (False, True):
+                out = torch.full((programs, 32), -1, dtype=torch.int32)
+                _deal_probe[(programs,)](out, n_tiles, SLOTS=32, SNAKE=snake)
+                taken = [out[i, 1:1 + out[i, 0]].tolist() for i in range(programs)]
+                assert sorted(t for ts in taken for t in ts) == list(range(n_tiles)), (programs, n_tiles, snake, taken)
+                for i, tiles in enumerate(taken):
+                    if snake:
+                        expect = [r * programs + (i if r % 2 == 0 else programs - 1 - i) for r in range(n_tiles)]
+                        assert tiles == [t for t in expect if t < n_tiles], (programs, n_tiles, i, tiles)
+                    else:
+                        assert tiles == list(range(i, n_tiles, programs)), (programs, n_tiles, i, tiles)
+    out = torch.full((3, 32), -1, dtype=torch.int32)
+    _deal_probe[(3,)](out, 8, SLOTS=32, SNAKE=True)
+    assert [out[i, 1:1 + out[i, 0]].tolist() for i in range(3)] == [[0, 5, 6], [1, 4, 7], [2, 3]]
 
 
 def test_stream_k_rule():
