@@ -41,7 +41,7 @@ def kept_lists(keep: Tensor, by: str, order: bool = False, blocks: tuple | None 
     ``stream_k=P`` (with ``order``) returns (counts, index, order, schedule): schedule (int32,
     n_lines + 1 + P) holds at [k] the kept blocks of the lines ranked before order[k], at
     [n_lines] all kept blocks, then P zeros (the flags of the Hopper kernel's stream-K
-    schedule, ``block_sparse_matmul_hopper_kernels.py``); None when order is.
+    schedule, ``block_sparse_matmul_hopper_stream_k.py``); None when order is.
 
     ``blocks`` = (B, nR, nC) when ``keep`` is padded (block_mask.padded): the flags are read
     through keep's strides, so the extra row and column are never seen.
