@@ -31,8 +31,9 @@ copied into rows that do before a large launch (``_ROW_ALIGN``, ``Plan.copy_y``)
 Under torch.compile (``serve``): Inductor emits the kernels a traced op body launches as
 ``@triton.jit`` source, which a Gluon kernel is not. So a traced call that the wgmma kernel would
 serve enters the graph as one opaque op (``sparsedrop::wgmma_dsd``, ``wgmma_sdd``,
-``wgmma_dsd_tn``), which Inductor calls as an extern kernel and which runs the launcher on the
-real tensors (its launches planned: ``launch_plans``). A traced tensor has no address, so its
+``wgmma_dsd_tn``, defined in ``block_sparse_matmul_hopper_ops.py``), which Inductor calls as an
+extern kernel and which runs the launcher on the real tensors (its launches planned:
+``launch_plans``). A traced tensor has no address, so its
 alignment is read off its storage offset, as Inductor assumes of its buffers; should an operand
 turn out misaligned at run time, the launcher runs the portable kernels. Symbolic sizes keep the
 portable kernels (deciding on them would add guards).
@@ -40,7 +41,6 @@ portable kernels (deciding on them would add guards).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -49,6 +49,8 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from . import launch_plans, runtime
 from .block_mask import cdiv
+from .block_sparse_matmul_hopper_ops import _launchers
+from .block_sparse_matmul_hopper_ops import wgmma_dsd, wgmma_dsd_tn, wgmma_sdd  # noqa: F401  (the launchers hand them to serve)
 from .block_sparse_matmul_kernels import _copy_rows_kernel
 from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit
 
@@ -524,67 +526,3 @@ def serve(plan: Plan | None, op, op_args: tuple, scale, bias: Tensor | None = No
         return False
     plan.run(scale, bias, bias_scale)
     return True
-
-
-@functools.cache
-def _launchers():
-    from . import block_sparse_matmul_triton as tri  # it imports this module
-
-    return tri
-
-
-# The opaque ops are defined by schema on a Library, each with one CompositeExplicitAutograd
-# kernel and a fake one, not with custom_op, whose Python layers around a body (an autograd
-# wrapper, a version-counter bump that re-parses the arguments, the backend's aliasing check)
-# cost the host about 40 us a call against 3 for a schema op's dispatch (both on CPU, the body
-# empty). What of those layers matters here, the kernel does (_opaque): it bumps the version
-# counter of ``out`` as an in-place op does, and Dynamo never traces into it. No autograd
-# formula: only compiled graphs call these ops.
-_lib = torch.library.Library("sparsedrop", "FRAGMENT")
-
-
-def _opaque(schema: str):
-    """Decorator: define the op ``sparsedrop::<schema>``, whose last argument ``out`` the body
-    writes into (``Tensor(a!)``, returns nothing); returns the op."""
-    name = schema.split("(", 1)[0]
-
-    def register(body):
-        @torch.compiler.disable
-        def kernel(*args):
-            body(*args)
-            torch.autograd.graph.increment_version(args[-1])
-
-        _lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
-        _lib.impl(name, kernel, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"sparsedrop::{name}", lambda *args: None, lib=_lib)
-        return getattr(torch.ops.sparsedrop, name).default
-
-    return register
-
-
-@_opaque("wgmma_dsd(Tensor a, Tensor b, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, Tensor? bias, "
-         "Tensor(a!) out) -> ()")
-def wgmma_dsd(a: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
-              bias: Tensor | None, out: Tensor) -> None:
-    """``block_sparse_matmul_triton.dsd(..., out=out)`` as one opaque op of a compiled graph."""
-    with runtime.direct_launches():
-        _launchers().dsd(a, b, keep, scale, (block_rows, block_cols), bias, out=out, _supported=True)
-
-
-@_opaque("wgmma_sdd(Tensor grad, Tensor b, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, "
-         "Tensor? bias, float bias_scale, Tensor(a!) out) -> ()")
-def wgmma_sdd(grad: Tensor, b: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
-              bias: Tensor | None, bias_scale: float, out: Tensor) -> None:
-    """``block_sparse_matmul_triton.sdd(..., out=out)`` as one opaque op of a compiled graph."""
-    with runtime.direct_launches():
-        _launchers().sdd(grad, b, keep, scale, (block_rows, block_cols), bias, bias_scale=bias_scale, out=out,
-                         _supported=True)
-
-
-@_opaque("wgmma_dsd_tn(Tensor a, Tensor grad, Tensor keep, float scale, SymInt block_rows, SymInt block_cols, "
-         "bool batched_out, Tensor(a!) out) -> ()")
-def wgmma_dsd_tn(a: Tensor, grad: Tensor, keep: Tensor, scale: float, block_rows: int, block_cols: int,
-                 batched_out: bool, out: Tensor) -> None:
-    """``block_sparse_matmul_triton.dsd_tn(..., out=out)`` as one opaque op of a compiled graph."""
-    with runtime.direct_launches():
-        _launchers().dsd_tn(a, grad, keep, scale, (block_rows, block_cols), batched_out, out=out, _supported=True)
