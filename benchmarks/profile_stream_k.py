@@ -11,11 +11,16 @@ the repository root). The weight gradients that take stream-K (T5's 8192x768x307
                                                     # partial sum's stores, the adding of the
                                                     # others', the end of the shares, the kernel end
 
-The variants are text patches of ``kernels/block_sparse_matmul_hopper_kernels.py`` loaded as a
-module of their own; each patch must apply, so a probe never times the unpatched kernel.
+The variants are text patches of the kernels package's sources (the stream-K helpers in
+``kernels/block_sparse_matmul_hopper_stream_k.py``, the kernel in
+``block_sparse_matmul_hopper_kernels.py``), applied to a copy of the package that is imported
+under a name of its own; each patch must apply, so a probe never times the unpatched kernel.
 """
-import importlib.util
+import importlib
+import os
+import shutil
 import sys
+import tempfile
 
 import torch
 import triton
@@ -26,24 +31,25 @@ from sparsedrop_compile.kernels import block_sparse_matmul_triton as tri
 from sparsedrop_compile.kernels import launch_plans
 from sparsedrop_compile.kernels.block_mask import cdiv
 
-SOURCE = "kernels/block_sparse_matmul_hopper_kernels.py"
+STREAM_K = "block_sparse_matmul_hopper_stream_k.py"
+KERNEL = "block_sparse_matmul_hopper_kernels.py"
 SHAPES = [(8192, 768, 3072), (6000, 2000, 3000)]
 STAMPS = 8  # int64 stamps a program: 0 start, 1/2 before/after its partial sum's stores,
             # 3/4 before/after adding the others', 5 end of its share, 6 kernel end
 
-NO_EXCHANGE = [  # no partial-sum stores, no waits or loads of the others'
+NO_EXCHANGE = {STREAM_K: [  # no partial-sum stores, no waits or loads of the others'
     ('    gl.store(part_ptr + _sk_offsets(TILE_R, TILE_C, acc_layout), acc, eviction_policy="evict_last")',
      "    pass"),
     ("    for q in range(first, pid):", "    for q in range(first, first):"),
-]
-TIMELINE = [
-    ("@gluon.constexpr_function\ndef _acc_layout(", '''@gluon.jit
+]}
+TIMELINE = {KERNEL: [
+    ("@gluon.jit\ndef _mma_steps(", '''@gluon.jit
 def _now():
     return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
-@gluon.constexpr_function
-def _acc_layout('''),
+@gluon.jit
+def _mma_steps('''),
     ("        stored = pid < 0  # a partial sum stored, its flag not yet raised\n",
      "        stored = pid < 0  # a partial sum stored, its flag not yet raised\n"
      "        dbg = (part_ptr + programs * TILE).to(gl.pointer_type(gl.int64)) + pid * 8\n"
@@ -65,19 +71,28 @@ def _acc_layout('''),
      "        gl.store((part_ptr + gl.num_programs(0) * (TILE_R * TILE_C)).to(gl.pointer_type(gl.int64))\n"
      "                 + pid * 8 + 6, _now())\n"
      "    for i in gl.static_range(STAGES):"),
-]
+]}
 
 
-def patched_kernel(name: str, patches):
-    src = open(SOURCE).read()
-    for old, new in patches:
-        assert src.count(old) == 1, f"{name}: patch no longer applies: {old[:60]!r}"
-        src = src.replace(old, new)
-    path = f"/tmp/sparsedrop_{name}_kernels.py"
-    open(path, "w").write(src)
-    spec = importlib.util.spec_from_file_location(f"sparsedrop_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def patched_kernel(name: str, patches: dict):
+    """The wgmma kernel of a copy of the kernels package with ``patches`` ({file: [(old, new)]})
+    applied, imported as a package of its own (its modules import each other relatively)."""
+    root = tempfile.mkdtemp(prefix=f"sparsedrop_{name}_")
+    package = f"kernels_{name}"
+    shutil.copytree(os.path.dirname(hopper.__file__), os.path.join(root, package),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for file, changes in patches.items():
+        path = os.path.join(root, package, file)
+        src = open(path).read()
+        for old, new in changes:
+            assert src.count(old) == 1, f"{name}: patch no longer applies to {file}: {old[:60]!r}"
+            src = src.replace(old, new)
+        open(path, "w").write(src)
+    sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(f"{package}.block_sparse_matmul_hopper_kernels")
+    finally:
+        sys.path.remove(root)
     return module._listed_wgmma_kernel
 
 
