@@ -79,7 +79,9 @@ class WgmmaConfig:
 # tiles take 4: session 26, call 4 (raw/session26), three fresh masks per p, x cuBLAS at p = 0.1
 # / 0.5 with 4 against 8: forward 8192 x 768 x 3072 1.031 / 0.708 against 1.109 / 0.743, 16384 x
 # 768 x 3072 0.956 / 0.589 against 0.989 / 0.647; weight gradient 8192 x 1536 x 4096 (whole 128 x
-# 128 tiles) 0.925 / 0.584 against 0.993 / 0.622. The big tiles ran within 2 % either way.
+# 128 tiles) 0.925 / 0.584 against 0.993 / 0.622; call 6, weight gradients on whole 128 x 128
+# tiles, 6144 x 2048 x 3072 0.928 / 0.581 against 0.969 / 0.624, 4096 x 2048 x 3072 0.935 /
+# 0.601 against 1.002 / 0.652 (2 ran as 4, within 2 %). The big tiles ran within 2 % at 2, 4 or 8.
 _CONFIGS = {
     "wide": WgmmaConfig(128, 256, 64, 3, 8),
     "tall": WgmmaConfig(256, 128, 64, 3, 8),
