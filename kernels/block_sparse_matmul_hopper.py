@@ -33,10 +33,10 @@ Under torch.compile (``serve``): Inductor emits the kernels a traced op body lau
 serve enters the graph as one opaque op (``sparsedrop::wgmma_dsd``, ``wgmma_sdd``,
 ``wgmma_dsd_tn``, defined in ``block_sparse_matmul_hopper_ops.py``), which Inductor calls as an
 extern kernel and which runs the launcher on the real tensors (its launches planned:
-``launch_plans``). A traced tensor has no address, so its
-alignment is read off its storage offset, as Inductor assumes of its buffers; should an operand
-turn out misaligned at run time, the launcher runs the portable kernels. Symbolic sizes keep the
-portable kernels (deciding on them would add guards).
+``launch_plans``). A traced tensor has no address, so its alignment is read off its storage
+offset, as Inductor assumes of its buffers; should an operand turn out misaligned at run time,
+the launcher runs the portable kernels. Symbolic sizes keep the portable kernels (deciding on
+them would add guards).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ from torch._library.triton import is_wrap_triton_enabled
 from . import launch_plans, runtime
 from .block_mask import cdiv
 from .block_sparse_matmul_hopper_ops import _launchers
-from .block_sparse_matmul_hopper_ops import wgmma_dsd, wgmma_dsd_tn, wgmma_sdd  # noqa: F401  (the launchers hand them to serve)
+# the launchers hand these to serve (hopper.wgmma_dsd, ...)
+from .block_sparse_matmul_hopper_ops import wgmma_dsd, wgmma_dsd_tn, wgmma_sdd  # noqa: F401
 from .block_sparse_matmul_kernels import _copy_rows_kernel
 from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pairs_fit
 
@@ -344,9 +345,9 @@ class Plan:
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],
                 TILE_R=cfg.tile_r, TILE_C=cfg.tile_c, TILE_D=cfg.tile_d, STAGES=cfg.stages, GROUP=cfg.group,
                 FLAT=flat, PAIRS=pairs, STORE_R=store_r, LINE_OF_COL=self.line_of_col, LINE_BLOCK=self.line_block,
-                RED_BLOCK=self.red_block, BALANCE=balance, SNAKE=balance and _SNAKE, STREAM_K=partials is not None, HAS_BIAS=bias is not None,
-                X_T=self.x_t, Y_T=self.y_t, PINGPONG=cfg.pingpong, PRODUCER_REGS=_PRODUCER_REGS,
-                CONSUMER_REGS=_CONSUMER_REGS, num_warps=cfg.warps,
+                RED_BLOCK=self.red_block, BALANCE=balance, SNAKE=balance and _SNAKE, STREAM_K=partials is not None,
+                HAS_BIAS=bias is not None, X_T=self.x_t, Y_T=self.y_t, PINGPONG=cfg.pingpong,
+                PRODUCER_REGS=_PRODUCER_REGS, CONSUMER_REGS=_CONSUMER_REGS, num_warps=cfg.warps,
                 maxnreg=_max_registers(cfg.warps * (2 if cfg.pingpong else 1)),
             )
 

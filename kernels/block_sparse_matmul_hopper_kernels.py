@@ -38,8 +38,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
-from .block_sparse_matmul_kernels import _dealt_tile, _dealt_turns, _grouped_tile  # @triton.jit helpers of scalars:
-# Gluon inlines them too
+# @triton.jit helpers of scalars (the tile order, the persistent deal): Gluon inlines them too
+from .block_sparse_matmul_kernels import _dealt_tile, _dealt_turns, _grouped_tile
 from .block_sparse_matmul_hopper_stream_k import _line_layout, _sk_gather, _sk_geometry, _sk_lines_upto, _sk_range, \
     _sk_raise_flag, _sk_segment, _sk_store_partial, _sk_tile
 from .gluon_hopper import mma_layout, staged, tma_load, tma_store
