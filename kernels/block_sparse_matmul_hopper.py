@@ -191,8 +191,7 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool] | None:
         base, trans = t.t(), True
     else:
         return None
-    es = base.element_size()
-    if (base.stride(0) * es) % 16 or _address(base) % 16 or base.shape[1] * es < 16:
+    if not _rows_start_on(base, 16) or base.shape[1] * base.element_size() < 16:
         return None
     return base, trans
 
@@ -204,6 +203,12 @@ def _address(base: Tensor) -> int:
     return base.storage_offset() * es if runtime.is_traced(base) else base.data_ptr()
 
 
+def _rows_start_on(base: Tensor, boundary: int) -> bool:
+    """Whether every row of ``base`` (unit column stride) starts on a ``boundary``-byte boundary:
+    its row stride and its address are multiples of it."""
+    return (base.stride(0) * base.element_size()) % boundary == 0 and _address(base) % boundary == 0
+
+
 def _rows_aligned(*operands: Tensor) -> bool:
     """Whether each operand's rows as TMA reads them (its ``_rows_view`` base) start on
     _ROW_ALIGN-byte boundaries."""
@@ -211,8 +216,7 @@ def _rows_aligned(*operands: Tensor) -> bool:
         v = _rows_view(t)
         if v is None:
             return False
-        base = v[0]
-        if (base.stride(0) * base.element_size()) % _ROW_ALIGN or _address(base) % _ROW_ALIGN:
+        if not _rows_start_on(v[0], _ROW_ALIGN):
             return False
     return True
 
