@@ -148,17 +148,23 @@ def _mma_steps(x_smem, y_smem, ready, empty, acc, used, n_steps, STAGES: gl.cons
 
 
 @gluon.jit
-def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, step, r0, c0, aux, index_ptr,
-                RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
-                PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """Start the TMA copies of reduction step ``step`` of a tile into stage ``load % STAGES``.
-    With PAIRS the X tile is two copies, rows r0 and aux."""
+def _step_offset(index_ptr, aux, step, RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, FLAT: gl.constexpr):
+    """Where reduction step ``step`` of a tile starts along D: every step (FLAT), or the step's
+    place in the kept block its line's list (at index + aux) names."""
     if FLAT:
         d0 = step * TILE_D
     else:
         SUB: gl.constexpr = RED_BLOCK // TILE_D
         entry = gl.load(index_ptr + aux + step // SUB).to(gl.int32)
         d0 = entry * RED_BLOCK + (step % SUB) * TILE_D
+    return d0
+
+
+@gluon.jit
+def _issue_load(x_desc, y_desc, x_smem, y_smem, ready, load, d0, r0, c0, aux, STAGES: gl.constexpr,
+                PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
+    """Start the TMA copies of the reduction step at ``d0`` of a tile into stage ``load % STAGES``.
+    With PAIRS the X tile is two copies, rows r0 and aux."""
     s = load % STAGES
     bar = ready.index(s)
     X_COPIES: gl.constexpr = 1 + PAIRS
@@ -238,12 +244,14 @@ def _load_tiles(x_desc, y_desc, x_smem, y_smem, ready, empty, n_tiles, R, C, D, 
 def _load_steps(x_desc, y_desc, x_smem, y_smem, ready, empty, loads, s0, s1, r0, c0, aux, index_ptr,
                 RED_BLOCK: gl.constexpr, TILE_D: gl.constexpr, STAGES: gl.constexpr, FLAT: gl.constexpr,
                 PAIRS: gl.constexpr, STORE_R: gl.constexpr, X_T: gl.constexpr, Y_T: gl.constexpr):
-    """Steps s0..s1 of a tile, each into the next stage once it is free; returns the loads so far."""
+    """Steps s0..s1 of a tile, each into the next stage once it is free; returns the loads so far.
+    A step's list entry is read before the wait for its stage, so that the read's latency passes
+    while the ring is full, not between the stage's release and its refill."""
     for step in range(s0, s1):
+        d0 = _step_offset(index_ptr, aux, step, RED_BLOCK, TILE_D, FLAT)
         # a barrier starts as if its phase 1 had completed: the first round does not wait
         mbarrier.wait(empty.index(loads % STAGES), ((loads // STAGES) & 1) ^ 1)
-        _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, step, r0, c0, aux, index_ptr,
-                    RED_BLOCK, TILE_D, STAGES, FLAT, PAIRS, STORE_R, X_T, Y_T)
+        _issue_load(x_desc, y_desc, x_smem, y_smem, ready, loads, d0, r0, c0, aux, STAGES, PAIRS, STORE_R, X_T, Y_T)
         loads += 1
     return loads
 
