@@ -83,10 +83,17 @@ class WgmmaConfig:
 # 128 tiles) 0.925 / 0.584 against 0.993 / 0.622; call 6, weight gradients on whole 128 x 128
 # tiles, 6144 x 2048 x 3072 0.928 / 0.581 against 0.969 / 0.624, 4096 x 2048 x 3072 0.935 /
 # 0.601 against 1.002 / 0.652 (2 ran as 4, within 2 %). The big tiles ran within 2 % at 2, 4 or 8.
+#
+# The square tiles keep 5 stages in flight, not 4: session 27, call 5 (raw/session27), five
+# problems that take them, three fresh masks per p, 5 / 4 stages timed with the L2 flushed
+# between replays (bench_kernels.py's method): 0.93-0.98 (T5's forward 0.930 / 0.929 / 0.955
+# and weight gradient 0.934 / 0.961 / 0.963 at p = 0 / 0.1 / 0.5); back to back, where the
+# previous replay leaves the operands in L2, 0.94-1.04 (T5's forward 0.985 / 0.972 / 1.037).
+# The ping-pong tiles (two output buffers) lost with 5 (1.00-1.07 on four problems).
 _CONFIGS = {
     "wide": WgmmaConfig(128, 256, 64, 3, 8),
     "tall": WgmmaConfig(256, 128, 64, 3, 8),
-    "square": WgmmaConfig(128, 128, 64, 4, 8, group=4),
+    "square": WgmmaConfig(128, 128, 64, 5, 8, group=4),
     "small": WgmmaConfig(64, 128, 64, 4, 4),
     "tiny": WgmmaConfig(64, 64, 64, 4, 4),
     "pingpong": WgmmaConfig(128, 128, 64, 4, 4, pingpong=True),
