@@ -86,7 +86,7 @@ class WgmmaConfig:
 #
 # The square tiles keep 5 stages in flight, not 4: session 27, call 5 (raw/session27), five
 # problems that take them, three fresh masks per p, 5 / 4 stages timed with the L2 flushed
-# between replays (bench_kernels.py's method): 0.93-0.98 (T5's forward 0.930 / 0.929 / 0.955
+# between replays (bench_kernels.py's method): 0.93-1.00 (T5's forward 0.930 / 0.929 / 0.955
 # and weight gradient 0.934 / 0.961 / 0.963 at p = 0 / 0.1 / 0.5); back to back, where the
 # previous replay leaves the operands in L2, 0.94-1.04 (T5's forward 0.985 / 0.972 / 1.037).
 # The ping-pong tiles (two output buffers) lost with 5 (1.00-1.07 on four problems).
