@@ -331,7 +331,8 @@ def print_table(results: Results) -> None:
 
 
 def check_targets(results: Results) -> None:
-    """The issue's targets: p=0.1 <= 0.95 dense, p=0.5 <= 0.6 dense, <= 1.15 x ideal for p >= 0.1."""
+    """The Hopper-kernels issue's targets: p=0.1 <= 0.95 dense, p=0.5 <= 0.53 dense, <= 1.05 x ideal
+    for 0 < p <= 0.5 (the worst of p = 0.1, 0.3, 0.5; p = 0.7 is shown, not judged)."""
     lines = []
     for method in ("ours", "ours_tuned", "ours_launchers"):
         for shape in dict.fromkeys(r.shape for r in results.rows if r.case == "linear"):
@@ -339,14 +340,16 @@ def check_targets(results: Results) -> None:
             if not dense:
                 continue
             verdicts = []
-            for p, limit in ((0.1, 0.95), (0.5, 0.6)):
+            for p, limit in ((0.1, 0.95), (0.5, 0.53)):
                 t = results.ms(shape, p, method)
                 if t is not None:
                     verdicts.append(f"p={p}: {t / dense:.3f}x dense ({'ok' if t / dense <= limit else 'MISS'} <= {limit})")
-            worst = [(results.ms(shape, p, method) / ((1 - p) * dense), p) for p in (0.1, 0.3, 0.5, 0.7) if results.ms(shape, p, method)]
+            worst = [(results.ms(shape, p, method) / ((1 - p) * dense), p) for p in (0.1, 0.3, 0.5) if results.ms(shape, p, method)]
             if worst:
                 w, wp = max(worst)
-                verdicts.append(f"max vs ideal {w:.3f} at p={wp} ({'ok' if w <= 1.15 else 'MISS'} <= 1.15)")
+                verdicts.append(f"max vs ideal for p <= 0.5 {w:.3f} at p={wp} ({'ok' if w <= 1.05 else 'MISS'} <= 1.05)")
+            if results.ms(shape, 0.7, method):
+                verdicts.append(f"p=0.7 vs ideal {results.ms(shape, 0.7, method) / (0.3 * dense):.3f}")
             lines.append(f"  {method:15s} {shape:>16}: " + "; ".join(verdicts))
     if lines:
         print("targets:")
