@@ -348,8 +348,9 @@ def check_targets(results: Results) -> None:
             if worst:
                 w, wp = max(worst)
                 verdicts.append(f"max vs ideal for p <= 0.5 {w:.3f} at p={wp} ({'ok' if w <= 1.05 else 'MISS'} <= 1.05)")
-            if results.ms(shape, 0.7, method):
-                verdicts.append(f"p=0.7 vs ideal {results.ms(shape, 0.7, method) / (0.3 * dense):.3f}")
+            t7 = results.ms(shape, 0.7, method)
+            if t7:
+                verdicts.append(f"p=0.7 vs ideal {t7 / (0.3 * dense):.3f}")
             lines.append(f"  {method:15s} {shape:>16}: " + "; ".join(verdicts))
     if lines:
         print("targets:")
