@@ -57,8 +57,9 @@ from .kept_blocks import grouped_fit, kept_grouped, kept_lists, kept_pairs, pair
 
 try:  # Gluon's Hopper module moved between releases; without it there is no Hopper path
     from .block_sparse_matmul_hopper_kernels import _listed_wgmma_kernel
+    from .gluon_hopper import hopper_descriptor
 except Exception:  # noqa: BLE001  (ImportError, or an API this Triton lacks)
-    _listed_wgmma_kernel = None
+    _listed_wgmma_kernel = hopper_descriptor = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,17 +341,17 @@ class Plan:
         # stream-K: every program takes a share; one fp32 partial-sum slot per program
         partials = None if schedule is None else launch_plans.empty(programs * cfg.tile_r * cfg.tile_c, torch.float32,
                                                                     self.out.device)
-        runtime.set_scratch_allocator()
-        X0, X1 = self.x.shape
-        Y0, Y1 = self.y.shape
         y = _aligned_copy(self.y) if self.copy_y else self.y
+        tr, tc, td = cfg.tile_r, cfg.tile_c, cfg.tile_d
+        x_desc = hopper_descriptor(self.x, [td, tr]) if self.x_t else hopper_descriptor(self.x, [store_r, td], [tr, td])
+        y_desc = hopper_descriptor(y, [tc, td] if self.y_t else [td, tc])
+        out_desc = hopper_descriptor(self.out, [store_r, tc], [tr, tc])
         with runtime.device_guard(self.out):
             runtime.launch(_listed_wgmma_kernel)[(programs if partials is not None else min(n_tiles, programs),)](
-                self.x, y, self.out, bias if bias is not None else self.out,
+                x_desc, y_desc, out_desc, bias if bias is not None else self.out,
                 counts, index, order if balance else counts, drop_counts, drop_index,
                 counts if schedule is None else schedule, counts if partials is None else partials,
-                self.R, self.C, self.D, X0, X1, Y0, Y1,
-                self.x.stride(0), y.stride(0), self.out.stride(0),
+                self.R, self.C, self.D,
                 n_lines, line_len, n_tiles,
                 float(scale), float(bias_scale),
                 BLOCK_ROWS=self.block[0], BLOCK_COLS=self.block[1],

@@ -363,10 +363,9 @@ def _consume_turns(out_smem, x_smem, y_smem, ready, empty, turn, out_desc, bias_
 
 @gluon.jit
 def _listed_wgmma_kernel(
-    x_ptr, y_ptr, out_ptr, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
+    x_desc, y_desc, out_desc, bias_ptr, count_ptr, index_ptr, order_ptr, drop_count_ptr, drop_index_ptr,
     sched_ptr, part_ptr,
-    R, C, D, X0, X1, Y0, Y1,
-    stride_x, stride_y, stride_out,
+    R, C, D,
     n_lines, line_len, n_tiles,
     scale, bias_scale,
     BLOCK_ROWS: gl.constexpr, BLOCK_COLS: gl.constexpr,
@@ -378,9 +377,12 @@ def _listed_wgmma_kernel(
 ):
     """out[r, c] = scale * sum over the visited steps d of X[r, d] Y[d, c] (+ bias_scale * bias[c]).
 
-    X is stored (X0 x X1) with unit column stride: X itself (R x D), or with X_T its transpose.
-    Y likewise: (D x C), or with Y_T its transpose (C x D). All three descriptors zero-fill
-    reads and clip writes out of range, so ragged edges need no masks.
+    X is read through a TMA descriptor over a matrix with unit column stride: X itself (R x D),
+    or with X_T its transpose. Y likewise: (D x C), or with Y_T its transpose (C x D); the output
+    (R x C). The descriptors are built on the host (``hopper_descriptor``: blocks and layouts as
+    below); built here, they cost every program three serial round trips to global memory before
+    its first load (about 2 us a launch on an H200, session 28). All three zero-fill reads and
+    clip writes out of range, so ragged edges need no masks.
 
     Lists (dsd, dsd_tn): the output tile's row r0 lies in line ``r0 // LINE_BLOCK`` (with
     LINE_OF_COL its column c0, in line ``c0 // LINE_BLOCK``); the reduction visits the line's kept
@@ -420,7 +422,7 @@ def _listed_wgmma_kernel(
     (CONSUMER_REGS registers) joins it, each with its own tile and output buffer; they take the
     program's tiles in turn (_consume_turns).
     """
-    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    dtype: gl.constexpr = x_desc.dtype
     scale = scale.to(gl.float32)
     bias_scale = bias_scale.to(gl.float32)
     pid = gl.program_id(0)
@@ -429,23 +431,18 @@ def _listed_wgmma_kernel(
         TILES_PER_BLOCK: gl.constexpr = (BLOCK_ROWS // STORE_R) * (BLOCK_COLS // TILE_C)
         n_tiles = gl.load(count_ptr) * TILES_PER_BLOCK
 
-    # --- descriptors, built on the device (launch plans replay plain pointer arguments)
+    # --- the shared-memory tiles the descriptors fill (with PAIRS, X's in two copies of STORE_R rows)
     if X_T:
         x_block: gl.constexpr = [TILE_D, TILE_R]
-        x_copy: gl.constexpr = x_block
     else:
         x_block: gl.constexpr = [TILE_R, TILE_D]
-        x_copy: gl.constexpr = [STORE_R, TILE_D]  # PAIRS: one half per copy
     if Y_T:
         y_block: gl.constexpr = [TILE_C, TILE_D]
     else:
         y_block: gl.constexpr = [TILE_D, TILE_C]
-    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(x_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(y_block, dtype)
-    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE_R, TILE_C], dtype)
-    x_desc = tma.make_tensor_descriptor(x_ptr, [X0, X1], [stride_x, 1], x_copy, x_layout)
-    y_desc = tma.make_tensor_descriptor(y_ptr, [Y0, Y1], [stride_y, 1], y_block, y_layout)
-    out_desc = tma.make_tensor_descriptor(out_ptr, [R, C], [stride_out, 1], [STORE_R, TILE_C], out_layout)
+    x_layout: gl.constexpr = x_desc.layout
+    y_layout: gl.constexpr = y_desc.layout
+    out_layout: gl.constexpr = out_desc.layout
 
     # --- STAGES shared-memory buffers, one mbarrier each; an output tile buffer per consumer
     x_smem = gl.allocate_shared_memory(dtype, staged(STAGES, x_block), x_layout)

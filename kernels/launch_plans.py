@@ -28,6 +28,9 @@ When a plan is made, and why it is safe:
   allocations while recorded (a torch op computes values, or writes into a buffer, which a
   replay would not reproduce). Anything else leaves the key unplanned, and the call runs in
   full every time;
+- a TMA descriptor built on the host holds the tensor it describes: a replay gives it the
+  replay's tensor in the same role (a copy of the recorded descriptor with another ``base``);
+  any other argument that holds a tensor leaves the key unplanned;
 - a view is replayed relative to its base (sizes, strides, and storage offset from the base's),
   so arguments that sit at other offsets of their storage get the same views of themselves;
 - a kernel launched through Triton returns its compiled kernel, whose launcher a replay calls
@@ -39,6 +42,8 @@ When a plan is made, and why it is safe:
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 import os
@@ -196,9 +201,11 @@ class _Replay:
     def __init__(self, kernel, grid, args, kwargs, compiled, slot: Callable[[Tensor], int]):
         names, defaults = _param_names(kernel)
         values = list(args) + [kwargs[n] if n in kwargs else defaults.get(n) for n in names[len(args):]]
-        if any(_holds_tensor(v) for v in values):
-            raise _Unplannable  # a replay would pass it on as recorded: with the recorded call's memory
         self.slots = [(i, slot(v)) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        # a TMA descriptor built on the host: rebuilt on the replay's tensor (see _on)
+        self.described = [(i, slot(v.base)) for i, v in enumerate(values) if _descriptor(v)]
+        if any(_holds_tensor(v) and not _descriptor(v) for v in values):
+            raise _Unplannable  # a replay would pass it on as recorded: with the recorded call's memory
         self.values = [None if isinstance(v, Tensor) else v for v in values]
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled = compiled if _HOOKS is not None and hasattr(compiled, "packed_metadata") else None
@@ -210,6 +217,8 @@ class _Replay:
         values = self.values.copy()
         for i, s in self.slots:
             values[i] = tensors[s]
+        for i, s in self.described:
+            values[i] = _on(values[i], tensors[s])
         c = self.compiled
         if c is not None and not hooks:
             g = self.grid
@@ -220,6 +229,22 @@ class _Replay:
 
 class _Unplannable(Exception):
     pass
+
+
+def _descriptor(v) -> bool:
+    """Whether a kernel argument is a TMA descriptor built on the host (Triton's
+    ``TensorDescriptor``, or Gluon's): a dataclass whose ``base`` is the tensor it describes, the
+    rest (sizes, strides, block shape, layout) plain values."""
+    return dataclasses.is_dataclass(v) and not isinstance(v, type) and isinstance(getattr(v, "base", None), Tensor)
+
+
+def _on(descriptor, base: Tensor):
+    """``descriptor`` over ``base`` instead of its recorded tensor. The key guarantees that base
+    has the recorded one's sizes, strides, dtype and 16-byte alignment, which is all the
+    descriptor's checks read, so its fields are copied, not validated again."""
+    replayed = copy.copy(descriptor)
+    object.__setattr__(replayed, "base", base)
+    return replayed
 
 
 def _holds_tensor(v) -> bool:

@@ -168,13 +168,40 @@ def _descriptor_double_kernel(x_desc, out, n, BLOCK_SIZE: tl.constexpr):
     tl.store(out + offs, x_desc.load([start]) * 2, mask=offs < n)
 
 
-def test_a_launch_given_a_tensor_descriptor_is_never_planned():
+def test_a_launch_given_a_tensor_descriptor_is_replayed_on_the_new_calls_tensor():
     """A descriptor holds the tensor it was built on: replayed as recorded, it would make later
-    calls read the recording call's memory."""
+    calls read the recording call's memory. Each call has its own x (the earlier ones still
+    alive, so no address is reused): the replays must read theirs."""
+    xs = []
+    with runtime.direct_launches():
+        for call in range(4):
+            xs.append(torch.randn(100, device=_device()))
+            torch.testing.assert_close(_descriptor_launcher(xs[-1]), xs[-1] * 2, rtol=0, atol=0)
+    assert launch_plans.stats == {"recorded": 1, "replayed": 2, "refused": 0}
+
+
+@launch_plans.planned(runtime.launch_settings)
+def _holding_launcher(x):
+    """2 * x, the kernel handed x inside an argument that is neither a tensor nor a descriptor."""
+    out = launch_plans.empty(x.shape, x.dtype, x.device)
+    runtime.launch(_add_kernel)[(triton.cdiv(x.numel(), 64),)](x, x, out, _Holder(x), BLOCK_SIZE=64)
+    return out
+
+
+class _Holder(int):
+    """An int (the kernel's element count) that also carries a tensor."""
+
+    def __new__(cls, t):
+        holder = super().__new__(cls, t.numel())
+        holder.t = t
+        return holder
+
+
+def test_a_launch_given_another_argument_holding_a_tensor_is_never_planned():
     with runtime.direct_launches():
         for call in range(4):
             x = torch.randn(100, device=_device())
-            torch.testing.assert_close(_descriptor_launcher(x), x * 2, rtol=0, atol=0)
+            torch.testing.assert_close(_holding_launcher(x), x * 2, rtol=0, atol=0)
     assert launch_plans.stats == {"recorded": 0, "replayed": 0, "refused": 1}
 
 
