@@ -206,7 +206,8 @@ class _Replay:
         self.described = [(i, slot(v.base)) for i, v in enumerate(values) if _descriptor(v)]
         if any(_holds_tensor(v) and not _descriptor(v) for v in values):
             raise _Unplannable  # a replay would pass it on as recorded: with the recorded call's memory
-        self.values = [None if isinstance(v, Tensor) else v for v in values]
+        # kept without the tensors they held: a plan must not keep its recording call's memory alive
+        self.values = [None if isinstance(v, Tensor) else _on(v, None) if _descriptor(v) else v for v in values]
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled = compiled if _HOOKS is not None and hasattr(compiled, "packed_metadata") else None
         self.kernel, self.options = kernel, {k: v for k, v in kwargs.items() if k not in names}
@@ -238,10 +239,11 @@ def _descriptor(v) -> bool:
     return dataclasses.is_dataclass(v) and not isinstance(v, type) and isinstance(getattr(v, "base", None), Tensor)
 
 
-def _on(descriptor, base: Tensor):
-    """``descriptor`` over ``base`` instead of its recorded tensor. The key guarantees that base
-    has the recorded one's sizes, strides, dtype and 16-byte alignment, which is all the
-    descriptor's checks read, so its fields are copied, not validated again."""
+def _on(descriptor, base: Tensor | None):
+    """``descriptor`` over ``base`` instead of its recorded tensor (None: over nothing, as a plan
+    keeps it). The key guarantees that a replay's base has the recorded one's sizes, strides,
+    dtype and 16-byte alignment, which is all the descriptor's checks read, so its fields are
+    copied, not validated again."""
     replayed = copy.copy(descriptor)
     object.__setattr__(replayed, "base", base)
     return replayed

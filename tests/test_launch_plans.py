@@ -2,6 +2,9 @@
 on the second call of a key and replay them after. A replay must compute exactly what the
 launcher computes, with each call's own tensors; a launcher call that hands a kernel anything but
 its own arguments or its own fresh buffers is never planned."""
+import gc
+import weakref
+
 import pytest
 import torch
 import triton
@@ -178,6 +181,11 @@ def test_a_launch_given_a_tensor_descriptor_is_replayed_on_the_new_calls_tensor(
             xs.append(torch.randn(100, device=_device()))
             torch.testing.assert_close(_descriptor_launcher(xs[-1]), xs[-1] * 2, rtol=0, atol=0)
     assert launch_plans.stats == {"recorded": 1, "replayed": 2, "refused": 0}
+    # the plan keeps none of the recording call's tensors alive
+    recorded = weakref.ref(xs[1])
+    del xs[1]
+    gc.collect()
+    assert recorded() is None
 
 
 @launch_plans.planned(runtime.launch_settings)
