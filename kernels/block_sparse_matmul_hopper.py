@@ -391,7 +391,14 @@ def _copy_y(plan: Plan | None) -> Plan | None:
 def _usable(sizes: tuple, *tensors: Tensor) -> bool:
     """The device, dtype and call allow the wgmma kernel, and the problem (the product of
     ``sizes`` in multiply-adds) is not launch-bound (there the portable kernels' cheaper launch
-    wins; runtime.launch_bound). Traced with symbolic sizes: no (see the module doc)."""
+    wins; runtime.launch_bound). Traced with symbolic sizes: no (see the module doc).
+
+    Launch-bound is judged as outside CUDA graphs even under them: below 2^34 the wgmma kernel
+    beat the portable ones on some products from 2^32 and lost below, and compiled sites there
+    run dense at the default p anyway; were it to serve there, the opaque op's choice on real
+    tensors (made where Inductor's CUDA-graph setting no longer holds, and in CUDA-graph trees'
+    warm-up as well as in their recording) would have to agree with the traced one
+    (benchmarks/NOTES_kernels.md §22)."""
     t0 = tensors[0]
     if not available(t0.device) or t0.dtype not in (torch.float16, torch.bfloat16):
         return False
