@@ -252,7 +252,7 @@ def _on(descriptor, base: Tensor | None):
 def _holds_tensor(v) -> bool:
     """Whether a kernel argument that is not a tensor carries one in its attributes. A TMA
     descriptor built on the host does too, but is replayed over the replay's tensor instead
-    (``_descriptor``); the callers ask that first."""
+    (``_descriptor``); the caller sets those apart."""
     return not isinstance(v, Tensor) and any(isinstance(x, Tensor) for x in getattr(v, "__dict__", {}).values())
 
 
